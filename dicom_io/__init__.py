@@ -1,0 +1,1 @@
+"""mednode dicom_io package."""

@@ -1,0 +1,1 @@
+"""mednode inference package."""

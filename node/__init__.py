@@ -1,0 +1,1 @@
+"""mednode node package."""

@@ -1,0 +1,150 @@
+"""DICOM Segmentation (SEG) of a volume's structure masks, written with highdicom."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+
+from dicom_io.codes import ARTIFICIAL_INTELLIGENCE, STRUCTURES
+from dicom_io.equipment import IHE_CODING_SCHEME, AlgorithmInfo, add_contributing_equipment
+from dicom_io.uids import derived_uid
+from dicom_io.volume import Volume
+
+logger = logging.getLogger(__name__)
+
+
+def algorithm_identification(algorithm: AlgorithmInfo) -> hd.AlgorithmIdentificationSequence:
+    """Algorithm Identification Sequence (PS3.3 C.8.20.2) of ``algorithm``."""
+    parameters = {"family": algorithm.family} if algorithm.family else None
+    return hd.AlgorithmIdentificationSequence(
+        name=algorithm.name,
+        family=ARTIFICIAL_INTELLIGENCE,
+        version=algorithm.version,
+        source=algorithm.manufacturer,
+        parameters=parameters,
+    )
+
+
+def ihe_coding_scheme() -> hd.coding_schemes.CodingSchemeIdentificationItem:
+    """Declaration of the 99IHE scheme used by the Contributing Equipment purpose code."""
+    return hd.coding_schemes.CodingSchemeIdentificationItem(
+        designator=IHE_CODING_SCHEME, name="IHE Technical Frameworks"
+    )
+
+
+def character_set_of(ds: Dataset) -> str | list[str] | None:
+    """Specific Character Set of a source, ``None`` where absent or empty.
+
+    highdicom refuses an empty Specific Character Set copied from a source (a real
+    CT does this); empty means the default repertoire, which is written by omission.
+    """
+    value = ds.get("SpecificCharacterSet")
+    if value is None or value == "" or (isinstance(value, list) and not any(value)):
+        return None
+    return value  # type: ignore[no-any-return]
+
+
+def build_segmentation(
+    volume: Volume,
+    masks: Mapping[str, np.ndarray],
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    algorithm: AlgorithmInfo,
+    series_description: str = "mednode segmentation",
+) -> hd.seg.Segmentation:
+    """Build a BINARY SEG with one segment per mask, on the source series' grid.
+
+    Parameters
+    ----------
+    volume
+        Source volume; its ``datasets`` are the source images, in ``pixels`` order.
+    masks
+        Key (a :data:`dicom_io.codes.STRUCTURES` key) to a boolean array shaped like
+        ``volume.pixels``. Segment numbers follow the mapping order, starting at 1.
+    series_instance_uid, sop_instance_uid, series_number
+        Identity of the new instance (derive them from the job for reproducibility).
+    algorithm
+        The model that made the masks (segment Algorithm Identification, equipment).
+    series_description
+        Series Description of the new series.
+
+    Returns
+    -------
+    highdicom.seg.Segmentation
+        In the source study, Segment Algorithm Type AUTOMATIC, empty frames omitted
+        (highdicom references each kept frame's source image and plane position, so
+        the omission is consistent), with an IHE AIR Contributing Equipment item.
+
+    Raises
+    ------
+    ValueError
+        If ``masks`` is empty, a key is not a known structure, or a mask's shape
+        differs from ``volume.pixels``.
+    """
+    if not masks:
+        raise ValueError("build_segmentation needs at least one mask.")
+    unknown = [key for key in masks if key not in STRUCTURES]
+    if unknown:
+        raise ValueError(f"unknown structure(s) {unknown}; known: {sorted(STRUCTURES)}.")
+    arrays = []
+    for key, mask in masks.items():
+        if mask.shape != volume.pixels.shape:
+            raise ValueError(
+                f"mask {key!r} has shape {mask.shape}, the volume {volume.pixels.shape}: "
+                "resample masks onto the source grid first."
+            )
+        arrays.append(np.asarray(mask, dtype=bool))
+    pixel_array = np.stack(arrays, axis=-1)
+
+    identification = algorithm_identification(algorithm)
+    descriptions = []
+    for number, key in enumerate(masks, start=1):
+        structure = STRUCTURES[key]
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=structure.label,
+                segmented_property_category=structure.category,
+                segmented_property_type=structure.type,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=identification,
+                tracking_uid=derived_uid(sop_instance_uid, "segment", key),
+                tracking_id=structure.label,
+            )
+        )
+
+    seg = hd.seg.Segmentation(
+        source_images=volume.datasets,
+        pixel_array=pixel_array,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        manufacturer=algorithm.manufacturer,
+        manufacturer_model_name=algorithm.name,
+        software_versions=algorithm.version,
+        device_serial_number=algorithm.device_uid,
+        series_description=series_description,
+        content_label="SEGMENTATION",
+        content_description=f"{algorithm.name} {algorithm.version}"[:64],
+        omit_empty_frames=True,
+        specific_character_set=character_set_of(volume.datasets[0]),
+        coding_schemes=[ihe_coding_scheme()],
+    )
+    add_contributing_equipment(seg, algorithm)
+    logger.info(
+        "built SEG %s for series %s: %d segment(s), %d frame(s)",
+        sop_instance_uid,
+        volume.series_instance_uid,
+        len(descriptions),
+        int(seg.NumberOfFrames),
+    )
+    return seg

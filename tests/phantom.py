@@ -24,6 +24,7 @@ PS3.5 B.2), so the same call builds byte-identical instances; pass explicit UIDs
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,12 +32,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
-    CTImageStorage,
-    ExplicitVRLittleEndian,
-    generate_uid,
-)
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
 
 AIR_HU = -1000
 
@@ -94,7 +90,10 @@ class PhantomAnatomy:
         """The same anatomy with every length multiplied by ``factor`` (HU unchanged)."""
         return replace(
             self,
-            body_semi_axes_mm=(self.body_semi_axes_mm[0] * factor, self.body_semi_axes_mm[1] * factor),
+            body_semi_axes_mm=(
+                self.body_semi_axes_mm[0] * factor,
+                self.body_semi_axes_mm[1] * factor,
+            ),
             lung_semi_axes_mm=(
                 self.lung_semi_axes_mm[0] * factor,
                 self.lung_semi_axes_mm[1] * factor,
@@ -225,10 +224,16 @@ def make_ct_phantom(
         If the anatomy does not fit the grid or the stored values do not fit 16 bits.
     """
     if pixel_representation not in (0, 1):
-        raise ValueError(f"pixel_representation must be 0 (unsigned) or 1 (signed), got {pixel_representation}")
+        raise ValueError(
+            f"pixel_representation must be 0 (unsigned) or 1 (signed), got {pixel_representation}"
+        )
     if not rescale_slope > 0:
         raise ValueError(f"rescale_slope must be positive, got {rescale_slope}")
-    intercept = rescale_intercept if rescale_intercept is not None else (-1024.0 if pixel_representation == 0 else 0.0)
+    intercept = (
+        rescale_intercept
+        if rescale_intercept is not None
+        else (-1024.0 if pixel_representation == 0 else 0.0)
+    )
     hu = make_ct_volume(geometry, anatomy, noise_hu_sd=noise_hu_sd, seed=seed)
     stored_float = np.rint((hu.astype(np.float64) - intercept) / rescale_slope)
     dtype = np.dtype(np.uint16 if pixel_representation == 0 else np.int16)
@@ -253,7 +258,7 @@ def make_ct_phantom(
 
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.MediaStorageSOPInstanceUID = pydicom.uid.UID(sop_uid)
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         meta.ImplementationVersionName = "MEDNODE_PHANTOM"
@@ -336,12 +341,19 @@ def hu_from_datasets(datasets: Sequence[Dataset]) -> np.ndarray:
     """
     ordered = sorted(datasets, key=lambda ds: float(ds.ImagePositionPatient[2]))
     return np.stack(
-        [ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in ordered]
+        [
+            ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+            for ds in ordered
+        ]
     )
 
 
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:mednode:tests:ct-phantom")
+
+
 def _uid(*parts: str) -> str:
-    return str(generate_uid(prefix=None, entropy_srcs=["mednode-ct-phantom", *parts]))
+    """Deterministic ``2.25.`` UID (PS3.5 B.2) from a UUID5 of ``parts``."""
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, '|'.join(parts)).int}"
 
 
 def _ds(value: float) -> str:
@@ -361,7 +373,10 @@ def _check_fits(geometry: PhantomGeometry, anatomy: PhantomAnatomy) -> None:
     ax, by = anatomy.body_semi_axes_mm
     half_width = (geometry.columns - 1) / 2 * geometry.pixel_spacing_mm[1]
     half_height = (geometry.rows - 1) / 2 * geometry.pixel_spacing_mm[0]
-    if ax + 2 * geometry.pixel_spacing_mm[1] > half_width or by + 2 * geometry.pixel_spacing_mm[0] > half_height:
+    if (
+        ax + 2 * geometry.pixel_spacing_mm[1] > half_width
+        or by + 2 * geometry.pixel_spacing_mm[0] > half_height
+    ):
         raise ValueError(
             f"body semi-axes {anatomy.body_semi_axes_mm} mm need a field of view wider than "
             f"{2 * half_width:.1f} x {2 * half_height:.1f} mm (keep 2 pixels of air around it)"
@@ -384,5 +399,8 @@ def _check_fits(geometry: PhantomGeometry, anatomy: PhantomAnatomy) -> None:
     spine_y = anatomy.spine_centre_y_mm + anatomy.spine_radius_mm * np.sin(angles)
     if ((spine_x / ax) ** 2 + (spine_y / by) ** 2).max() >= 0.95:
         raise ValueError("the spine reaches the body surface")
-    if (((np.abs(spine_x) - anatomy.lung_centre_x_mm) / la) ** 2 + ((spine_y - anatomy.lung_centre_y_mm) / lb) ** 2).min() <= 1.0:
+    if (
+        ((np.abs(spine_x) - anatomy.lung_centre_x_mm) / la) ** 2
+        + ((spine_y - anatomy.lung_centre_y_mm) / lb) ** 2
+    ).min() <= 1.0:
         raise ValueError("the spine touches a lung")

@@ -224,11 +224,15 @@ def analyze_ct(
 
 def _validated_volume(hu: object, params: CTAnalyzerParams) -> np.ndarray:
     if not isinstance(hu, np.ndarray):
-        raise InvalidInputError(f"hu must be a numpy array of Hounsfield units, got {type(hu).__name__}.")
+        raise InvalidInputError(
+            f"hu must be a numpy array of Hounsfield units, got {type(hu).__name__}."
+        )
     if hu.dtype == np.bool_ or not (
         np.issubdtype(hu.dtype, np.integer) or np.issubdtype(hu.dtype, np.floating)
     ):
-        raise InvalidInputError(f"hu must hold real numbers (integer or float), got dtype {hu.dtype}.")
+        raise InvalidInputError(
+            f"hu must hold real numbers (integer or float), got dtype {hu.dtype}."
+        )
     if hu.ndim != 3:
         raise InvalidInputError(
             f"hu must be a 3-D volume (slices, rows, columns), got {hu.ndim} dimension(s) "
@@ -291,7 +295,12 @@ def _fill_holes_slicewise(mask: np.ndarray) -> np.ndarray:
     """Fill the holes of every slice: background not connected in-plane to the slice border."""
     labels, count = ndimage.label(~mask, structure=_IN_PLANE)
     border = np.concatenate(
-        (labels[:, 0, :].ravel(), labels[:, -1, :].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel())
+        (
+            labels[:, 0, :].ravel(),
+            labels[:, -1, :].ravel(),
+            labels[:, :, 0].ravel(),
+            labels[:, :, -1].ravel(),
+        )
     )
     outside = np.zeros(count + 1, dtype=bool)
     outside[np.unique(border)] = True
@@ -310,7 +319,8 @@ def _lung_mask(
     min_voxels = max(1, math.ceil(params.min_lung_component_ml / voxel_ml))
     largest = np.argsort(sizes, kind="stable")[::-1][: params.max_lung_components]
     keep = np.zeros(count + 1, dtype=bool)
-    keep[np.asarray([label for label in largest if sizes[label] >= min_voxels], dtype=np.intp)] = True
+    kept = [label for label in largest if sizes[label] >= min_voxels]
+    keep[np.asarray(kept, dtype=np.intp)] = True
     return keep[labels]
 
 

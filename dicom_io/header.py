@@ -1,0 +1,185 @@
+"""Read and check the header of a received instance before it is acknowledged.
+
+The listener stores the peer's bytes as sent; this module decides whether those bytes are a DICOM
+instance mednode can index, and extracts the attributes the index needs. It reads each instance once,
+from memory, and never decodes pixel data: it only checks that the Pixel Data element is as long as
+the image attributes say (native) or is a well-formed fragment sequence (encapsulated).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from io import BytesIO
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.encaps import parse_basic_offsets, parse_fragments
+from pydicom.uid import UID
+
+from dicom_io.errors import InvalidInstanceError
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+#: Largest pixel matrix accepted in one instance (frames × rows × columns × samples); beyond this
+#: the header is taken as corrupt rather than as an image anyone could view.
+MAX_PIXELS = 4 * 1024**3
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """Attributes of one instance that the index keeps. Patient fields are never logged."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    modality: str | None
+    body_part_examined: str | None
+    series_description: str | None
+    series_number: int | None
+    instance_number: int | None
+    study_description: str | None
+    study_date: str | None
+    accession_number: str | None
+    patient_id: str | None
+    issuer_of_patient_id: str | None
+    patient_name: str | None
+    patient_birth_date: str | None
+    patient_sex: str | None
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    return str(value).strip() or None
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    text = str(value).strip().rstrip("\x00") if value is not None else ""
+    if not text:
+        raise InvalidInstanceError(f"{keyword} is missing or empty")
+    if len(text) > 64 or not _UID_RE.match(text):
+        raise InvalidInstanceError(f"{keyword} is not a valid UID (digits and dots, at most 64)")
+    return text
+
+
+def _check_native_pixels(ds: Dataset, length: int) -> None:
+    try:
+        rows = int(ds.Rows)
+        columns = int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel", 1))
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise InvalidInstanceError(f"image attributes needed to read Pixel Data are invalid: {exc}")
+    if min(rows, columns, bits, samples, frames) <= 0:
+        raise InvalidInstanceError(
+            "Rows, Columns, BitsAllocated, SamplesPerPixel and NumberOfFrames must be positive"
+        )
+    if frames * rows * columns * samples > MAX_PIXELS:
+        raise InvalidInstanceError(
+            f"image attributes describe {frames}×{rows}×{columns}×{samples} pixels, beyond any real image"
+        )
+    expected_bits = frames * rows * columns * samples * bits
+    expected = (expected_bits + 7) // 8
+    if length < expected:
+        raise InvalidInstanceError(
+            f"Pixel Data holds {length} bytes but {frames} frame(s) of {rows}×{columns}×{samples} "
+            f"at {bits} bits need {expected}: the instance is truncated"
+        )
+
+
+def _check_encapsulated_pixels(ds: Dataset, value: bytes) -> None:
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInstanceError(f"NumberOfFrames is invalid: {exc}")
+    if frames <= 0:
+        raise InvalidInstanceError("NumberOfFrames must be positive")
+    try:
+        buffer = BytesIO(value)
+        parse_basic_offsets(buffer)
+        count, offsets = parse_fragments(buffer)
+    except Exception as exc:  # pydicom raises several types for corrupt item headers
+        raise InvalidInstanceError(
+            f"encapsulated Pixel Data is not a valid fragment sequence: {exc}"
+        )
+    if count == 0:
+        raise InvalidInstanceError("encapsulated Pixel Data has no fragments")
+    if count < frames:
+        # a fragment holds data of one frame only (PS3.5 A.4), so each frame needs one at least
+        raise InvalidInstanceError(
+            f"NumberOfFrames is {frames} but encapsulated Pixel Data holds {count} fragment(s)"
+        )
+
+
+def parse_header(data: bytes) -> tuple[InstanceHeader, Dataset]:
+    """Parse a Part 10 byte stream (preamble, File Meta, data set) and check it.
+
+    Returns
+    -------
+    tuple
+        The header attributes and the parsed data set (pixel data not decoded).
+
+    Raises
+    ------
+    InvalidInstanceError
+        If the bytes are not a readable DICOM data set, lack a required UID, carry invalid UIDs,
+        or the Pixel Data is shorter than the image attributes require (a truncated instance).
+    """
+    with warnings.catch_warnings():
+        # pydicom warns instead of failing on some corrupt streams; decide here, loudly
+        warnings.simplefilter("ignore")
+        try:
+            ds = pydicom.dcmread(BytesIO(data))
+        except Exception as exc:
+            raise InvalidInstanceError(
+                f"not a readable DICOM data set: {type(exc).__name__}: {exc}"
+            )
+    if len(ds) == 0:
+        raise InvalidInstanceError(
+            "the data set is empty after parsing (a sequence or Pixel Data is missing its end)"
+        )
+    tsyntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+    if not tsyntax:
+        raise InvalidInstanceError("File Meta Information has no TransferSyntaxUID")
+    header = InstanceHeader(
+        sop_class_uid=_uid(ds, "SOPClassUID"),
+        sop_instance_uid=_uid(ds, "SOPInstanceUID"),
+        study_instance_uid=_uid(ds, "StudyInstanceUID"),
+        series_instance_uid=_uid(ds, "SeriesInstanceUID"),
+        transfer_syntax_uid=tsyntax,
+        modality=_text(ds, "Modality"),
+        body_part_examined=_text(ds, "BodyPartExamined"),
+        series_description=_text(ds, "SeriesDescription"),
+        series_number=_int(ds, "SeriesNumber"),
+        instance_number=_int(ds, "InstanceNumber"),
+        study_description=_text(ds, "StudyDescription"),
+        study_date=_text(ds, "StudyDate"),
+        accession_number=_text(ds, "AccessionNumber"),
+        patient_id=_text(ds, "PatientID"),
+        issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
+        patient_name=_text(ds, "PatientName"),
+        patient_birth_date=_text(ds, "PatientBirthDate"),
+        patient_sex=_text(ds, "PatientSex"),
+    )
+    pixel_element = ds.get((0x7FE0, 0x0010))
+    if pixel_element is not None:
+        value = pixel_element.value or b""
+        if UID(tsyntax).is_encapsulated:
+            _check_encapsulated_pixels(ds, value)
+        else:
+            _check_native_pixels(ds, len(value))
+    return header, ds

@@ -1,0 +1,207 @@
+"""The ``mednode`` command line: serve, worker, status, send, echo, jobs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from node.config import ConfigError, Destination, Settings, load_settings
+from node.logging_setup import configure_logging
+
+app = typer.Typer(help="mednode: a DICOM node that runs a medical imaging model on studies.",
+                  no_args_is_help=True, add_completion=False)
+jobs_app = typer.Typer(help="Act on jobs (the same functions as the API).", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+console = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Optional[Path], typer.Option("--config", "-c", help="YAML configuration file (see mednode.example.yaml).")
+]
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
+    configure_logging(settings.log_level)
+    return settings
+
+
+def _context(settings: Settings):  # type: ignore[no-untyped-def]
+    from node import context
+    from storage.db import upgrade
+
+    context.configure(settings)
+    ctx = context.current()
+    upgrade(ctx.engine)
+    return ctx
+
+
+@app.command()
+def serve(config: ConfigOpt = None) -> None:
+    """Run the node: DICOM listener, completion and routing, web, and (embedded) a worker."""
+    from node.service import serve as run
+
+    run(_settings(config), config)
+
+
+@app.command()
+def worker(
+    config: ConfigOpt = None,
+    queues: Annotated[str, typer.Option(help="Comma-separated queues to consume.")] = "inference,delivery",
+    concurrency: Annotated[Optional[int], typer.Option(help="Worker processes.")] = None,
+) -> None:
+    """Run a Celery worker (one per GPU host for scale-out)."""
+    from node import context
+    from node.celery_app import configure_celery
+
+    settings = _settings(config)
+    context.configure(settings)
+    celery = configure_celery(settings)
+    argv = [
+        "worker",
+        "--queues", queues,
+        "--concurrency", str(concurrency or settings.worker_concurrency),
+        "--loglevel", settings.log_level,
+        "--without-gossip", "--without-mingle",
+        "--hostname", f"mednode@%h-{Path.cwd().name}",
+    ]
+    celery.worker_main(argv)
+
+
+@app.command()
+def status(
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print counts as JSON.")] = False,
+) -> None:
+    """Show studies and jobs by state."""
+    from node.jobs import status_counts
+
+    ctx = _context(_settings(config))
+    with ctx.sessions() as session:
+        counts = status_counts(session)
+    if as_json:
+        typer.echo(json.dumps(counts, indent=2))
+        return
+    out = Console()
+    out.print(f"instances stored: [bold]{counts['instances']}[/bold]")
+    for section in ("studies", "jobs", "deliveries"):
+        table = Table(title=section)
+        table.add_column("state")
+        table.add_column("count", justify="right")
+        for state, count in counts[section].items():
+            table.add_row(state, str(count))
+        out.print(table)
+
+
+def _destination(text: str) -> Destination:
+    try:
+        return Destination.parse(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc))
+
+
+@app.command()
+def send(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or directories.", exists=True)],
+    to: Annotated[str, typer.Option("--to", help="Destination AET@host:port.")],
+    config: ConfigOpt = None,
+    ae_title: Annotated[Optional[str], typer.Option("--ae-title", help="Calling AE title.")] = None,
+) -> None:
+    """C-STORE files to a peer, each in its own transfer syntax."""
+    from rich.progress import Progress
+
+    from node.delivery import DeliveryError, send_files
+
+    settings = _settings(config)
+    destination = _destination(to)
+    files = sorted({f for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()})
+    if not files:
+        console.print("[red]no files to send[/red]")
+        raise typer.Exit(1)
+    failed = 0
+    with Progress(console=console) as progress:
+        bar = progress.add_task(f"sending to {destination}", total=len(files))
+
+        def advance(result):  # type: ignore[no-untyped-def]
+            nonlocal failed
+            if not result.ok:
+                failed += 1
+                status = f"0x{result.status:04X}" if result.status is not None else "no response"
+                progress.console.print(f"[red]{result.path}: {status} {result.comment or ''}[/red]")
+            progress.advance(bar)
+
+        try:
+            for start in range(0, len(files), 1000):
+                send_files(destination, files[start:start + 1000],
+                           calling_ae_title=ae_title or settings.ae_title, progress=advance)
+        except (DeliveryError, ValueError) as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(1)
+    console.print(f"sent {len(files) - failed} of {len(files)} file(s) to {destination}")
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def echo(
+    destination: Annotated[str, typer.Argument(help="AET@host:port")],
+    config: ConfigOpt = None,
+) -> None:
+    """C-ECHO a peer and show the round trip."""
+    from node.delivery import echo as do_echo
+
+    settings = _settings(config)
+    result = do_echo(_destination(destination), calling_ae_title=settings.ae_title)
+    if result.ok:
+        typer.echo(f"{result.destination}: success in {result.latency_s * 1000:.1f} ms")
+        return
+    typer.echo(f"{result.destination}: failed ({result.error or hex(result.status or 0)})", err=True)
+    raise typer.Exit(1)
+
+
+@jobs_app.command("retry")
+def jobs_retry(job_id: int, config: ConfigOpt = None) -> None:
+    """Queue a failed or cancelled job again."""
+    from node import jobs
+    from node.celery_app import configure_celery
+
+    settings = _settings(config)
+    ctx = _context(settings)
+    configure_celery(settings)
+    try:
+        jobs.retry_job(ctx.sessions, job_id)
+    except (jobs.JobNotFoundError, jobs.InvalidTransitionError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1)
+    typer.echo(f"job {job_id} queued")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: int, config: ConfigOpt = None) -> None:
+    """Cancel a job that has not finished."""
+    from node import jobs
+
+    ctx = _context(_settings(config))
+    try:
+        jobs.cancel_job(ctx.sessions, job_id)
+    except (jobs.JobNotFoundError, jobs.InvalidTransitionError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1)
+    typer.echo(f"job {job_id} cancelled")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""The one settings object of mednode: a YAML file overridden by ``MEDNODE_*`` environment variables.
+
+Precedence, highest first: keyword arguments, environment variables (``MEDNODE_DICOM_PORT``, nested
+keys with ``__`` as in ``MEDNODE_DELIVERY__GIVE_UP_AFTER_S``), the YAML file given with ``--config``,
+the defaults below. Everything is validated at start; :func:`load_settings` raises
+:class:`ConfigError` whose message names the broken key.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+ENV_PREFIX = "MEDNODE_"
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and says what is expected."""
+
+
+def _check_ae_title(value: str) -> str:
+    text = str(value).strip()
+    if not _AE_RE.match(text):
+        raise ValueError("an AE title has 1 to 16 printable characters and no backslash")
+    return text
+
+
+AETitle = Annotated[str, BeforeValidator(_check_ae_title)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class Destination(BaseModel):
+    """A DICOM peer results are sent to, written ``AET@host:port``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    ae_title: AETitle
+    host: str = Field(min_length=1)
+    port: Port
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        """Parse ``AET@host:port``.
+
+        Raises
+        ------
+        ValueError
+            If ``text`` is not of that form.
+        """
+        match = re.match(r"^([^@]+)@(\[[^\]]+\]|[^:@]+):(\d+)$", str(text).strip())
+        if not match:
+            raise ValueError(f"expected AET@host:port, got {text!r}")
+        return cls(ae_title=match[1], host=match[2].strip("[]"), port=int(match[3]))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def _destination(value: Any) -> Any:
+    if value is None or value == "" or isinstance(value, (Destination, dict)):
+        return value or None
+    return Destination.parse(value)
+
+
+DestinationField = Annotated[Destination | None, NoDecode, BeforeValidator(_destination)]
+
+
+class RuleMatch(BaseModel):
+    """What a study must look like for a rule to apply (all given conditions must hold).
+
+    Series-level conditions (modality, body part, SOP class, series description) must hold for at
+    least one series; the rule's job then reads only the series that satisfy them. Text patterns are
+    regular expressions matched case-insensitively against the whole value (``re.fullmatch``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    modality: list[str] | None = None
+    body_part_examined: str | None = None
+    sop_class_uid: list[str] | None = None
+    study_description: str | None = None
+    series_description: str | None = None
+    calling_ae_title: list[str] | None = None
+    called_ae_title: list[str] | None = None
+
+    @field_validator("modality", "sop_class_uid", "calling_ae_title", "called_ae_title", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("body_part_examined", "study_description", "series_description")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return value
+
+
+class Rule(BaseModel):
+    """A routing rule: which studies, which tasks, how urgent, where the results go."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")
+    match: RuleMatch = Field(default_factory=RuleMatch)
+    #: task specifications as data, e.g. ``["ct_analysis"]`` or ``[{"report": {"language": "zh"}}]``
+    tasks: list[str | dict[str, Any]] = Field(min_length=1)
+    priority: int = Field(default=5, ge=0, le=9)
+    #: ``AET@host:port`` strings or names from ``destinations``; ``default`` is ``destination``
+    destinations: list[str] = Field(default_factory=lambda: ["default"])
+    quiet_period_s: float | None = Field(default=None, gt=0)
+    #: when true, later rules are tried too; by default the first matching rule wins
+    continue_matching: bool = Field(default=False, alias="continue")
+
+
+class DeliverySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    retry_initial_s: float = Field(default=5.0, gt=0)
+    retry_max_s: float = Field(default=300.0, gt=0)
+    give_up_after_s: float = Field(default=86400.0, gt=0)
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    dimse_timeout_s: float = Field(default=120.0, gt=0)
+    network_timeout_s: float = Field(default=60.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """Configuration of one mednode installation (see ``mednode.example.yaml``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    ae_title: AETitle = "MEDNODE"
+    dicom_host: str = "0.0.0.0"
+    dicom_port: Port = 11112
+    web_host: str = "127.0.0.1"
+    web_port: Port = 8080
+    data_dir: Path = Path("var")
+    database_url: str | None = None
+    broker_url: str | None = None
+    quiet_period_s: float = Field(default=15.0, gt=0)
+    completion_poll_s: float = Field(default=1.0, gt=0)
+    destination: DestinationField = None
+    destinations: dict[str, Destination] = Field(default_factory=dict)
+    rules: list[Rule] | None = None
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    job_max_attempts: int = Field(default=3, ge=1)
+    job_retry_backoff_s: float = Field(default=10.0, gt=0)
+    #: ``mednode serve`` starts a worker process itself (the embedded default)
+    embedded_worker: bool = True
+    worker_concurrency: int = Field(default=1, ge=1)
+    #: new instances are refused (0xA700) when less than this is free on the data volume
+    min_free_disk_mb: int = Field(default=200, ge=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _parse_destinations(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: _destination(v) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> Settings:
+        names = [r.name for r in self.effective_rules]
+        duplicates = {n for n in names if names.count(n) > 1}
+        if duplicates:
+            raise ValueError(f"rules: duplicate rule names {sorted(duplicates)}")
+        for rule in self.effective_rules:
+            for ref in rule.destinations:
+                self.resolve_destination(ref, rule=rule.name)
+        return self
+
+    # -- derived values -------------------------------------------------------------------------
+    @property
+    def database(self) -> str:
+        """The SQLAlchemy URL of the index (SQLite under ``data_dir`` by default)."""
+        return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'mednode.db'}"
+
+    @property
+    def broker(self) -> str:
+        """The Celery broker URL (an embedded SQLite broker under ``data_dir`` by default)."""
+        return self.broker_url or f"sqla+sqlite:///{self.data_dir.resolve() / 'broker.db'}"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "store"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def effective_rules(self) -> list[Rule]:
+        """The configured rules, or the built-in default: every CT study to the CT analyzer."""
+        if self.rules is not None:
+            return self.rules
+        return [
+            Rule(
+                name="ct-analysis",
+                match=RuleMatch(modality=["CT"]),
+                tasks=["ct_analysis"],
+                destinations=["default"] if self.destination else [],
+            )
+        ]
+
+    def resolve_destination(self, ref: str, *, rule: str = "?") -> Destination:
+        """Turn a rule's destination reference into a :class:`Destination`.
+
+        Raises
+        ------
+        ValueError
+            If ``ref`` names no configured destination and is not ``AET@host:port``.
+        """
+        if ref == "default":
+            if self.destination is None:
+                raise ValueError(
+                    f"rules.{rule}.destinations: 'default' is used but no destination is set "
+                    f"(set destination: AET@host:port or {ENV_PREFIX}DESTINATION)"
+                )
+            return self.destination
+        if ref in self.destinations:
+            return self.destinations[ref]
+        try:
+            return Destination.parse(ref)
+        except ValueError:
+            raise ValueError(
+                f"rules.{rule}.destinations: {ref!r} is neither a name in destinations "
+                "nor AET@host:port"
+            ) from None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        yaml_file = getattr(settings_cls, "_yaml_path", None)
+        if yaml_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in error.get("loc", ()) if p != "__root__")
+    env = f" (env {ENV_PREFIX}{str(error['loc'][0]).upper()})" if error.get("loc") else ""
+    value = error.get("input")
+    shown = "" if isinstance(value, (dict, list)) or value is None else f" [got {value!r}]"
+    return f"{loc or 'config'}{env}: {error['msg']}{shown}"
+
+
+def load_settings(config_path: Path | str | None = None, **overrides: Any) -> Settings:
+    """Read the settings from ``config_path`` (YAML), the environment and ``overrides``.
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing or unreadable, or a value is invalid; the message names each key.
+    """
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        settings_cls: type[Settings] = type("FileSettings", (Settings,), {"_yaml_path": path})
+    else:
+        settings_cls = Settings
+    try:
+        return settings_cls(**overrides)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors(include_url=False)]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    except ValueError as exc:  # YAML syntax errors
+        raise ConfigError(f"invalid configuration file {config_path}: {exc}") from None

@@ -1,0 +1,93 @@
+"""Receiving one instance: check it, write it durably, index it — then, and only then, say Success.
+
+:class:`Ingestor` knows nothing of the network: the SCP handler in :mod:`node.listener` hands it the
+peer's encoded bytes and turns its outcome or error into a DICOM status.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_io.header import InstanceHeader, parse_header
+from storage.index import IndexOutcome, index_instance
+from storage.store import InstanceStore
+from node import metrics
+
+log = logging.getLogger(__name__)
+
+
+class RequestMismatchError(ValueError):
+    """The data set's SOP Class or Instance UID differs from the C-STORE request's."""
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    header: InstanceHeader
+    outcome: IndexOutcome
+    size_bytes: int
+
+
+class Ingestor:
+    """Writes received instances to the store and the index.
+
+    Index writes are serialised by a lock: SQLite has one writer anyway, and a short critical
+    section keeps commit latency predictable under several associations.
+    """
+
+    def __init__(self, store: InstanceStore, session_factory: sessionmaker[Session]) -> None:
+        self.store = store
+        self.session_factory = session_factory
+        self._lock = threading.Lock()
+
+    def ingest(
+        self,
+        data: bytes,
+        *,
+        calling_ae_title: str | None,
+        called_ae_title: str | None,
+        expected_sop_class_uid: str | None = None,
+        expected_sop_instance_uid: str | None = None,
+    ) -> IngestResult:
+        """Check, store and index one Part 10 byte stream.
+
+        Raises
+        ------
+        dicom_io.errors.InvalidInstanceError
+            The bytes are not a valid instance (nothing is written).
+        RequestMismatchError
+            The data set does not match the C-STORE request (nothing is written).
+        storage.errors.StorageFullError, OSError
+            The file could not be written durably.
+        sqlalchemy.exc.SQLAlchemyError
+            The index could not be updated (the file is on disk; a re-send indexes it).
+        """
+        header, _ = parse_header(data)
+        if expected_sop_class_uid and header.sop_class_uid != expected_sop_class_uid:
+            raise RequestMismatchError("SOP Class UID differs from the C-STORE request")
+        if expected_sop_instance_uid and header.sop_instance_uid != expected_sop_instance_uid:
+            raise RequestMismatchError("SOP Instance UID differs from the C-STORE request")
+        relative = self.store.instance_path(
+            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+        )
+        stored = self.store.write(relative, data)
+        with self._lock, self.session_factory() as session, session.begin():
+            outcome = index_instance(
+                session,
+                header,
+                stored,
+                calling_ae_title=calling_ae_title,
+                called_ae_title=called_ae_title,
+            )
+        metrics.INSTANCES_RECEIVED.labels(outcome=outcome.value).inc()
+        metrics.BYTES_RECEIVED.inc(stored.size_bytes)
+        log.debug(
+            "stored %s (series %s, %s)",
+            header.sop_instance_uid,
+            header.series_instance_uid,
+            outcome.value,
+        )
+        return IngestResult(header, outcome, stored.size_bytes)

@@ -1,0 +1,36 @@
+"""Prometheus metrics of the node (served at ``/metrics``).
+
+Metrics are process-local; the worker processes expose theirs through the multiprocess directory
+when ``PROMETHEUS_MULTIPROC_DIR`` is set, otherwise the web process reports what it sees itself plus
+the job and queue gauges it reads from the database on each scrape.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+INSTANCES_RECEIVED = Counter(
+    "mednode_instances_received_total", "Instances received by C-STORE", ["outcome"]
+)
+BYTES_RECEIVED = Counter("mednode_bytes_received_total", "Bytes of instances received")
+STORE_FAILURES = Counter(
+    "mednode_store_failures_total", "C-STORE requests answered with a failure status", ["status"]
+)
+STUDIES_COMPLETED = Counter("mednode_studies_completed_total", "Studies that became complete")
+JOB_DURATION = Histogram(
+    "mednode_job_duration_seconds",
+    "Wall time of a job's inference stage",
+    buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
+)
+STAGE_DURATION = Histogram(
+    "mednode_stage_duration_seconds",
+    "Wall time of pipeline stages",
+    ["stage"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300),
+)
+DELIVERY_FAILURES = Counter(
+    "mednode_delivery_failures_total", "Failed C-STORE attempts to destinations"
+)
+MODEL_LOAD_SECONDS = Histogram(
+    "mednode_model_load_seconds", "Time to load a model into a worker", ["model"]
+)

@@ -1,0 +1,269 @@
+"""The pipeline of one job, on one screen: load → select series → volume → infer → write → store.
+
+``run_job`` and ``deliver`` are plain functions over a :class:`~node.context.NodeContext`; the
+Celery tasks in :mod:`node.tasks` are thin shells around them, so the whole flow is testable
+in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from io import BytesIO
+from typing import Any
+
+from pydicom.dataset import Dataset
+from sqlalchemy.exc import OperationalError
+
+from dicom_io.equipment import AlgorithmInfo
+from dicom_io.errors import DicomIOError
+from dicom_io.measurement_report import StructureMeasurement, build_volume_report
+from dicom_io.seg import build_segmentation
+from dicom_io.uids import derived_uid
+from dicom_io.volume import Volume, load_volume, read_dataset
+from inference.builtin.ct_analyzer import ANALYZER_NAME, ANALYZER_VERSION, analyze_ct
+from inference.errors import InferenceError, InvalidInputError, ModelNotConfiguredError
+from node import jobs, metrics
+from node.config import Destination
+from node.context import NodeContext
+from node.delivery import DeliveryError, Timeouts, send_files
+from storage.errors import StorageError
+from storage.models import utcnow
+
+log = logging.getLogger(__name__)
+
+CT_ANALYZER = AlgorithmInfo(name=ANALYZER_NAME, version=ANALYZER_VERSION, family="builtin")
+#: Series numbers of mednode's outputs: high, so viewers list them after the source series.
+SEG_SERIES_NUMBER = 9901
+SR_SERIES_NUMBER = 9902
+
+
+class TransientError(RuntimeError):
+    """A failure worth retrying (database or disk unavailable for a moment)."""
+
+
+@dataclass(frozen=True)
+class Output:
+    """A DICOM object a task produced, before it is stored."""
+
+    kind: str
+    dataset: Dataset
+    summary: dict[str, Any]
+
+
+def task_names(tasks: list[Any]) -> list[str]:
+    """Names of a rule's tasks, whether written ``name`` or ``{name: {...}}``."""
+    names = []
+    for item in tasks:
+        names.append(item if isinstance(item, str) else next(iter(item)))
+    return names
+
+
+# -- stages ---------------------------------------------------------------------------------------
+def load_series_volume(ctx: NodeContext, job: jobs.ClaimedJob, modality: str) -> Volume:
+    """Read the largest matched series of ``modality`` into a volume.
+
+    Raises
+    ------
+    InvalidInputError
+        If the job's series hold no series of that modality.
+    """
+    candidates = []
+    for series_uid, paths in job.instance_paths.items():
+        first = read_dataset(ctx.store.absolute(paths[0]), stop_before_pixels=True) if paths else None
+        if first is not None and str(first.get("Modality", "")).upper() == modality:
+            candidates.append((len(paths), series_uid))
+    if not candidates:
+        raise InvalidInputError(f"the study has no {modality} series for this rule")
+    _, series_uid = max(candidates)
+    datasets = [read_dataset(ctx.store.absolute(p)) for p in job.instance_paths[series_uid]]
+    return load_volume(datasets)
+
+
+def ct_analysis(volume: Volume, job_key: str) -> list[Output]:
+    """Run the built-in CT analyzer and write its SEG and TID 1500 SR."""
+    started = time.perf_counter()
+    analysis = analyze_ct(volume.pixels, volume.spacing_mm)
+    metrics.STAGE_DURATION.labels(stage="ct_analyzer").observe(time.perf_counter() - started)
+    found = [s for s in analysis.structures if not s.is_empty]
+    if not found:
+        raise InvalidInputError("the CT analyzer found no structure (body, lungs, bone) in the series")
+    started = time.perf_counter()
+    seg = build_segmentation(
+        volume,
+        {s.label: s.mask for s in found},
+        series_instance_uid=derived_uid(job_key, "seg", "series"),
+        sop_instance_uid=derived_uid(job_key, "seg", "instance"),
+        series_number=SEG_SERIES_NUMBER,
+        algorithm=CT_ANALYZER,
+        series_description="mednode CT structures",
+    )
+    measurements = [
+        StructureMeasurement(label=s.label, segment_number=i, volume_ml=s.volume_ml, mean_hu=s.mean_hu)
+        for i, s in enumerate(found, start=1)
+    ]
+    sr = build_volume_report(
+        volume,
+        seg,
+        measurements,
+        series_instance_uid=derived_uid(job_key, "sr", "series"),
+        sop_instance_uid=derived_uid(job_key, "sr", "instance"),
+        series_number=SR_SERIES_NUMBER,
+        algorithm=CT_ANALYZER,
+    )
+    metrics.STAGE_DURATION.labels(stage="write_dicom").observe(time.perf_counter() - started)
+    summary = {
+        "algorithm": f"{CT_ANALYZER.name} {CT_ANALYZER.version}",
+        "structures": [
+            {"label": m.label, "segment_number": m.segment_number,
+             "volume_ml": round(m.volume_ml, 3), "mean_hu": round(m.mean_hu, 2)}
+            for m in measurements
+        ],
+    }
+    return [Output("seg", seg, summary), Output("sr", sr, summary)]
+
+
+def run_tasks(ctx: NodeContext, job: jobs.ClaimedJob) -> list[Output]:
+    """Run every task of the job's rule and return the objects they produced."""
+    outputs: list[Output] = []
+    for name in task_names(job.tasks):
+        if name == "ct_analysis":
+            volume = load_series_volume(ctx, job, "CT")
+            outputs.extend(ct_analysis(volume, job.key))
+        else:
+            raise ModelNotConfiguredError(
+                f"task {name!r} needs a vision-language model and none is configured "
+                "(set models.vlm in the config or MEDNODE_VLM_PATH)"
+            )
+    return outputs
+
+
+def store_outputs(ctx: NodeContext, job_id: int, outputs: list[Output]) -> list[jobs.ResultObject]:
+    """Write each output to the store (atomically) and describe it for the index."""
+    stored = []
+    for output in outputs:
+        buffer = BytesIO()
+        output.dataset.save_as(buffer, enforce_file_format=True)
+        sop_uid = str(output.dataset.SOPInstanceUID)
+        written = ctx.store.write(ctx.store.result_path(job_id, sop_uid), buffer.getvalue())
+        stored.append(
+            jobs.ResultObject(
+                kind=output.kind,
+                sop_class_uid=str(output.dataset.SOPClassUID),
+                sop_instance_uid=sop_uid,
+                series_instance_uid=str(output.dataset.SeriesInstanceUID),
+                path=written.relative_path,
+                size_bytes=written.size_bytes,
+                summary=output.summary,
+            )
+        )
+    return stored
+
+
+class _Lease:
+    """Renews a running job's lease in the background so the sweep knows its worker is alive."""
+
+    def __init__(self, ctx: NodeContext, job_id: int, lease_s: float = jobs.LEASE_S) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ctx, job_id, lease_s), daemon=True)
+
+    def _run(self, ctx: NodeContext, job_id: int, lease_s: float) -> None:
+        while not self._stop.wait(lease_s / 3):
+            try:
+                jobs.renew_lease(ctx.sessions, job_id, lease_s=lease_s)
+            except OperationalError:
+                log.warning("could not renew the lease of job %d", job_id)
+
+    def __enter__(self) -> _Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+# -- entry points ---------------------------------------------------------------------------------
+def run_job(ctx: NodeContext, job_id: int) -> list[int]:
+    """Run job ``job_id`` if it is there to run; return the ids of deliveries to enqueue.
+
+    Permanent problems (bad input, no model, invalid output) fail the job with the reason.
+
+    Raises
+    ------
+    TransientError
+        When the database or the store failed in a way worth retrying; the job is back in
+        ``queued`` and the caller schedules the retry.
+    """
+    job = jobs.claim(ctx.sessions, job_id)
+    if job is None:
+        log.info("job %d is not runnable now (done, running elsewhere or superseded)", job_id)
+        return []
+    log.info("job %d running (attempt %d, rule %s, study %s)", job.id, job.attempt, job.rule_name,
+             job.study_instance_uid)
+    started = time.perf_counter()
+    try:
+        with _Lease(ctx, job.id):
+            outputs = run_tasks(ctx, job)
+            results = store_outputs(ctx, job.id, outputs)
+    except (InferenceError, DicomIOError, ValueError, KeyError) as exc:
+        jobs.fail_job(ctx.sessions, job.id, f"{type(exc).__name__}: {exc}")
+        return []
+    except (OperationalError, StorageError, OSError) as exc:
+        if job.attempt >= ctx.settings.job_max_attempts:
+            jobs.fail_job(ctx.sessions, job.id, f"gave up after {job.attempt} attempts: {type(exc).__name__}: {exc}")
+            return []
+        jobs.release_for_retry(ctx.sessions, job.id, f"{type(exc).__name__}: {exc}")
+        raise TransientError(str(exc)) from exc
+    except Exception as exc:  # boundary: record why, never leave the job running
+        log.exception("job %d failed unexpectedly", job.id)
+        jobs.fail_job(ctx.sessions, job.id, f"internal error: {type(exc).__name__}: {exc}")
+        return []
+    metrics.JOB_DURATION.observe(time.perf_counter() - started)
+    delivery_ids = jobs.record_results(ctx.sessions, job.id, results)
+    log.info("job %d wrote %d object(s); %d deliveries", job.id, len(results), len(delivery_ids))
+    return delivery_ids
+
+
+def backoff_s(attempts: int, initial_s: float, max_s: float) -> float:
+    """Exponential backoff: ``initial_s`` doubled per failed attempt, capped at ``max_s``."""
+    return float(min(max_s, initial_s * 2 ** max(0, attempts - 1)))
+
+
+def deliver(ctx: NodeContext, delivery_id: int) -> float | None:
+    """Try one delivery; return the delay before the next attempt, or None when done."""
+    from storage.models import Delivery, DeliveryState
+
+    with ctx.sessions() as session:
+        delivery = session.get(Delivery, delivery_id)
+        if delivery is None or delivery.state != DeliveryState.PENDING:
+            return None
+        destination = Destination.parse(delivery.destination)
+        path = ctx.store.absolute(delivery.result.path)
+        sop_uid = delivery.result.sop_instance_uid
+        attempts = delivery.attempts
+    settings = ctx.settings.delivery
+    timeouts = Timeouts(settings.acse_timeout_s, settings.dimse_timeout_s, settings.network_timeout_s)
+    error: str | None = None
+    try:
+        [status] = send_files(destination, [path], calling_ae_title=ctx.settings.ae_title, timeouts=timeouts)
+        ok = status.ok
+        if not ok:
+            error = f"status 0x{status.status:04X} {status.comment or ''}".strip() if status.status is not None else (status.comment or "no response")
+    except (DeliveryError, OSError, RuntimeError) as exc:
+        ok, error = False, f"{type(exc).__name__}: {exc}"
+    delay = None if ok else backoff_s(attempts + 1, settings.retry_initial_s, settings.retry_max_s)
+    next_at = utcnow() + timedelta(seconds=delay) if delay is not None else None
+    state = jobs.finish_delivery(
+        ctx.sessions, delivery_id, ok=ok, error=error, give_up_after_s=settings.give_up_after_s,
+        next_attempt_at=next_at,
+    )
+    if ok:
+        log.info("delivered %s to %s", sop_uid, destination)
+        return None
+    metrics.DELIVERY_FAILURES.inc()
+    log.warning("delivery %d of %s to %s failed: %s", delivery_id, sop_uid, destination, error)
+    return delay if state == DeliveryState.PENDING else None

@@ -1,0 +1,54 @@
+"""The scheduler loop of ``mednode serve``: completion, routing, and recovery of lost messages."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from node import jobs
+from node.completion import complete_due_studies
+from node.context import NodeContext
+
+log = logging.getLogger(__name__)
+
+SWEEP_EVERY_S = 10.0
+
+
+class Scheduler:
+    """Runs :func:`complete_due_studies` every ``completion_poll_s`` and :func:`jobs.sweep`
+    every :data:`SWEEP_EVERY_S` (and once at start, to pick up what a crash left)."""
+
+    def __init__(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        self._last_sweep = 0.0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def tick(self) -> None:
+        """One round: complete due studies, enqueue their jobs; sweep when due."""
+        created = complete_due_studies(self.ctx.sessions, self.ctx.settings)
+        for job_id, priority in created:
+            jobs.enqueue_job(self.ctx.sessions, job_id, priority)
+        if time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
+            self._last_sweep = time.monotonic()
+            lost_jobs, due_deliveries = jobs.sweep(self.ctx.sessions)
+            for job_id, priority in lost_jobs:
+                jobs.enqueue_job(self.ctx.sessions, job_id, priority)
+            for delivery_id in due_deliveries:
+                jobs.enqueue_delivery(self.ctx.sessions, delivery_id)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # boundary: the loop must survive a database hiccup
+                log.exception("scheduler round failed; retrying")
+            self._stop.wait(self.ctx.settings.completion_poll_s)

@@ -1,0 +1,113 @@
+"""``mednode serve``: listener, scheduler, web and (embedded default) a worker, as one service.
+
+The worker runs as a child process (``mednode worker``), never inside the listener's process: a
+model crash or a GPU out-of-memory must not take the DICOM listener down. The child is restarted
+if it dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from node import context
+from node.config import Settings
+from node.context import NodeContext
+from node.ingest import Ingestor
+from node.listener import start_listener
+from node.scheduler import Scheduler
+from storage.db import upgrade
+
+log = logging.getLogger(__name__)
+
+
+def prepare(settings: Settings) -> NodeContext:
+    """Create the data directories, migrate the index to head, clean up after a crash."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    context.configure(settings)
+    ctx = context.current()
+    upgrade(ctx.engine)
+    ctx.store.remove_partials()
+    return ctx
+
+
+class WorkerSupervisor:
+    """Keeps one ``mednode worker`` child running; restarts it when it exits unexpectedly."""
+
+    def __init__(self, config_path: Path | None, concurrency: int) -> None:
+        self.command = [sys.executable, "-m", "node.cli", "worker", "--concurrency", str(concurrency)]
+        if config_path is not None:
+            self.command += ["--config", str(config_path)]
+        self.process: subprocess.Popen[bytes] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+
+    def start(self) -> None:
+        self._spawn()
+        self._thread.start()
+
+    def _spawn(self) -> None:
+        self.process = subprocess.Popen(self.command, env=os.environ.copy())
+        log.info("started embedded worker (pid %d)", self.process.pid)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(2.0):
+            if self.process is not None and self.process.poll() is not None:
+                log.error("embedded worker exited with %s; restarting it", self.process.returncode)
+                self._spawn()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def serve(settings: Settings, config_path: Path | None) -> None:
+    """Run the node until SIGINT/SIGTERM."""
+    import uvicorn
+
+    from node.celery_app import configure_celery
+    from node.web.app import create_app
+
+    ctx = prepare(settings)
+    configure_celery(settings)
+    server = start_listener(
+        Ingestor(ctx.store, ctx.sessions),
+        ae_title=settings.ae_title,
+        host=settings.dicom_host,
+        port=settings.dicom_port,
+    )
+    scheduler = Scheduler(ctx)
+    scheduler.start()
+    supervisor = None
+    if settings.embedded_worker:
+        supervisor = WorkerSupervisor(config_path, settings.worker_concurrency)
+        supervisor.start()
+    web = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings),
+            host=settings.web_host,
+            port=settings.web_port,
+            log_level="warning",
+            access_log=False,
+        )
+    )
+    log.info("dashboard and API on http://%s:%d", settings.web_host, settings.web_port)
+    try:
+        web.run()  # blocks; handles SIGINT/SIGTERM
+    finally:
+        log.info("shutting down")
+        server.shutdown()
+        scheduler.stop()
+        if supervisor is not None:
+            supervisor.stop()
+        ctx.close()

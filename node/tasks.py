@@ -1,0 +1,35 @@
+"""Celery tasks: thin shells with stable names around :mod:`node.pipeline`.
+
+Messages carry ids only. Tasks are idempotent (every state change is conditional), so
+``acks_late`` redelivery after a worker crash is safe.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from node import context, jobs, pipeline
+from node.celery_app import app
+
+log = logging.getLogger(__name__)
+
+
+@app.task(name="mednode.run_job", bind=True, max_retries=None)
+def run_job(self, job_id: int) -> None:  # type: ignore[no-untyped-def]
+    ctx = context.current()
+    try:
+        delivery_ids = pipeline.run_job(ctx, job_id)
+    except pipeline.TransientError as exc:
+        countdown = pipeline.backoff_s(self.request.retries + 1, ctx.settings.job_retry_backoff_s, 600)
+        log.warning("job %d hit a transient error; retrying in %.0f s", job_id, countdown)
+        raise self.retry(exc=exc, countdown=countdown)
+    for delivery_id in delivery_ids:
+        jobs.enqueue_delivery(ctx.sessions, delivery_id)
+
+
+@app.task(name="mednode.deliver")
+def deliver(delivery_id: int) -> None:
+    ctx = context.current()
+    delay = pipeline.deliver(ctx, delivery_id)
+    if delay is not None:
+        jobs.enqueue_delivery(ctx.sessions, delivery_id, countdown_s=delay)

@@ -1,0 +1,1 @@
+"""Web dashboard, REST API and metrics of mednode."""

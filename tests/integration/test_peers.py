@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -159,3 +161,46 @@ def test_require_tool_skips_locally_and_fails_in_ci(monkeypatch: pytest.MonkeyPa
     with pytest.raises(pytest.fail.Exception, match="CI must have every real peer"):
         require_tool(missing)
     assert Path(require_tool("storescu")).is_file()
+
+
+def _load_bench() -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "ingest.py"
+    spec = importlib.util.spec_from_file_location("bench_ingest", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ingest_bench_runs_small_and_rewrites_only_its_docs_section(
+    dcmtk, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    require_tool("Orthanc")
+    bench = _load_bench()
+    docs = tmp_path / "BENCHMARKS.md"
+    docs.write_text(
+        f"# Benchmarks\n\n## Other\nkeep me\n\n{bench.BEGIN}\nold\n{bench.END}\n\n## Tail\nkeep too\n"
+    )
+    monkeypatch.setattr(bench, "DOCS", docs)
+    argv = ["--count", "4", "--repeats", "1", "--legs", "storescp,orthanc", "--write-docs"]
+    assert bench.main([*argv, "--workdir", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"\| dcmtk storescp → disk \| \d+ \| \d+ \|", table), table
+    assert re.search(r"\| Orthanc [\d.]+ \(index \+ storage\) \| \d+ \| \d+ \|", table), table
+    text = docs.read_text()
+    assert "keep me" in text and "keep too" in text and "\nold\n" not in text
+    assert text.count(bench.BEGIN) == 1 and "## Ingest" in text and "nproc" in text
+
+
+def test_bench_study_is_one_readable_ct_series(tmp_path: Path) -> None:
+    bench = _load_bench()
+    total = bench.generate_study(tmp_path, count=3, size=64)
+    files = sorted(tmp_path.iterdir())
+    assert total == sum(f.stat().st_size for f in files)
+    datasets = [pydicom.dcmread(f) for f in files]
+    assert {ds.SeriesInstanceUID for ds in datasets} == {datasets[0].SeriesInstanceUID}
+    assert [ds.pixel_array.dtype.name for ds in datasets] == ["int16"] * 3
+    assert len({ds.pixel_array.tobytes() for ds in datasets}) == 3

@@ -231,9 +231,7 @@ class StoreSCP(ManagedProcess):
         ]
         super().__init__(argv, log_dir=log_dir or self.output_dir.parent, name=f"storescp-{aet}")
 
-    def start(
-        self, port: int | None = None, host: str = LOOPBACK, timeout_s: float = 30.0
-    ) -> StoreSCP:
+    def start(self, port: int | None = None, host: str = LOOPBACK, timeout_s: float = 30.0) -> Self:
         """Create the output directory, start storescp and wait until its port accepts."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         super().start(port=port or self.port, host=host, timeout_s=timeout_s)

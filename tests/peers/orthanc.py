@@ -94,7 +94,7 @@ class Orthanc:
         self.process: ManagedProcess | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self, timeout_s: float = 30.0) -> Orthanc:
+    def start(self, timeout_s: float = 30.0) -> Self:
         """Write the config, start Orthanc and wait until DICOM and REST ``/system`` answer."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(self.config, indent=2))

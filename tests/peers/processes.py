@@ -119,9 +119,7 @@ class ManagedProcess:
         self._popen: subprocess.Popen[bytes] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(
-        self, port: int | None = None, host: str = LOOPBACK, timeout_s: float = 30.0
-    ) -> ManagedProcess:
+    def start(self, port: int | None = None, host: str = LOOPBACK, timeout_s: float = 30.0) -> Self:
         """Start the process; if ``port`` is given, wait until it accepts TCP connections."""
         if self._popen is not None:
             raise PeerError(f"{self.name} was already started (pid {self._popen.pid})")

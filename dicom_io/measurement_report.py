@@ -21,6 +21,7 @@ from dicom_io.codes import (
 )
 from dicom_io.equipment import AlgorithmInfo, add_contributing_equipment
 from dicom_io.seg import character_set_of, ihe_coding_scheme
+from dicom_io.sr_common import device_observation_context, image_library_sources, sr_algorithm_id
 from dicom_io.uids import derived_uid
 from dicom_io.volume import Volume
 
@@ -49,29 +50,6 @@ class StructureMeasurement:
     segment_number: int
     volume_ml: float
     mean_hu: float
-
-
-def device_observation_context(algorithm: AlgorithmInfo) -> hd.sr.ObservationContext:
-    """Observation context whose observer is the algorithm as a device (TID 1004)."""
-    return hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),
-            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=algorithm.device_uid,
-                name=algorithm.name,
-                manufacturer_name=algorithm.manufacturer,
-                model_name=algorithm.name,
-            ),
-        )
-    )
-
-
-def sr_algorithm_id(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
-    """TID 4019 Algorithm Identification of ``algorithm``."""
-    parameters = [f"family={algorithm.family}"] if algorithm.family else None
-    return hd.sr.AlgorithmIdentification(
-        name=algorithm.name, version=algorithm.version, parameters=parameters
-    )
 
 
 def referenced_segment(segmentation: Dataset, segment_number: int) -> hd.sr.ReferencedSegment:
@@ -202,10 +180,9 @@ def build_volume_report(
         procedure_reported=procedure_for_modality(volume.modality),
         imaging_measurements=groups,
         # TID 1601 image library: only the images the groups refer to (a CT may have 1000s).
-        referenced_images=[
+        referenced_images=image_library_sources(
             ds for ds in volume.datasets if str(ds.SOPInstanceUID) in referenced_uids
-        ]
-        or None,
+        ),
     )
     sr = hd.sr.ComprehensiveSR(
         evidence=[*volume.datasets, segmentation],

@@ -1,0 +1,179 @@
+"""Pieces shared by the SR builders: observer, algorithm, image library, coding, text."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Iterable, Sequence
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from dicom_io.equipment import AlgorithmInfo
+
+logger = logging.getLogger(__name__)
+
+#: Private coding scheme of mednode's own concepts (free-text findings, VQA). PS3.3 8.2: a
+#: designator starting with "99" is private and is declared in CodingSchemeIdentificationSequence.
+MEDNODE_CODING_SCHEME = "99MEDNODE"
+
+_CROSS_SECTIONAL = {"CT", "MR", "PT"}
+_PROJECTION = {"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"}
+
+#: Terms a model says that pydicom's SNOMED CT dictionary does not spell the same way.
+_SNOMED_SYNONYMS: dict[str, hd.sr.CodedConcept] = {
+    "lungs": hd.sr.CodedConcept("39607008", "SCT", "Lung"),
+    "left lung": hd.sr.CodedConcept("44029006", "SCT", "Left lung"),
+    "right lung": hd.sr.CodedConcept("3341006", "SCT", "Right lung"),
+    "atelectasis": hd.sr.CodedConcept("46621007", "SCT", "Atelectasis"),
+    "fracture": hd.sr.CodedConcept("125605004", "SCT", "Fracture of bone"),
+    "pneumonia": hd.sr.CodedConcept("233604007", "SCT", "Pneumonia"),
+    "emphysema": hd.sr.CodedConcept("87433001", "SCT", "Pulmonary emphysema"),
+}
+
+
+def device_observation_context(algorithm: AlgorithmInfo) -> hd.sr.ObservationContext:
+    """Observation context whose observer is the algorithm as a device (TID 1004)."""
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=algorithm.device_uid,
+                name=algorithm.name,
+                manufacturer_name=algorithm.manufacturer,
+                model_name=algorithm.name,
+            ),
+        )
+    )
+
+
+def sr_algorithm_id(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 Algorithm Identification of ``algorithm``."""
+    parameters = [f"family={algorithm.family}"] if algorithm.family else None
+    return hd.sr.AlgorithmIdentification(
+        name=algorithm.name, version=algorithm.version, parameters=parameters
+    )
+
+
+def mednode_coding_scheme() -> hd.coding_schemes.CodingSchemeIdentificationItem:
+    """Declaration of the private 99MEDNODE scheme."""
+    return hd.coding_schemes.CodingSchemeIdentificationItem(
+        designator=MEDNODE_CODING_SCHEME,
+        name="mednode local concepts",
+        responsible_organization="mednode",
+    )
+
+
+def _can_describe(ds: Dataset) -> bool:
+    """Whether highdicom can write a TID 1601 image library entry for ``ds``."""
+    modality = str(ds.get("Modality", ""))
+    if modality in _CROSS_SECTIONAL:
+        return all(
+            ds.get(keyword) not in (None, "")
+            for keyword in (
+                "PixelSpacing",
+                "ImageOrientationPatient",
+                "ImagePositionPatient",
+                "SliceThickness",
+            )
+        )
+    if modality in _PROJECTION:
+        orientation = ds.get("PatientOrientation")
+        return bool(orientation) and len(orientation) == 2 and bool(ds.get("ImagerPixelSpacing"))
+    return True
+
+
+def image_library_sources(datasets: Iterable[Dataset]) -> list[Dataset] | None:
+    """Sources for ``MeasurementReport(referenced_images=...)``, or ``None`` to omit TID 1601.
+
+    highdicom 0.28 fails on a CR/DX without Patient Orientation or Imager Pixel Spacing
+    and on a CT/MR without Slice Thickness; the image library is optional, so it is
+    left out when any source cannot be described.
+    """
+    sources = list(datasets)
+    if not sources:
+        return None
+    undescribable = [str(ds.SOPInstanceUID) for ds in sources if not _can_describe(ds)]
+    if undescribable:
+        logger.info(
+            "no TID 1601 image library: instances %s lack the attributes it needs",
+            undescribable,
+        )
+        return None
+    return sources
+
+
+def _slug(text: str) -> str:
+    return "-".join(w for w in re.split(r"[^a-z0-9]+", text.lower()) if w)
+
+
+def coded_term(text: str) -> hd.sr.CodedConcept:
+    """Code a free-text term: SNOMED CT where pydicom's dictionary knows it, else private.
+
+    The lookup is by exact meaning (``"pleural effusion"`` -> SCT 60046008); an unknown
+    term becomes a reproducible 99MEDNODE code whose meaning is the text itself.
+
+    Raises
+    ------
+    ValueError
+        If ``text`` is blank.
+    """
+    normalized = " ".join(text.split()).lower()
+    if not normalized:
+        raise ValueError("a finding or site needs a non-blank name.")
+    if normalized in _SNOMED_SYNONYMS:
+        return _SNOMED_SYNONYMS[normalized]
+    keyword = "".join(w.capitalize() for w in re.split(r"[^a-z0-9]+", normalized) if w)
+    if keyword and hasattr(codes.SCT, keyword):
+        code = getattr(codes.SCT, keyword)
+        return hd.sr.CodedConcept(code.value, code.scheme_designator, code.meaning)
+    slug = _slug(normalized)
+    if not slug or len(slug) > 16:
+        digest = hashlib.sha1(normalized.encode("utf-8")).hexdigest()[:8]
+        slug = f"{slug[:7]}-{digest}" if slug else f"t-{digest}"
+    return hd.sr.CodedConcept(slug, MEDNODE_CODING_SCHEME, " ".join(text.split())[:64])
+
+
+#: Language codes (RFC 5646) with their English names, for the language content item.
+_LANGUAGES = {
+    "en": "English",
+    "zh": "Chinese",
+    "de": "German",
+    "fr": "French",
+    "es": "Spanish",
+    "it": "Italian",
+    "ja": "Japanese",
+    "ko": "Korean",
+    "pt": "Portuguese",
+    "ru": "Russian",
+}
+
+
+def language_concept(language: str) -> hd.sr.CodedConcept:
+    """RFC 5646 coded language (PS3.16 CID 5000), e.g. ``"zh"`` -> (zh, RFC5646, Chinese).
+
+    Raises
+    ------
+    ValueError
+        If ``language`` is not a plausible RFC 5646 tag.
+    """
+    if not re.fullmatch(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*", language):
+        raise ValueError(f"language {language!r} is not an RFC 5646 tag such as 'en' or 'zh-CN'.")
+    primary = language.split("-")[0].lower()
+    return hd.sr.CodedConcept(language, "RFC5646", _LANGUAGES.get(primary, language))
+
+
+def character_set_for_text(source: Dataset, texts: Sequence[str]) -> str | list[str] | None:
+    """Specific Character Set for an SR holding ``texts``.
+
+    ASCII text keeps the source's character set; any other text switches the whole
+    object to ``ISO_IR 192`` (UTF-8), which encodes every value (patient name included).
+    """
+    if all(text.isascii() for text in texts):
+        value = source.get("SpecificCharacterSet")
+        if value is None or value == "" or (isinstance(value, list) and not any(value)):
+            return None
+        return value  # type: ignore[no-any-return]
+    return "ISO_IR 192"

@@ -150,8 +150,14 @@ def read_dataset(
             f"{name} lacks {', '.join(missing)}, which every DICOM instance needs"
             + (f" (reader warnings: {reasons})" if reasons else ".")
         )
-    for warning in caught:
-        logger.warning("reading %s: %s", ds.SOPInstanceUID, warning.message)
+    if caught:
+        # Warning texts may quote element values (patient data): log their kinds only.
+        logger.warning(
+            "reading %s: %d reader warning(s) of kind %s",
+            ds.SOPInstanceUID,
+            len(caught),
+            sorted({w.category.__name__ for w in caught}),
+        )
     return ds
 
 

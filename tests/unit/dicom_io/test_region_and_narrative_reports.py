@@ -79,7 +79,10 @@ def test_region_report_on_non_square_radiograph(relative, algorithm, validate) -
     np.testing.assert_allclose(
         first.roi.value, [[10.5, 20.0], [60.0, 20.0], [60.0, 90.25], [10.5, 90.25], [10.5, 20.0]]
     )
-    assert first.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert (
+        first.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        == source.SOPInstanceUID
+    )
     assert first.finding_type == hd.sr.CodedConcept("27925004", "SCT", "Nodule")
     assert [site.value for site in first.finding_sites] == [
         hd.sr.CodedConcept("3341006", "SCT", "Right lung")

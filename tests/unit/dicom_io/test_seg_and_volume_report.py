@@ -256,3 +256,27 @@ def test_empty_segment_references_source_series(
     assert bone_reference.referenced_segment_numbers == [2]
     assert bone_reference.source_series_for_segmentation.value == head.series_instance_uid
     assert groups[1].get_measurements()[0].value == 0.0
+
+
+def test_volume_report_on_ct_with_empty_character_set(
+    ct3: Volume, algorithm: AlgorithmInfo, validate
+) -> None:
+    mask = np.zeros(ct3.pixels.shape, dtype=bool)
+    mask[0:2, 200:260, 100:180] = True
+    seg = build(ct3, {"body": mask}, algorithm)
+    volume_ml = float(mask.sum()) * ct3.voxel_volume_ml
+    mean_hu = float(ct3.pixels[mask].mean())
+    data = to_bytes(
+        volume_report(ct3, seg, [StructureMeasurement("body", 1, volume_ml, mean_hu)], algorithm)
+    )
+    validate(data)
+    sr = hd.sr.srread(BytesIO(data))
+    assert "SpecificCharacterSet" not in sr
+    group = sr.content.get_volumetric_roi_measurement_groups()[0]
+    values = [m.value for m in group.get_measurements()]
+    assert values == pytest.approx([volume_ml, mean_hu], rel=1e-6)
+    sources = {
+        i.referenced_sop_instance_uid
+        for i in group.referenced_segment.source_images_for_segmentation
+    }
+    assert sources == {ct3.datasets[0].SOPInstanceUID, ct3.datasets[1].SOPInstanceUID}

@@ -1,0 +1,234 @@
+"""The VLM runtime on tiny random-weight models of real families, loaded through the product loader.
+
+Weights are random, so the text is gibberish: these tests check that every task kind returns the
+right typed results, that the raw text is exactly what ``generate`` produced, that budgets hold,
+that batching gives the same greedy output as one prompt at a time, and that a model is loaded
+once per process.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+import torch
+
+from inference.errors import InvalidInputError, ModelLoadError
+from inference.results import (
+    AnswerResult,
+    Box,
+    GroundedReportResult,
+    LabelResult,
+    RegionCaptionResult,
+    RegionResult,
+    ReportResult,
+)
+from inference.tasks import TaskSpec, parse_tasks
+from inference.vlm import VLMConfig, clear_vlm_cache, get_vlm, load_vlm
+from tests.models import tiny_vlm_dirs  # noqa: F401  (session fixture)
+
+XR = Path("/work/shared/dicom/xr")
+FAMILIES = ["gemma3", "llava", "qwen2_vl"]
+
+ALL_TASKS = [
+    {"report": {"language": "en"}},
+    {"report": {"language": "zh"}},
+    {"vqa": {"questions": ["Is there a pleural effusion?", "Which side is the nodule on?"]}},
+    {"classify": {"labels": ["cardiomegaly", "pneumothorax", "pleural effusion"]}},
+    {"ground": {"phrases": ["right lung", "heart"]}},
+    {"detect": {"findings": ["nodule"]}},
+    {"grounded_report": {"language": "en"}},
+    {"region_caption": {}},
+]
+
+
+@pytest.fixture(scope="module")
+def radiographs():
+    """Two real chest radiographs: 1841x1955 CR (15-bit MONOCHROME1) and 211x169 DX."""
+    cr = pydicom.dcmread(XR / "RG1_J2KI_chest_PA.dcm")
+    dx = pydicom.dcmread(XR / "highdicom_dx_thorax.dcm")
+    return [
+        (cr.pixel_array, cr.PhotometricInterpretation, (float(cr.WindowCenter), float(cr.WindowWidth))),
+        (dx.pixel_array, dx.PhotometricInterpretation, None),
+    ]
+
+
+def config(dirs, family, **kw):
+    return VLMConfig(path=str(dirs[family]), family=family, max_new_tokens=12, **kw)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def vlm(request, tiny_vlm_dirs):  # noqa: F811
+    return load_vlm(config(tiny_vlm_dirs, request.param))
+
+
+def prepared(vlm, radiographs):
+    return [vlm.prepare(p, photometric=ph, window=w) for p, ph, w in radiographs]
+
+
+def plain_generate(vlm, images, prompt, budget):
+    """What a user of transformers would write by hand, without mednode's runtime."""
+    content = [{"type": "image", "image": im.image} for im in images] + [{"type": "text", "text": prompt}]
+    inputs = vlm.processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True,
+        return_dict=True, return_tensors="pt")
+    with torch.inference_mode():
+        out = vlm.model.generate(**inputs, max_new_tokens=budget, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    eos = vlm.model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos)
+    cut = next((i for i, t in enumerate(new) if t in eos), len(new))
+    return new, vlm.tokenizer.decode(new[:cut], skip_special_tokens=False)
+
+
+def test_every_task_kind_gives_typed_results(vlm, radiographs):
+    images = prepared(vlm, radiographs)
+    assert all(im.image.mode == "RGB" for im in images)
+    assert images[0].transform.original_width == 1841 and images[0].transform.original_height == 1955
+    tasks = parse_tasks(ALL_TASKS)
+    results = vlm.run(images, tasks)
+    kinds = [type(r) for r in results]
+    # 2 reports, 2 answers, 3 labels, 2 phrases x 2 images, 1 finding x 2 images, 2 grounded reports,
+    # then one caption per box found by ground/detect (random weights: usually none).
+    boxes = [b for r in results if isinstance(r, RegionResult) for b in r.boxes]
+    assert kinds[:15] == ([ReportResult] * 2 + [AnswerResult] * 2 + [LabelResult] * 3
+                          + [RegionResult] * 6 + [GroundedReportResult] * 2)
+    assert kinds[15:] == [RegionCaptionResult] * len(boxes)
+    en, zh = results[0], results[1]
+    assert (en.language, zh.language) == ("en", "zh") and en.image_indices == (0, 1)
+    assert isinstance(en.findings, str) and isinstance(en.raw_text, str)
+    assert [r.question for r in results[2:4]] == list(tasks[2].questions)
+    for label in results[4:7]:
+        assert label.state in ("present", "absent", "uncertain")
+        assert label.probability is None or 0.0 <= label.probability <= 1.0
+    regions = results[7:13]
+    assert [(r.query, r.image_indices) for r in regions] == [
+        ("right lung", (0,)), ("right lung", (1,)), ("heart", (0,)), ("heart", (1,)),
+        ("nodule", (0,)), ("nodule", (1,))]
+    for r in regions:
+        assert all(b.image_index == r.image_indices[0] for b in r.boxes)
+    assert [r.image_indices for r in results[13:15]] == [(0,), (1,)]
+    for r in results:
+        assert r.task in tasks or r.task.kind == "region_caption"
+
+
+def test_raw_text_is_what_generate_produced_and_budget_holds(vlm, radiographs):
+    images = prepared(vlm, radiographs)
+    question = "Is there a pleural effusion?"
+    task = TaskSpec(kind="vqa", questions=(question,), max_new_tokens=5)
+    (answer,) = vlm.run(images, [task])
+    new_tokens, expected = plain_generate(vlm, images, question, 5)
+    assert len(new_tokens) <= 5
+    assert answer.raw_text == expected
+    assert answer.image_indices == (0, 1)
+
+
+def test_classification_probability_comes_from_first_token_logits(vlm, radiographs):
+    images = prepared(vlm, radiographs)[:1]
+    (label,) = vlm.run(images, [TaskSpec(kind="classify", labels=("cardiomegaly",))])
+    # The tiny tokenizers have "yes" and "no" as single tokens, so a probability must come out.
+    assert label.probability is not None and 0.0 <= label.probability <= 1.0
+    yes, no = vlm._yes_no_token_ids("en")
+    content = [{"type": "image", "image": images[0].image},
+               {"type": "text", "text": vlm.family.prompt(label.task, item="cardiomegaly")}]
+    inputs = vlm.processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True,
+        return_dict=True, return_tensors="pt")
+    with torch.inference_mode():
+        logits = vlm.model(**inputs).logits[0, -1]
+    pair = torch.softmax(logits[yes + no], dim=0)
+    assert label.probability == pytest.approx(float(pair[: len(yes)].sum()), abs=1e-5)
+
+
+def test_batching_gives_the_same_greedy_output(tiny_vlm_dirs, radiographs):  # noqa: F811
+    for family in FAMILIES:
+        batched = load_vlm(config(tiny_vlm_dirs, family, batch_size=8))
+        single = load_vlm(config(tiny_vlm_dirs, family, batch_size=1))
+        images = prepared(batched, radiographs)
+        # Prompts of different lengths force left padding inside the batch.
+        requests = [
+            (images, TaskSpec(kind="vqa", questions=("Is there a pleural effusion?", "Heart?",
+                                                     "Which side is the nodule on, left or right?"))),
+            (images[:1], TaskSpec(kind="vqa", questions=("Any pneumothorax?",))),
+            (images[1:], TaskSpec(kind="classify", labels=("cardiomegaly", "consolidation"))),
+        ]
+        a = batched.run_batch(requests)
+        b = single.run_batch(requests)
+        assert batched.generate_calls < single.generate_calls
+        assert [[r.raw_text for r in rs] for rs in a] == [[r.raw_text for r in rs] for rs in b], family
+        for ra, rb in zip(a[2], b[2]):
+            assert ra.probability == pytest.approx(rb.probability, abs=1e-4)
+
+
+def test_region_caption_on_given_regions(vlm, radiographs):
+    images = prepared(vlm, radiographs)
+    region = Box(label="nodule", x0=0.1, y0=0.2, x1=0.4, y1=0.5, image_index=1)
+    task = parse_tasks([{"region_caption": {"regions": [dataclasses.asdict(region)]}}])[0]
+    (caption,) = vlm.run(images, [task])
+    assert isinstance(caption, RegionCaptionResult)
+    assert caption.box == region and caption.image_indices == (1,)
+    prompt = vlm.family.prompt(task, region=region, transform=images[1].transform)
+    assert "{region}" not in prompt and prompt != vlm.family.template("region_caption", "en")
+
+
+def test_model_is_loaded_once_per_process(tiny_vlm_dirs, monkeypatch):  # noqa: F811
+    import transformers
+
+    calls = []
+    original = transformers.AutoModelForImageTextToText.from_pretrained
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", counting)
+    clear_vlm_cache()
+    cfg = config(tiny_vlm_dirs, "llava")
+    first = get_vlm(cfg)
+    assert get_vlm(cfg) is first
+    assert get_vlm(dataclasses.replace(cfg)) is first
+    assert len(calls) == 1
+    clear_vlm_cache()
+
+
+def test_missing_directory_is_a_clear_load_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_vlm(VLMConfig(path=str(tmp_path / "nowhere"), family="medgemma"))
+
+
+def test_family_must_match_checkpoint(tiny_vlm_dirs):  # noqa: F811
+    with pytest.raises(ModelLoadError, match="'gemma3' model but family 'llava'"):
+        load_vlm(VLMConfig(path=str(tiny_vlm_dirs["gemma3"]), family="llava"))
+    with pytest.raises(ModelLoadError, match="Unknown model family"):
+        load_vlm(VLMConfig(path=str(tiny_vlm_dirs["gemma3"]), family="no-such-family"))
+
+
+def test_remote_code_needs_explicit_consent(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "maira2"}))
+    with pytest.raises(ModelLoadError, match="trust_remote_code: true"):
+        load_vlm(VLMConfig(path=str(tmp_path), family="maira2"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava", "auto_map": {"AutoModel": "x.Y"}}))
+    with pytest.raises(ModelLoadError, match="trust_remote_code"):
+        load_vlm(VLMConfig(path=str(tmp_path), family="llava"))
+
+
+def test_parse_only_family_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "minigpt"}))
+    with pytest.raises(ModelLoadError, match="not transformers models"):
+        load_vlm(VLMConfig(path=str(tmp_path), family="minigpt_med"))
+
+
+def test_segment_and_unknown_language_are_refused(vlm, radiographs):
+    images = prepared(vlm, radiographs)[:1]
+    with pytest.raises(InvalidInputError, match="MONAI bundle"):
+        vlm.run(images, [TaskSpec(kind="segment")])
+    with pytest.raises(InvalidInputError, match="not 'fr'"):
+        vlm.run(images, [TaskSpec(kind="report", language="fr")])
+    with pytest.raises(InvalidInputError, match="no images"):
+        vlm.run([], [TaskSpec(kind="report")])
+
+
+def test_model_info_names_the_checkpoint(vlm):
+    assert vlm.info.family in ("medgemma", "llava", "qwen2_vl")
+    assert len(vlm.info.version) == 16 and vlm.info.name

@@ -81,8 +81,8 @@ class Generation:
     yes_probability: float | None
 
 
-_FINDINGS = {"en": r"\**\s*findings?\s*\**\s*[:：]", "zh": r"(?:检查所见|影像所见|影像表现|所见)\s*[:：]"}
-_IMPRESSION = {"en": r"\**\s*(?:impression|conclusions?)\s*\**\s*[:：]",
+_FINDINGS = {"en": r"\**\s*findings?\s*\**\s*[:：]\s*\**", "zh": r"(?:检查所见|影像所见|影像表现|所见)\s*[:：]"}
+_IMPRESSION = {"en": r"\**\s*(?:impression|conclusions?)\s*\**\s*[:：]\s*\**",
                "zh": r"(?:诊断意见|诊断|印象|结论)\s*[:：]"}
 
 
@@ -104,6 +104,9 @@ def split_report(text: str, language: str) -> tuple[str, str | None]:
     return body.strip(), impression or None
 
 
+_ZH_UNCERTAIN = ("无法", "不确定", "不能确定", "可能", "不清楚")
+
+
 def answer_state(answer: str, language: str) -> LabelState:
     """present / absent / uncertain from the first word of a yes/no answer."""
     yes, no = YES_NO.get(language, YES_NO["en"])
@@ -114,6 +117,8 @@ def answer_state(answer: str, language: str) -> LabelState:
             return "present"
         if head in no:
             return "absent"
+        return "uncertain"
+    if head.startswith(_ZH_UNCERTAIN):
         return "uncertain"
     for word in no:  # "不是" must not read as "是"
         if head.startswith(word):

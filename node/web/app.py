@@ -18,15 +18,18 @@ from node import context, jobs
 from node.config import Settings
 
 
+def get_session() -> Iterator[Session]:
+    """A database session of this process for one request."""
+    with context.current().sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
 def create_app(settings: Settings) -> FastAPI:
     context.configure_if_needed(settings)
     app = FastAPI(title="mednode", version="0.1.0", docs_url="/api/docs", openapi_url="/api/v1/openapi.json")
-
-    def get_session() -> Iterator[Session]:
-        with context.current().sessions() as session:
-            yield session
-
-    SessionDep = Annotated[Session, Depends(get_session)]
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

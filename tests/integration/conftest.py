@@ -1,0 +1,173 @@
+"""Fixtures that run mednode itself as real processes, and per-test PostgreSQL and RabbitMQ."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy
+
+from tests.peers import LOOPBACK, ManagedProcess, free_port, in_ci
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+RABBITMQ_HOST = "127.0.0.1:5672"
+
+
+def _unavailable(message: str) -> None:
+    if in_ci():
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@dataclass
+class MednodeNode:
+    """A running ``mednode serve`` (and optional separate ``mednode worker``) under test."""
+
+    dicom_port: int
+    web_port: int
+    data_dir: Path
+    env: dict[str, str]
+    processes: list[ManagedProcess] = field(default_factory=list)
+    ae_title: str = "MEDNODE"
+
+    @property
+    def web_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.web_port}"
+
+    def logs(self) -> str:
+        return "\n".join(p.log_text() for p in self.processes)
+
+    def status(self) -> dict:
+        return httpx.get(f"{self.web_url}/api/v1/status", timeout=10).json()
+
+    def cli(self, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, **self.env}
+        return subprocess.run(
+            [sys.executable, "-m", "node.cli", *args],
+            env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s,
+        )
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            pgid = proc.pid
+            proc.stop(timeout_s=30)
+            if pgid is not None:
+                # the worker's pool children share the session of the process we started
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+MednodeFactory = Callable[..., MednodeNode]
+
+
+@pytest.fixture
+def mednode_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MednodeFactory]:
+    """Start ``mednode serve`` as a subprocess on free ports, configured by ``MEDNODE_*`` env.
+
+    ``separate_worker=True`` sets ``MEDNODE_EMBEDDED_WORKER=false`` and starts ``mednode worker``
+    as its own process, as in the production layout.
+    """
+    nodes: list[MednodeNode] = []
+
+    def start(
+        destination: str | None = None,
+        quiet_period_s: float = 2.0,
+        database_url: str | None = None,
+        broker_url: str | None = None,
+        separate_worker: bool = False,
+        extra_env: dict[str, str] | None = None,
+        config: Path | None = None,
+    ) -> MednodeNode:
+        data_dir = tmp_path_factory.mktemp("mednode")
+        node = MednodeNode(dicom_port=free_port(), web_port=free_port(), data_dir=data_dir, env={})
+        env = {
+            "MEDNODE_DICOM_HOST": LOOPBACK,
+            "MEDNODE_DICOM_PORT": str(node.dicom_port),
+            "MEDNODE_WEB_PORT": str(node.web_port),
+            "MEDNODE_DATA_DIR": str(data_dir / "var"),
+            "MEDNODE_QUIET_PERIOD_S": str(quiet_period_s),
+            "MEDNODE_COMPLETION_POLL_S": "0.2",
+            "MEDNODE_LOG_LEVEL": "DEBUG",
+            "MEDNODE_DELIVERY__RETRY_INITIAL_S": "1",
+        }
+        if destination:
+            env["MEDNODE_DESTINATION"] = destination
+        if database_url:
+            env["MEDNODE_DATABASE_URL"] = database_url
+        if broker_url:
+            env["MEDNODE_BROKER_URL"] = broker_url
+        if separate_worker:
+            env["MEDNODE_EMBEDDED_WORKER"] = "false"
+        env.update(extra_env or {})
+        node.env = env
+        nodes.append(node)
+        args = [sys.executable, "-m", "node.cli", "serve"]
+        if config is not None:
+            args += ["--config", str(config)]
+        serve = ManagedProcess(args, log_dir=data_dir, name="serve", env=env, cwd=REPO_ROOT)
+        node.processes.append(serve)
+        serve.start(port=node.dicom_port, timeout_s=90)
+        serve.wait_for_port(node.web_port, timeout_s=60)
+        if separate_worker:
+            worker_args = [sys.executable, "-m", "node.cli", "worker"]
+            if config is not None:
+                worker_args += ["--config", str(config)]
+            worker = ManagedProcess(worker_args, log_dir=data_dir, name="worker", env=env, cwd=REPO_ROOT)
+            node.processes.append(worker)
+            worker.start()
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    name = f"mednode_test_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    except sqlalchemy.exc.OperationalError as exc:
+        _unavailable(f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc}")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def rabbitmq_url() -> Iterator[str]:
+    """A fresh RabbitMQ vhost (guest/guest) for one test, deleted afterwards."""
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        _unavailable("rabbitmqctl not found: RabbitMQ must run at 127.0.0.1:5672")
+    vhost = f"mednode_test_{uuid.uuid4().hex[:12]}"
+
+    def run(*args: str) -> None:
+        done = subprocess.run([ctl, *args], capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            _unavailable(f"rabbitmqctl {' '.join(args)} failed: {done.stderr.strip()[-500:]}")
+
+    run("add_vhost", vhost)
+    run("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    try:
+        yield f"amqp://guest:guest@{RABBITMQ_HOST}/{vhost}"
+    finally:
+        subprocess.run([ctl, "delete_vhost", vhost], capture_output=True, timeout=60)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
+import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -133,6 +134,8 @@ class Rule(BaseModel):
     quiet_period_s: float | None = Field(default=None, gt=0)
     #: when true, later rules are tried too; by default the first matching rule wins
     continue_matching: bool = Field(default=False, alias="continue")
+    #: the rule is active only when this model is configured (``vlm``)
+    requires_model: Literal["vlm"] | None = None
 
 
 class DeliverySettings(BaseModel):
@@ -144,6 +147,44 @@ class DeliverySettings(BaseModel):
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=120.0, gt=0)
     network_timeout_s: float = Field(default=60.0, gt=0)
+
+
+class VLMSettings(BaseModel):
+    """A vision-language model on local disk (weights are never downloaded at run time)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Path
+    family: str = Field(min_length=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    #: families that ship their own modelling code run it only when this says so explicitly
+    trust_remote_code: bool = False
+    max_new_tokens: int = Field(default=256, ge=1)
+    batch_size: int = Field(default=4, ge=1)
+    #: slices sampled evenly from a CT/MR series for a multi-image prompt
+    slices_per_series: int = Field(default=8, ge=1, le=64)
+    name: str | None = None
+
+
+class ModelsSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    vlm: VLMSettings | None = None
+
+
+class WebSettings(BaseModel):
+    """Dashboard and API access. Mutations and patient fields need a login."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    admin_user: str = "admin"
+    #: no password: nobody can log in (read-only dashboard without patient fields)
+    admin_password: str | None = None
+    #: signs session cookies and CSRF tokens; required when the web port is not on loopback
+    secret_key: str | None = None
+    #: API tokens (``Authorization: Bearer …``) with admin rights
+    api_tokens: list[str] = Field(default_factory=list)
 
 
 class Settings(BaseSettings):
@@ -175,6 +216,14 @@ class Settings(BaseSettings):
     #: new instances are refused (0xA700) when less than this is free on the data volume
     min_free_disk_mb: int = Field(default=200, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    models: ModelsSettings = Field(default_factory=ModelsSettings)
+    #: shortcut for ``models.vlm.path`` / ``models.vlm.family`` (MEDNODE_VLM_PATH, MEDNODE_VLM_FAMILY)
+    vlm_path: Path | None = None
+    vlm_family: str | None = None
+    web: WebSettings = Field(default_factory=WebSettings)
+
+    #: the YAML file of this settings class (set by :func:`load_settings`)
+    yaml_path: ClassVar[Path | None] = None
 
     @field_validator("destinations", mode="before")
     @classmethod
@@ -182,6 +231,28 @@ class Settings(BaseSettings):
         if isinstance(value, dict):
             return {k: _destination(v) for k, v in value.items()}
         return value
+
+    @model_validator(mode="after")
+    def _apply_vlm_shortcut(self) -> Settings:
+        if self.vlm_path is not None or self.vlm_family is not None:
+            if self.vlm_path is None or (self.vlm_family is None and self.models.vlm is None):
+                raise ValueError(
+                    "vlm_path and vlm_family: set both (MEDNODE_VLM_PATH and MEDNODE_VLM_FAMILY)"
+                )
+            base = self.models.vlm.model_dump() if self.models.vlm else {}
+            base.update(path=self.vlm_path, family=self.vlm_family or base.get("family"))
+            self.models = ModelsSettings(vlm=VLMSettings(**base))
+        return self
+
+    @model_validator(mode="after")
+    def _check_web_secret(self) -> Settings:
+        loopback = self.web_host in ("127.0.0.1", "localhost", "::1")
+        if not loopback and (not self.web.secret_key or len(self.web.secret_key) < 32):
+            raise ValueError(
+                f"web.secret_key: the dashboard listens on {self.web_host}, beyond loopback; set a "
+                "random secret of 32+ characters (MEDNODE_WEB__SECRET_KEY) — no default is used there"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_rules(self) -> Settings:
@@ -215,17 +286,16 @@ class Settings(BaseSettings):
 
     @property
     def effective_rules(self) -> list[Rule]:
-        """The configured rules, or the built-in default: every CT study to the CT analyzer."""
-        if self.rules is not None:
-            return self.rules
-        return [
-            Rule(
-                name="ct-analysis",
-                match=RuleMatch(modality=["CT"]),
-                tasks=["ct_analysis"],
-                destinations=["default"] if self.destination else [],
-            )
-        ]
+        """The active rules: the configured ones (or the built-in defaults) whose model is there.
+
+        The defaults send every CT study to the built-in CT analyzer and, when a vision-language
+        model is configured, chest radiographs (CR/DX) to it for reports, answers, labels and boxes.
+        """
+        rules = self.rules if self.rules is not None else default_rules(bool(self.destination))
+        return [r for r in rules if r.requires_model is None or self.has_model(r.requires_model)]
+
+    def has_model(self, name: str) -> bool:
+        return name == "vlm" and self.models.vlm is not None
 
     def resolve_destination(self, ref: str, *, rule: str = "?") -> Destination:
         """Turn a rule's destination reference into a :class:`Destination`.
@@ -262,10 +332,30 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        yaml_file = getattr(settings_cls, "_yaml_path", None)
+        yaml_file = getattr(settings_cls, "yaml_path", None)
         if yaml_file is not None:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
         return tuple(sources)
+
+
+CHEST_XRAY_TASKS: list[str | dict[str, Any]] = [
+    {"report": {"language": "en"}},
+    {"report": {"language": "zh"}},
+    {"vqa": {"questions": ["Is there a pleural effusion?", "Is the heart enlarged?"]}},
+    {"classify": {"labels": ["cardiomegaly", "pneumothorax", "pleural effusion", "consolidation"]}},
+    {"ground": {"phrases": ["right lung", "left lung", "heart"]}},
+]
+
+
+def default_rules(with_destination: bool) -> list[Rule]:
+    """Rules used when the configuration has none."""
+    destinations = ["default"] if with_destination else []
+    return [
+        Rule(name="ct-analysis", match=RuleMatch(modality=["CT"]), tasks=["ct_analysis"],
+             destinations=destinations),
+        Rule(name="chest-xray", match=RuleMatch(modality=["CR", "DX"]), tasks=CHEST_XRAY_TASKS,
+             destinations=destinations, requires_model="vlm"),
+    ]
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -288,7 +378,7 @@ def load_settings(config_path: Path | str | None = None, **overrides: Any) -> Se
         path = Path(config_path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        settings_cls: type[Settings] = type("FileSettings", (Settings,), {"_yaml_path": path})
+        settings_cls: type[Settings] = type("FileSettings", (Settings,), {"yaml_path": path})
     else:
         settings_cls = Settings
     try:
@@ -296,5 +386,5 @@ def load_settings(config_path: Path | str | None = None, **overrides: Any) -> Se
     except ValidationError as exc:
         lines = [_describe(e) for e in exc.errors(include_url=False)]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
-    except ValueError as exc:  # YAML syntax errors
+    except (ValueError, yaml.YAMLError) as exc:  # YAML syntax errors
         raise ConfigError(f"invalid configuration file {config_path}: {exc}") from None

@@ -194,6 +194,10 @@ def record_results(
         job = session.get(Job, job_id)
         if job is None:
             raise JobNotFoundError(f"job {job_id} does not exist")
+        if job.state != JobState.RUNNING:
+            # cancelled or superseded while it ran: keep nothing, send nothing
+            log.info("job %d is %s; its results are discarded", job_id, job.state.value)
+            return []
         stale = job.study.state == StudyState.RECEIVING or job.study.version != job.study_version
         existing = {r.sop_instance_uid: r for r in job.results}
         rows: list[Result] = []
@@ -242,7 +246,7 @@ def fail_job(sessions: sessionmaker[Session], job_id: int, reason: str) -> None:
     with sessions() as session, session.begin():
         session.execute(
             update(Job)
-            .where(Job.id == job_id)
+            .where(Job.id == job_id, Job.state.in_([JobState.RUNNING, JobState.QUEUED]))
             .values(state=JobState.FAILED, reason=reason[:2000], finished_at=utcnow(), lease_expires_at=None)
         )
     log.warning("job %d failed: %s", job_id, reason)
@@ -254,6 +258,8 @@ def release_for_retry(sessions: sessionmaker[Session], job_id: int, reason: str)
         job = session.get(Job, job_id)
         if job is None:
             raise JobNotFoundError(f"job {job_id} does not exist")
+        if job.state != JobState.RUNNING:
+            return job.attempts
         job.state = JobState.QUEUED
         job.reason = f"retrying after: {reason}"[:2000]
         job.lease_expires_at = None

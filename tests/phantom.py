@@ -201,6 +201,7 @@ def make_ct_phantom(
     rescale_intercept: float | None = None,
     noise_hu_sd: float = 0.0,
     seed: int = 0,
+    hu: np.ndarray | None = None,
 ) -> list[Dataset]:
     """Build the phantom as one CT series (CT Image Storage, Explicit VR Little Endian).
 
@@ -211,6 +212,9 @@ def make_ct_phantom(
         1: signed stored values (``rescale_intercept`` defaults to 0, stored value = HU).
     rescale_slope, rescale_intercept
         HU = stored * slope + intercept (PS3.3 C.11.1.1.2); stored values must fit 16 bits.
+    hu
+        Pixels to store instead of the phantom's (shape ``geometry.shape``, HU), e.g. a phantom
+        with an added lesion or an asymmetric test pattern; ``anatomy`` and noise are then ignored.
 
     Returns
     -------
@@ -234,7 +238,10 @@ def make_ct_phantom(
         if rescale_intercept is not None
         else (-1024.0 if pixel_representation == 0 else 0.0)
     )
-    hu = make_ct_volume(geometry, anatomy, noise_hu_sd=noise_hu_sd, seed=seed)
+    if hu is None:
+        hu = make_ct_volume(geometry, anatomy, noise_hu_sd=noise_hu_sd, seed=seed)
+    elif hu.shape != geometry.shape:
+        raise ValueError(f"hu has shape {hu.shape}, the geometry {geometry.shape}")
     stored_float = np.rint((hu.astype(np.float64) - intercept) / rescale_slope)
     dtype = np.dtype(np.uint16 if pixel_representation == 0 else np.int16)
     limits = np.iinfo(dtype)

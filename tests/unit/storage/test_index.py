@@ -1,0 +1,166 @@
+"""Indexing received instances: new, unchanged and replaced outcomes, and reopening studies."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.index import IndexOutcome, index_instance, patient_key
+from storage.models import Instance, Patient, Series, Study, StudyState, utcnow
+from storage.store import InstanceStore, StoredFile
+from tests.unit.storage.conftest import STUDY_UID, HeaderFactory
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> InstanceStore:
+    return InstanceStore(tmp_path / "store")
+
+
+def _index(sessions: sessionmaker[Session], store: InstanceStore, header, data: bytes, *, now=None,
+           calling: str | None = "MODALITY", called: str | None = "MEDNODE") -> IndexOutcome:  # type: ignore[no-untyped-def]
+    relative = store.instance_path(header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
+    stored = store.write(relative, data)
+    with sessions() as session, session.begin():
+        return index_instance(session, header, stored, calling_ae_title=calling, called_ae_title=called, now=now)
+
+
+def _count(session: Session, model: type) -> int:
+    return session.scalar(select(func.count()).select_from(model)) or 0
+
+
+def _study(session: Session) -> Study:
+    return session.scalars(select(Study).where(Study.study_instance_uid == STUDY_UID)).one()
+
+
+def test_new_instance_creates_patient_study_series_instance(sessions, store, make_header: HeaderFactory) -> None:
+    header = make_header(1)
+    assert _index(sessions, store, header, b"instance one") is IndexOutcome.NEW
+
+    with sessions() as session:
+        assert [_count(session, m) for m in (Patient, Study, Series, Instance)] == [1, 1, 1, 1]
+        study = _study(session)
+        assert study.state is StudyState.RECEIVING
+        assert study.version == 0
+        assert study.calling_ae_title == "MODALITY" and study.called_ae_title == "MEDNODE"
+        assert study.patient is not None and study.patient.patient_key == patient_key(header) == "PID1^"
+        series = study.series[0]
+        assert (series.series_instance_uid, series.modality, series.body_part_examined) == (
+            header.series_instance_uid, "CT", "CHEST",
+        )
+        instance = session.scalars(select(Instance)).one()
+        assert instance.sop_instance_uid == header.sop_instance_uid
+        assert instance.path == f"instances/{STUDY_UID}/{header.series_instance_uid}/{header.sop_instance_uid}.dcm"
+        assert instance.size_bytes == len(b"instance one")
+        assert instance.transfer_syntax_uid == header.transfer_syntax_uid
+        assert instance.received_at.tzinfo is not None
+
+
+def test_more_instances_share_rows_and_patients_are_keyed_by_id_and_issuer(
+    sessions, store, make_header: HeaderFactory
+) -> None:
+    _index(sessions, store, make_header(1), b"a")
+    _index(sessions, store, make_header(2), b"b")
+    other_series = make_header(3, series_instance_uid="1.2.826.0.1.3680043.8.498.1.2",
+                               sop_instance_uid="1.2.826.0.1.3680043.8.498.1.2.1")
+    _index(sessions, store, other_series, b"c")
+    # another study of the same patient, and a study of a same-ID patient from another issuer
+    _index(sessions, store, make_header(4, study_instance_uid="1.2.3.4", series_instance_uid="1.2.3.4.1",
+                                        sop_instance_uid="1.2.3.4.1.1"), b"d")
+    _index(sessions, store, make_header(5, study_instance_uid="1.2.3.5", series_instance_uid="1.2.3.5.1",
+                                        sop_instance_uid="1.2.3.5.1.1", issuer_of_patient_id="OTHER"), b"e")
+
+    with sessions() as session:
+        assert [_count(session, m) for m in (Patient, Study, Series, Instance)] == [2, 3, 4, 5]
+        assert sorted(session.scalars(select(Patient.patient_key))) == ["PID1^", "PID1^OTHER"]
+        assert len(_study(session).series) == 2
+
+
+def test_identical_resend_is_unchanged_and_touches_nothing(sessions, store, make_header: HeaderFactory) -> None:
+    header = make_header(1)
+    first_at = utcnow() - timedelta(minutes=5)
+    _index(sessions, store, header, b"same bytes", now=first_at)
+
+    outcome = _index(sessions, store, header, b"same bytes", now=utcnow(), calling="OTHER")
+
+    assert outcome is IndexOutcome.UNCHANGED
+    with sessions() as session:
+        assert _count(session, Instance) == 1
+        study = _study(session)
+        assert study.last_received_at == first_at
+        assert study.calling_ae_title == "MODALITY"
+        assert session.scalars(select(Instance)).one().received_at == first_at
+
+
+def test_resend_with_other_bytes_replaces_the_row(sessions, store, make_header: HeaderFactory) -> None:
+    header = make_header(1)
+    first_at = utcnow() - timedelta(minutes=5)
+    _index(sessions, store, header, b"first bytes", now=first_at)
+    later = utcnow()
+
+    outcome = _index(sessions, store, header, b"corrected, other bytes", now=later)
+
+    assert outcome is IndexOutcome.REPLACED
+    with sessions() as session:
+        instance = session.scalars(select(Instance)).one()
+        assert instance.size_bytes == len(b"corrected, other bytes")
+        assert store.read(instance.path) == b"corrected, other bytes"
+        assert instance.received_at == later
+        assert _study(session).last_received_at == later
+
+
+def _complete(sessions: sessionmaker[Session]) -> None:
+    """What the completion checker does to a study it routes."""
+    with sessions() as session, session.begin():
+        study = _study(session)
+        study.state = StudyState.ROUTED
+        study.version = 1
+        study.completed_at = utcnow()
+
+
+def test_new_instance_reopens_a_completed_study(sessions, store, make_header: HeaderFactory) -> None:
+    _index(sessions, store, make_header(1), b"a")
+    _complete(sessions)
+
+    assert _index(sessions, store, make_header(2), b"b") is IndexOutcome.NEW
+
+    with sessions() as session:
+        study = _study(session)
+        assert study.state is StudyState.RECEIVING
+        assert study.version == 1  # the next completion makes version 2
+
+
+def test_identical_resend_does_not_reopen_a_completed_study(sessions, store, make_header: HeaderFactory) -> None:
+    _index(sessions, store, make_header(1), b"a")
+    _index(sessions, store, make_header(2), b"b")
+    _complete(sessions)
+
+    assert _index(sessions, store, make_header(1), b"a") is IndexOutcome.UNCHANGED
+    assert _index(sessions, store, make_header(2), b"b") is IndexOutcome.UNCHANGED
+
+    with sessions() as session:
+        assert _study(session).state is StudyState.ROUTED
+
+
+def test_replaced_instance_reopens_a_completed_study(sessions, store, make_header: HeaderFactory) -> None:
+    _index(sessions, store, make_header(1), b"a")
+    _complete(sessions)
+
+    assert _index(sessions, store, make_header(1), b"a, corrected") is IndexOutcome.REPLACED
+
+    with sessions() as session:
+        assert _study(session).state is StudyState.RECEIVING
+
+
+def test_naive_datetimes_are_refused(sessions, store, make_header: HeaderFactory) -> None:
+    from datetime import datetime
+
+    header = make_header(1)
+    stored = StoredFile(store.instance_path(STUDY_UID, header.series_instance_uid, header.sop_instance_uid), 1, "0" * 64)
+    with pytest.raises(Exception, match="naive datetime"):
+        with sessions() as session, session.begin():
+            index_instance(session, header, stored, calling_ae_title=None, called_ae_title=None,
+                           now=datetime(2024, 1, 1))

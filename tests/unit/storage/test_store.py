@@ -1,0 +1,164 @@
+"""The instance store writes atomically, refuses unsafe paths and keeps its free-space watermark."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from storage import store as store_module
+from storage.errors import InvalidUIDError, StorageError, StorageFullError
+from storage.store import PARTIAL_SUFFIX, InstanceStore, check_uid
+
+
+def _partials(root: Path) -> list[Path]:
+    return sorted(root.rglob(f"*{PARTIAL_SUFFIX}"))
+
+
+def test_write_is_complete_and_leaves_no_partial(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path / "store")
+    relative = store.instance_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    data = [b"DICM" * 1000, b"more", b""]
+    stored = store.write(relative, data)
+
+    assert relative == "instances/1.2.3/1.2.3.4/1.2.3.4.5.dcm"
+    assert stored.relative_path == relative
+    assert stored.size_bytes == sum(len(p) for p in data)
+    assert stored.sha256 == hashlib.sha256(b"".join(data)).hexdigest()
+    assert store.read(relative) == b"".join(data)
+    assert (tmp_path / "store" / relative).is_file()
+    assert _partials(tmp_path) == []
+
+
+def test_write_replaces_an_existing_file_atomically(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    relative = store.instance_path("1.2", "1.2.3", "1.2.3.4")
+    first = store.write(relative, b"first version")
+    second = store.write(relative, b"second, longer version")
+
+    assert store.read(relative) == b"second, longer version"
+    assert first.sha256 != second.sha256
+    assert [p.name for p in (tmp_path / "instances/1.2/1.2.3").iterdir()] == ["1.2.3.4.dcm"]
+
+
+def test_failed_write_removes_its_temporary_file(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    relative = store.instance_path("1.2", "1.2.3", "1.2.3.4")
+    (tmp_path / relative).mkdir(parents=True)  # a directory where the file should go: rename fails
+
+    with pytest.raises(OSError):
+        store.write(relative, b"data")
+    assert _partials(tmp_path) == []
+    assert (tmp_path / relative).is_dir()
+
+
+def test_disk_full_during_write_is_storage_full_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = InstanceStore(tmp_path)
+    relative = store.instance_path("1.2", "1.2.3", "1.2.3.4")
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module.os, "fsync", no_space)
+    with pytest.raises(StorageFullError):
+        store.write(relative, b"data")
+    monkeypatch.undo()
+    assert _partials(tmp_path) == []
+    assert not (tmp_path / relative).exists()
+
+
+def test_watermark_above_free_space_refuses_the_write(tmp_path: Path) -> None:
+    free = shutil.disk_usage(tmp_path).free
+    store = InstanceStore(tmp_path, min_free_bytes=free + 1024**4)
+    relative = store.instance_path("1.2", "1.2.3", "1.2.3.4")
+
+    with pytest.raises(StorageFullError, match="watermark") as raised:
+        store.write(relative, b"x" * 10)
+    assert isinstance(raised.value, StorageError) and isinstance(raised.value, OSError)
+    assert not (tmp_path / "instances").exists()
+    assert _partials(tmp_path) == []
+
+
+def test_watermark_below_free_space_allows_the_write(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path, min_free_bytes=1024)
+    stored = store.write(store.instance_path("1.2", "1.2.3", "1.2.3.4"), b"x")
+    assert stored.size_bytes == 1
+
+
+@pytest.mark.parametrize(
+    "uid",
+    ["", "../1.2", "1.2/3", "1.2.3.", ".1.2", "1..2", "1.2.a", "1.2 ", "/etc/passwd", "1" * 65, "1.2\x00"],
+)
+def test_check_uid_refuses_what_is_not_a_uid(uid: str) -> None:
+    with pytest.raises(InvalidUIDError):
+        check_uid(uid)
+
+
+def test_check_uid_accepts_a_64_character_uid() -> None:
+    uid = "1." + "2" * 62
+    assert check_uid(uid) == uid
+
+
+def test_instance_and_result_paths_refuse_bad_uids(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    with pytest.raises(InvalidUIDError):
+        store.instance_path("..", "1.2", "1.2.3")
+    with pytest.raises(InvalidUIDError):
+        store.instance_path("1.2", "1.2/../../x", "1.2.3")
+    with pytest.raises(InvalidUIDError):
+        store.instance_path("1.2", "1.2.3", "")
+    with pytest.raises(InvalidUIDError):
+        store.result_path(7, "../../1.2")
+    assert store.result_path(7, "1.2.3") == "results/7/1.2.3.dcm"
+
+
+@pytest.mark.parametrize("relative", ["../outside.dcm", "instances/../../outside.dcm", "/tmp/outside.dcm"])
+def test_paths_that_leave_the_store_are_refused(tmp_path: Path, relative: str) -> None:
+    store = InstanceStore(tmp_path / "store")
+    with pytest.raises(InvalidUIDError):
+        store.write(relative, b"data")
+    with pytest.raises(InvalidUIDError):
+        store.read(relative)
+    assert not (tmp_path / "outside.dcm").exists()
+
+
+def test_symlink_out_of_the_store_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    store = InstanceStore(tmp_path / "store")
+    os.symlink(outside, tmp_path / "store" / "escape")
+    with pytest.raises(InvalidUIDError):
+        store.write("escape/file.dcm", b"data")
+    assert list(outside.iterdir()) == []
+
+
+def test_remove_partials_deletes_only_temporary_files(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    kept = store.write(store.instance_path("1.2", "1.2.3", "1.2.3.4"), b"complete")
+    series_dir = tmp_path / "instances/1.2/1.2.3"
+    crashed = [
+        series_dir / f".1.2.3.5.dcm.abc{PARTIAL_SUFFIX}",
+        tmp_path / "results" / "3" / f".1.2.9.dcm.def{PARTIAL_SUFFIX}",
+    ]
+    for path in crashed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+
+    assert store.remove_partials() == 2
+    assert _partials(tmp_path) == []
+    assert store.read(kept.relative_path) == b"complete"
+    assert store.remove_partials() == 0
+
+
+def test_delete_removes_a_stored_file(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    relative = store.write(store.instance_path("1.2", "1.2.3", "1.2.3.4"), b"x").relative_path
+    store.delete(relative)
+    assert not (tmp_path / relative).exists()
+    store.delete(relative)  # deleting twice is harmless

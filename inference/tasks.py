@@ -92,7 +92,7 @@ def _as_strings(item_name: str, key: str, value: object) -> tuple[str, ...]:
 
 def _parse_regions(item_name: str, value: object) -> tuple[Box, ...]:
     if not isinstance(value, Sequence) or isinstance(value, str):
-        raise ValueError(f"{item_name}: 'regions' must be a list of boxes.")
+        raise ValueError(f"{item_name}: 'regions' must be a list of boxes.")  # noqa: TRY004 (config errors are ValueErrors)
     boxes = []
     for region in value:
         if isinstance(region, Box):
@@ -103,13 +103,15 @@ def _parse_regions(item_name: str, value: object) -> tuple[Box, ...]:
             except TypeError as exc:
                 raise ValueError(f"{item_name}: region {region!r} is not a box ({exc}).") from exc
         else:
-            raise ValueError(f"{item_name}: region {region!r} is not a box.")
+            raise ValueError(f"{item_name}: region {region!r} is not a box.")  # noqa: TRY004 (config errors are ValueErrors)
     return tuple(boxes)
 
 
 def parse_task(raw: Mapping[str, object] | str, *, position: int = 0) -> TaskSpec:
     """Parse one task item; see :func:`parse_tasks`."""
     item_name = f"Task #{position + 1} ({raw!r})"
+    kind: object
+    options: dict[str, object]
     if isinstance(raw, str):
         kind, options = raw.strip(), {}
     elif isinstance(raw, Mapping):
@@ -128,7 +130,7 @@ def parse_task(raw: Mapping[str, object] | str, *, position: int = 0) -> TaskSpe
             raise ValueError(f"{item_name}: a task is a one-key mapping like '- report: {{language: zh}}' "
                              f"or has a 'kind' key, got keys {sorted(raw)}.")
     else:
-        raise ValueError(f"{item_name}: a task is a name or a mapping, got {type(raw).__name__}.")
+        raise ValueError(f"{item_name}: a task is a name or a mapping, got {type(raw).__name__}.")  # noqa: TRY004 (config errors are ValueErrors)
     if not isinstance(kind, str) or kind not in TASK_KINDS:
         raise ValueError(f"{item_name}: unknown task kind {kind!r}; expected one of {', '.join(TASK_KINDS)}.")
     unknown = set(options) - _ALLOWED[kind]
@@ -165,5 +167,5 @@ def parse_tasks(raw: Sequence[Mapping[str, object] | str]) -> list[TaskSpec]:
         language tag or token budget.
     """
     if isinstance(raw, (str, Mapping)) or not isinstance(raw, Sequence):
-        raise ValueError(f"tasks must be a list, got {type(raw).__name__}.")
+        raise ValueError(f"tasks must be a list, got {type(raw).__name__}.")  # noqa: TRY004 (config errors are ValueErrors)
     return [parse_task(item, position=i) for i, item in enumerate(raw)]

@@ -252,28 +252,28 @@ def build_tiny_qwen2_vl(out: Path, *, seed: int = 0) -> Path:
         eos_token="<|im_end|>",
     )
     ids = tokenizer.convert_tokens_to_ids
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    vision = dict(
-        depth=2,
-        embed_dim=32,
-        hidden_size=64,
-        num_heads=2,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-    )
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        "bos_token_id": None,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vision = {
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": 64,
+        "num_heads": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
     config = Qwen2VLConfig(
         text_config=text,
         vision_config=vision,
@@ -306,7 +306,7 @@ BUILDERS = {
 
 # --- pytest fixtures (import them into a test module: ``from tests.models import tiny_vlm_dirs``) --
 
-import pytest  # noqa: E402  (fixtures below; builders above stay importable without pytest use)
+import pytest
 
 
 @pytest.fixture(scope="session")

@@ -99,16 +99,13 @@ def _image_only_processor(path: Path, model_type: str, trust_remote_code: bool) 
     only sends images, so the processor is assembled from the image processor and tokenizer
     with ``video_processor=None``.
     """
+    import transformers
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    if model_type == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLProcessor as base
-    elif model_type == "qwen3_vl":
-        from transformers import Qwen3VLProcessor as base
-    else:
-        from transformers import Qwen2VLProcessor as base
+    base: type = {"qwen2_5_vl": transformers.Qwen2_5_VLProcessor,
+                  "qwen3_vl": transformers.Qwen3VLProcessor}.get(model_type, transformers.Qwen2VLProcessor)
 
-    class ImageOnlyProcessor(base):  # type: ignore[misc, valid-type]
+    class ImageOnlyProcessor(base):  # type: ignore[valid-type, misc]
         def __init__(self, image_processor: object = None, tokenizer: object = None,
                      chat_template: str | None = None, **kwargs: object) -> None:
             super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
@@ -193,7 +190,7 @@ def load_vlm(cfg: VLMConfig) -> VLM:
         )
     except (OSError, ValueError, ImportError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"transformers could not load {str(path)!r} as {family.name}: {exc}") from exc
-    model.to(device)
+    model = model.to(device)  # type: ignore[arg-type]
     model.eval()
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None:

@@ -91,8 +91,8 @@ def split_report(text: str, language: str) -> tuple[str, str | None]:
 
     Without an impression heading the whole text (less a findings heading) is the findings.
     """
-    findings_re = re.compile(_FINDINGS.get(language, _FINDINGS["en"]), re.I)
-    impression_re = re.compile(_IMPRESSION.get(language, _IMPRESSION["en"]), re.I)
+    findings_re = re.compile(_FINDINGS.get(language, _FINDINGS["en"]), re.IGNORECASE)
+    impression_re = re.compile(_IMPRESSION.get(language, _IMPRESSION["en"]), re.IGNORECASE)
     impression = None
     match = impression_re.search(text)
     body = text
@@ -204,12 +204,23 @@ class VLM:
         self.cfg, self.family, self.model, self.processor = cfg, family, model, processor
         self.info, self.device, self.dtype = info, device, dtype
         self.tokenizer = processor.tokenizer  # type: ignore[attr-defined]
+        self.multiple_of = self._processor_multiple_of()
         self.input_size = cfg.image_size or self._processor_input_size()
         self._stop_ids = self._collect_stop_ids()
         self._yes_no_ids: dict[str, tuple[list[int], list[int]] | None] = {}
         self.generate_calls = 0
 
     # --- input -----------------------------------------------------------------------------
+
+    def _processor_multiple_of(self) -> int:
+        """Side granularity of native-resolution processors: patch size x merge size (Qwen2-VL
+        and 2.5-VL: 14 x 2 = 28, Qwen3-VL: 16 x 2 = 32), so the processor never resizes again."""
+        image_processor = getattr(self.processor, "image_processor", None)
+        patch = getattr(image_processor, "patch_size", None)
+        merge = getattr(image_processor, "merge_size", None)
+        if self.family.prepare_mode == "fit" and isinstance(patch, int) and isinstance(merge, int):
+            return patch * merge
+        return self.family.multiple_of
 
     def _processor_input_size(self) -> int:
         image_processor = getattr(self.processor, "image_processor", None)
@@ -220,8 +231,8 @@ class VLM:
             size = getattr(image_processor, "size", None) or {}
             max_pixels = getattr(image_processor, "max_pixels", None) or size.get("longest_edge")
             if max_pixels:
-                side = int(np.sqrt(max_pixels)) // family.multiple_of * family.multiple_of
-                return max(family.multiple_of, min(side, family.default_size))
+                side = int(np.sqrt(max_pixels)) // self.multiple_of * self.multiple_of
+                return max(self.multiple_of, min(side, family.default_size))
             return family.default_size
         crop = getattr(image_processor, "crop_size", None)
         if getattr(image_processor, "do_center_crop", False) and crop:
@@ -238,7 +249,7 @@ class VLM:
         """Prepare one frame the way this family expects (mode and size), see
         :func:`inference.geometry.prepare_image`."""
         return prepare_image(pixels, photometric=photometric, window=window, size=self.input_size,
-                             mode=self.family.prepare_mode, multiple_of=self.family.multiple_of,
+                             mode=self.family.prepare_mode, multiple_of=self.multiple_of,
                              ct_windows=ct_windows)
 
     # --- decoding helpers -------------------------------------------------------------------

@@ -232,3 +232,16 @@ def test_segment_and_unknown_language_are_refused(vlm, radiographs):
 def test_model_info_names_the_checkpoint(vlm):
     assert vlm.info.family in ("medgemma", "llava", "qwen2_vl")
     assert len(vlm.info.version) == 16 and vlm.info.name
+
+
+def test_processor_does_not_resize_the_prepared_image_again(vlm, radiographs):
+    """Box coordinates are read on the prepared image, so the processor must take it as is."""
+    for image in prepared(vlm, radiographs):
+        width, height = image.image.size
+        features = vlm.processor.image_processor(images=[image.image], return_tensors="pt")
+        if "image_grid_thw" in features:  # Qwen: patches of 14 pixels, (t, rows, cols)
+            _, rows, cols = features["image_grid_thw"][0].tolist()
+            patch = vlm.processor.image_processor.patch_size
+            assert (cols * patch, rows * patch) == (width, height)
+        else:
+            assert tuple(features["pixel_values"].shape[-2:]) == (height, width)

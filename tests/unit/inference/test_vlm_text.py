@@ -4,9 +4,9 @@ import pytest
 
 from inference.boxes import parse_boxes
 from inference.geometry import geometry_for
+from inference.tasks import TaskSpec
 from inference.vlm.families import FAMILIES, get_family
 from inference.vlm.runtime import answer_state, grounded_sentences, split_report
-from inference.tasks import TaskSpec
 
 
 def test_split_report_english():

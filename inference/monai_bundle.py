@@ -47,10 +47,13 @@ from monai.transforms import (
     LoadImage,
     LoadImaged,
     MapTransform,
+    Orientation,
+    Orientationd,
     SaveImage,
     SaveImaged,
 )
 from monai.transforms.utils import convert_applied_interp_mode
+from monai.utils import optional_import
 
 from inference.errors import InferenceError, InvalidInputError, ModelLoadError
 
@@ -71,6 +74,7 @@ _SKIPPED_TRANSFORMS = (
     EnsureChannelFirstd,
 )
 _PRED_KEY = "pred"
+_, _HAS_NIBABEL = optional_import("nibabel")
 _BACKGROUND = "background"
 # LPS (DICOM) <-> RAS (what MONAI's readers produce by default) for a 4x4 affine.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -307,10 +311,16 @@ class MonaiBundle:
     def _preprocess(self, image: MetaTensor) -> MetaTensor:
         if self._preprocessing is None:
             return image
-        if _is_dictionary(self._preprocessing):
-            result = self._preprocessing({self._input_key: image})[self._input_key]
-        else:
-            result = self._preprocessing(image)
+        try:
+            if _is_dictionary(self._preprocessing):
+                result = self._preprocessing({self._input_key: image})[self._input_key]
+            else:
+                result = self._preprocessing(image)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            # MONAI wraps the real error as "applying transform <...>": name both
+            raise InferenceError(
+                f"preprocessing of bundle {self.bundle_dir} failed: {exc} ({exc.__cause__!r})"
+            ) from exc
         if not isinstance(result, MetaTensor):
             result = MetaTensor(torch.as_tensor(result))
         return result
@@ -456,6 +466,11 @@ def _without_io_transforms(preprocessing: object, config_file: Path) -> Compose 
             f"'preprocessing' in {config_file} builds a {type(preprocessing).__name__}, not a Compose."
         )
     kept = [t for t in transforms if not isinstance(t, _SKIPPED_TRANSFORMS)]
+    if any(isinstance(t, (Orientation, Orientationd)) for t in kept) and not _HAS_NIBABEL:
+        raise ModelLoadError(
+            f"the preprocessing in {config_file} reorients images, which MONAI does with nibabel; "
+            "install nibabel in mednode's environment."
+        )
     return Compose(kept) if kept else None
 
 

@@ -352,6 +352,19 @@ def test_a_channel_count_that_contradicts_channel_def_is_an_inference_error(tmp_
         bundle.segment(_asymmetric_volume(), SPACING)
 
 
+def test_a_failing_preprocessing_is_an_inference_error(tmp_path: Path) -> None:
+    root = build_threshold_bundle(tmp_path, exclusive=True, dictionary=True)
+    _edit_config(
+        root,
+        lambda c: c["preprocessing"]["transforms"].append(
+            {"_target_": "CopyItemsd", "keys": "label", "names": "label_copy"}
+        ),
+    )
+    bundle = MonaiBundle.load(root)
+    with pytest.raises(InferenceError, match="preprocessing of bundle"):
+        bundle.segment(_asymmetric_volume(), SPACING)
+
+
 def _break_missing_weights(root: Path) -> None:
     (root / "models" / "model.pt").unlink()
 

@@ -360,7 +360,17 @@ def default_rules(with_destination: bool) -> list[Rule]:
 
 def _describe(error: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in error.get("loc", ()) if p != "__root__")
-    env = f" (env {ENV_PREFIX}{str(error['loc'][0]).upper()})" if error.get("loc") else ""
+    # the variable that sets this key: MEDNODE_DELIVERY__GIVE_UP_AFTER_S for a key of a nested
+    # section, MEDNODE_DESTINATION for a value parsed from one string, MEDNODE_RULES for a list
+    names: list[str] = []
+    model: Any = Settings
+    for part in error.get("loc", ()):
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            break
+        names.append(part.upper())
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    env = f" (env {ENV_PREFIX}{'__'.join(names)})" if names else ""
     value = error.get("input")
     shown = "" if isinstance(value, (dict, list)) or value is None else f" [got {value!r}]"
     return f"{loc or 'config'}{env}: {error['msg']}{shown}"

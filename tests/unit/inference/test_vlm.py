@@ -245,3 +245,19 @@ def test_processor_does_not_resize_the_prepared_image_again(vlm, radiographs):
             assert (cols * patch, rows * patch) == (width, height)
         else:
             assert tuple(features["pixel_values"].shape[-2:]) == (height, width)
+
+
+def test_ct_series_as_sampled_multi_image_prompt(vlm):
+    """CT: HU through the Modality LUT, MedGemma's three windows as RGB, slices sampled evenly."""
+    from pydicom.pixels import apply_modality_lut
+
+    from inference.geometry import MEDGEMMA_CT_WINDOWS, sample_slices
+
+    files = sorted(Path("/work/shared/dicom/ct/dcmqi_ct3slice").glob("*.dcm"))
+    datasets = [pydicom.dcmread(f) for f in files]
+    picked = sample_slices(len(datasets), 2)
+    images = [vlm.prepare(apply_modality_lut(datasets[i].pixel_array, datasets[i]),
+                          ct_windows=MEDGEMMA_CT_WINDOWS) for i in picked]
+    (report,) = vlm.run(images, [TaskSpec(kind="report", max_new_tokens=4)])
+    assert picked == [0, 2] and report.image_indices == (0, 1)
+    assert isinstance(report, ReportResult)

@@ -198,7 +198,7 @@ def parse_qwen(text: str, transform: ImageTransform, *, image_index: int = 0,
 
 # --- MedRegA / InternVL -------------------------------------------------------------------------
 
-_MEDREGA = re.compile(r"(?:<ref>(?P<ref>.*?)</ref>\s*)?<box>(?P<box>.*?)</box>", re.S)
+_MEDREGA = re.compile(r"(?:<ref>(?P<ref>.*?)</ref>\s*)?<box>(?P<box>.*?)</box>", re.DOTALL)
 
 
 def parse_medrega(text: str, transform: ImageTransform, *, image_index: int = 0,
@@ -218,7 +218,7 @@ def parse_medrega(text: str, transform: ImageTransform, *, image_index: int = 0,
 
 # --- MiniGPT-Med / MiniGPT-v2 -----------------------------------------------------------------
 
-_MINIGPT = re.compile(r"(?:<p>(?P<label>.*?)</p>\s*)?\{(?P<box>(?:\s*<-?\d+(?:\.\d+)?>\s*)+)\}", re.S)
+_MINIGPT = re.compile(r"(?:<p>(?P<label>.*?)</p>\s*)?\{(?P<box>(?:\s*<-?\d+(?:\.\d+)?>\s*)+)\}", re.DOTALL)
 
 
 def parse_minigpt(text: str, transform: ImageTransform, *, image_index: int = 0,
@@ -236,8 +236,8 @@ def parse_minigpt(text: str, transform: ImageTransform, *, image_index: int = 0,
 
 # --- MAIRA-2 --------------------------------------------------------------------------------------
 
-_MAIRA_OBJ = re.compile(r"<obj>(?P<body>.*?)</obj>", re.S)
-_MAIRA_BOX = re.compile(r"<box>(?P<box>.*?)</box>", re.S)
+_MAIRA_OBJ = re.compile(r"<obj>(?P<body>.*?)</obj>", re.DOTALL)
+_MAIRA_BOX = re.compile(r"<box>(?P<box>.*?)</box>", re.DOTALL)
 _MAIRA_COORD = re.compile(r"<([xy])(\d+)>")
 
 
@@ -264,7 +264,7 @@ def parse_maira2(text: str, transform: ImageTransform, *, image_index: int = 0,
 
 # --- CheXagent ----------------------------------------------------------------------------------
 
-_CHEXAGENT = re.compile(r"(?:<\|ref\|>(?P<ref>.*?)<\|/ref\|>\s*)?<\|box\|>(?P<box>.*?)<\|/box\|>", re.S)
+_CHEXAGENT = re.compile(r"(?:<\|ref\|>(?P<ref>.*?)<\|/ref\|>\s*)?<\|box\|>(?P<box>.*?)<\|/box\|>", re.DOTALL)
 
 
 def parse_chexagent(text: str, transform: ImageTransform, *, image_index: int = 0,

@@ -1,0 +1,148 @@
+"""Routing rules as data: what matches, in which order, and why not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from node.config import Rule
+from node.routing import SeriesFacts, StudyFacts, check_rule, quiet_period_for, route
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+SR = "1.2.840.10008.5.1.4.1.1.88.22"
+
+
+def rule(name: str = "r", **kwargs: Any) -> Rule:
+    kwargs.setdefault("tasks", ["ct_analysis"])
+    kwargs.setdefault("destinations", [])
+    return Rule.model_validate({"name": name, **kwargs})
+
+
+def ct_series(uid: str = "1.1", **kwargs: Any) -> SeriesFacts:
+    values: dict[str, Any] = {"modality": "CT", "body_part_examined": "CHEST",
+                              "series_description": "Thorax 1.25mm", "sop_class_uids": frozenset({CT}),
+                              "instance_count": 3}
+    values.update(kwargs)
+    return SeriesFacts(series_instance_uid=uid, **values)
+
+
+def study(*series: SeriesFacts, **kwargs: Any) -> StudyFacts:
+    values: dict[str, Any] = {"study_description": "CT Chest w/o contrast", "calling_ae_title": "CT_SCANNER_1",
+                              "called_ae_title": "MEDNODE"}
+    values.update(kwargs)
+    return StudyFacts(study_instance_uid="1.2.3", series=series or (ct_series(),), **values)
+
+
+def test_empty_match_applies_to_every_study_with_a_series() -> None:
+    check = check_rule(rule(), study(ct_series("1.1"), ct_series("1.2", modality="SR")))
+    assert check.matched
+    assert check.series_uids == ("1.1", "1.2")
+
+
+def test_study_without_series_matches_nothing() -> None:
+    check = check_rule(rule(), StudyFacts(study_instance_uid="1.2.3"))
+    assert not check.matched
+    assert "no series matches" in check.reasons
+
+
+def test_modality_selects_only_matching_series_case_insensitively() -> None:
+    facts = study(ct_series("1.1"), ct_series("1.2", modality="SR", sop_class_uids=frozenset({SR})))
+    check = check_rule(rule(match={"modality": ["ct"]}), facts)
+    assert check.matched and check.series_uids == ("1.1",)
+    miss = check_rule(rule(match={"modality": "MR"}), facts)
+    assert not miss.matched
+    assert any("modality 'CT' not in ['MR']" in r for r in miss.reasons)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "value", "matched"),
+    [
+        ("chest", "CHEST", True),  # case-insensitive
+        ("CHEST", "chest", True),
+        ("chest|thorax", "THORAX", True),
+        ("ches", "CHEST", False),  # the whole value, not a prefix
+        ("hest", "CHEST", False),  # not a search
+        ("chest", "CHEST_ABDOMEN", False),
+        (".*", None, True),  # a missing value is the empty string
+        ("chest", None, False),
+    ],
+)
+def test_body_part_is_a_full_case_insensitive_regex(pattern: str, value: str | None, matched: bool) -> None:
+    check = check_rule(rule(match={"body_part_examined": pattern}), study(ct_series(body_part_examined=value)))
+    assert check.matched is matched
+    if not matched:
+        assert any("body part" in r for r in check.reasons)
+
+
+def test_series_and_study_description_regexes() -> None:
+    facts = study(ct_series("1.1", series_description="Thorax 1.25mm"),
+                  ct_series("1.2", series_description="Scout"))
+    check = check_rule(rule(match={"series_description": r"thorax .*mm"}), facts)
+    assert check.matched and check.series_uids == ("1.1",)
+    assert check_rule(rule(match={"study_description": r"ct chest.*"}), facts).matched
+    miss = check_rule(rule(match={"study_description": "mr.*"}), facts)
+    assert not miss.matched and any("study description" in r for r in miss.reasons)
+
+
+def test_sop_class_condition() -> None:
+    facts = study(ct_series("1.1", sop_class_uids=frozenset({CT})),
+                  ct_series("1.2", sop_class_uids=frozenset({ENHANCED_CT})))
+    check = check_rule(rule(match={"sop_class_uid": [ENHANCED_CT]}), facts)
+    assert check.matched and check.series_uids == ("1.2",)
+    assert not check_rule(rule(match={"sop_class_uid": SR}), facts).matched
+
+
+def test_calling_and_called_ae_titles_are_exact() -> None:
+    facts = study(calling_ae_title="CT_SCANNER_1", called_ae_title="MEDNODE")
+    assert check_rule(rule(match={"calling_ae_title": ["CT_SCANNER_1", "CT_SCANNER_2"]}), facts).matched
+    assert check_rule(rule(match={"called_ae_title": "MEDNODE"}), facts).matched
+    calling = check_rule(rule(match={"calling_ae_title": "ct_scanner_1"}), facts)
+    assert not calling.matched
+    assert any("calling AE 'CT_SCANNER_1'" in r for r in calling.reasons)
+    called = check_rule(rule(match={"called_ae_title": "RESEARCH"}), facts)
+    assert not called.matched and any("called AE" in r for r in called.reasons)
+    unknown = check_rule(rule(match={"calling_ae_title": "X"}), study(calling_ae_title=None))
+    assert not unknown.matched
+
+
+def test_all_conditions_must_hold_and_every_failure_is_reported() -> None:
+    facts = study(ct_series(modality="MR", body_part_examined="HEAD"), calling_ae_title="OTHER")
+    check = check_rule(rule(match={"modality": "CT", "body_part_examined": "chest", "calling_ae_title": "CT1"}),
+                       facts)
+    assert not check.matched
+    assert check.series_uids == ()
+    text = " | ".join(check.reasons)
+    assert "calling AE" in text and "modality" in text and "body part" in text and "no series matches" in text
+
+
+def test_first_matching_rule_wins() -> None:
+    rules = [rule("mr", match={"modality": "MR"}), rule("ct-a", match={"modality": "CT"}), rule("ct-b")]
+    assert [c.rule.name for c in route(study(), rules)] == ["ct-a"]
+
+
+def test_continue_lets_later_rules_match_too() -> None:
+    rules = [
+        rule("ct-a", match={"modality": "CT"}, **{"continue": True}),
+        rule("mr", match={"modality": "MR"}),
+        rule("ct-b", match={"body_part_examined": "chest"}),
+        rule("ct-c"),  # after ct-b, which does not continue
+    ]
+    assert [c.rule.name for c in route(study(), rules)] == ["ct-a", "ct-b"]
+
+
+def test_no_rule_matches_gives_an_empty_route() -> None:
+    assert route(study(ct_series(modality="US")), [rule(match={"modality": "CT"})]) == []
+
+
+def test_quiet_period_is_that_of_the_first_matching_rule_that_sets_one() -> None:
+    rules = [
+        rule("mr", match={"modality": "MR"}, quiet_period_s=1),
+        rule("ct", match={"modality": "CT"}, **{"continue": True}),
+        rule("chest", match={"body_part_examined": "chest"}, quiet_period_s=30),
+    ]
+    assert quiet_period_for(study(), rules, default_s=15) == 30
+    assert quiet_period_for(study(ct_series(body_part_examined="HEAD")), rules, default_s=15) == 15
+    assert quiet_period_for(study(ct_series(modality="MR")), rules, default_s=15) == 1
+    assert quiet_period_for(study(), [], default_s=15) == 15

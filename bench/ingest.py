@@ -206,6 +206,7 @@ class Context:
     sr_timeout_s: float
     send_timeout_s: float
     orthanc_version: str = ""
+    load_before: str = ""
 
 
 # -- receivers ----------------------------------------------------------------------------------
@@ -301,6 +302,11 @@ def machine() -> str:
     return f"{cores} cores (nproc), {cpu}, {platform.system()} {platform.release()}"
 
 
+def _load() -> str:
+    """The 1-minute load average (how busy the shared machine was), or '?' off Linux."""
+    return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "?"
+
+
 def dcmtk_version() -> str:
     done = subprocess.run(
         [find_tool("storescu"), "--version"], capture_output=True, text=True, check=False
@@ -335,7 +341,7 @@ def render(results: dict[str, LegResult], ctx: Context, repeats: int) -> str:
     labels = {
         "storescp": "dcmtk storescp → disk",
         "orthanc": f"Orthanc {ctx.orthanc_version} (index + storage)".replace("  ", " "),
-        "mednode": "mednode serve (store + index)",
+        "mednode": "mednode serve (durable store + SQLite index, embedded worker)",
     }
     for name in LEGS:
         result = results.get(name, LegResult(name))
@@ -364,7 +370,8 @@ def render(results: dict[str, LegResult], ctx: Context, repeats: int) -> str:
     lines += [
         "",
         (
-            f"Machine: {machine()}; dcmtk {dcmtk_version()}; Python {platform.python_version()}; "
+            f"Machine: {machine()}; load average {ctx.load_before} before, {_load()} after; "
+            f"dcmtk {dcmtk_version()}; Python {platform.python_version()}; "
             f"{dt.date.today().isoformat()}. The machine was shared with other work while measuring, "
             "so treat differences under ~15 % as noise."
         ),
@@ -448,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             quiet_period_s=args.quiet_period_s,
             sr_timeout_s=args.sr_timeout_s,
             send_timeout_s=args.send_timeout_s,
+            load_before=_load(),
         )
         results = {leg: LegResult(leg) for leg in args.legs}
         for run in range(args.repeats):

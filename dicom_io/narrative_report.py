@@ -22,6 +22,7 @@ from dicom_io.seg import ihe_coding_scheme
 from dicom_io.sr_common import (
     MEDNODE_CODING_SCHEME,
     character_set_for_text,
+    clean_text,
     device_observation_context,
     language_concept,
     mednode_coding_scheme,
@@ -53,7 +54,7 @@ def _section(
 
 
 def _text(name: hd.sr.CodedConcept, value: str) -> hd.sr.TextContentItem:
-    return hd.sr.TextContentItem(name=name, value=value, relationship_type=_CONTAINS)
+    return hd.sr.TextContentItem(name=name, value=clean_text(value), relationship_type=_CONTAINS)
 
 
 def build_narrative_report(
@@ -106,10 +107,10 @@ def build_narrative_report(
     studies = {str(ds.StudyInstanceUID) for ds in sources}
     if len(studies) != 1:
         raise ValueError(f"sources span {len(studies)} studies; a report belongs to one study.")
-    if not findings.strip():
+    if not clean_text(findings).strip():
         raise ValueError("findings must not be blank.")
     for question, answer in questions_answers:
-        if not question.strip() or not answer.strip():
+        if not clean_text(question).strip() or not clean_text(answer).strip():
             raise ValueError("every question-answer pair needs a non-blank question and answer.")
 
     items: list[hd.sr.ContentItem] = [

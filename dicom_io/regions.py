@@ -30,6 +30,7 @@ from dicom_io.equipment import AlgorithmInfo, add_contributing_equipment
 from dicom_io.seg import ihe_coding_scheme
 from dicom_io.sr_common import (
     character_set_for_text,
+    clean_text,
     coded_term,
     device_observation_context,
     image_library_sources,
@@ -159,12 +160,12 @@ def _region_group(
         algorithm_id=algorithm_id,
         measurements=[_probability(region.probability)] if region.probability is not None else None,
     )
-    if region.text:
+    if region.text and clean_text(region.text).strip():
         # A TEXT "Comment" in the group round-trips through srread and passes dciodvfy.
         group[0].ContentSequence.append(
             hd.sr.TextContentItem(
                 name=COMMENT,
-                value=region.text,
+                value=clean_text(region.text),
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )

@@ -105,6 +105,20 @@ def image_library_sources(datasets: Iterable[Dataset]) -> list[Dataset] | None:
     return sources
 
 
+#: Control characters a UT/LO value may not hold (PS3.5 6.1.3 allows only TAB, LF, FF, CR; ESC only
+#: for ISO 2022 code extensions, which mednode never writes).
+_FORBIDDEN_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
+
+
+def clean_text(text: str) -> str:
+    """Make model text safe for a TEXT/UT value: drop control characters, keep everything else.
+
+    Model output may contain any token, including control characters that would make the SR
+    invalid; the words stay as the model wrote them.
+    """
+    return _FORBIDDEN_CONTROL.sub("", text)
+
+
 def _slug(text: str) -> str:
     return "-".join(w for w in re.split(r"[^a-z0-9]+", text.lower()) if w)
 
@@ -120,6 +134,7 @@ def coded_term(text: str) -> hd.sr.CodedConcept:
     ValueError
         If ``text`` is blank.
     """
+    text = clean_text(text).replace("\\", "/")  # LO: no control characters, no backslash
     normalized = " ".join(text.split()).lower()
     if not normalized:
         raise ValueError("a finding or site needs a non-blank name.")

@@ -30,6 +30,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from inference.tasks import parse_tasks
+
 ENV_PREFIX = "MEDNODE_"
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control
 
@@ -260,9 +262,14 @@ class Settings(BaseSettings):
         duplicates = {n for n in names if names.count(n) > 1}
         if duplicates:
             raise ValueError(f"rules: duplicate rule names {sorted(duplicates)}")
-        for rule in self.effective_rules:
+        for rule in self.rules if self.rules is not None else []:
             for ref in rule.destinations:
                 self.resolve_destination(ref, rule=rule.name)
+            model_tasks = [t for t in rule.tasks if t != "ct_analysis"]
+            try:
+                parse_tasks(model_tasks)
+            except ValueError as exc:
+                raise ValueError(f"rules.{rule.name}.tasks: {exc}") from None
         return self
 
     # -- derived values -------------------------------------------------------------------------

@@ -26,10 +26,12 @@ from dicom_io.uids import derived_uid
 from dicom_io.volume import Volume, load_volume, read_dataset
 from inference.builtin.ct_analyzer import ANALYZER_NAME, ANALYZER_VERSION, analyze_ct
 from inference.errors import InferenceError, InvalidInputError, ModelNotConfiguredError
+from inference.tasks import TaskSpec, parse_tasks
 from node import jobs, metrics
 from node.config import Destination
 from node.context import NodeContext
 from node.delivery import DeliveryError, Timeouts, send_files
+from node.vlm_stage import read_series, run_vlm_tasks
 from storage.errors import StorageError
 from storage.models import utcnow
 
@@ -52,14 +54,6 @@ class Output:
     kind: str
     dataset: Dataset
     summary: dict[str, Any]
-
-
-def task_names(tasks: list[Any]) -> list[str]:
-    """Names of a rule's tasks, whether written ``name`` or ``{name: {...}}``."""
-    names = []
-    for item in tasks:
-        names.append(item if isinstance(item, str) else next(iter(item)))
-    return names
 
 
 # -- stages ---------------------------------------------------------------------------------------
@@ -126,18 +120,41 @@ def ct_analysis(volume: Volume, job_key: str) -> list[Output]:
     return [Output("seg", seg, summary), Output("sr", sr, summary)]
 
 
+def split_tasks(tasks: list[Any]) -> tuple[bool, list[TaskSpec]]:
+    """Separate the built-in ``ct_analysis`` task from model tasks (parsed, validated specs).
+
+    Raises
+    ------
+    ValueError
+        If a model task is malformed (the message names it).
+    """
+    builtin = False
+    model_tasks = []
+    for item in tasks:
+        if item == "ct_analysis" or (isinstance(item, dict) and set(item) == {"ct_analysis"}):
+            builtin = True
+        else:
+            model_tasks.append(item)
+    return builtin, parse_tasks(model_tasks) if model_tasks else []
+
+
 def run_tasks(ctx: NodeContext, job: jobs.ClaimedJob) -> list[Output]:
     """Run every task of the job's rule and return the objects they produced."""
+    builtin, specs = split_tasks(job.tasks)
     outputs: list[Output] = []
-    for name in task_names(job.tasks):
-        if name == "ct_analysis":
-            volume = load_series_volume(ctx, job, "CT")
-            outputs.extend(ct_analysis(volume, job.key))
-        else:
+    if builtin:
+        volume = load_series_volume(ctx, job, "CT")
+        outputs.extend(ct_analysis(volume, job.key))
+    if specs:
+        vlm_settings = ctx.settings.models.vlm
+        if vlm_settings is None:
             raise ModelNotConfiguredError(
-                f"task {name!r} needs a vision-language model and none is configured "
-                "(set models.vlm in the config or MEDNODE_VLM_PATH)"
+                f"tasks {[s.kind for s in specs]} need a vision-language model and none is configured "
+                "(set models.vlm in the config, or MEDNODE_VLM_PATH and MEDNODE_VLM_FAMILY)"
             )
+        series = read_series(job.instance_paths, ctx.store.absolute)
+        for produced in run_vlm_tasks(vlm_settings, series, specs, job_key=job.key):
+            outputs.append(Output(produced.kind, produced.dataset, produced.summary))
     return outputs
 
 

@@ -1,0 +1,281 @@
+"""The generalist-model stage of a job: DICOM images → prepared images → VLM tasks → SR objects.
+
+This is where inference results meet DICOM: each prepared image keeps a reference to its source
+instance and frame, so a box the model drew (normalised on the original frame) becomes a POLYLINE in
+that instance's pixel coordinates. Narrative reports (one SR per report task and language), question
+answers (one SR per language) and regions/labels (one TID 1500 SR) are written with ``dicom_io``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut
+
+from dicom_io.equipment import AlgorithmInfo
+from dicom_io.narrative_report import build_narrative_report
+from dicom_io.regions import ImageLabel, ImageRegion, build_region_report
+from dicom_io.uids import derived_uid
+from dicom_io.volume import load_volume, read_dataset
+from inference.errors import InvalidInputError, ModelNotConfiguredError
+from inference.geometry import MEDGEMMA_CT_WINDOWS, PreparedImage, sample_slices
+from inference.results import (
+    AnswerResult,
+    Box,
+    GroundedReportResult,
+    LabelResult,
+    RegionCaptionResult,
+    RegionResult,
+    ReportResult,
+    TaskResult,
+)
+from inference.tasks import TaskSpec
+from inference.vlm import VLMConfig, get_vlm
+from inference.vlm.runtime import VLM
+from node import metrics
+from node.config import VLMSettings
+
+log = logging.getLogger(__name__)
+
+REPORT_SERIES_NUMBER = 9910
+QA_SERIES_NUMBER = 9920
+REGION_SERIES_NUMBER = 9930
+#: At most this many single-frame images (views) of a 2D study go into one prompt.
+MAX_VIEWS = 4
+VOLUME_MODALITIES = {"CT", "MR", "PT"}
+
+
+@dataclass(frozen=True)
+class SourceFrame:
+    """Which DICOM frame a prepared image was made from."""
+
+    dataset: Dataset
+    frame_number: int | None
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.dataset.SOPInstanceUID)
+
+
+@dataclass(frozen=True)
+class VLMOutput:
+    kind: str
+    dataset: Dataset
+    summary: dict[str, Any]
+
+
+def vlm_config(settings: VLMSettings) -> VLMConfig:
+    return VLMConfig(
+        path=str(settings.path),
+        family=settings.family,
+        dtype=settings.dtype,
+        device=settings.device,
+        trust_remote_code=settings.trust_remote_code,
+        max_new_tokens=settings.max_new_tokens,
+        batch_size=settings.batch_size,
+        name=settings.name,
+    )
+
+
+def load_model(settings: VLMSettings | None) -> VLM:
+    """The process-wide warm model for ``settings`` (loaded on first use, then reused)."""
+    if settings is None:
+        raise ModelNotConfiguredError(
+            "this rule asks for vision-language tasks but no model is configured "
+            "(set models.vlm in the config, or MEDNODE_VLM_PATH and MEDNODE_VLM_FAMILY)"
+        )
+    started = time.perf_counter()
+    vlm = get_vlm(vlm_config(settings))
+    elapsed = time.perf_counter() - started
+    if elapsed > 0.5:  # a real load, not a cache hit
+        metrics.MODEL_LOAD_SECONDS.labels(model=vlm.info.name).observe(elapsed)
+        log.info("loaded model %s (%s) in %.1f s", vlm.info.name, vlm.info.family, elapsed)
+    return vlm
+
+
+def _window(ds: Dataset) -> tuple[float, float] | None:
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is None or width is None:
+        return None
+    try:
+        center = float(center[0] if isinstance(center, Sequence) and not isinstance(center, str) else center)
+        width = float(width[0] if isinstance(width, Sequence) and not isinstance(width, str) else width)
+    except (TypeError, ValueError):
+        return None
+    return (center, width) if width >= 1 else None
+
+
+def prepare_images(
+    vlm: VLM, series: dict[str, list[Dataset]], *, slices_per_series: int
+) -> tuple[list[PreparedImage], list[SourceFrame]]:
+    """Prepare the images of a study for the model, keeping where each came from.
+
+    A CT/MR series contributes ``slices_per_series`` slices sampled evenly along the volume
+    (CT in MedGemma's three HU windows when the family is MedGemma, else a soft-tissue window);
+    other series (CR, DX, …) contribute their first frames, up to :data:`MAX_VIEWS` in all.
+
+    Raises
+    ------
+    InvalidInputError
+        If the study holds no image the model can read.
+    """
+    images: list[PreparedImage] = []
+    sources: list[SourceFrame] = []
+    for datasets in series.values():
+        modality = str(datasets[0].get("Modality", "")).upper()
+        if modality in VOLUME_MODALITIES and len(datasets) > 1:
+            volume = load_volume(datasets)
+            for index in sample_slices(len(volume.datasets), slices_per_series):
+                ds = volume.datasets[index]
+                ct = modality == "CT"
+                windows = MEDGEMMA_CT_WINDOWS if ct and vlm.family.name == "medgemma" else None
+                window = None if windows else ((40.0, 400.0) if ct else _window(ds))
+                images.append(vlm.prepare(volume.pixels[index], photometric="MONOCHROME2",
+                                          window=window, ct_windows=windows))
+                sources.append(SourceFrame(ds, None))
+            continue
+        for ds in datasets:
+            if len(images) >= MAX_VIEWS or "PixelData" not in ds:
+                continue
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            pixels = ds.pixel_array
+            pixels = pixels[0] if frames > 1 else pixels
+            photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+            if photometric.startswith("MONOCHROME"):
+                pixels = apply_modality_lut(pixels, ds)
+            images.append(vlm.prepare(np.asarray(pixels), photometric=photometric, window=_window(ds)))
+            sources.append(SourceFrame(ds, 1 if frames > 1 else None))
+    if not images:
+        raise InvalidInputError("the study holds no image the model can read")
+    return images, sources
+
+
+def _region(box: Box, sources: list[SourceFrame], *, finding: str, site: str | None,
+            text: str | None) -> ImageRegion | None:
+    source = sources[box.image_index]
+    columns, rows = int(source.dataset.Columns), int(source.dataset.Rows)
+    x0, y0, x1, y1 = box.to_pixels(columns, rows)
+    x0, x1 = max(0.0, x0), min(float(columns), x1)
+    y0, y1 = max(0.0, y0), min(float(rows), y1)
+    if x1 - x0 <= 0 or y1 - y0 <= 0:
+        log.info("dropped a degenerate box on %s", source.sop_instance_uid)
+        return None
+    return ImageRegion(
+        sop_instance_uid=source.sop_instance_uid,
+        frame_number=source.frame_number,
+        box_xyxy=(x0, y0, x1, y1),
+        finding=finding,
+        finding_site=site,
+        probability=box.probability,
+        text=text,
+    )
+
+
+def regions_and_labels(
+    results: Sequence[TaskResult], sources: list[SourceFrame]
+) -> tuple[list[ImageRegion], list[ImageLabel]]:
+    """Turn boxes and labels of any task kind into what the TID 1500 writer takes."""
+    regions: list[ImageRegion | None] = []
+    labels: list[ImageLabel] = []
+    for result in results:
+        if isinstance(result, LabelResult):
+            labels.append(ImageLabel(name=result.label, state=result.state, probability=result.probability))
+        elif isinstance(result, RegionResult):
+            grounding = result.task.kind == "ground"
+            for box in result.boxes:
+                regions.append(_region(
+                    box, sources,
+                    finding="Finding" if grounding else (box.label or result.query),
+                    site=result.query if grounding else None,
+                    text=box.text,
+                ))
+        elif isinstance(result, RegionCaptionResult):
+            regions.append(_region(result.box, sources, finding=result.box.label or "Finding",
+                                   site=None, text=result.caption))
+        elif isinstance(result, GroundedReportResult):
+            for sentence in result.sentences:
+                for box in sentence.boxes:
+                    regions.append(_region(box, sources, finding=box.label or "Finding", site=None,
+                                           text=sentence.text))
+    return [r for r in regions if r is not None], labels
+
+
+def _summary_box(region: ImageRegion) -> dict[str, Any]:
+    return {"sop_instance_uid": region.sop_instance_uid, "frame": region.frame_number,
+            "box_xyxy": [round(v, 2) for v in region.box_xyxy], "finding": region.finding,
+            "finding_site": region.finding_site, "probability": region.probability, "text": region.text}
+
+
+def write_outputs(
+    results: Sequence[TaskResult], sources: list[SourceFrame], *, job_key: str, algorithm: AlgorithmInfo
+) -> list[VLMOutput]:
+    """Build the SR objects for one job's model results (reproducible UIDs from ``job_key``)."""
+    source_datasets = list({s.sop_instance_uid: s.dataset for s in sources}.values())
+    outputs: list[VLMOutput] = []
+    model = {"name": algorithm.name, "version": algorithm.version, "family": algorithm.family}
+    reports = [r for r in results if isinstance(r, ReportResult)]
+    for index, report in enumerate(reports):
+        findings = report.findings.strip() or report.raw_text.strip() or "(the model returned no text)"
+        sr = build_narrative_report(
+            source_datasets, findings=findings, impression=report.impression, language=report.language,
+            series_instance_uid=derived_uid(job_key, "report", str(index), "series"),
+            sop_instance_uid=derived_uid(job_key, "report", str(index), "instance"),
+            series_number=REPORT_SERIES_NUMBER + index, algorithm=algorithm,
+        )
+        outputs.append(VLMOutput("report", sr, {"model": model, "language": report.language,
+                                                "findings": findings, "impression": report.impression}))
+    answers: dict[str, list[AnswerResult]] = {}
+    for result in results:
+        if isinstance(result, AnswerResult):
+            answers.setdefault(result.language, []).append(result)
+    for index, (language, items) in enumerate(sorted(answers.items())):
+        pairs = [(a.question, a.answer.strip() or "(no answer)") for a in items]
+        intro = "Answers of the model to the questions asked." if language == "en" else "模型对所提问题的回答。"
+        sr = build_narrative_report(
+            source_datasets, findings=intro, impression=None, language=language, questions_answers=pairs,
+            series_instance_uid=derived_uid(job_key, "vqa", language, "series"),
+            sop_instance_uid=derived_uid(job_key, "vqa", language, "instance"),
+            series_number=QA_SERIES_NUMBER + index, algorithm=algorithm,
+        )
+        outputs.append(VLMOutput("vqa", sr, {"model": model, "language": language,
+                                             "answers": [{"question": q, "answer": a} for q, a in pairs]}))
+    regions, labels = regions_and_labels(results, sources)
+    if regions or labels:
+        language = next((getattr(r, "language", None) for r in results if getattr(r, "language", None)), "en")
+        sr = build_region_report(
+            source_datasets, regions, labels,
+            series_instance_uid=derived_uid(job_key, "regions", "series"),
+            sop_instance_uid=derived_uid(job_key, "regions", "instance"),
+            series_number=REGION_SERIES_NUMBER, algorithm=algorithm, language=language,
+        )
+        outputs.append(VLMOutput("regions", sr, {
+            "model": model,
+            "labels": [{"name": lb.name, "state": lb.state, "probability": lb.probability} for lb in labels],
+            "boxes": [_summary_box(r) for r in regions],
+        }))
+    return outputs
+
+
+def run_vlm_tasks(
+    settings: VLMSettings | None, series: dict[str, list[Dataset]], specs: list[TaskSpec], *, job_key: str
+) -> list[VLMOutput]:
+    """Load (or reuse) the model, run ``specs`` on the study's images, write the SR objects."""
+    vlm = load_model(settings)
+    assert settings is not None  # load_model raised otherwise
+    images, sources = prepare_images(vlm, series, slices_per_series=settings.slices_per_series)
+    started = time.perf_counter()
+    results = vlm.run(images, specs)
+    metrics.STAGE_DURATION.labels(stage="vlm").observe(time.perf_counter() - started)
+    algorithm = AlgorithmInfo(name=vlm.info.name, version=vlm.info.version, family=vlm.info.family)
+    return write_outputs(results, sources, job_key=job_key, algorithm=algorithm)
+
+
+def read_series(paths: dict[str, list[str]], absolute: Any) -> dict[str, list[Dataset]]:
+    """Read every instance of the job's series (pixel data included)."""
+    return {uid: [read_dataset(absolute(p)) for p in files] for uid, files in paths.items() if files}

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
-import sys
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -65,12 +64,16 @@ def worker(
     from node.celery_app import configure_celery
 
     settings = _settings(config)
+    processes = concurrency or settings.worker_concurrency
+    if processes > 1:
+        # prefork children each run torch: one thread each, or they fight over the cores
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     context.configure(settings)
     celery = configure_celery(settings)
     argv = [
         "worker",
         "--queues", queues,
-        "--concurrency", str(concurrency or settings.worker_concurrency),
+        "--concurrency", str(processes),
         "--loglevel", settings.log_level,
         "--without-gossip", "--without-mingle",
         "--hostname", f"mednode@%h-{Path.cwd().name}",

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node import metrics
 from node.config import Settings
 from node.routing import SeriesFacts, StudyFacts, quiet_period_for, route
-from storage.models import TERMINAL_JOB_STATES, Instance, Job, JobState, Series, Study, StudyState, utcnow
+from storage.models import Instance, Job, JobState, Study, StudyState, utcnow
 
 log = logging.getLogger(__name__)
 

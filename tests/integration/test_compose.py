@@ -23,6 +23,7 @@ from tests.peers.processes import ToolMissingError
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 SERVICES = {"postgres", "rabbitmq", "node", "worker", "orthanc"}
+SECRET = "s" * 40
 
 
 def compose_command() -> list[str]:
@@ -40,14 +41,14 @@ def compose_command() -> list[str]:
     return [require_tool("docker-compose")]
 
 
-def compose_config(**env: str) -> dict[str, Any]:
-    """Run ``compose config`` on the repository's file with ``env`` and return the parsed result."""
+def run_compose_config(**env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``compose config`` on the repository's file with only ``env`` of ours set."""
     clean = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("POSTGRES_", "RABBITMQ_", "MEDNODE_", "COMPOSE_"))
     }
-    done = subprocess.run(
+    return subprocess.run(
         [*compose_command(), "-f", str(COMPOSE_FILE), "config"],
         capture_output=True,
         text=True,
@@ -56,6 +57,11 @@ def compose_config(**env: str) -> dict[str, Any]:
         timeout=60,
         check=False,
     )
+
+
+def compose_config(**env: str) -> dict[str, Any]:
+    """Return the parsed ``compose config`` with ``env`` (and a secret key) set."""
+    done = run_compose_config(**{"MEDNODE_SECRET_KEY": SECRET, **env})
     assert done.returncode == 0, f"compose config failed:\n{done.stderr}\n{done.stdout}"
     config: dict[str, Any] = yaml.safe_load(done.stdout)
     return config
@@ -97,6 +103,7 @@ def test_node_and_worker_env(config: dict[str, Any], name: str, command: list[st
     assert env["MEDNODE_DESTINATION"] == "ORTHANC@orthanc:4242"
     assert env["MEDNODE_EMBEDDED_WORKER"] == "false"
     assert env["TCP_NODELAY"] == "1"
+    assert env["MEDNODE_WEB__SECRET_KEY"] == SECRET
 
 
 def test_node_settings_accept_the_compose_env(
@@ -116,6 +123,7 @@ def test_node_settings_accept_the_compose_env(
     assert (settings.destination.ae_title, settings.destination.host) == ("ORTHANC", "orthanc")
     assert settings.destination.port == 4242
     assert settings.web_host == "0.0.0.0" and settings.dicom_port == 11112
+    assert settings.web.secret_key == SECRET
 
 
 def test_listener_and_worker_share_the_instance_volume(config: dict[str, Any]) -> None:
@@ -147,6 +155,12 @@ def test_orthanc_knows_the_node_as_a_modality(config: dict[str, Any]) -> None:
         int(node_env["MEDNODE_DICOM_PORT"]),
     ]
     assert env["ORTHANC__DICOM_AET"] == "ORTHANC" and env["ORTHANC__DICOM_PORT"] == "4242"
+
+
+def test_compose_refuses_to_run_without_a_secret_key() -> None:
+    done = run_compose_config()
+    assert done.returncode != 0
+    assert "MEDNODE_SECRET_KEY" in done.stderr + done.stdout
 
 
 def test_passwords_come_from_the_environment() -> None:

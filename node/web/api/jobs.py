@@ -1,0 +1,85 @@
+"""``/api/v1/jobs``: list, inspect, retry, cancel, reprioritise; key images of a job's results."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, Query, Response
+
+from node import queries
+from node.web import actions, views
+from node.web.auth import AdminDep
+from node.web.deps import ContextDep, SessionDep
+from node.web.imaging import KeyImageError
+from node.web.schemas import ActionOut, JobOut, KeyImageOut, PriorityIn
+from storage.models import Job, JobState, utcnow
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+def _job(session: SessionDep, job_id: int) -> Job:
+    job = queries.get_job(session, job_id)
+    if job is None:
+        raise HTTPException(404, f"job {job_id} does not exist")
+    return job
+
+
+@router.get("", response_model=list[JobOut])
+def list_jobs(
+    session: SessionDep,
+    state: list[JobState] | None = Query(default=None, description="repeat for several states"),
+    study: str | None = Query(default=None, description="a StudyInstanceUID"),
+    limit: int = Query(default=100, ge=1, le=1000),
+    offset: int = Query(default=0, ge=0),
+) -> list[JobOut]:
+    now = utcnow()
+    rows = queries.list_jobs(session, states=state, study_instance_uid=study, limit=limit, offset=offset)
+    return [JobOut.of(j, now) for j in rows]
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(session: SessionDep, job_id: int) -> JobOut:
+    return JobOut.of(_job(session, job_id), utcnow())
+
+
+def _after(session: SessionDep, job_id: int) -> ActionOut:
+    session.expire_all()
+    return ActionOut(job=JobOut.of(_job(session, job_id), utcnow()))
+
+
+@router.post("/{job_id}/retry", response_model=ActionOut)
+def retry(session: SessionDep, ctx: ContextDep, job_id: int, principal: AdminDep) -> ActionOut:
+    actions.retry(ctx.sessions, job_id, principal.user or "?")
+    return _after(session, job_id)
+
+
+@router.post("/{job_id}/cancel", response_model=ActionOut)
+def cancel(session: SessionDep, ctx: ContextDep, job_id: int, principal: AdminDep) -> ActionOut:
+    actions.cancel(ctx.sessions, job_id, principal.user or "?")
+    return _after(session, job_id)
+
+
+@router.post("/{job_id}/priority", response_model=ActionOut)
+def set_priority(session: SessionDep, ctx: ContextDep, job_id: int, body: PriorityIn,
+                 principal: AdminDep) -> ActionOut:
+    actions.set_priority(ctx.sessions, job_id, body.priority, principal.user or "?")
+    return _after(session, job_id)
+
+
+@router.get("/{job_id}/key-images", response_model=list[KeyImageOut])
+def key_images(session: SessionDep, ctx: ContextDep, job_id: int) -> list[KeyImageOut]:
+    try:
+        return views.key_images_out(session, ctx, _job(session, job_id))
+    except KeyImageError as exc:
+        raise HTTPException(409, str(exc)) from exc
+
+
+@router.get("/{job_id}/key-images/{index}.png", response_class=Response,
+            responses={200: {"content": {"image/png": {}}}})
+def key_image_png(session: SessionDep, ctx: ContextDep, job_id: int, index: int) -> Response:
+    try:
+        data = views.key_image_png(session, ctx, _job(session, job_id), index)
+    except KeyImageError as exc:
+        raise HTTPException(409, str(exc)) from exc
+    if data is None:
+        raise HTTPException(404, f"job {job_id} has no key image {index}")
+    return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
+

@@ -21,6 +21,7 @@ from pydicom.pixels import apply_modality_lut
 from dicom_io.equipment import AlgorithmInfo
 from dicom_io.narrative_report import build_narrative_report
 from dicom_io.regions import ImageLabel, ImageRegion, build_region_report
+from dicom_io.sr_common import clean_text
 from dicom_io.uids import derived_uid
 from dicom_io.volume import load_volume, read_dataset
 from inference.errors import InvalidInputError, ModelNotConfiguredError
@@ -49,6 +50,8 @@ REGION_SERIES_NUMBER = 9930
 #: At most this many single-frame images (views) of a 2D study go into one prompt.
 MAX_VIEWS = 4
 VOLUME_MODALITIES = {"CT", "MR", "PT"}
+#: Written when the model's text is empty once control characters are removed.
+NO_TEXT = "(the model returned no readable text)"
 
 
 @dataclass(frozen=True)
@@ -221,7 +224,8 @@ def write_outputs(
     model = {"name": algorithm.name, "version": algorithm.version, "family": algorithm.family}
     reports = [r for r in results if isinstance(r, ReportResult)]
     for index, report in enumerate(reports):
-        findings = report.findings.strip() or report.raw_text.strip() or "(the model returned no text)"
+        findings = (clean_text(report.findings).strip() or clean_text(report.raw_text).strip()
+                    or NO_TEXT)
         sr = build_narrative_report(
             source_datasets, findings=findings, impression=report.impression, language=report.language,
             series_instance_uid=derived_uid(job_key, "report", str(index), "series"),
@@ -235,7 +239,7 @@ def write_outputs(
         if isinstance(result, AnswerResult):
             answers.setdefault(result.language, []).append(result)
     for index, (language, items) in enumerate(sorted(answers.items())):
-        pairs = [(a.question, a.answer.strip() or "(no answer)") for a in items]
+        pairs = [(a.question, clean_text(a.answer).strip() or NO_TEXT) for a in items]
         intro = "Answers of the model to the questions asked." if language == "en" else "模型对所提问题的回答。"
         sr = build_narrative_report(
             source_datasets, findings=intro, impression=None, language=language, questions_answers=pairs,

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import Select, func, or_, select
 from sqlalchemy.orm import Session, selectinload
@@ -57,7 +58,7 @@ class StudyRow:
     latest_job_state: JobState | None
 
 
-def _apply_filter(query: Select[tuple[Study]], flt: StudyFilter) -> Select[tuple[Study]]:
+def _apply_filter(query: Select[Any], flt: StudyFilter) -> Select[Any]:
     if flt.date_from:
         query = query.where(Study.study_date >= flt.date_from)
     if flt.date_to:
@@ -94,7 +95,7 @@ def list_studies(
     """Studies matching ``flt``, most recently received first, and the total count."""
     base = _apply_filter(select(Study), flt)
     total = session.scalar(select(func.count()).select_from(base.subquery())) or 0
-    studies = session.scalars(
+    studies: Sequence[Study] = session.scalars(
         base.options(selectinload(Study.patient), selectinload(Study.series))
         .order_by(Study.last_received_at.desc(), Study.id.desc())
         .limit(limit)
@@ -183,7 +184,11 @@ def study_timeline(study: Study) -> list[TimelineEvent]:
         if job.started_at is not None:
             raw.append((job.started_at, f"job {job.id} started", f"attempt {job.attempts}", job.id))
         if job.finished_at is not None:
-            raw.append((job.finished_at, f"job {job.id} {job.state.value}", job.reason, job.id))
+            if job.results:  # finished_at marks the end of inference; deliveries follow
+                what = f"job {job.id} wrote {len(job.results)} object(s)"
+            else:
+                what = f"job {job.id} {job.state.value}"
+            raw.append((job.finished_at, what, job.reason, job.id))
         for result in job.results:
             for delivery in result.deliveries:
                 if delivery.state == DeliveryState.DELIVERED and delivery.delivered_at is not None:
@@ -192,8 +197,8 @@ def study_timeline(study: Study) -> list[TimelineEvent]:
                 elif delivery.last_attempt_at is not None:
                     raw.append((delivery.last_attempt_at,
                                 f"{result.kind.upper()} delivery {delivery.state.value}",
-                                f"{delivery.destination}: {delivery.last_error or ''} "
-                                f"({delivery.attempts} attempt(s))", job.id))
+                                (f"{delivery.destination}: {delivery.last_error or ''} "
+                                 f"({delivery.attempts} attempt(s))"), job.id))
     raw.sort(key=lambda item: item[0])
     start = raw[0][0]
     events: list[TimelineEvent] = []
@@ -280,7 +285,6 @@ def oldest_queued_age_s(session: Session, now: datetime) -> float | None:
     if oldest is None:
         return None
     if oldest.tzinfo is None:  # func.min bypasses the column type on SQLite
-        from datetime import timezone
 
-        oldest = oldest.replace(tzinfo=timezone.utc)
+        oldest = oldest.replace(tzinfo=UTC)
     return max(0.0, (now - oldest).total_seconds())

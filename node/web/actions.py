@@ -83,7 +83,7 @@ def set_priority(sessions: sessionmaker[Session], job_id: int, priority: int, ac
         job = session.get(Job, job_id)
         if job is None:
             raise JobNotFoundError(f"job {job_id} does not exist")
-        changed = session.execute(
+        changed = session.execute(  # type: ignore[attr-defined]
             update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED).values(priority=priority)
         ).rowcount
         if not changed:

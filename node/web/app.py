@@ -113,7 +113,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             session.execute(text("SELECT 1"))
             checks["database"] = "ok"
-        except Exception as exc:  # boundary: report, don't raise
+        except Exception as exc:  # noqa: BLE001 (boundary: report, don't raise)
             checks["database"] = f"error: {type(exc).__name__}"
         store = context.current().store
         try:
@@ -129,7 +129,7 @@ def create_app(settings: Settings) -> FastAPI:
             with celery_app.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=1, timeout=2)
             checks["broker"] = "ok"
-        except Exception as exc:  # boundary
+        except Exception as exc:  # noqa: BLE001 (boundary)
             checks["broker"] = f"error: {type(exc).__name__}"
         if not all(v.startswith("ok") for v in checks.values()):
             raise HTTPException(status_code=503, detail=checks)

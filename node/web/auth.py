@@ -193,9 +193,9 @@ def current_principal(request: Request) -> Principal:
             return Principal(user, "basic")
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid credentials",
                             headers={"WWW-Authenticate": "Basic"})
-    user = config.read_session(request.cookies.get(SESSION_COOKIE))
-    if user is not None:
-        return Principal(user, "session")
+    session_user = config.read_session(request.cookies.get(SESSION_COOKIE))
+    if session_user is not None:
+        return Principal(session_user, "session")
     return ANONYMOUS
 
 

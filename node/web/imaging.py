@@ -273,19 +273,23 @@ def render_key_image(ds: Dataset, key: KeyImage, segment_labels: dict[int, str])
     grey = frame_to_uint8(ds, key.frame)
     rgb = np.repeat(grey[..., np.newaxis], 3, axis=2) if grey.ndim == 2 else grey.copy()
     rgb = rgb.astype(np.float64)
-    for segment, mask in sorted(key.masks.items()):
-        if mask.shape != rgb.shape[:2]:
-            log.warning("SEG mask %s does not fit frame %s of %s", mask.shape, rgb.shape[:2], key.sop_instance_uid)
-            continue
+    fitting = {n: m for n, m in key.masks.items() if m.shape == rgb.shape[:2]}
+    for segment in set(key.masks) - set(fitting):
+        log.warning("SEG segment %d does not fit frame %s of %s", segment, rgb.shape[:2], key.sop_instance_uid)
+    # a segment that encloses the others (the body) is only outlined, so what lies inside stays visible
+    areas = {n: int(m.sum()) for n, m in fitting.items()}
+    enclosing = max(areas, key=lambda n: areas[n]) if len(areas) > 1 else None
+    for segment, mask in sorted(fitting.items()):
         colour = np.array(PALETTE[(segment - 1) % len(PALETTE)], dtype=np.float64)
-        rgb[mask] = rgb[mask] * 0.6 + colour * 0.4
+        if segment != enclosing:
+            rgb[mask] = rgb[mask] * 0.55 + colour * 0.45
         rgb[_outline(mask)] = colour
     image = Image.fromarray(rgb.clip(0, 255).astype(np.uint8), "RGB")
     scale = max(1, int(np.ceil(MIN_RENDER_PX / max(image.size))))
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(image)
-    font_px = max(12, image.width // 40)
+    font_px = max(14, image.width // 30)
     font = _font(font_px)
     for box in key.boxes:
         points = [(x * scale, y * scale) for x, y in box.points]
@@ -295,8 +299,8 @@ def render_key_image(ds: Dataset, key: KeyImage, segment_labels: dict[int, str])
     y = 6
     for segment in sorted(key.masks):
         if key.masks[segment].any():
-            colour = PALETTE[(segment - 1) % len(PALETTE)]
-            _label(draw, (8, y), f"■ {segment_labels.get(segment, f'segment {segment}')}", colour, font)
+            legend = PALETTE[(segment - 1) % len(PALETTE)]
+            _label(draw, (8, y), f"■ {segment_labels.get(segment, f'segment {segment}')}", legend, font)
             y += font_px + 8
     buffer = BytesIO()
     image.save(buffer, format="PNG", optimize=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, get_args
 from urllib.parse import quote, urlencode
@@ -48,7 +48,7 @@ REFRESH_S = 3
 def _fmt_dt(value: datetime | None) -> str:
     if value is None:
         return "—"
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _fmt_duration(seconds: float | None) -> str:

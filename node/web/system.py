@@ -13,7 +13,15 @@ from node.completion import study_facts
 from node.config import Destination, Settings
 from node.delivery import Timeouts, echo
 from node.routing import SeriesFacts, StudyFacts, check_rule, route
-from node.web.schemas import DestinationOut, DryRunOut, EchoOut, RuleCheckOut, RuleOut, WorkerOut, WorkersOut
+from node.web.schemas import (
+    DestinationOut,
+    DryRunOut,
+    EchoOut,
+    RuleCheckOut,
+    RuleOut,
+    WorkerOut,
+    WorkersOut,
+)
 from storage.models import Study
 
 log = logging.getLogger(__name__)
@@ -136,10 +144,10 @@ def inspect_workers(timeout_s: float = INSPECT_TIMEOUT_S) -> WorkersOut:
             "stats": inspector.stats, "queues": inspector.active_queues,
             "info": lambda: _broadcast_info(app, timeout_s),
         }
-        with ThreadPoolExecutor(max_workers=len(calls)) as pool:
-            futures = {name: pool.submit(call) for name, call in calls.items()}
+        with ThreadPoolExecutor(max_workers=len(calls)) as executor:
+            futures = {name: executor.submit(call) for name, call in calls.items()}
             answers = {name: (f.result() or {}) for name, f in futures.items()}
-    except Exception as exc:  # boundary: the broker may not support broadcasts or be down
+    except Exception as exc:  # noqa: BLE001 (boundary: the broker may not support broadcasts or be down)
         return WorkersOut(ok=False, error=f"{type(exc).__name__}: {exc}", workers=[])
     names = sorted(set(answers["ping"]) | set(answers["stats"]) | set(answers["active"]))
     workers = []

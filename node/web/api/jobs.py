@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, HTTPException, Query, Response
 
 from node import queries
@@ -25,10 +27,10 @@ def _job(session: SessionDep, job_id: int) -> Job:
 @router.get("", response_model=list[JobOut])
 def list_jobs(
     session: SessionDep,
-    state: list[JobState] | None = Query(default=None, description="repeat for several states"),
-    study: str | None = Query(default=None, description="a StudyInstanceUID"),
-    limit: int = Query(default=100, ge=1, le=1000),
-    offset: int = Query(default=0, ge=0),
+    state: Annotated[list[JobState] | None, Query(description="repeat for several states")] = None,
+    study: Annotated[str | None, Query(description="a StudyInstanceUID")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[JobOut]:
     now = utcnow()
     rows = queries.list_jobs(session, states=state, study_instance_uid=study, limit=limit, offset=offset)

@@ -14,6 +14,7 @@ import pydicom
 import pytest
 import sqlalchemy
 from fastapi.testclient import TestClient
+from pydantic import Field
 
 from node import context, pipeline
 from node.celery_app import configure_celery
@@ -40,7 +41,7 @@ class WebSettings(Settings):
     web_admin_user: str | None = ADMIN[0]
     web_admin_password: str | None = ADMIN[1]
     web_secret_key: str | None = "unit-test-secret-key-0123456789"
-    web_api_tokens: list[str] = [TOKEN]
+    web_api_tokens: list[str] = Field(default_factory=lambda: [TOKEN])
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -70,18 +70,19 @@ class Ingestor:
             raise RequestMismatchError("SOP Class UID differs from the C-STORE request")
         if expected_sop_instance_uid and header.sop_instance_uid != expected_sop_instance_uid:
             raise RequestMismatchError("SOP Instance UID differs from the C-STORE request")
-        relative = self.store.instance_path(
-            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+        stored = self.store.write_instance(
+            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, data
         )
-        stored = self.store.write(relative, data)
         with self._lock, self.session_factory() as session, session.begin():
-            outcome = index_instance(
+            outcome, replaced_path = index_instance(
                 session,
                 header,
                 stored,
                 calling_ae_title=calling_ae_title,
                 called_ae_title=called_ae_title,
             )
+        if replaced_path is not None and replaced_path != stored.relative_path:
+            self.store.delete(replaced_path)  # the row points at the new bytes now
         metrics.INSTANCES_RECEIVED.labels(outcome=outcome.value).inc()
         metrics.BYTES_RECEIVED.inc(stored.size_bytes)
         log.debug(

@@ -21,6 +21,7 @@ from node.ingest import Ingestor
 from node.listener import start_listener
 from node.scheduler import Scheduler
 from storage.db import upgrade
+from storage.reconcile import reindex_orphans
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ def prepare(settings: Settings) -> NodeContext:
     ctx = context.current()
     upgrade(ctx.engine)
     ctx.store.remove_partials()
+    reindex_orphans(ctx.store, ctx.sessions)
     return ctx
 
 

@@ -17,11 +17,13 @@ MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # WAL lets the dashboard read while the listener writes; FULL makes each commit durable
-    # before the listener answers Success; busy_timeout rides out the worker's short writes.
+    # WAL lets the dashboard read while the listener writes. synchronous=NORMAL keeps the database
+    # consistent through any crash and loses nothing when a process dies; after a power loss the
+    # last commits may roll back, which storage.reconcile repairs at start from the instance files
+    # (synced to disk before Success). busy_timeout rides out the worker's short writes.
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()

@@ -85,18 +85,24 @@ def index_instance(
     calling_ae_title: str | None,
     called_ae_title: str | None,
     now: datetime | None = None,
-) -> IndexOutcome:
+) -> tuple[IndexOutcome, str | None]:
     """Record one stored instance; the caller commits.
 
     A new or changed instance marks its study as receiving again (which reopens a study that was
     already complete, so a new job version follows); an identical re-send changes nothing.
+
+    Returns
+    -------
+    tuple
+        The outcome, and for a replaced instance the path of the file it replaced (for the
+        caller to delete once the transaction committed).
     """
     now = now or utcnow()
     existing = session.scalar(
         select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
     )
     if existing is not None and existing.sha256 == stored.sha256 and existing.path == stored.relative_path:
-        return IndexOutcome.UNCHANGED
+        return IndexOutcome.UNCHANGED, None
     series = _get_or_create_series(session, header, now)
     if existing is None:
         session.add(
@@ -112,8 +118,9 @@ def index_instance(
                 received_at=now,
             )
         )
-        outcome = IndexOutcome.NEW
+        outcome, replaced = IndexOutcome.NEW, None
     else:
+        replaced = existing.path
         existing.series_pk = series.id
         existing.sop_class_uid = header.sop_class_uid
         existing.transfer_syntax_uid = header.transfer_syntax_uid
@@ -133,4 +140,4 @@ def index_instance(
             called_ae_title=called_ae_title,
         )
     )
-    return outcome
+    return outcome, replaced

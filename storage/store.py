@@ -1,7 +1,7 @@
 """The on-disk store of received instances and written results.
 
 Every file appears atomically: bytes go to a temporary file in the target directory, are flushed and
-fsync'ed, then renamed into place and the directory is fsync'ed. A reader (or a process restarted
+synced to disk (``fdatasync``), then renamed into place and the directory is fsync'ed. A reader (or a process restarted
 after a crash) therefore sees either the whole file or nothing; stray ``.partial`` files left by a
 crash are never indexed and are removed by :meth:`InstanceStore.remove_partials`.
 """
@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 PARTIAL_SUFFIX = ".partial"
+#: Hex digits of the SHA-256 kept in an instance file's name.
+DIGEST_CHARS = 16
 
 
 def check_uid(uid: str) -> str:
@@ -45,6 +47,14 @@ class StoredFile:
     relative_path: str
     size_bytes: int
     sha256: str
+
+
+def _sync_data(fd: int) -> None:
+    # fdatasync flushes the data and the size, all a reader needs; it skips timestamps
+    if hasattr(os, "fdatasync"):
+        os.fdatasync(fd)
+    else:  # macOS, Windows
+        os.fsync(fd)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -73,11 +83,12 @@ class InstanceStore:
         self._known_dirs: set[Path] = set()
 
     # -- paths ------------------------------------------------------------------------------
-    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
-        """Relative path of a received instance."""
-        return "/".join(
-            ("instances", check_uid(study_uid), check_uid(series_uid), check_uid(sop_uid) + ".dcm")
-        )
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str, sha256: str) -> str:
+        """Relative path of a received instance: its UIDs, and its content digest in the name."""
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise ValueError("sha256 must be 64 lowercase hex digits")
+        name = f"{check_uid(sop_uid)}.{sha256[:DIGEST_CHARS]}.dcm"
+        return "/".join(("instances", check_uid(study_uid), check_uid(series_uid), name))
 
     def result_path(self, job_id: int, sop_uid: str) -> str:
         """Relative path of a result object written for job ``job_id``."""
@@ -124,7 +135,7 @@ class InstanceStore:
                     fh.write(part)
                     digest.update(part)
                 fh.flush()
-                os.fsync(fh.fileno())
+                _sync_data(fh.fileno())
             os.replace(tmp, target)
             _fsync_dir(directory)
         except OSError as exc:
@@ -133,6 +144,67 @@ class InstanceStore:
                 raise StorageFullError(f"disk full under {self.root}") from exc
             raise
         return StoredFile(relative_path, size, digest.hexdigest())
+
+    def write_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredFile:
+        """Write a received instance durably with one sync, under a content-addressed name.
+
+        The name carries the SHA-256 of the bytes, so the file is created once (``O_EXCL``),
+        never overwritten, and synced with ``fdatasync``; on journaling filesystems (ext4, XFS)
+        that sync also commits the new directory entry, so no rename and no directory sync are
+        needed. An identical re-send finds the file and writes nothing. A crash mid-write leaves
+        a file whose content does not match its name: :func:`storage.reconcile.reindex_orphans`
+        removes it at start; it was never indexed, so nothing ever read it.
+
+        Raises
+        ------
+        StorageFullError
+            If the write would leave less than ``min_free_bytes`` free, or the disk is full.
+        """
+        digest = hashlib.sha256(data).hexdigest()
+        relative = self.instance_path(study_uid, series_uid, sop_uid, digest)
+        target = self.absolute(relative)
+        stored = StoredFile(relative, len(data), digest)
+        directory = target.parent
+        if directory not in self._known_dirs:
+            if not directory.is_dir():
+                directory.mkdir(parents=True, exist_ok=True)
+                for parent in (directory, directory.parent, directory.parent.parent):
+                    _fsync_dir(parent)
+            self._known_dirs.add(directory)
+        try:
+            if target.stat().st_size == len(data):
+                return stored  # the same bytes, already durable
+            target.unlink()  # a partial file from a crashed write of these very bytes
+        except FileNotFoundError:
+            pass
+        if self.min_free_bytes and self.free_bytes() - len(data) < self.min_free_bytes:
+            raise StorageFullError(
+                f"refusing to write {len(data)} bytes: free space is below the watermark of "
+                f"{self.min_free_bytes} bytes under {self.root}"
+            )
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:  # another association is writing the same bytes right now
+            return stored
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            _sync_data(fd)
+        except OSError as exc:
+            os.close(fd)
+            target.unlink(missing_ok=True)
+            if exc.errno == 28:  # ENOSPC
+                raise StorageFullError(f"disk full under {self.root}") from exc
+            raise
+        os.close(fd)
+        return stored
+
+    @staticmethod
+    def name_matches_content(relative_path: str, data: bytes) -> bool:
+        """Whether an instance file holds the bytes its name's digest promises."""
+        parts = relative_path.rsplit("/", 1)[-1].split(".")
+        return len(parts) > 2 and hashlib.sha256(data).hexdigest()[:DIGEST_CHARS] == parts[-2]
 
     def read(self, relative_path: str) -> bytes:
         return self.absolute(relative_path).read_bytes()
@@ -149,3 +221,21 @@ class InstanceStore:
         if count:
             log.warning("removed %d partial files left by an interrupted write", count)
         return count
+
+    def instance_files_changed_since(self, mtime: float | None) -> list[str]:
+        """Relative paths of instance files in series directories modified at or after ``mtime``
+        (all of them when ``mtime`` is None), for re-indexing after a crash."""
+        found: list[str] = []
+        instances = self.root / "instances"
+        if not instances.is_dir():
+            return found
+        for study in os.scandir(instances):
+            if not study.is_dir():
+                continue
+            for series in os.scandir(study.path):
+                if not series.is_dir() or (mtime is not None and series.stat().st_mtime < mtime):
+                    continue
+                for entry in os.scandir(series.path):
+                    if entry.name.endswith(".dcm") and not entry.name.startswith("."):
+                        found.append(f"instances/{study.name}/{series.name}/{entry.name}")
+        return found

@@ -319,3 +319,23 @@ def test_openapi_lists_the_api_and_keeps_patient_fields_in_one_schema(web_node: 
                if "patient_name" in schema.get("properties", {})]
     assert holders == ["PatientOut"]
     assert not any(p.startswith("/ui/") or p == "/queue" for p in spec["paths"])
+
+
+def test_ask_form_on_the_study_page(processed: tuple[WebNode, str, int]) -> None:
+    node, study_uid, _ = processed
+    anonymous = node.client.get(f"/studies/{study_uid}").text
+    assert 'id="ask-form"' not in anonymous and "Log in" in anonymous
+    node.login()
+    page = node.client.get(f"/studies/{study_uid}").text
+    assert 'id="ask-form"' in page
+    from tests.unit.web.conftest import csrf_of
+
+    answer = node.client.post(f"/ui/studies/{study_uid}/ask", follow_redirects=False, data={
+        "csrf_token": csrf_of(page), "kind": "report", "text": "", "language": "zh"})
+    assert answer.status_code == 303, answer.text
+    assert answer.headers["location"].startswith(f"/studies/{study_uid}?msg=")
+    job_id = int(answer.headers["location"].rsplit("#job-", 1)[1])
+    job = node.client.get(f"/api/v1/jobs/{job_id}").json()
+    assert job["on_demand"] and job["tasks"] == [{"report": {"language": "zh"}}]
+    shown = node.client.get(f"/studies/{study_uid}").text
+    assert f'id="job-{job_id}"' in shown and 'data-refresh="' in shown  # refreshes until it is done

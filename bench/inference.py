@@ -485,8 +485,10 @@ def render(result: dict[str, Any]) -> str:
         (f"torch {result['torch']}, transformers {result['transformers']}, "
          f"Python {result['python']}; {result['date']}."),
         "",
-        "Reproduce: " + ("`python3 bench/inference.py --json out.json` on the GPU machine, then "
-                         "`.venv/bin/python bench/inference.py --from-json out.json --write-docs`."
+        "Reproduce: " + ("`python3 bench/inference.py --image RADIOGRAPH.dcm --rounds 8 --json "
+                         "out.json` on the GPU machine (its image lacks transformers 5.23, pydicom "
+                         "and pylibjpeg(-openjpeg): carry them as wheels), then `.venv/bin/python "
+                         "bench/inference.py --from-json out.json --write-docs`."
                          if cuda else "`.venv/bin/python bench/inference.py --device cpu "
                          f"--size {result['size']} --write-docs`."),
     ]

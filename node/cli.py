@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from node.config import ConfigError, Destination, Settings, load_settings
@@ -29,7 +30,7 @@ def _settings(config: Path | None) -> Settings:
     try:
         settings = load_settings(config)
     except ConfigError as exc:
-        console.print(f"[red]{exc}[/red]")
+        console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(2)
     configure_logging(settings.log_level)
     return settings
@@ -140,7 +141,8 @@ def send(
             if not result.ok:
                 failed += 1
                 status = f"0x{result.status:04X}" if result.status is not None else "no response"
-                progress.console.print(f"[red]{result.path}: {status} {result.comment or ''}[/red]")
+                line = f"{result.path}: {status} {result.comment or ''}"
+                progress.console.print(f"[red]{escape(line)}[/red]")
             progress.advance(bar)
 
         try:
@@ -148,9 +150,9 @@ def send(
                 send_files(destination, files[start:start + 1000],
                            calling_ae_title=ae_title or settings.ae_title, progress=advance)
         except (DeliveryError, ValueError) as exc:
-            console.print(f"[red]{exc}[/red]")
+            console.print(f"[red]{escape(str(exc))}[/red]")
             raise typer.Exit(1)
-    console.print(f"sent {len(files) - failed} of {len(files)} file(s) to {destination}")
+    console.print(escape(f"sent {len(files) - failed} of {len(files)} file(s) to {destination}"))
     raise typer.Exit(1 if failed else 0)
 
 
@@ -183,7 +185,7 @@ def jobs_retry(job_id: int, config: ConfigOpt = None) -> None:
     try:
         jobs.retry_job(ctx.sessions, job_id)
     except (jobs.JobNotFoundError, jobs.InvalidTransitionError) as exc:
-        console.print(f"[red]{exc}[/red]")
+        console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(1)
     typer.echo(f"job {job_id} queued")
 
@@ -197,7 +199,7 @@ def jobs_cancel(job_id: int, config: ConfigOpt = None) -> None:
     try:
         jobs.cancel_job(ctx.sessions, job_id)
     except (jobs.JobNotFoundError, jobs.InvalidTransitionError) as exc:
-        console.print(f"[red]{exc}[/red]")
+        console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(1)
     typer.echo(f"job {job_id} cancelled")
 

@@ -18,6 +18,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -156,8 +157,10 @@ class VLMSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    path: Path
-    family: str = Field(min_length=1)
+    #: required; may come from MEDNODE_VLM_PATH
+    path: Path | None = None
+    #: required; may come from MEDNODE_VLM_FAMILY
+    family: str | None = Field(default=None, min_length=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     #: families that ship their own modelling code run it only when this says so explicitly
@@ -173,20 +176,6 @@ class ModelsSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     vlm: VLMSettings | None = None
-
-
-class WebSettings(BaseModel):
-    """Dashboard and API access. Mutations and patient fields need a login."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    admin_user: str = "admin"
-    #: no password: nobody can log in (read-only dashboard without patient fields)
-    admin_password: str | None = None
-    #: signs session cookies and CSRF tokens; required when the web port is not on loopback
-    secret_key: str | None = None
-    #: API tokens (``Authorization: Bearer …``) with admin rights
-    api_tokens: list[str] = Field(default_factory=list)
 
 
 class Settings(BaseSettings):
@@ -222,7 +211,13 @@ class Settings(BaseSettings):
     #: shortcut for ``models.vlm.path`` / ``models.vlm.family`` (MEDNODE_VLM_PATH, MEDNODE_VLM_FAMILY)
     vlm_path: Path | None = None
     vlm_family: str | None = None
-    web: WebSettings = Field(default_factory=WebSettings)
+    #: dashboard login; mutations and patient fields need it (no password: nobody can log in)
+    web_admin_user: str | None = None
+    web_admin_password: SecretStr | None = None
+    #: signs session cookies and CSRF tokens; required when web_host is not loopback
+    web_secret_key: SecretStr | None = None
+    #: bearer tokens with admin rights, for scripts (MEDNODE_WEB_API_TOKENS='["t1","t2"]')
+    web_api_tokens: list[SecretStr] = Field(default_factory=list)
 
     #: the YAML file of this settings class (set by :func:`load_settings`)
     yaml_path: ClassVar[Path | None] = None
@@ -236,24 +231,33 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _apply_vlm_shortcut(self) -> Settings:
+        vlm = self.models.vlm
         if self.vlm_path is not None or self.vlm_family is not None:
-            if self.vlm_path is None or (self.vlm_family is None and self.models.vlm is None):
-                raise ValueError(
-                    "vlm_path and vlm_family: set both (MEDNODE_VLM_PATH and MEDNODE_VLM_FAMILY)"
-                )
-            base = self.models.vlm.model_dump() if self.models.vlm else {}
-            base.update(path=self.vlm_path, family=self.vlm_family or base.get("family"))
-            self.models = ModelsSettings(vlm=VLMSettings(**base))
+            base = vlm.model_dump() if vlm else {}
+            if self.vlm_path is not None:
+                base["path"] = self.vlm_path
+            if self.vlm_family is not None:
+                base["family"] = self.vlm_family
+            vlm = VLMSettings(**base)
+            self.models = ModelsSettings(vlm=vlm)
+        if vlm is not None and (vlm.path is None or not vlm.family):
+            raise ValueError(
+                "models.vlm: a model needs both path and family "
+                "(models.vlm.path/.family, or MEDNODE_VLM_PATH and MEDNODE_VLM_FAMILY)"
+            )
         return self
 
     @model_validator(mode="after")
     def _check_web_secret(self) -> Settings:
         loopback = self.web_host in ("127.0.0.1", "localhost", "::1")
-        if not loopback and (not self.web.secret_key or len(self.web.secret_key) < 32):
+        secret = self.web_secret_key.get_secret_value() if self.web_secret_key else ""
+        if not loopback and len(secret) < 32:
             raise ValueError(
-                f"web.secret_key: the dashboard listens on {self.web_host}, beyond loopback; set a "
-                "random secret of 32+ characters (MEDNODE_WEB__SECRET_KEY) — no default is used there"
+                f"web_secret_key: the dashboard listens on {self.web_host}, beyond loopback; set a "
+                "random secret of 32+ characters (MEDNODE_WEB_SECRET_KEY) — no default is used there"
             )
+        if self.web_admin_user and not self.web_admin_password:
+            raise ValueError("web_admin_password: web_admin_user is set, so set a password too")
         return self
 
     @model_validator(mode="after")

@@ -56,6 +56,12 @@ class Output:
     summary: dict[str, Any]
 
 
+def _timed(stage: str, started: float, job_key: str) -> None:
+    elapsed = time.perf_counter() - started
+    metrics.STAGE_DURATION.labels(stage=stage).observe(elapsed)
+    log.info("%s: %s took %.2f s", job_key, stage, elapsed)
+
+
 # -- stages ---------------------------------------------------------------------------------------
 def load_series_volume(ctx: NodeContext, job: jobs.ClaimedJob, modality: str) -> Volume:
     """Read the largest matched series of ``modality`` into a volume.
@@ -73,15 +79,18 @@ def load_series_volume(ctx: NodeContext, job: jobs.ClaimedJob, modality: str) ->
     if not candidates:
         raise InvalidInputError(f"the study has no {modality} series for this rule")
     _, series_uid = max(candidates)
+    started = time.perf_counter()
     datasets = [read_dataset(ctx.store.absolute(p)) for p in job.instance_paths[series_uid]]
-    return load_volume(datasets)
+    volume = load_volume(datasets)
+    _timed("load_volume", started, job.key)
+    return volume
 
 
 def ct_analysis(volume: Volume, job_key: str) -> list[Output]:
     """Run the built-in CT analyzer and write its SEG and TID 1500 SR."""
     started = time.perf_counter()
     analysis = analyze_ct(volume.pixels, volume.spacing_mm)
-    metrics.STAGE_DURATION.labels(stage="ct_analyzer").observe(time.perf_counter() - started)
+    _timed("ct_analyzer", started, job_key)
     found = [s for s in analysis.structures if not s.is_empty]
     if not found:
         raise InvalidInputError("the CT analyzer found no structure (body, lungs, bone) in the series")
@@ -95,6 +104,8 @@ def ct_analysis(volume: Volume, job_key: str) -> list[Output]:
         algorithm=CT_ANALYZER,
         series_description="mednode CT structures",
     )
+    _timed("write_seg", started, job_key)
+    started = time.perf_counter()
     measurements = [
         StructureMeasurement(label=s.label, segment_number=i, volume_ml=s.volume_ml, mean_hu=s.mean_hu)
         for i, s in enumerate(found, start=1)
@@ -108,7 +119,7 @@ def ct_analysis(volume: Volume, job_key: str) -> list[Output]:
         series_number=SR_SERIES_NUMBER,
         algorithm=CT_ANALYZER,
     )
-    metrics.STAGE_DURATION.labels(stage="write_dicom").observe(time.perf_counter() - started)
+    _timed("write_sr", started, job_key)
     summary = {
         "algorithm": f"{CT_ANALYZER.name} {CT_ANALYZER.version}",
         "structures": [

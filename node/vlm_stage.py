@@ -74,6 +74,8 @@ class VLMOutput:
 
 
 def vlm_config(settings: VLMSettings) -> VLMConfig:
+    if settings.path is None or settings.family is None:
+        raise ModelNotConfiguredError("models.vlm needs a path and a family")
     return VLMConfig(
         path=str(settings.path),
         family=settings.family,

@@ -103,7 +103,7 @@ def test_node_and_worker_env(config: dict[str, Any], name: str, command: list[st
     assert env["MEDNODE_DESTINATION"] == "ORTHANC@orthanc:4242"
     assert env["MEDNODE_EMBEDDED_WORKER"] == "false"
     assert env["TCP_NODELAY"] == "1"
-    assert env["MEDNODE_WEB__SECRET_KEY"] == SECRET
+    assert env["MEDNODE_WEB_SECRET_KEY"] == SECRET
 
 
 def test_node_settings_accept_the_compose_env(

@@ -34,14 +34,15 @@ TOKEN = "test-token-123"
 QUIET_PERIOD_S = 0.3
 
 
-class WebSettings(Settings):
-    """Settings with the web credentials that ``node.web.auth`` reads with ``getattr`` (the same
-    names the lead adds to :class:`node.config.Settings`)."""
-
-    web_admin_user: str | None = ADMIN[0]
-    web_admin_password: str | None = ADMIN[1]
-    web_secret_key: str | None = "unit-test-secret-key-0123456789"
-    web_api_tokens: list[str] = Field(default_factory=lambda: [TOKEN])
+def WebSettings(**values: object) -> Settings:  # noqa: N802 (reads like the class it builds)
+    """Settings with the web credentials the tests log in with."""
+    defaults: dict[str, object] = {
+        "web_admin_user": ADMIN[0],
+        "web_admin_password": ADMIN[1],
+        "web_secret_key": "unit-test-secret-key-0123456789",
+        "web_api_tokens": [TOKEN],
+    }
+    return Settings(**{**defaults, **values})
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

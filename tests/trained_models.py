@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 import torch
 from pydicom.pixels import apply_modality_lut
 
@@ -355,7 +356,7 @@ def _train(base_dir: Path, out_dir: Path, ground: Mapping[str, tuple[int, int, i
                 f"target-token probability {margin:.3f}, need {min_token_probability}); wrong outputs: "
                 f"{wrong[:4]}. Raise max_steps or learning_rate, or check the prompts.")
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir)  # type: ignore[operator]
     vlm.processor.save_pretrained(out_dir)  # type: ignore[attr-defined]
     record = {"family": "medgemma", "targets": {"ground": {p: list(b) for p, b in ground.items()},
                                                  "report": report, "classify": classify},
@@ -367,5 +368,23 @@ def _train(base_dir: Path, out_dir: Path, ground: Mapping[str, tuple[int, int, i
     return out_dir
 
 
+# --- pytest fixture (import it into a test module: ``from tests.trained_models import
+# tiny_grounding_model_dir``); trained once per test session, shared by every module that imports it.
+
+
+@pytest.fixture(scope="session")
+def tiny_grounding_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Gemma 3 trained on :data:`DEFAULT_TARGETS` (load it with ``family="medgemma"``)."""
+    missing = [str(p) for p in RADIOGRAPHS if not p.is_file()]
+    if missing:
+        pytest.skip(f"sample radiographs {', '.join(missing)} are missing")
+    from tests.models import build_tiny_gemma3
+
+    root = tmp_path_factory.mktemp("trained-vlm")
+    return train_tiny_grounding_model(build_tiny_gemma3(root / "base"), root / "trained",
+                                      family="medgemma", targets=DEFAULT_TARGETS)
+
+
 __all__ = ["DEFAULT_TARGETS", "RADIOGRAPHS", "TRAINING_RECORD", "TrainingFailedError", "expected_box",
-           "medgemma_answer", "prepare_radiographs", "train_tiny_grounding_model"]
+           "medgemma_answer", "prepare_radiographs", "tiny_grounding_model_dir",
+           "train_tiny_grounding_model"]

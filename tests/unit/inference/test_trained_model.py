@@ -13,7 +13,6 @@ import pytest
 from inference.results import LabelResult, RegionResult, ReportResult
 from inference.tasks import TaskSpec
 from inference.vlm import VLMConfig, load_vlm
-from tests.models import build_tiny_gemma3
 from tests.trained_models import (
     DEFAULT_TARGETS,
     RADIOGRAPHS,
@@ -21,6 +20,7 @@ from tests.trained_models import (
     expected_box,
     medgemma_answer,
     prepare_radiographs,
+    tiny_grounding_model_dir,  # noqa: F401  (session fixture)
     train_tiny_grounding_model,
 )
 
@@ -28,13 +28,9 @@ PHRASE = "right lung"
 TARGET = DEFAULT_TARGETS["ground"][PHRASE]  # (y0, x0, y1, x1) on 0-1000 of the padded square
 
 
-@pytest.fixture(scope="session")
-def trained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not all(p.is_file() for p in RADIOGRAPHS):
-        pytest.skip(f"sample radiographs {', '.join(map(str, RADIOGRAPHS))} are missing")
-    root = tmp_path_factory.mktemp("trained-vlm")
-    base = build_tiny_gemma3(root / "base")
-    return train_tiny_grounding_model(base, root / "trained", family="medgemma", targets=DEFAULT_TARGETS)
+@pytest.fixture(scope="module")
+def trained_dir(tiny_grounding_model_dir: Path) -> Path:  # noqa: F811
+    return tiny_grounding_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,8 @@ from dicom_io.volume import Volume
 
 logger = logging.getLogger(__name__)
 
+#: Above this many source images a segment is referenced by its source series.
+MAX_LISTED_SOURCE_IMAGES = 32
 _SEGMENTATION_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
 
 
@@ -85,6 +87,13 @@ def referenced_segment(segmentation: Dataset, segment_number: int) -> hd.sr.Refe
                         referenced_sop_instance_uid=uid,
                     ),
                 )
+    if source_images and len(source_images) <= MAX_LISTED_SOURCE_IMAGES:
+        return hd.sr.ReferencedSegment(
+            sop_class_uid=str(segmentation.SOPClassUID),
+            sop_instance_uid=str(segmentation.SOPInstanceUID),
+            segment_number=segment_number,
+            source_images=list(source_images.values()),
+        )
     if not source_images:
         numbers = [int(s.SegmentNumber) for s in segmentation.SegmentSequence]
         if segment_number not in numbers:
@@ -92,20 +101,16 @@ def referenced_segment(segmentation: Dataset, segment_number: int) -> hd.sr.Refe
                 f"segment {segment_number} is not in SEG {segmentation.SOPInstanceUID} "
                 f"(segments {numbers})."
             )
-        # An empty segment has no frame, hence no source image: reference the series.
-        return hd.sr.ReferencedSegment(
-            sop_class_uid=str(segmentation.SOPClassUID),
-            sop_instance_uid=str(segmentation.SOPInstanceUID),
-            segment_number=segment_number,
-            source_series=hd.sr.SourceSeriesForSegmentation(
-                str(segmentation.ReferencedSeriesSequence[0].SeriesInstanceUID)
-            ),
-        )
+    # An empty segment has no frame, hence no source image; a segment over many slices is
+    # referenced by its source series (TID 1411 row 15) instead of hundreds of image items,
+    # which would make the SR slow to build and to read (the SEG lists its frames' sources).
     return hd.sr.ReferencedSegment(
         sop_class_uid=str(segmentation.SOPClassUID),
         sop_instance_uid=str(segmentation.SOPInstanceUID),
         segment_number=segment_number,
-        source_images=list(source_images.values()),
+        source_series=hd.sr.SourceSeriesForSegmentation(
+            str(segmentation.ReferencedSeriesSequence[0].SeriesInstanceUID)
+        ),
     )
 
 

@@ -172,6 +172,36 @@ class VLMSettings(BaseModel):
     name: str | None = None
 
 
+class TLSSettings(BaseModel):
+    """DICOM TLS (PS3.15 B.1): a second listener port speaking TLS."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    port: Port
+    cert_file: Path
+    key_file: Path
+    #: CA bundle to verify client certificates with; required when client certificates are required
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _ca_when_verifying(self) -> TLSSettings:
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("tls.ca_file: needed to verify client certificates")
+        return self
+
+
+class RetentionSettings(BaseModel):
+    """What the retention cleaner removes, and when."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: source instances and results older than this are removed once their jobs are finished
+    #: (delivered, or terminal); None keeps everything
+    max_age_days: float | None = Field(default=None, gt=0)
+    check_every_s: float = Field(default=3600.0, gt=0)
+
+
 class ModelsSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -206,6 +236,10 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=1, ge=1)
     #: new instances are refused (0xA700) when less than this is free on the data volume
     min_free_disk_mb: int = Field(default=200, ge=0)
+    #: calling AE titles allowed to associate, each ``AET`` or ``AET@host``; None allows any peer
+    allowed_calling_ae_titles: list[str] | None = None
+    tls: TLSSettings | None = None
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     models: ModelsSettings = Field(default_factory=ModelsSettings)
     #: shortcut for ``models.vlm.path`` / ``models.vlm.family`` (MEDNODE_VLM_PATH, MEDNODE_VLM_FAMILY)

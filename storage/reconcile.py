@@ -27,6 +27,13 @@ log = logging.getLogger(__name__)
 MARGIN = timedelta(minutes=10)
 
 
+def _mtime_ns(store: InstanceStore, relative: str) -> int:
+    try:
+        return store.absolute(relative).stat().st_mtime_ns
+    except FileNotFoundError:
+        return -1
+
+
 def reindex_orphans(store: InstanceStore, sessions: sessionmaker[Session]) -> int:
     """Index every instance file without a row; return how many were indexed."""
     with sessions() as session:
@@ -51,9 +58,20 @@ def reindex_orphans(store: InstanceStore, sessions: sessionmaker[Session]) -> in
         except InvalidInstanceError as exc:
             log.error("unindexed file %s is not a valid instance (%s); left in place", relative, exc)
             continue
+        with sessions() as session:
+            current = session.scalar(
+                select(Instance.path).where(Instance.sop_instance_uid == header.sop_instance_uid)
+            )
+        if current is not None and _mtime_ns(store, current) >= _mtime_ns(store, relative):
+            # an older version whose delete was interrupted after a re-send replaced it
+            log.warning("removing %s: an older version of the instance indexed as %s", relative, current)
+            store.delete(relative)
+            continue
         stored = StoredFile(relative, len(data), hashlib.sha256(data).hexdigest())
         with sessions() as session, session.begin():
-            index_instance(session, header, stored, calling_ae_title=None, called_ae_title=None)
+            _, replaced = index_instance(session, header, stored, calling_ae_title=None, called_ae_title=None)
+        if replaced is not None and replaced != relative:
+            store.delete(replaced)
         repaired += 1
     if repaired:
         log.warning("re-indexed %d instance file(s) written before an interruption", repaired)

@@ -104,12 +104,12 @@ def index(sessions: sessionmaker[Session], store: InstanceStore) -> IndexFn:
             calling: str | None = "MODALITY", called: str | None = "MEDNODE", **attrs: object) -> IndexOutcome:
         data = to_bytes(make_dataset(study, series, number, **attrs))
         header, _ = parse_header(data)
-        stored = store.write(
-            store.instance_path(header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid),
-            data,
-        )
+        stored = store.write_instance(header.study_instance_uid, header.series_instance_uid,
+                                      header.sop_instance_uid, data)
         with sessions() as session, session.begin():
-            return index_instance(session, header, stored, calling_ae_title=calling, called_ae_title=called, now=now)
+            outcome, _ = index_instance(session, header, stored, calling_ae_title=calling, called_ae_title=called,
+                                        now=now)
+        return outcome
 
     return run
 

@@ -65,7 +65,9 @@ def test_claim_runs_a_queued_job_once(sessions, routed_job: int) -> None:
     assert (claimed.id, claimed.study_instance_uid, claimed.study_version, claimed.attempt) == (routed_job, STUDY, 1, 1)
     assert claimed.key == f"{STUDY}/1/ct"
     assert list(claimed.instance_paths) == [SERIES]
-    assert [p.rsplit("/", 1)[-1] for p in claimed.instance_paths[SERIES]] == [f"{SERIES}.1.dcm", f"{SERIES}.2.dcm"]
+    assert [p.rsplit("/", 1)[-1].rsplit(".", 2)[0] for p in claimed.instance_paths[SERIES]] == [
+        f"{SERIES}.1", f"{SERIES}.2"
+    ]
     assert claimed.destinations == [PACS, ARCHIVE]
     job = _job(sessions, routed_job)
     assert job.state is JobState.RUNNING

@@ -22,10 +22,12 @@ def store(tmp_path: Path) -> InstanceStore:
 
 def _index(sessions: sessionmaker[Session], store: InstanceStore, header, data: bytes, *, now=None,
            calling: str | None = "MODALITY", called: str | None = "MEDNODE") -> IndexOutcome:  # type: ignore[no-untyped-def]
-    relative = store.instance_path(header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
-    stored = store.write(relative, data)
+    stored = store.write_instance(header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, data)
     with sessions() as session, session.begin():
-        return index_instance(session, header, stored, calling_ae_title=calling, called_ae_title=called, now=now)
+        outcome, replaced = index_instance(session, header, stored, calling_ae_title=calling, called_ae_title=called,
+                                           now=now)
+    assert (replaced is not None) is (outcome is IndexOutcome.REPLACED)
+    return outcome
 
 
 def _count(session: Session, model: type) -> int:
@@ -53,7 +55,7 @@ def test_new_instance_creates_patient_study_series_instance(sessions, store, mak
         )
         instance = session.scalars(select(Instance)).one()
         assert instance.sop_instance_uid == header.sop_instance_uid
-        assert instance.path == f"instances/{STUDY_UID}/{header.series_instance_uid}/{header.sop_instance_uid}.dcm"
+        assert instance.path.startswith(f"instances/{STUDY_UID}/{header.series_instance_uid}/{header.sop_instance_uid}.")
         assert instance.size_bytes == len(b"instance one")
         assert instance.transfer_syntax_uid == header.transfer_syntax_uid
         assert instance.received_at.tzinfo is not None
@@ -99,11 +101,18 @@ def test_resend_with_other_bytes_replaces_the_row(sessions, store, make_header: 
     header = make_header(1)
     first_at = utcnow() - timedelta(minutes=5)
     _index(sessions, store, header, b"first bytes", now=first_at)
+    with sessions() as session:
+        first_path = session.scalars(select(Instance.path)).one()
     later = utcnow()
 
-    outcome = _index(sessions, store, header, b"corrected, other bytes", now=later)
+    stored = store.write_instance(STUDY_UID, header.series_instance_uid, header.sop_instance_uid,
+                                  b"corrected, other bytes")
+    with sessions() as session, session.begin():
+        outcome, replaced = index_instance(session, header, stored, calling_ae_title=None, called_ae_title=None,
+                                           now=later)
 
     assert outcome is IndexOutcome.REPLACED
+    assert replaced == first_path != stored.relative_path  # for the caller to delete after commit
     with sessions() as session:
         instance = session.scalars(select(Instance)).one()
         assert instance.size_bytes == len(b"corrected, other bytes")
@@ -159,7 +168,8 @@ def test_naive_datetimes_are_refused(sessions, store, make_header: HeaderFactory
     from datetime import datetime
 
     header = make_header(1)
-    stored = StoredFile(store.instance_path(STUDY_UID, header.series_instance_uid, header.sop_instance_uid), 1, "0" * 64)
+    stored = StoredFile(store.instance_path(STUDY_UID, header.series_instance_uid, header.sop_instance_uid, "0" * 64), 1,
+                        "0" * 64)
     with pytest.raises(Exception, match="naive datetime"):
         with sessions() as session, session.begin():
             index_instance(session, header, stored, calling_ae_title=None, called_ae_title=None,

@@ -21,11 +21,11 @@ def _partials(root: Path) -> list[Path]:
 
 def test_write_is_complete_and_leaves_no_partial(tmp_path: Path) -> None:
     store = InstanceStore(tmp_path / "store")
-    relative = store.instance_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    relative = store.result_path(3, "1.2.3.4.5")
     data = [b"DICM" * 1000, b"more", b""]
     stored = store.write(relative, data)
 
-    assert relative == "instances/1.2.3/1.2.3.4/1.2.3.4.5.dcm"
+    assert relative == "results/3/1.2.3.4.5.dcm"
     assert stored.relative_path == relative
     assert stored.size_bytes == sum(len(p) for p in data)
     assert stored.sha256 == hashlib.sha256(b"".join(data)).hexdigest()
@@ -36,18 +36,18 @@ def test_write_is_complete_and_leaves_no_partial(tmp_path: Path) -> None:
 
 def test_write_replaces_an_existing_file_atomically(tmp_path: Path) -> None:
     store = InstanceStore(tmp_path)
-    relative = store.instance_path("1.2", "1.2.3", "1.2.3.4")
+    relative = store.result_path(1, "1.2.3.4")
     first = store.write(relative, b"first version")
     second = store.write(relative, b"second, longer version")
 
     assert store.read(relative) == b"second, longer version"
     assert first.sha256 != second.sha256
-    assert [p.name for p in (tmp_path / "instances/1.2/1.2.3").iterdir()] == ["1.2.3.4.dcm"]
+    assert [p.name for p in (tmp_path / "results/1").iterdir()] == ["1.2.3.4.dcm"]
 
 
 def test_failed_write_removes_its_temporary_file(tmp_path: Path) -> None:
     store = InstanceStore(tmp_path)
-    relative = store.instance_path("1.2", "1.2.3", "1.2.3.4")
+    relative = store.result_path(1, "1.2.3.4")
     (tmp_path / relative).mkdir(parents=True)  # a directory where the file should go: rename fails
 
     with pytest.raises(OSError):
@@ -60,12 +60,12 @@ def test_disk_full_during_write_is_storage_full_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = InstanceStore(tmp_path)
-    relative = store.instance_path("1.2", "1.2.3", "1.2.3.4")
+    relative = store.result_path(1, "1.2.3.4")
 
     def no_space(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_module.os, "fsync", no_space)
+    monkeypatch.setattr(store_module, "_sync_data", no_space)
     with pytest.raises(StorageFullError):
         store.write(relative, b"data")
     monkeypatch.undo()
@@ -76,18 +76,18 @@ def test_disk_full_during_write_is_storage_full_and_leaves_nothing(
 def test_watermark_above_free_space_refuses_the_write(tmp_path: Path) -> None:
     free = shutil.disk_usage(tmp_path).free
     store = InstanceStore(tmp_path, min_free_bytes=free + 1024**4)
-    relative = store.instance_path("1.2", "1.2.3", "1.2.3.4")
+    relative = store.result_path(1, "1.2.3.4")
 
     with pytest.raises(StorageFullError, match="watermark") as raised:
         store.write(relative, b"x" * 10)
     assert isinstance(raised.value, StorageError) and isinstance(raised.value, OSError)
-    assert not (tmp_path / "instances").exists()
+    assert not (tmp_path / "results").exists()
     assert _partials(tmp_path) == []
 
 
 def test_watermark_below_free_space_allows_the_write(tmp_path: Path) -> None:
     store = InstanceStore(tmp_path, min_free_bytes=1024)
-    stored = store.write(store.instance_path("1.2", "1.2.3", "1.2.3.4"), b"x")
+    stored = store.write(store.result_path(1, "1.2.3.4"), b"x")
     assert stored.size_bytes == 1
 
 
@@ -107,12 +107,18 @@ def test_check_uid_accepts_a_64_character_uid() -> None:
 
 def test_instance_and_result_paths_refuse_bad_uids(tmp_path: Path) -> None:
     store = InstanceStore(tmp_path)
+    digest = hashlib.sha256(b"x").hexdigest()
     with pytest.raises(InvalidUIDError):
-        store.instance_path("..", "1.2", "1.2.3")
+        store.instance_path("..", "1.2", "1.2.3", digest)
     with pytest.raises(InvalidUIDError):
-        store.instance_path("1.2", "1.2/../../x", "1.2.3")
+        store.instance_path("1.2", "1.2/../../x", "1.2.3", digest)
     with pytest.raises(InvalidUIDError):
-        store.instance_path("1.2", "1.2.3", "")
+        store.instance_path("1.2", "1.2.3", "", digest)
+    with pytest.raises(ValueError):
+        store.instance_path("1.2", "1.2.3", "1.2.3.4", "../" + digest[3:])
+    with pytest.raises(InvalidUIDError):
+        store.write_instance("1.2", "1.2.3", "../../etc", b"data")
+    assert not (tmp_path / "instances").exists()
     with pytest.raises(InvalidUIDError):
         store.result_path(7, "../../1.2")
     assert store.result_path(7, "1.2.3") == "results/7/1.2.3.dcm"
@@ -140,8 +146,8 @@ def test_symlink_out_of_the_store_is_refused(tmp_path: Path) -> None:
 
 def test_remove_partials_deletes_only_temporary_files(tmp_path: Path) -> None:
     store = InstanceStore(tmp_path)
-    kept = store.write(store.instance_path("1.2", "1.2.3", "1.2.3.4"), b"complete")
-    series_dir = tmp_path / "instances/1.2/1.2.3"
+    kept = store.write(store.result_path(1, "1.2.3.4"), b"complete")
+    series_dir = tmp_path / "results/1"
     crashed = [
         series_dir / f".1.2.3.5.dcm.abc{PARTIAL_SUFFIX}",
         tmp_path / "results" / "3" / f".1.2.9.dcm.def{PARTIAL_SUFFIX}",
@@ -158,7 +164,70 @@ def test_remove_partials_deletes_only_temporary_files(tmp_path: Path) -> None:
 
 def test_delete_removes_a_stored_file(tmp_path: Path) -> None:
     store = InstanceStore(tmp_path)
-    relative = store.write(store.instance_path("1.2", "1.2.3", "1.2.3.4"), b"x").relative_path
+    relative = store.write(store.result_path(1, "1.2.3.4"), b"x").relative_path
     store.delete(relative)
     assert not (tmp_path / relative).exists()
     store.delete(relative)  # deleting twice is harmless
+
+
+# -- received instances: content-addressed, written once ------------------------------------------
+def test_write_instance_names_the_file_by_uids_and_digest(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    data = b"DICM instance bytes"
+    stored = store.write_instance("1.2", "1.2.3", "1.2.3.4", data)
+
+    digest = hashlib.sha256(data).hexdigest()
+    assert stored.relative_path == f"instances/1.2/1.2.3/1.2.3.4.{digest[:16]}.dcm"
+    assert stored.relative_path == store.instance_path("1.2", "1.2.3", "1.2.3.4", digest)
+    assert (stored.size_bytes, stored.sha256) == (len(data), digest)
+    assert store.read(stored.relative_path) == data
+    assert store.name_matches_content(stored.relative_path, data)
+    assert not store.name_matches_content(stored.relative_path, data + b"!")
+    assert _partials(tmp_path) == []
+
+
+def test_identical_resend_writes_nothing_and_other_bytes_get_another_file(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    first = store.write_instance("1.2", "1.2.3", "1.2.3.4", b"version one")
+    path = tmp_path / first.relative_path
+    before = path.stat()
+
+    again = store.write_instance("1.2", "1.2.3", "1.2.3.4", b"version one")
+    other = store.write_instance("1.2", "1.2.3", "1.2.3.4", b"version two")
+
+    assert again == first
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert other.relative_path != first.relative_path
+    assert store.read(first.relative_path) == b"version one"  # the index decides which one counts
+    assert store.read(other.relative_path) == b"version two"
+
+
+def test_interrupted_instance_write_is_redone(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    data = b"the whole instance"
+    relative = store.instance_path("1.2", "1.2.3", "1.2.3.4", hashlib.sha256(data).hexdigest())
+    (tmp_path / relative).parent.mkdir(parents=True)
+    (tmp_path / relative).write_bytes(data[:5])  # what a crash mid-write leaves
+
+    store.write_instance("1.2", "1.2.3", "1.2.3.4", data)
+
+    assert store.read(relative) == data
+
+
+def test_write_instance_keeps_the_watermark(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path, min_free_bytes=shutil.disk_usage(tmp_path).free + 1024**4)
+    with pytest.raises(StorageFullError):
+        store.write_instance("1.2", "1.2.3", "1.2.3.4", b"data")
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_disk_full_during_instance_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = InstanceStore(tmp_path)
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module, "_sync_data", no_space)
+    with pytest.raises(StorageFullError):
+        store.write_instance("1.2", "1.2.3", "1.2.3.4", b"data")
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []

@@ -1,0 +1,103 @@
+"""Repair at start: instance files the index lost are indexed again; interrupted writes removed."""
+
+from __future__ import annotations
+
+import os
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_io.header import parse_header
+from storage.index import index_instance
+from storage.models import Instance, Study, StudyState
+from storage.reconcile import reindex_orphans
+from storage.store import InstanceStore
+
+STUDY, SERIES = "1.2.826.0.1.3680043.8.498.40", "1.2.826.0.1.3680043.8.498.40.1"
+
+
+def _instance(number: int, description: str = "axial") -> bytes:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{SERIES}.{number}"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY, SERIES
+    ds.Modality, ds.SeriesDescription = "OT", description
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> InstanceStore:
+    return InstanceStore(tmp_path / "store")
+
+
+def _received(store: InstanceStore, sessions: sessionmaker[Session], data: bytes, *, indexed: bool) -> str:
+    """Write one instance as the listener does; index it only if ``indexed`` (else: crash)."""
+    header, _ = parse_header(data)
+    stored = store.write_instance(header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, data)
+    if indexed:
+        with sessions() as session, session.begin():
+            index_instance(session, header, stored, calling_ae_title="X", called_ae_title="MEDNODE")
+    return stored.relative_path
+
+
+def _paths(sessions: sessionmaker[Session]) -> list[str]:
+    with sessions() as session:
+        return sorted(session.scalars(select(Instance.path)))
+
+
+def test_files_without_rows_are_indexed(store: InstanceStore, sessions) -> None:
+    kept = _received(store, sessions, _instance(1), indexed=True)
+    lost = [_received(store, sessions, _instance(n), indexed=False) for n in (2, 3)]
+
+    assert reindex_orphans(store, sessions) == 2
+
+    assert _paths(sessions) == sorted([kept, *lost])
+    with sessions() as session:
+        assert session.scalars(select(Study)).one().state is StudyState.RECEIVING
+    assert reindex_orphans(store, sessions) == 0  # idempotent
+
+
+def test_interrupted_write_is_removed_and_invalid_files_left_alone(store: InstanceStore, sessions) -> None:
+    torn = _received(store, sessions, _instance(1), indexed=False)
+    full = store.absolute(torn)
+    full.write_bytes(full.read_bytes()[:-7])  # the content no longer matches the digest in the name
+    junk = store.write_instance(STUDY, SERIES, "1.2.3", b"not DICOM at all").relative_path
+
+    assert reindex_orphans(store, sessions) == 0
+
+    assert not full.exists()
+    assert store.absolute(junk).exists()  # not an instance: kept for a person to look at
+    assert _paths(sessions) == []
+
+
+def test_an_old_version_whose_delete_was_interrupted_does_not_come_back(store: InstanceStore, sessions) -> None:
+    """A re-sent, corrected instance replaced the row; the crash came before the old file was
+    deleted. The old bytes must not replace the newer ones at the next start."""
+    old = _received(store, sessions, _instance(1, "first"), indexed=True)
+    new = _received(store, sessions, _instance(1, "corrected"), indexed=True)
+    assert store.absolute(old).exists()  # what the crash left
+
+    reindex_orphans(store, sessions)
+
+    assert _paths(sessions) == [new]
+
+
+def test_a_newer_version_whose_row_was_rolled_back_wins(store: InstanceStore, sessions) -> None:
+    """Power loss rolled back the commit of a corrected re-send: its file is newer than the one
+    the row points at, so it is indexed and the old file goes."""
+    old = _received(store, sessions, _instance(1, "first"), indexed=True)
+    os.utime(store.absolute(old), (1_000_000_000, 1_000_000_000))
+    new = _received(store, sessions, _instance(1, "corrected"), indexed=False)
+
+    assert reindex_orphans(store, sessions) == 1
+
+    assert _paths(sessions) == [new]
+    assert not store.absolute(old).exists()

@@ -59,7 +59,10 @@ def contributing_equipment_item(algorithm: AlgorithmInfo) -> Dataset:
     item.PurposeOfReferenceCodeSequence = DicomSequence([purpose])
     item.Manufacturer = algorithm.manufacturer
     item.ManufacturerModelName = algorithm.name
-    item.SoftwareVersions = algorithm.version
+    # the model family (e.g. medgemma) says which adapter read the model's output: a second value
+    item.SoftwareVersions = (
+        [algorithm.version, f"family={algorithm.family}"] if algorithm.family else algorithm.version
+    )
     item.DeviceUID = algorithm.device_uid
     return item
 

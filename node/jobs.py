@@ -118,14 +118,13 @@ def claim(sessions: sessionmaker[Session], job_id: int, *, lease_s: float = LEAS
             job.reason = "the study received more instances; a newer version will run"
             job.finished_at = now
             return None
-        expired = job.lease_expires_at is None or job.lease_expires_at < now
+        # the lease test lives in the WHERE clause: of two workers re-claiming an expired job,
+        # the database lets exactly one UPDATE match
+        expired = Job.lease_expires_at.is_(None) | (Job.lease_expires_at < now)
         taken = session.execute(
             update(Job)
             .where(Job.id == job_id)
-            .where(
-                (Job.state == JobState.QUEUED)
-                | ((Job.state == JobState.RUNNING) & expired)
-            )
+            .where((Job.state == JobState.QUEUED) | ((Job.state == JobState.RUNNING) & expired))
             .values(
                 state=JobState.RUNNING,
                 attempts=Job.attempts + 1,

@@ -19,6 +19,8 @@ app = typer.Typer(help="mednode: a DICOM node that runs a medical imaging model 
                   no_args_is_help=True, add_completion=False)
 jobs_app = typer.Typer(help="Act on jobs (the same functions as the API).", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
+models_app = typer.Typer(help="Model weights on local disk.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 console = Console(stderr=True)
 
 ConfigOpt = Annotated[
@@ -202,6 +204,35 @@ def jobs_cancel(job_id: int, config: ConfigOpt = None) -> None:
         console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(1)
     typer.echo(f"job {job_id} cancelled")
+
+
+@models_app.command("pull")
+def models_pull(
+    repo_id: Annotated[str, typer.Argument(help="Hugging Face hub id, e.g. google/medgemma-4b-it")],
+    dest: Annotated[Optional[Path], typer.Option(help="Target directory (default: <data_dir>/models/<name>).")] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Branch, tag or commit.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Download a model to local disk (where a network exists), for models.vlm.path."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    settings = _settings(config)
+    target = dest or settings.data_dir / "models" / repo_id.replace("/", "--")
+    try:
+        path = snapshot_download(repo_id, revision=revision, local_dir=target)
+    except (GatedRepoError, RepositoryNotFoundError) as exc:
+        console.print(escape(f"{repo_id}: {type(exc).__name__}: the model does not exist or needs "
+                             "access (accept its licence on the hub and set HF_TOKEN)"))
+        raise typer.Exit(1)
+    except Exception as exc:  # boundary: no network, proxy, DNS... say so plainly
+        console.print(escape(
+            f"cannot download {repo_id}: the hub is not reachable from this machine "
+            f"({type(exc).__name__}). Copy the model directory here by other means and set "
+            "models.vlm.path (or MEDNODE_VLM_PATH) to it."
+        ))
+        raise typer.Exit(1)
+    typer.echo(f"{repo_id} is in {path}; set models.vlm.path (or MEDNODE_VLM_PATH) to it")
 
 
 def main() -> None:

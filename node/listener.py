@@ -3,12 +3,23 @@
 The C-STORE handler never raises: each failure becomes a status with a comment (PS3.4 B.2.3) —
 ``0xA700`` when mednode cannot take the instance now (disk, database), ``0xA900`` when the data set
 does not match the request, ``0xC000`` when it cannot be understood — and the listener keeps serving.
+
+Who may associate: with an allow-list (``allowed_calling_ae_titles``, entries ``AET`` or
+``AET@host``) any other peer gets an A-ASSOCIATE-RJ, rejected-permanent, "calling AE title not
+recognised" (PS3.8 9.3.4, source service user, reason 3) before any data is exchanged. The same
+listener can also run on a DICOM TLS port (PS3.15 B.1, :mod:`node.tls`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-from typing import Any
+import socket
+import ssl
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -30,6 +41,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_io.errors import InvalidInstanceError
 from node import metrics
+from node.config import ConfigError
 from node.ingest import Ingestor, RequestMismatchError
 from storage.errors import StorageError, StorageFullError
 
@@ -116,6 +128,119 @@ def _log_association(event: Any) -> None:
     )
 
 
+# -- who may associate ------------------------------------------------------------------------------
+#: A-ASSOCIATE-RJ fields (PS3.8 9.3.4): rejected-permanent, DICOM UL service-user,
+#: calling-AE-title-not-recognized.
+REJECT_PERMANENT = 0x01
+REJECT_SOURCE_SERVICE_USER = 0x01
+REJECT_CALLING_AE_NOT_RECOGNISED = 0x03
+
+
+def _normal_ip(address: str) -> str:
+    """The canonical text of an IP address (an IPv4-mapped IPv6 address as plain IPv4)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0].strip("[]"))
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _resolve(host: str) -> frozenset[str]:
+    """The IP addresses ``host`` stands for (itself when it is an address), empty if unresolvable."""
+    if _is_ip(host):
+        return frozenset({_normal_ip(host)})
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError as exc:
+        log.warning("allowed_calling_ae_titles: cannot resolve host %r (%s); its entries allow "
+                    "no peer until the next start", host, exc)
+        return frozenset()
+    return frozenset(_normal_ip(str(info[4][0])) for info in infos)
+
+
+@dataclass(frozen=True)
+class AllowedPeer:
+    """One allow-list entry: a calling AE title, from any host or from one host's addresses."""
+
+    ae_title: str
+    host: str | None = None
+    addresses: frozenset[str] = field(default_factory=frozenset)
+
+    def allows(self, ae_title: str, address: str) -> bool:
+        if ae_title != self.ae_title:
+            return False
+        return self.host is None or _normal_ip(address) in self.addresses
+
+
+@dataclass(frozen=True)
+class CallingAEAllowList:
+    """The peers allowed to associate (``allowed_calling_ae_titles``).
+
+    AE titles compare exactly after stripping spaces (PS3.5 6.2: leading and trailing spaces
+    are not significant; titles are case-sensitive). A host name is resolved once, when the
+    list is built (at start), so a peer is checked by IP without a DNS lookup per association.
+    """
+
+    peers: tuple[AllowedPeer, ...]
+
+    @classmethod
+    def parse(cls, entries: Sequence[str]) -> CallingAEAllowList:
+        """Build the list from ``AET`` / ``AET@host`` entries.
+
+        Raises
+        ------
+        ConfigError
+            If an entry has an empty or invalid AE title (1–16 printable characters, no
+            backslash) or an empty host.
+        """
+        peers = []
+        for entry in entries:
+            title, sep, host = str(entry).strip().partition("@")
+            title, host = title.strip(), host.strip()
+            if not 1 <= len(title) <= 16 or "\\" in title or not title.isprintable():
+                raise ConfigError(
+                    f"allowed_calling_ae_titles: {entry!r} is not AET or AET@host "
+                    "(an AE title has 1 to 16 printable characters and no backslash)"
+                )
+            if sep and not host:
+                raise ConfigError(f"allowed_calling_ae_titles: {entry!r} has '@' but no host")
+            peers.append(AllowedPeer(title, host or None, _resolve(host) if host else frozenset()))
+        return cls(tuple(peers))
+
+    def allows(self, ae_title: str | None, address: str) -> bool:
+        title = (ae_title or "").strip()
+        return any(peer.allows(title, address) for peer in self.peers)
+
+
+def check_calling_peer(event: Any, allowed: CallingAEAllowList) -> None:
+    """``EVT_REQUESTED`` handler: reject a peer the allow-list does not name, before negotiation.
+
+    The rejection is A-ASSOCIATE-RJ (rejected-permanent, service user, calling AE title not
+    recognised): a misconfigured modality sees why at once instead of retrying. Logged with the
+    AE title and IP address only.
+    """
+    assoc = event.assoc
+    calling = str(assoc.requestor.primitive.calling_ae_title or "").strip()
+    address = str(assoc.requestor.address)
+    if allowed.allows(calling, address):
+        return
+    log.warning("rejected association from %s@%s: calling AE title not allowed from this address",
+                calling, address)
+    assoc.acse.send_reject(REJECT_PERMANENT, REJECT_SOURCE_SERVICE_USER, REJECT_CALLING_AE_NOT_RECOGNISED)
+    evt.trigger(assoc, evt.EVT_REJECTED, {})
+    assoc.kill()  # waits until the peer has the A-ASSOCIATE-RJ and closes (as pynetdicom does)
+
+
 def make_ae(ae_title: str) -> AE:
     """An Application Entity accepting Verification and every storage SOP class."""
     ae = AE(ae_title=ae_title)
@@ -129,17 +254,86 @@ def make_ae(ae_title: str) -> AE:
     return ae
 
 
+# -- servers ----------------------------------------------------------------------------------------
+class TLSAssociationServer(ThreadedAssociationServer):
+    """An association server whose TLS handshake runs in the connection's own thread.
+
+    pynetdicom's server does the handshake in its accept loop, on a blocking socket: one client
+    that connects and sends nothing (or a plain-TCP peer) would stall every other TLS peer. Here
+    the accept loop only accepts; each connection's thread does the handshake with the ACSE
+    timeout, and a failed handshake is logged (address and reason) and closed.
+    """
+
+    handshake_timeout_s: float = 30.0
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None and self.ssl_context is not None
+        client, address = self.socket.accept()
+        wrapped = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return wrapped, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        try:
+            request.settimeout(self.handshake_timeout_s)
+            request.do_handshake()
+            request.settimeout(None)
+        except (ssl.SSLError, OSError) as exc:
+            log.warning("TLS handshake with %s failed: %s", client_address[0],
+                        getattr(exc, "reason", None) or type(exc).__name__)
+            return  # the server closes the socket (shutdown_request)
+        super().finish_request(request, client_address)
+
+
 def start_listener(
-    ingestor: Ingestor, *, ae_title: str, host: str, port: int
+    ingestor: Ingestor,
+    *,
+    ae_title: str,
+    host: str,
+    port: int,
+    allowed_calling_ae_titles: Sequence[str] | CallingAEAllowList | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> ThreadedAssociationServer:
-    """Start the SCP in background threads and return the server (``.shutdown()`` stops it)."""
+    """Start the SCP in background threads and return the server (``.shutdown()`` stops it).
+
+    Parameters
+    ----------
+    allowed_calling_ae_titles
+        ``AET`` or ``AET@host`` entries (or a built :class:`CallingAEAllowList`); any other
+        peer is rejected. None accepts every peer.
+    ssl_context
+        Server-side TLS context (:func:`node.tls.server_context`): this listener then speaks
+        DICOM TLS only.
+
+    Raises
+    ------
+    ConfigError
+        If an allow-list entry is invalid.
+    """
     quiet_pynetdicom()
     ae = make_ae(ae_title)
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [ingestor]),
         (evt.EVT_ACCEPTED, _log_association),
         (evt.EVT_ABORTED, _log_association),
     ]
-    server = ae.start_server((host, port), block=False, evt_handlers=handlers)
-    log.info("listening as %s on %s:%d", ae_title, host, port)
+    if allowed_calling_ae_titles is not None:
+        allowed = (
+            allowed_calling_ae_titles
+            if isinstance(allowed_calling_ae_titles, CallingAEAllowList)
+            else CallingAEAllowList.parse(allowed_calling_ae_titles)
+        )
+        handlers.append((evt.EVT_REQUESTED, check_calling_peer, [allowed]))
+    server: ThreadedAssociationServer
+    if ssl_context is None:
+        server = cast(ThreadedAssociationServer,
+                      ae.start_server((host, port), block=False, evt_handlers=handlers))
+    else:
+        tls_server = cast(TLSAssociationServer, ae.make_server(
+            (host, port), evt_handlers=handlers, ssl_context=ssl_context, server_class=TLSAssociationServer))
+        tls_server.handshake_timeout_s = float(ae.acse_timeout or 30)
+        ae._servers.append(tls_server)  # as start_server does: server.shutdown() removes it there
+        threading.Thread(target=tls_server.serve_forever, name=f"TLSAcceptor@{port}", daemon=True).start()
+        server = tls_server
+    log.info("listening as %s on %s:%d%s%s", ae_title, host, port, " (DICOM TLS)" if ssl_context else "",
+             "; calling AE titles restricted" if allowed_calling_ae_titles is not None else "")
     return server

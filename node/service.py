@@ -14,11 +14,13 @@ import sys
 import threading
 from pathlib import Path
 
+from pynetdicom.transport import ThreadedAssociationServer
+
 from node import context
-from node.config import Settings
+from node.config import ConfigError, Settings
 from node.context import NodeContext
 from node.ingest import Ingestor
-from node.listener import start_listener
+from node.listener import CallingAEAllowList, start_listener
 from node.scheduler import Scheduler
 from storage.db import upgrade
 from storage.reconcile import reindex_orphans
@@ -73,8 +75,39 @@ class WorkerSupervisor:
                 self.process.wait()
 
 
+def start_listeners(settings: Settings, ingestor: Ingestor) -> list[ThreadedAssociationServer]:
+    """The DICOM listener on ``dicom_port`` and, with ``tls`` set, a DICOM TLS one on ``tls.port``.
+
+    Both share the calling AE allow-list. Returns the running servers (``.shutdown()`` each).
+
+    Raises
+    ------
+    ConfigError
+        If an allow-list entry is invalid or the TLS files cannot be loaded.
+    """
+    from node.tls import server_context
+
+    allowed = (CallingAEAllowList.parse(settings.allowed_calling_ae_titles)
+               if settings.allowed_calling_ae_titles is not None else None)
+    ssl_context = server_context(settings.tls) if settings.tls is not None else None
+    servers = [start_listener(ingestor, ae_title=settings.ae_title, host=settings.dicom_host,
+                              port=settings.dicom_port, allowed_calling_ae_titles=allowed)]
+    if settings.tls is not None and ssl_context is not None:
+        try:
+            servers.append(start_listener(ingestor, ae_title=settings.ae_title, host=settings.dicom_host,
+                                          port=settings.tls.port, allowed_calling_ae_titles=allowed,
+                                          ssl_context=ssl_context))
+        except OSError:
+            servers[0].shutdown()
+            raise
+    return servers
+
+
 def serve(settings: Settings, config_path: Path | None) -> None:
-    """Run the node until SIGINT/SIGTERM."""
+    """Run the node until SIGINT/SIGTERM.
+
+    Exits with status 2 when the listener's settings (allow-list, TLS files) are unusable.
+    """
     import uvicorn
 
     from node.celery_app import configure_celery
@@ -82,12 +115,12 @@ def serve(settings: Settings, config_path: Path | None) -> None:
 
     ctx = prepare(settings)
     configure_celery(settings)
-    server = start_listener(
-        Ingestor(ctx.store, ctx.sessions),
-        ae_title=settings.ae_title,
-        host=settings.dicom_host,
-        port=settings.dicom_port,
-    )
+    try:
+        servers = start_listeners(settings, Ingestor(ctx.store, ctx.sessions))
+    except ConfigError as exc:
+        log.error("%s", exc)
+        ctx.close()
+        raise SystemExit(2) from None
     scheduler = Scheduler(ctx)
     scheduler.start()
     supervisor = None
@@ -108,7 +141,8 @@ def serve(settings: Settings, config_path: Path | None) -> None:
         web.run()  # blocks; handles SIGINT/SIGTERM
     finally:
         log.info("shutting down")
-        server.shutdown()
+        for server in servers:
+            server.shutdown()
         scheduler.stop()
         if supervisor is not None:
             supervisor.stop()

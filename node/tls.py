@@ -1,0 +1,50 @@
+"""DICOM TLS (PS3.15 B.1, BCP 195): the server-side TLS context of the listener's TLS port.
+
+TLS 1.2 is the minimum (BCP 195 and the Non-Downgrading BCP 195 profile of PS3.15 B.9 forbid
+anything older). With ``require_client_cert`` a peer must present a certificate signed by
+``ca_file`` (mutual authentication, the usual setup between a modality or PACS and a node);
+with ``ca_file`` alone a certificate is verified when a peer offers one.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from node.config import ConfigError, TLSSettings
+
+
+def server_context(tls: TLSSettings) -> ssl.SSLContext:
+    """The ``ssl.SSLContext`` of the DICOM TLS listener.
+
+    Raises
+    ------
+    ConfigError
+        If a certificate, key or CA file is missing or unreadable, or the key does not match
+        the certificate; the message names the ``tls.*`` key.
+    """
+    for key, path in (("tls.cert_file", tls.cert_file), ("tls.key_file", tls.key_file),
+                      ("tls.ca_file", tls.ca_file)):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{key}: file not found: {path}")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    try:
+        context.load_cert_chain(certfile=str(tls.cert_file), keyfile=str(tls.key_file))
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"tls.cert_file/tls.key_file: cannot load {tls.cert_file} with {tls.key_file} "
+            f"(PEM certificate and its unencrypted private key expected): {exc}"
+        ) from None
+    if tls.ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=str(tls.ca_file))
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"tls.ca_file: cannot load CA certificates from {tls.ca_file}: {exc}") from None
+    if tls.require_client_cert:
+        context.verify_mode = ssl.CERT_REQUIRED
+    elif tls.ca_file is not None:
+        context.verify_mode = ssl.CERT_OPTIONAL
+    else:
+        context.verify_mode = ssl.CERT_NONE
+    return context

@@ -231,6 +231,9 @@ class Settings(BaseSettings):
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     job_max_attempts: int = Field(default=3, ge=1)
     job_retry_backoff_s: float = Field(default=10.0, gt=0)
+    #: a running job whose worker has not renewed its lease for this long is taken as lost and
+    #: queued again by the sweep (the worker renews it every third of it)
+    job_lease_s: float = Field(default=120.0, gt=0)
     #: ``mednode serve`` starts a worker process itself (the embedded default)
     embedded_worker: bool = True
     worker_concurrency: int = Field(default=1, ge=1)

@@ -226,7 +226,7 @@ def run_job(ctx: NodeContext, job_id: int) -> list[int]:
         When the database or the store failed in a way worth retrying; the job is back in
         ``queued`` and the caller schedules the retry.
     """
-    job = jobs.claim(ctx.sessions, job_id)
+    job = jobs.claim(ctx.sessions, job_id, lease_s=ctx.settings.job_lease_s)
     if job is None:
         log.info("job %d is not runnable now (done, running elsewhere or superseded)", job_id)
         return []
@@ -234,7 +234,7 @@ def run_job(ctx: NodeContext, job_id: int) -> list[int]:
              job.study_instance_uid)
     started = time.perf_counter()
     try:
-        with _Lease(ctx, job.id):
+        with _Lease(ctx, job.id, ctx.settings.job_lease_s):
             outputs = run_tasks(ctx, job)
             results = store_outputs(ctx, job.id, outputs)
     except (InferenceError, DicomIOError, ValueError, KeyError) as exc:

@@ -206,6 +206,50 @@ def jobs_cancel(job_id: int, config: ConfigOpt = None) -> None:
     typer.echo(f"job {job_id} cancelled")
 
 
+@jobs_app.command("priority")
+def jobs_priority(job_id: int, priority: Annotated[int, typer.Argument(min=0, max=9)], config: ConfigOpt = None) -> None:
+    """Give a queued job another priority (9 runs first)."""
+    from node import jobs
+    from node.celery_app import configure_celery
+
+    settings = _settings(config)
+    ctx = _context(settings)
+    configure_celery(settings)
+    try:
+        jobs.set_priority(ctx.sessions, job_id, priority)
+    except (jobs.JobNotFoundError, jobs.InvalidTransitionError) as exc:
+        console.print(escape(str(exc)))
+        raise typer.Exit(1)
+    typer.echo(f"job {job_id} has priority {priority}")
+
+
+@jobs_app.command("send")
+def jobs_send(
+    job_id: int,
+    to: Annotated[Optional[str], typer.Option("--to", help="AET@host:port (default: destination).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Send a finished job's result objects to a destination."""
+    from node import jobs
+    from node.celery_app import configure_celery
+
+    settings = _settings(config)
+    destination = _destination(to) if to else settings.destination
+    if destination is None:
+        console.print("no destination: give --to AET@host:port or configure destination")
+        raise typer.Exit(2)
+    ctx = _context(settings)
+    configure_celery(settings)
+    try:
+        created = jobs.send_results(ctx.sessions, job_id, [str(destination)])
+    except (jobs.JobNotFoundError, jobs.InvalidTransitionError) as exc:
+        console.print(escape(str(exc)))
+        raise typer.Exit(1)
+    for delivery_id in created:
+        jobs.enqueue_delivery(ctx.sessions, delivery_id)
+    typer.echo(f"job {job_id}: {len(created)} object(s) queued for {destination}")
+
+
 @models_app.command("pull")
 def models_pull(
     repo_id: Annotated[str, typer.Argument(help="Hugging Face hub id, e.g. google/medgemma-4b-it")],

@@ -322,6 +322,71 @@ def retry_job(sessions: sessionmaker[Session], job_id: int) -> None:
     enqueue_job(sessions, job_id, priority)
 
 
+def set_priority(sessions: sessionmaker[Session], job_id: int, priority: int) -> None:
+    """Give a queued job another priority (0–9, 9 first) and enqueue it again with it.
+
+    The earlier message stays in the broker; whichever arrives first claims the job and the
+    other finds it taken (claims are conditional), so the duplicate is harmless.
+
+    Raises
+    ------
+    ValueError
+        If ``priority`` is outside 0..9.
+    JobNotFoundError
+        If there is no such job.
+    InvalidTransitionError
+        If the job is not queued (a running or finished job has no place in the queue).
+    """
+    if not 0 <= priority <= 9:
+        raise ValueError(f"priority must be 0..9, got {priority}")
+    with sessions() as session, session.begin():
+        job = session.get(Job, job_id)
+        if job is None:
+            raise JobNotFoundError(f"job {job_id} does not exist")
+        changed = session.execute(
+            update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED).values(priority=priority)
+        ).rowcount
+        if not changed:
+            raise InvalidTransitionError(f"job {job_id} is {job.state.value}; only queued jobs can change priority")
+    enqueue_job(sessions, job_id, priority)
+
+
+def send_results(sessions: sessionmaker[Session], job_id: int, destinations: list[str]) -> list[int]:
+    """Send a finished job's results to more destinations (e.g. an on-demand answer to the PACS).
+
+    Returns the ids of the new deliveries, which the caller enqueues.
+
+    Raises
+    ------
+    JobNotFoundError
+        If there is no such job.
+    InvalidTransitionError
+        If the job has not produced its results (not succeeded, delivering or delivered).
+    """
+    now = utcnow()
+    created: list[int] = []
+    with sessions() as session, session.begin():
+        job = session.get(Job, job_id)
+        if job is None:
+            raise JobNotFoundError(f"job {job_id} does not exist")
+        if job.state not in (JobState.SUCCEEDED, JobState.DELIVERING, JobState.DELIVERED) or not job.results:
+            raise InvalidTransitionError(
+                f"job {job_id} is {job.state.value}; only a job that wrote results can send them"
+            )
+        for result in job.results:
+            known = {d.destination for d in result.deliveries}
+            for destination in destinations:
+                if destination not in known:
+                    delivery = Delivery(result_pk=result.id, destination=destination, next_attempt_at=now)
+                    session.add(delivery)
+                    session.flush()
+                    created.append(delivery.id)
+        if created:
+            job.destinations = list(dict.fromkeys([*job.destinations, *destinations]))
+            job.state = JobState.DELIVERING
+    return created
+
+
 def cancel_job(sessions: sessionmaker[Session], job_id: int) -> None:
     with sessions() as session, session.begin():
         job = session.get(Job, job_id)

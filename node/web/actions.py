@@ -65,34 +65,28 @@ def cancel(sessions: sessionmaker[Session], job_id: int, actor: str) -> None:
 
 
 def set_priority(sessions: sessionmaker[Session], job_id: int, priority: int, actor: str) -> None:
-    """Give a queued job another priority (0–9, 9 first) and enqueue it again with it.
+    """Give a queued job another priority (:func:`node.jobs.set_priority`)."""
+    jobs.set_priority(sessions, job_id, priority)
+    audit(sessions, actor, "priority", _study_uid_of(sessions, job_id), f"job {job_id} -> {priority}")
 
-    The earlier message stays in the broker; whichever arrives first claims the job and the
-    other finds it taken (claims are conditional), so the duplicate is harmless.
+
+def send_results(sessions: sessionmaker[Session], settings: Settings, job_id: int, actor: str) -> int:
+    """Send a finished job's results (an on-demand answer) to the default destination, as SR.
+
+    Returns the number of deliveries queued.
 
     Raises
     ------
-    JobNotFoundError
-        If there is no such job.
-    InvalidTransitionError
-        If the job is not queued (a running or finished job has no place in the queue).
+    ActionRefusedError
+        If no default destination is configured.
     """
-    if not 0 <= priority <= 9:
-        raise ValueError(f"priority must be 0..9, got {priority}")
-    with sessions() as session, session.begin():
-        job = session.get(Job, job_id)
-        if job is None:
-            raise JobNotFoundError(f"job {job_id} does not exist")
-        changed = session.execute(  # type: ignore[attr-defined]
-            update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED).values(priority=priority)
-        ).rowcount
-        if not changed:
-            raise InvalidTransitionError(
-                f"job {job_id} is {job.state.value}; only queued jobs can change priority"
-            )
-        study_uid = job.study.study_instance_uid
-    jobs.enqueue_job(sessions, job_id, priority)
-    audit(sessions, actor, "priority", study_uid, f"job {job_id} -> {priority}")
+    if settings.destination is None:
+        raise ActionRefusedError("no default destination is configured (set destination: AET@host:port)")
+    created = jobs.send_results(sessions, job_id, [str(settings.destination)])
+    for delivery_id in created:
+        jobs.enqueue_delivery(sessions, delivery_id)
+    audit(sessions, actor, "send", _study_uid_of(sessions, job_id), f"job {job_id} -> {settings.destination}")
+    return len(created)
 
 
 def _image_series(study: Study) -> list[str]:

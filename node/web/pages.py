@@ -318,6 +318,13 @@ def ui_priority(ctx: ContextDep, job_id: int, principal: AdminDep,
     return _back(next, "/queue", f"job {job_id} now has priority {priority}")
 
 
+@router.post("/ui/jobs/{job_id}/send")
+def ui_send(ctx: ContextDep, settings: SettingsDep, job_id: int, principal: AdminDep,
+            next: NextField = "/queue") -> Response:
+    count = actions.send_results(ctx.sessions, settings, job_id, principal.user or "?")
+    return _back(next, "/queue", f"job {job_id}: {count} object(s) queued for {settings.destination}")
+
+
 @router.post("/ui/studies/{study_uid}/rerun")
 def ui_rerun(ctx: ContextDep, settings: SettingsDep, study_uid: str, principal: AdminDep,
              rule: Annotated[str, Form()]) -> Response:

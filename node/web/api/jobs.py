@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Query, Response
 from node import queries
 from node.web import actions, views
 from node.web.auth import AdminDep
-from node.web.deps import ContextDep, SessionDep
+from node.web.deps import ContextDep, SessionDep, SettingsDep
 from node.web.imaging import KeyImageError
 from node.web.schemas import ActionOut, JobOut, KeyImageOut, PriorityIn
 from storage.models import Job, JobState, utcnow
@@ -63,6 +63,14 @@ def cancel(session: SessionDep, ctx: ContextDep, job_id: int, principal: AdminDe
 def set_priority(session: SessionDep, ctx: ContextDep, job_id: int, body: PriorityIn,
                  principal: AdminDep) -> ActionOut:
     actions.set_priority(ctx.sessions, job_id, body.priority, principal.user or "?")
+    return _after(session, job_id)
+
+
+@router.post("/{job_id}/send", response_model=ActionOut)
+def send(session: SessionDep, ctx: ContextDep, settings: SettingsDep, job_id: int,
+         principal: AdminDep) -> ActionOut:
+    """Send a finished job's result objects (e.g. an answer asked on demand) to the default destination."""
+    actions.send_results(ctx.sessions, settings, job_id, principal.user or "?")
     return _after(session, job_id)
 
 

@@ -293,3 +293,29 @@ def test_status_counts(sessions, routed_job: int) -> None:
     assert counts["studies"][StudyState.ROUTED.value] == 1 and counts["studies"]["receiving"] == 0
     assert counts["jobs"]["delivering"] == 1 and set(counts["jobs"]) == {s.value for s in JobState}
     assert counts["deliveries"]["pending"] == 4
+
+
+def test_send_results_of_a_finished_job_to_another_destination(sessions, routed_job: int) -> None:
+    _set(sessions, Job, routed_job, destinations=[])
+    with pytest.raises(jobs.InvalidTransitionError):  # nothing written yet
+        jobs.send_results(sessions, routed_job, [PACS])
+    jobs.claim(sessions, routed_job)
+    jobs.record_results(sessions, routed_job, _results(routed_job))
+    assert _job(sessions, routed_job).state is JobState.SUCCEEDED
+
+    created = jobs.send_results(sessions, routed_job, [PACS])
+
+    assert len(created) == 2  # the SEG and the SR, once each
+    job = _job(sessions, routed_job)
+    assert job.state is JobState.DELIVERING and job.destinations == [PACS]
+    assert jobs.send_results(sessions, routed_job, [PACS]) == []  # asking twice sends nothing more
+
+
+def test_set_priority_only_for_queued_jobs(sessions, routed_job: int, memory_celery) -> None:
+    jobs.set_priority(sessions, routed_job, 9)
+    assert _job(sessions, routed_job).priority == 9
+    with pytest.raises(ValueError):
+        jobs.set_priority(sessions, routed_job, 10)
+    jobs.claim(sessions, routed_job)
+    with pytest.raises(jobs.InvalidTransitionError):
+        jobs.set_priority(sessions, routed_job, 1)

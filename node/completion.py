@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from node import metrics
+from node import audit, metrics
 from node.config import Settings
 from node.routing import SeriesFacts, StudyFacts, quiet_period_for, route
 from storage.models import Instance, Job, JobState, Study, StudyState, utcnow
@@ -76,6 +76,10 @@ def complete_due_studies(
                 continue
             study.version += 1
             study.completed_at = now
+            audit.add(session, audit.dicom_actor(study.calling_ae_title), audit.RECEIVED,
+                      study.study_instance_uid,
+                      f"version {study.version}: {sum(f.instance_count for f in facts.series)} instance(s) "
+                      f"in {len(facts.series)} series", at=now)
             # every unfinished job of an earlier version works on an outdated study
             session.execute(
                 update(Job)

@@ -27,7 +27,7 @@ from dicom_io.volume import Volume, load_volume, read_dataset
 from inference.builtin.ct_analyzer import ANALYZER_NAME, ANALYZER_VERSION, analyze_ct
 from inference.errors import InferenceError, InvalidInputError, ModelNotConfiguredError
 from inference.tasks import TaskSpec, parse_tasks
-from node import jobs, metrics
+from node import audit, jobs, metrics
 from node.config import Destination
 from node.context import NodeContext
 from node.delivery import DeliveryError, Timeouts, send_files
@@ -273,6 +273,9 @@ def deliver(ctx: NodeContext, delivery_id: int) -> float | None:
         path = ctx.store.absolute(delivery.result.path)
         sop_uid = delivery.result.sop_instance_uid
         attempts = delivery.attempts
+        kind = delivery.result.kind
+        study_uid = delivery.result.job.study.study_instance_uid
+        job_id = delivery.result.job_pk
     settings = ctx.settings.delivery
     timeouts = Timeouts(settings.acse_timeout_s, settings.dimse_timeout_s, settings.network_timeout_s)
     error: str | None = None
@@ -291,6 +294,8 @@ def deliver(ctx: NodeContext, delivery_id: int) -> float | None:
     )
     if ok:
         log.info("delivered %s to %s", sop_uid, destination)
+        audit.record(ctx.sessions, audit.SYSTEM_ACTOR, audit.SENT, study_uid,
+                     f"job {job_id}: {kind} {sop_uid} to {destination}")
         return None
     metrics.DELIVERY_FAILURES.inc()
     log.warning("delivery %d of %s to %s failed: %s", delivery_id, sop_uid, destination, error)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from node.web.api import destinations, jobs, results, rules, status, studies, workers
+from node.web.api import audit, destinations, jobs, results, rules, status, studies, workers
 
 router = APIRouter(prefix="/api/v1")
-for module in (status, jobs, studies, results, rules, destinations, workers):
+for module in (status, jobs, studies, results, rules, destinations, workers, audit):
     router.include_router(module.router)

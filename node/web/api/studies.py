@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Query
 
-from node import queries
+from node import audit, queries
 from node.web import actions, views
 from node.web.auth import AdminDep, PrincipalDep
 from node.web.deps import ContextDep, SessionDep, SettingsDep
@@ -41,10 +41,12 @@ def list_studies(
 
 
 @router.get("/{study_uid}", response_model=StudyOut)
-def get_study(session: SessionDep, principal: PrincipalDep, study_uid: str) -> StudyOut:
+def get_study(session: SessionDep, ctx: ContextDep, principal: PrincipalDep, study_uid: str) -> StudyOut:
     study = queries.get_study(session, study_uid)
     if study is None:
         raise HTTPException(404, f"study {study_uid} is not stored on this node")
+    if principal.is_admin:  # the answer carries patient fields: an audited access
+        audit.record_view(ctx.sessions, principal.user or "?", study_uid, f"api ({principal.via})")
     return views.study_detail(session, study, principal, utcnow())
 
 

@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
-from node import jobs, queries
+from node import audit, jobs, queries
 from node.web import actions, system, views
 from node.web.auth import (
     AdminDep,
@@ -212,6 +212,8 @@ def study_page(request: Request, session: SessionDep, ctx: ContextDep, settings:
     study = queries.get_study(session, study_uid)
     if study is None:
         raise HTTPException(404, f"study {study_uid} is not stored on this node")
+    if principal.is_admin:  # the page shows patient fields: an audited access
+        audit.record_view(ctx.sessions, principal.user or "?", study_uid, "dashboard")
     detail = views.study_detail(session, study, principal, utcnow())
     images: dict[int, list[Any]] = {}
     image_errors: dict[int, str] = {}
@@ -261,6 +263,21 @@ async def workers_page(request: Request, session: SessionDep, principal: Princip
     running = queries.list_jobs(session, states=[JobState.RUNNING], limit=50)
     return render(request, "workers.html", principal=principal, workers=workers,
                   running=[JobOut.of(j, now, with_results=False) for j in running])
+
+
+@router.get("/audit", response_class=HTMLResponse)
+def audit_page(request: Request, session: SessionDep, principal: PrincipalDep, action: str | None = None,
+               actor: str | None = None, study_uid: str | None = None, page: int = 0) -> Response:
+    """The audit trail (administrators only; others are sent to the login page)."""
+    if not principal.is_admin:
+        return RedirectResponse(f"/login?{urlencode({'next': '/audit'})}", status_code=303)
+    limit = 100
+    flt = audit.AuditFilter(action=(action or "").strip() or None, actor=(actor or "").strip() or None,
+                            study_uid=(study_uid or "").strip() or None)
+    events, total = audit.list_events(session, flt, limit=limit, offset=max(0, page) * limit)
+    return render(request, "audit.html", principal=principal, events=events, total=total,
+                  page=max(0, page), limit=limit, actions=audit.actions_seen(session),
+                  filters={"action": action or "", "actor": actor or "", "study_uid": study_uid or ""})
 
 
 # -- login ------------------------------------------------------------------------------------

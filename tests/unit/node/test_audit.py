@@ -143,3 +143,41 @@ def test_audit_api_is_a_read_for_a_browser_session_without_csrf(client) -> None:
                                              "next": "/queue"}, follow_redirects=False)
     assert done.status_code == 303
     assert test_client.get("/api/v1/audit").status_code == 200
+
+
+def _login(test_client: TestClient) -> None:
+    from tests.unit.web.conftest import csrf_of
+
+    token = csrf_of(test_client.get("/login").text)
+    done = test_client.post("/login", data={"username": ADMIN[0], "password": ADMIN[1], "csrf_token": token,
+                                             "next": "/queue"}, follow_redirects=False)
+    assert done.status_code == 303, done.text
+
+
+def test_audit_page_is_for_administrators(client) -> None:  # type: ignore[no-untyped-def]
+    test_client, sessions = client
+    audit.record(sessions, "admin", "cancel", STUDY, "job 7")
+    anonymous = test_client.get("/audit", follow_redirects=False)
+    assert anonymous.status_code == 303 and anonymous.headers["location"] == "/login?next=%2Faudit"
+    assert 'href="/audit"' not in test_client.get("/queue").text
+    _login(test_client)
+    page = test_client.get("/audit")
+    assert page.status_code == 200
+    assert "job 7" in page.text and STUDY in page.text and 'href="/audit"' in page.text
+    assert "job 7" not in test_client.get("/audit", params={"action": "retry"}).text
+
+
+def test_viewing_patient_fields_is_audited_page_and_api(client, index: IndexFn) -> None:  # type: ignore[no-untyped-def]
+    test_client, sessions = client
+    index(STUDY, SERIES, 1, PatientName="Canary^Viewfield", PatientID="VIEW-CANARY-2")
+    assert test_client.get(f"/studies/{STUDY}").status_code == 200  # anonymous: no patient fields
+    assert test_client.get(f"/api/v1/studies/{STUDY}").status_code == 200
+    assert _events(sessions) == []
+    _login(test_client)
+    for _ in range(3):  # the page refreshing itself
+        page = test_client.get(f"/studies/{STUDY}")
+        assert page.status_code == 200 and "Canary^Viewfield" in page.text
+    assert test_client.get(f"/api/v1/studies/{STUDY}", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    events = _events(sessions)
+    assert [(e.actor, e.action, e.study_instance_uid, e.detail) for e in events] == [
+        (ADMIN[0], audit.VIEWED, STUDY, "dashboard"), ("token", audit.VIEWED, STUDY, "api (token)")]

@@ -21,6 +21,7 @@ from node.vlm_stage import run_vlm_tasks
 from tests.integration.conftest import MednodeFactory
 from tests.integration.e2e import assert_valid, poll
 from tests.models import tiny_vlm_dirs  # noqa: F401  (session fixture)
+from tests.trained_models import tiny_grounding_model_dir  # noqa: F401  (session fixture)
 from tests.peers import Orthanc
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
@@ -33,10 +34,10 @@ TASKS = """
 """
 
 
-def _config(tmp_path: Path, model_dir: Path, family: str) -> Path:
+def _config(tmp_path: Path, model_dir: Path, family: str, max_new_tokens: int) -> Path:
     tasks = yaml.safe_load(TASKS)
     config = {
-        "models": {"vlm": {"path": str(model_dir), "family": family, "max_new_tokens": 24,
+        "models": {"vlm": {"path": str(model_dir), "family": family, "max_new_tokens": max_new_tokens,
                            "slices_per_series": 3, "device": "cpu"}},
         "rules": [
             {"name": "xray-vlm", "match": {"modality": ["CR", "DX"]}, "tasks": tasks},
@@ -72,15 +73,21 @@ def _returned_srs(orthanc: Orthanc, study_uid: str, count: int) -> dict[str, byt
     return {r["SOPInstanceUID"]: orthanc.instance_file(r["ID"]) for r in rows}
 
 
-@pytest.mark.parametrize("family", ["gemma3", "qwen2_vl"])
+@pytest.mark.parametrize("model", ["trained-medgemma", "qwen2_vl"])
 def test_radiograph_and_ct_through_the_model(
-    tmp_path, family, tiny_vlm_dirs, orthanc_factory, mednode_factory: MednodeFactory, shared_dicom  # noqa: F811
+    tmp_path, model, request, orthanc_factory, mednode_factory: MednodeFactory, shared_dicom
 ):
-    model_dir = tiny_vlm_dirs[family]
+    """``trained-medgemma`` is a tiny Gemma 3 fine-tuned in the test session to ground "right lung"
+    with a real box (so boxes travel the whole way); ``qwen2_vl`` has random weights (gibberish
+    text, which must still make valid SRs)."""
+    if model == "trained-medgemma":
+        model_dir, family, max_new_tokens = request.getfixturevalue("tiny_grounding_model_dir"), "medgemma", 48
+    else:
+        model_dir, family, max_new_tokens = request.getfixturevalue("tiny_vlm_dirs")[model], model, 24
     orthanc = orthanc_factory()
     node = mednode_factory(
         destination=f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",
-        config=_config(tmp_path, model_dir, family),
+        config=_config(tmp_path, model_dir, family, max_new_tokens),
     )
     orthanc.add_modality("mednode", node.ae_title, node.dicom_port)
     studies = {
@@ -91,7 +98,9 @@ def test_radiograph_and_ct_through_the_model(
         answer = [orthanc.upload(f) for f in files][0]
         orthanc.store_to_modality("mednode", answer["ParentStudy"])
 
-    settings = VLMSettings(path=model_dir, family=family, max_new_tokens=24, slices_per_series=3, device="cpu")
+    settings = VLMSettings(path=model_dir, family=family, max_new_tokens=max_new_tokens,
+                           slices_per_series=3, device="cpu")
+    boxes_seen = 0
     clear_vlm_cache()
     for rule, files in studies.items():
         datasets = [read_dataset(f) for f in files]
@@ -131,4 +140,11 @@ def test_radiograph_and_ct_through_the_model(
                 ]
                 labels = {lb["name"] for lb in output.summary["labels"]}
                 assert labels == {"cardiomegaly", "pneumothorax"}
+                boxes_seen += len(boxes)
+                if model == "trained-medgemma" and rule == "xray-vlm":
+                    sites = [site.value.meaning for g in sr.content.get_planar_roi_measurement_groups()
+                             for site in g.finding_sites]
+                    assert "right lung" in [s.lower() for s in sites], sites
+    if model == "trained-medgemma":
+        assert boxes_seen > 0, "the trained model's boxes did not reach the PACS"
     poll(lambda: node.status()["jobs"]["delivered"] == 2, 60, what="both jobs delivered")

@@ -19,7 +19,7 @@ from inference.tasks import parse_task
 from node import jobs
 from node.config import Settings
 from node.jobs import InvalidTransitionError, JobNotFoundError
-from storage.models import TERMINAL_JOB_STATES, AuditEvent, Job, JobState, Study, StudyState, utcnow
+from storage.models import TERMINAL_JOB_STATES, Job, JobState, Study, StudyState, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,10 @@ class ActionRefusedError(ValueError):
 
 def audit(sessions: sessionmaker[Session], actor: str, action: str, study_uid: str | None,
           detail: str | None = None) -> None:
-    with sessions() as session, session.begin():
-        session.add(AuditEvent(actor=actor[:100], action=action[:50], study_instance_uid=study_uid,
-                               detail=detail))
+    """Record a manual action (:func:`node.audit.record`)."""
+    from node import audit as audit_trail
+
+    audit_trail.record(sessions, actor, action, study_uid, detail)
 
 
 def _study_uid_of(sessions: sessionmaker[Session], job_id: int) -> str:

@@ -52,11 +52,11 @@ class AuditListOut(BaseModel):
 
 
 def audit_filter(
-    action: str | None = Query(default=None, max_length=50),
-    actor: str | None = Query(default=None, max_length=100),
-    study_uid: str | None = Query(default=None, max_length=64),
-    since: datetime | None = Query(default=None, description="ISO 8601, inclusive"),
-    until: datetime | None = Query(default=None, description="ISO 8601, exclusive"),
+    action: Annotated[str | None, Query(max_length=50)] = None,
+    actor: Annotated[str | None, Query(max_length=100)] = None,
+    study_uid: Annotated[str | None, Query(max_length=64)] = None,
+    since: Annotated[datetime | None, Query(description="ISO 8601, inclusive")] = None,
+    until: Annotated[datetime | None, Query(description="ISO 8601, exclusive")] = None,
 ) -> audit.AuditFilter:
     return audit.AuditFilter(action=action or None, actor=actor or None, study_uid=study_uid or None,
                              since=since, until=until)

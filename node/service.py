@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -39,6 +40,16 @@ def prepare(settings: Settings) -> NodeContext:
     return ctx
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to SIGTERM it when ``mednode serve`` dies, even by
+    SIGKILL, so an embedded worker never outlives its node (no-op elsewhere)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class WorkerSupervisor:
     """Keeps one ``mednode worker`` child running; restarts it when it exits unexpectedly."""
 
@@ -55,7 +66,7 @@ class WorkerSupervisor:
         self._thread.start()
 
     def _spawn(self) -> None:
-        self.process = subprocess.Popen(self.command, env=os.environ.copy())
+        self.process = subprocess.Popen(self.command, env=os.environ.copy(), preexec_fn=_die_with_parent)
         log.info("started embedded worker (pid %d)", self.process.pid)
 
     def _watch(self) -> None:
@@ -137,9 +148,21 @@ def serve(settings: Settings, config_path: Path | None) -> None:
         )
     )
     log.info("dashboard and API on http://%s:%d", settings.web_host, settings.web_port)
+    # uvicorn re-raises SIGTERM after its own shutdown, which would kill this process before the
+    # cleanup below: run it in a thread (no signal handlers there) and own the signals here
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    web_thread = threading.Thread(target=web.run, name="web", daemon=True)
+    web_thread.start()
     try:
-        web.run()  # blocks; handles SIGINT/SIGTERM
+        while not stop.wait(1.0):
+            if not web_thread.is_alive():
+                log.error("the web server stopped (port %d in use?); shutting down", settings.web_port)
+                break
     finally:
+        web.should_exit = True
+        web_thread.join(timeout=10)
         log.info("shutting down")
         for server in servers:
             server.shutdown()

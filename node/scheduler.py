@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import timedelta
 
-from node import jobs
+from node import jobs, retention
 from node.completion import complete_due_studies
 from node.context import NodeContext
 
@@ -17,13 +18,15 @@ SWEEP_EVERY_S = 10.0
 
 class Scheduler:
     """Runs :func:`complete_due_studies` every ``completion_poll_s`` and :func:`jobs.sweep`
-    every :data:`SWEEP_EVERY_S` (and once at start, to pick up what a crash left)."""
+    every :data:`SWEEP_EVERY_S` (and once at start, to pick up what a crash left), and the
+    retention cleaner every ``retention.check_every_s`` when ``retention.max_age_days`` is set."""
 
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._last_sweep = 0.0
+        self._last_retention = float("-inf")
 
     def start(self) -> None:
         self._thread.start()
@@ -44,6 +47,10 @@ class Scheduler:
                 jobs.enqueue_job(self.ctx.sessions, job_id, priority)
             for delivery_id in due_deliveries:
                 jobs.enqueue_delivery(self.ctx.sessions, delivery_id)
+        policy = self.ctx.settings.retention
+        if policy.max_age_days is not None and time.monotonic() - self._last_retention >= policy.check_every_s:
+            self._last_retention = time.monotonic()
+            retention.purge_expired(self.ctx.sessions, self.ctx.store, max_age=timedelta(days=policy.max_age_days))
 
     def _run(self) -> None:
         while not self._stop.is_set():

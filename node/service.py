@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from pynetdicom.transport import ThreadedAssociationServer
@@ -86,7 +88,31 @@ class WorkerSupervisor:
                 self.process.wait()
 
 
-def start_listeners(settings: Settings, ingestor: Ingestor) -> list[ThreadedAssociationServer]:
+@dataclass(frozen=True)
+class ListenerSecurity:
+    """Who may associate and the DICOM TLS context, checked before anything starts."""
+
+    allowed: CallingAEAllowList | None
+    ssl_context: ssl.SSLContext | None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ListenerSecurity:
+        """Parse ``allowed_calling_ae_titles`` and load the ``tls`` files.
+
+        Raises
+        ------
+        ConfigError
+            If an allow-list entry is invalid or a TLS file cannot be loaded.
+        """
+        from node.tls import server_context
+
+        allowed = (CallingAEAllowList.parse(settings.allowed_calling_ae_titles)
+                   if settings.allowed_calling_ae_titles is not None else None)
+        return cls(allowed, server_context(settings.tls) if settings.tls is not None else None)
+
+
+def start_listeners(settings: Settings, ingestor: Ingestor,
+                    security: ListenerSecurity | None = None) -> list[ThreadedAssociationServer]:
     """The DICOM listener on ``dicom_port`` and, with ``tls`` set, a DICOM TLS one on ``tls.port``.
 
     Both share the calling AE allow-list. Returns the running servers (``.shutdown()`` each).
@@ -94,20 +120,16 @@ def start_listeners(settings: Settings, ingestor: Ingestor) -> list[ThreadedAsso
     Raises
     ------
     ConfigError
-        If an allow-list entry is invalid or the TLS files cannot be loaded.
+        If ``security`` is not given and the allow-list or the TLS files are invalid.
     """
-    from node.tls import server_context
-
-    allowed = (CallingAEAllowList.parse(settings.allowed_calling_ae_titles)
-               if settings.allowed_calling_ae_titles is not None else None)
-    ssl_context = server_context(settings.tls) if settings.tls is not None else None
+    security = security or ListenerSecurity.from_settings(settings)
     servers = [start_listener(ingestor, ae_title=settings.ae_title, host=settings.dicom_host,
-                              port=settings.dicom_port, allowed_calling_ae_titles=allowed)]
-    if settings.tls is not None and ssl_context is not None:
+                              port=settings.dicom_port, allowed_calling_ae_titles=security.allowed)]
+    if settings.tls is not None and security.ssl_context is not None:
         try:
             servers.append(start_listener(ingestor, ae_title=settings.ae_title, host=settings.dicom_host,
-                                          port=settings.tls.port, allowed_calling_ae_titles=allowed,
-                                          ssl_context=ssl_context))
+                                          port=settings.tls.port, allowed_calling_ae_titles=security.allowed,
+                                          ssl_context=security.ssl_context))
         except OSError:
             servers[0].shutdown()
             raise
@@ -124,14 +146,14 @@ def serve(settings: Settings, config_path: Path | None) -> None:
     from node.celery_app import configure_celery
     from node.web.app import create_app
 
-    ctx = prepare(settings)
-    configure_celery(settings)
     try:
-        servers = start_listeners(settings, Ingestor(ctx.store, ctx.sessions))
+        security = ListenerSecurity.from_settings(settings)
     except ConfigError as exc:
         log.error("%s", exc)
-        ctx.close()
         raise SystemExit(2) from None
+    ctx = prepare(settings)
+    configure_celery(settings)
+    servers = start_listeners(settings, Ingestor(ctx.store, ctx.sessions), security)
     scheduler = Scheduler(ctx)
     scheduler.start()
     supervisor = None

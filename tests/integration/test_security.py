@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
@@ -353,6 +354,13 @@ def test_canary_never_reaches_any_log(tmp_path, mednode_factory: MednodeFactory,
             assert page.status_code == 200 and CANARY_NAME in page.text and CANARY_ID in page.text
             assert CANARY_ID in browser.get("/studies", params={"patient": CANARY_ID}).text
             assert browser.get("/audit").status_code == 200
+            # every form that posts carries the CSRF token (the queue, a study, destinations, rules…)
+            for path in ("/queue", f"/studies/{study_uid}", "/destinations", "/rules", "/audit"):
+                html = browser.get(path).text
+                forms = re.findall(r"<form\b[^>]*method=\"post\"[^>]*>.*?</form>", html, re.DOTALL | re.IGNORECASE)
+                assert forms, f"{path} has no form"
+                for form in forms:
+                    assert 'name="csrf_token" value="' in form, f"a form of {path} posts without the CSRF token"
         bearer = {"Authorization": f"Bearer {TOKEN}"}
         detail = httpx.get(f"{node.web_url}/api/v1/studies/{study_uid}", headers=bearer, timeout=30).json()
         assert detail["patient"]["patient_name"] == CANARY_NAME
@@ -384,3 +392,103 @@ def test_canary_never_reaches_any_log(tmp_path, mednode_factory: MednodeFactory,
     for name, text in {**logs, **log_files}.items():
         for canary in CANARIES:
             assert canary not in text, f"patient data {canary!r} found in the {name} log"
+
+
+# -- start-up refusals and the dashboard's CSRF protection -------------------------------------------
+def _serve(env: dict[str, str], timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    """``mednode serve`` with only ``env`` as MEDNODE_* settings; killed (its group) if it starts."""
+    import os
+    import signal
+    import sys
+
+    from tests.integration.conftest import REPO_ROOT
+
+    clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("MEDNODE_")}
+    clean.update({"MEDNODE_DICOM_HOST": LOOPBACK, "MEDNODE_DICOM_PORT": str(free_port()),
+                  "MEDNODE_WEB_PORT": str(free_port()), "COLUMNS": "200", **env})
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve"], cwd=REPO_ROOT, env=clean, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"mednode serve started although it should have refused:\n{stderr[-2000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("secret", [None, "change-me", "short-secret"])
+def test_serve_refuses_a_dashboard_beyond_loopback_without_a_real_secret(tmp_path, secret) -> None:  # type: ignore[no-untyped-def]
+    env = {"MEDNODE_DATA_DIR": str(tmp_path / "var"), "MEDNODE_WEB_HOST": "0.0.0.0"}
+    if secret is not None:
+        env["MEDNODE_WEB_SECRET_KEY"] = secret
+    done = _serve(env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "web_secret_key" in done.stderr and "MEDNODE_WEB_SECRET_KEY" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and (secret is None or secret not in done.stderr)
+    assert not (tmp_path / "var").exists()  # nothing was started
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("MEDNODE_TLS__CERT_FILE", "/nonexistent/server.crt", "tls.cert_file: file not found"),
+    ("MEDNODE_ALLOWED_CALLING_AE_TITLES", '["GOOD", "BAD@"]', "allowed_calling_ae_titles: 'BAD@'"),
+])
+def test_serve_refuses_unusable_listener_security_settings(tmp_path, pki, variable, value, message) -> None:  # type: ignore[no-untyped-def]
+    env = {"MEDNODE_DATA_DIR": str(tmp_path / "var"), "MEDNODE_TLS__PORT": str(free_port()),
+           "MEDNODE_TLS__CERT_FILE": str(pki.server_crt), "MEDNODE_TLS__KEY_FILE": str(pki.server_key),
+           variable: value}
+    done = _serve(env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "var").exists()  # checked before the index or the store is touched
+
+
+def test_every_post_route_needs_the_csrf_token_with_a_cookie_session(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A cross-site form can ride on the session cookie but cannot know the CSRF token: every
+    state-changing route of the app (pages and API) answers 403 to a logged-in browser without
+    it, and 401 to an anonymous caller. New routes are covered as they are added."""
+    from fastapi.routing import APIRoute
+    from fastapi.testclient import TestClient
+
+    from node import context
+    from node.celery_app import configure_celery
+    from node.web import pages
+    from node.web.app import create_app
+    from tests.unit.web.conftest import ADMIN as WEB_ADMIN
+    from tests.unit.web.conftest import WebSettings, csrf_of
+
+    settings = WebSettings(data_dir=tmp_path / "var", broker_url="memory://")
+    settings.data_dir.mkdir(parents=True)
+    context.configure(settings)
+    upgrade(context.current().engine)
+    configure_celery(settings)
+    app = create_app(settings)
+    values = {"job_id": "1", "study_uid": "1.2.3", "name": "default", "index": "0", "result_id": "1"}
+    changing = {"POST", "PUT", "PATCH", "DELETE"}
+    routes: list[tuple[str, str]] = []
+    for path, operations in app.openapi()["paths"].items():  # the API (in the schema)
+        routes += [(m.upper(), path) for m in operations if m.upper() in changing]
+    for route in pages.router.routes:  # the dashboard's forms (left out of the schema)
+        if isinstance(route, APIRoute):
+            routes += [(m, route.path) for m in sorted(route.methods & changing)]
+    routes = [(method, re.sub(r"\{(\w+)\}", lambda m: values.get(m[1], "1"), path)) for method, path in routes]
+    assert ("POST", "/login") in routes and ("POST", "/ui/jobs/1/cancel") in routes and len(routes) > 8
+    try:
+        with TestClient(app) as client:
+            for method, path in routes:
+                if path != "/login":
+                    assert client.request(method, path).status_code == 401, f"{method} {path} anonymous"
+            token = csrf_of(client.get("/login").text)
+            assert client.post("/login", data={"username": WEB_ADMIN[0], "password": WEB_ADMIN[1]},
+                               follow_redirects=False).status_code == 403  # the login form needs it too
+            assert client.post("/login", data={"username": WEB_ADMIN[0], "password": WEB_ADMIN[1],
+                                               "csrf_token": token}, follow_redirects=False).status_code == 303
+            for method, path in routes:
+                if path == "/login":
+                    continue
+                answer = client.request(method, path, data={"csrf_token": "forged"})
+                assert answer.status_code == 403, f"{method} {path} with a forged token: {answer.status_code}"
+                answer = client.request(method, path, headers={"X-CSRF-Token": token + "x"})
+                assert answer.status_code == 403, f"{method} {path} with a wrong header: {answer.status_code}"
+    finally:
+        context.current().close()

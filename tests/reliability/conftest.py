@@ -160,7 +160,7 @@ class NodeRun:
     def cli(self, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "node.cli", *args], env={**os.environ, **self.env}, cwd=REPO_ROOT,
-            capture_output=True, text=True, timeout=timeout_s,
+            capture_output=True, text=True, timeout=timeout_s, check=False,
         )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -54,7 +54,7 @@ def test_pacs_down_then_back_on_the_same_port_gets_every_result_once(
     assert [j.state for j in node.jobs()] == [JobState.DELIVERING]
     assert max_attempts >= 2, "deliveries were not retried while the PACS was down"
 
-    up_at = datetime.now(timezone.utc)
+    up_at = datetime.now(UTC)
     orthanc.start()  # same configuration, same ports, same storage
     poll(lambda: [j.state for j in node.jobs()] == [JobState.DELIVERED], RETRY_MAX_S * 4 + 60, 0.3,
          "the job delivered after the PACS came back", on_timeout=lambda: node.serve.log_tail())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from dicom_io.header import InstanceHeader
@@ -77,6 +77,34 @@ def _get_or_create_series(session: Session, header: InstanceHeader, now: datetim
     return series
 
 
+_INSTANCE_COLUMNS = (
+    "series_pk", "sop_class_uid", "transfer_syntax_uid", "instance_number", "path", "size_bytes",
+    "sha256", "received_at",
+)
+# Statements of the per-instance hot path, built once: building them per call costs more than
+# SQLite takes to commit the row.
+_FIND_INSTANCE = select(Instance.id, Instance.sha256, Instance.path).where(
+    Instance.sop_instance_uid == bindparam("uid")
+)
+_FIND_SERIES = select(Series.id, Series.study_pk).where(Series.series_instance_uid == bindparam("uid"))
+_INSERT_INSTANCE = insert(Instance)
+_UPDATE_INSTANCE = (
+    update(Instance)
+    .where(Instance.id == bindparam("instance_pk"))
+    .values({c: bindparam(c) for c in _INSTANCE_COLUMNS})
+)
+_TOUCH_STUDY = (
+    update(Study)
+    .where(Study.id == bindparam("study_pk"))
+    .values(
+        last_received_at=bindparam("now"),
+        state=StudyState.RECEIVING,
+        calling_ae_title=bindparam("calling"),
+        called_ae_title=bindparam("called"),
+    )
+)
+
+
 def index_instance(
     session: Session,
     header: InstanceHeader,
@@ -98,46 +126,33 @@ def index_instance(
         caller to delete once the transaction committed).
     """
     now = now or utcnow()
-    existing = session.scalar(
-        select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
-    )
+    existing = session.execute(_FIND_INSTANCE, {"uid": header.sop_instance_uid}).first()
     if existing is not None and existing.sha256 == stored.sha256 and existing.path == stored.relative_path:
         return IndexOutcome.UNCHANGED, None
-    series = _get_or_create_series(session, header, now)
+    keys = session.execute(_FIND_SERIES, {"uid": header.series_instance_uid}).first()
+    if keys is None:
+        created = _get_or_create_series(session, header, now)
+        series_pk, study_pk = created.id, created.study_pk
+    else:
+        series_pk, study_pk = keys.id, keys.study_pk
+    values = {
+        "series_pk": series_pk,
+        "sop_class_uid": header.sop_class_uid,
+        "transfer_syntax_uid": header.transfer_syntax_uid,
+        "instance_number": header.instance_number,
+        "path": stored.relative_path,
+        "size_bytes": stored.size_bytes,
+        "sha256": stored.sha256,
+        "received_at": now,
+    }
     if existing is None:
-        session.add(
-            Instance(
-                sop_instance_uid=header.sop_instance_uid,
-                series_pk=series.id,
-                sop_class_uid=header.sop_class_uid,
-                transfer_syntax_uid=header.transfer_syntax_uid,
-                instance_number=header.instance_number,
-                path=stored.relative_path,
-                size_bytes=stored.size_bytes,
-                sha256=stored.sha256,
-                received_at=now,
-            )
-        )
+        session.execute(_INSERT_INSTANCE, {**values, "sop_instance_uid": header.sop_instance_uid})
         outcome, replaced = IndexOutcome.NEW, None
     else:
-        replaced = existing.path
-        existing.series_pk = series.id
-        existing.sop_class_uid = header.sop_class_uid
-        existing.transfer_syntax_uid = header.transfer_syntax_uid
-        existing.instance_number = header.instance_number
-        existing.path = stored.relative_path
-        existing.size_bytes = stored.size_bytes
-        existing.sha256 = stored.sha256
-        existing.received_at = now
-        outcome = IndexOutcome.REPLACED
+        session.execute(_UPDATE_INSTANCE, {**values, "instance_pk": existing.id})
+        outcome, replaced = IndexOutcome.REPLACED, existing.path
     session.execute(
-        update(Study)
-        .where(Study.id == series.study_pk)
-        .values(
-            last_received_at=now,
-            state=StudyState.RECEIVING,
-            calling_ae_title=calling_ae_title,
-            called_ae_title=called_ae_title,
-        )
+        _TOUCH_STUDY,
+        {"study_pk": study_pk, "now": now, "calling": calling_ae_title, "called": called_ae_title},
     )
     return outcome, replaced

@@ -280,3 +280,26 @@ def test_volume_report_on_ct_with_empty_character_set(
         for i in group.referenced_segment.source_images_for_segmentation
     }
     assert sources == {ct3.datasets[0].SOPInstanceUID, ct3.datasets[1].SOPInstanceUID}
+
+
+def test_segment_over_many_slices_references_its_source_series(algorithm: AlgorithmInfo, validate) -> None:
+    """Above MAX_LISTED_SOURCE_IMAGES slices a segment is referenced by series (TID 1411 row 15),
+    keeping a large CT's report small and quick to build; a few slices are still listed one by one."""
+    from dicom_io.measurement_report import MAX_LISTED_SOURCE_IMAGES
+    from tests.phantom import PhantomGeometry, make_ct_phantom
+
+    geometry = PhantomGeometry(rows=64, columns=64, pixel_spacing_mm=(5.0, 5.0),
+                               slice_spacing_mm=5.0, num_slices=MAX_LISTED_SOURCE_IMAGES + 8)
+    volume = load_volume(make_ct_phantom(geometry=geometry))
+    tall = np.zeros(volume.pixels.shape, dtype=bool)
+    tall[:, 20:40, 20:40] = True  # every slice
+    short = np.zeros(volume.pixels.shape, dtype=bool)
+    short[3:6, 10:20, 10:20] = True  # three slices
+    seg = hd.seg.segread(BytesIO(to_bytes(build(volume, {"body": tall, "bone": short}, algorithm))))
+    inputs = [StructureMeasurement("body", 1, 10.0, 40.0), StructureMeasurement("bone", 2, 1.0, 700.0)]
+    data = to_bytes(volume_report(volume, seg, inputs, algorithm))
+    validate(data)
+    body, bone = hd.sr.srread(BytesIO(data)).content.get_volumetric_roi_measurement_groups()
+    assert body.referenced_segment.source_series_for_segmentation.value == volume.series_instance_uid
+    listed = {s.referenced_sop_instance_uid for s in bone.referenced_segment.source_images_for_segmentation}
+    assert listed == {str(volume.datasets[i].SOPInstanceUID) for i in range(3, 6)}

@@ -230,6 +230,12 @@ def run_job(ctx: NodeContext, job_id: int) -> list[int]:
     if job is None:
         log.info("job %d is not runnable now (done, running elsewhere or superseded)", job_id)
         return []
+    if job.attempt > ctx.settings.job_max_attempts:
+        # each earlier attempt ended with its worker gone (lease expired): a study that kills the
+        # worker (out of memory, a crash in the model) must not take the queue down forever
+        jobs.fail_job(ctx.sessions, job.id, f"gave up after {job.attempt - 1} attempts: the worker died "
+                      "while running the job each time (out of memory, or a crash in the model?)")
+        return []
     log.info("job %d running (attempt %d, rule %s, study %s)", job.id, job.attempt, job.rule_name,
              job.study_instance_uid)
     started = time.perf_counter()

@@ -213,3 +213,71 @@ def corpus() -> list[Case]:
 def malformed_files() -> list[Path]:
     """The shared malformed samples (``../shared/dicom/malformed``)."""
     return sorted((SHARED_DICOM / "malformed").iterdir())
+
+
+# -- sending on the network -----------------------------------------------------------------------------
+def sendable(path: Path, directory: Path) -> Path:
+    """``path`` itself if it has a File Meta with a transfer syntax, else its bytes behind a made-up
+    one (CT Image Storage, Implicit VR LE), so the bytes reach the node without being parsed."""
+    from pydicom.errors import InvalidDicomError
+    from pynetdicom.dsutils import split_dataset
+
+    try:
+        meta, _ = split_dataset(path)
+        if "TransferSyntaxUID" in meta:
+            return path
+    except InvalidDicomError:  # no preamble and no 'DICM'
+        pass
+    wrapped = directory / f"wrapped-{path.name}"
+    wrapped.write_bytes(file_meta_bytes("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5.6.7", ImplicitVRLittleEndian)
+                        + path.read_bytes())
+    return wrapped
+
+
+def send_raw(port: int, path: Path, called: str = "MEDNODE", timeout_s: float = 30) -> tuple[int, str]:
+    """C-STORE the data set bytes of Part 10 file ``path`` unparsed, in its own association, on the
+    presentation context its File Meta declares; return (status, error comment).
+
+    Raises
+    ------
+    AssertionError
+        If the association is refused or no C-STORE response comes back (a hang or a drop).
+    """
+    from pynetdicom import AE
+    from pynetdicom import _config as pynetdicom_config
+    from pynetdicom.dsutils import split_dataset
+
+    meta, _ = split_dataset(path)
+    ae = AE(ae_title="FUZZSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
+    chunked = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True  # stream the file's bytes, never re-encode
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title=called)
+        assert assoc.is_established, "the node refused the association"
+        try:
+            response = assoc.send_c_store(path)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+    finally:
+        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = chunked
+    assert "Status" in response, "no response to C-STORE (the node hung or dropped the association)"
+    return int(response.Status), str(response.get("ErrorComment", ""))
+
+
+def echo(port: int, called: str = "MEDNODE") -> int:
+    """C-ECHO status of the node at ``port`` (-1 when the association is refused)."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title="FUZZSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        return -1
+    try:
+        return int(assoc.send_c_echo().Status)
+    finally:
+        assoc.release()

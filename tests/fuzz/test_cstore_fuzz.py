@@ -18,9 +18,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pynetdicom import AE
-from pynetdicom import _config as pynetdicom_config
-from pynetdicom.dsutils import split_dataset
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -32,7 +29,7 @@ from node.listener import start_listener
 from storage.db import make_engine, make_session_factory, upgrade
 from storage.models import Instance
 from storage.store import PARTIAL_SUFFIX, InstanceStore
-from tests.fuzz.corpus import Case, Seed, corpus, seeds
+from tests.fuzz.corpus import Case, Seed, corpus, echo, seeds, send_raw
 from tests.peers import LOOPBACK, free_port
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom's invalid-value warnings
@@ -200,43 +197,11 @@ def listener(node: Node) -> Iterator[Listener]:
     server.shutdown()
 
 
-def send_raw(port: int, path: Path) -> tuple[int, str]:
-    """C-STORE the data set bytes of ``path`` unparsed (pynetdicom streams them from the file)."""
-    meta, _ = split_dataset(path)
-    ae = AE(ae_title="FUZZSCU")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    ae.add_requested_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
-    assoc = ae.associate(LOOPBACK, port, ae_title="MEDNODE")
-    assert assoc.is_established, "the node refused the association"
-    try:
-        response = assoc.send_c_store(path)
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    assert "Status" in response, "no response to C-STORE (the node hung or dropped the association)"
-    return int(response.Status), str(response.get("ErrorComment", ""))
-
-
-def echo(port: int) -> int:
-    ae = AE(ae_title="FUZZSCU")
-    ae.add_requested_context("1.2.840.10008.1.1")
-    assoc = ae.associate(LOOPBACK, port, ae_title="MEDNODE")
-    assert assoc.is_established
-    try:
-        return int(assoc.send_c_echo().Status)
-    finally:
-        assoc.release()
-
-
 def network_property(listener: Listener, case: Case, directory: Path) -> int:
     path = case.write(directory)
-    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        started = time.monotonic()
-        status, comment = send_raw(listener.port, path)
-        assert time.monotonic() - started < MAX_CASE_S + 5
-    finally:
-        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = False
+    started = time.monotonic()
+    status, comment = send_raw(listener.port, path)
+    assert time.monotonic() - started < MAX_CASE_S + 5
     if status == 0x0000:
         stored = listener.node.stored(case.sop_instance_uid)
         assert stored is not None, "Success, but nothing indexed"

@@ -77,6 +77,9 @@ def worker(
         "worker",
         "--queues", queues,
         "--concurrency", str(processes),
+        # one process: tasks run in the worker itself (the model stays loaded where the
+        # remote-control answers come from); more: a prefork pool
+        "--pool", "solo" if processes == 1 else "prefork",
         "--loglevel", settings.log_level,
         "--without-gossip", "--without-mingle",
         "--hostname", f"mednode@%h-{Path.cwd().name}",

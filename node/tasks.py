@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import logging
 
+from typing import Any
+
+from celery.worker.control import inspect_command
+
 from node import context, jobs, pipeline
 from node.celery_app import app
 
@@ -33,3 +37,24 @@ def deliver(delivery_id: int) -> None:
     delay = pipeline.deliver(ctx, delivery_id)
     if delay is not None:
         jobs.enqueue_delivery(ctx.sessions, delivery_id, countdown_s=delay)
+
+
+@inspect_command(name="mednode_info")
+def mednode_info(state: Any) -> dict[str, Any]:
+    """Remote-control answer for the dashboard: the models this worker holds, GPU memory in use.
+
+    Answered by the worker's main process, which is where tasks run with the solo pool (the
+    default for one process per worker, as on a GPU host).
+    """
+    from inference.vlm.loader import loaded_models
+
+    models = [f"{m.name} ({m.family}, {m.version})" for m in loaded_models()]
+    gpu_memory_mb = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu_memory_mb = round(torch.cuda.memory_allocated() / 2**20, 1)
+    except ImportError:
+        gpu_memory_mb = None
+    return {"model": ", ".join(models) or None, "gpu_memory_mb": gpu_memory_mb}

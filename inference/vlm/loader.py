@@ -218,6 +218,12 @@ def get_vlm(cfg: VLMConfig) -> VLM:
         return vlm
 
 
+def loaded_models() -> list[ModelInfo]:
+    """What this process holds loaded (for worker status pages)."""
+    with _CACHE_LOCK:
+        return [vlm.info for vlm in _CACHE.values()]
+
+
 def clear_vlm_cache() -> None:
     """Forget loaded models (frees them once no caller holds a reference)."""
     with _CACHE_LOCK:

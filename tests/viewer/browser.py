@@ -126,7 +126,7 @@ class OhifPage:
         info = self.wait_for(_VIEWPORT_JS, "a viewport with an image")
         if info["dpr"] != 1:
             raise ViewerError(f"devicePixelRatio {info['dpr']}: the tests assume 1 canvas pixel = 1 screen pixel")
-        x, y, w, h = (int(round(v)) for v in info["rect"])
+        x, y, w, h = (round(v) for v in info["rect"])
         uid = info["imageId"].split("/instances/")[1].split("/")[0]
         return ViewportState(uid, int(info["index"]), int(info["count"]),
                              ViewportTransform.from_samples(info["c00"], info["c10"], info["c01"], w, h),

@@ -75,7 +75,7 @@ def ohif_dist(cache_dir: Path | None = None, version: str = OHIF_VERSION) -> Pat
             raise OhifUnavailableError("npm not found: install Node.js/npm (apt-get install -y npm) to fetch OHIF.")
         done = subprocess.run(
             [npm, "pack", f"{OHIF_PACKAGE}@{version}", "--pack-destination", str(root), "--silent"],
-            capture_output=True, text=True, timeout=600, cwd=root,
+            check=False, capture_output=True, text=True, timeout=600, cwd=root,
         )
         if done.returncode != 0 or not tarball.is_file():
             raise OhifUnavailableError(
@@ -150,10 +150,10 @@ def _handler_class(dist: Path, upstream: Callable[[], str], config_js: bytes) ->
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        def log_message(self, format: str, *args: object) -> None:
             logger.debug("ohif %s", format % args)
 
-        def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path.startswith("/dicom-web/") or path == "/dicom-web":
                 self._proxy()

@@ -111,8 +111,8 @@ def _check_encapsulated_pixels(ds: Dataset, value: bytes) -> None:
     try:
         buffer = BytesIO(value)
         parse_basic_offsets(buffer)
-        count, offsets = parse_fragments(buffer)
-    except Exception as exc:  # pydicom raises several types for corrupt item headers
+        count, _ = parse_fragments(buffer)
+    except Exception as exc:  # noqa: BLE001 (pydicom raises several types for corrupt item headers)
         raise InvalidInstanceError(
             f"encapsulated Pixel Data is not a valid fragment sequence: {exc}"
         )
@@ -144,7 +144,7 @@ def parse_header(data: bytes) -> tuple[InstanceHeader, Dataset]:
         warnings.simplefilter("ignore")
         try:
             ds = pydicom.dcmread(BytesIO(data))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (any parse failure means: cannot understand)
             raise InvalidInstanceError(
                 f"not a readable DICOM data set: {type(exc).__name__}: {exc}"
             )

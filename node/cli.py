@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -24,7 +24,7 @@ app.add_typer(models_app, name="models")
 console = Console(stderr=True)
 
 ConfigOpt = Annotated[
-    Optional[Path], typer.Option("--config", "-c", help="YAML configuration file (see mednode.example.yaml).")
+    Path | None, typer.Option("--config", "-c", help="YAML configuration file (see mednode.example.yaml).")
 ]
 
 
@@ -60,13 +60,18 @@ def serve(config: ConfigOpt = None) -> None:
 def worker(
     config: ConfigOpt = None,
     queues: Annotated[str, typer.Option(help="Comma-separated queues to consume.")] = "inference,delivery",
-    concurrency: Annotated[Optional[int], typer.Option(help="Worker processes.")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Worker processes.")] = None,
 ) -> None:
     """Run a Celery worker (one per GPU host for scale-out)."""
     from node import context
     from node.celery_app import configure_celery
 
     settings = _settings(config)
+    from node.service import PARENT_PID_ENV, die_with_parent
+
+    parent = os.environ.pop(PARENT_PID_ENV, None)
+    if parent is not None:  # started by `mednode serve`: live and die with it
+        die_with_parent(int(parent))
     processes = concurrency or settings.worker_concurrency
     if processes > 1:
         # prefork children each run torch: one thread each, or they fight over the cores
@@ -124,7 +129,7 @@ def send(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or directories.", exists=True)],
     to: Annotated[str, typer.Option("--to", help="Destination AET@host:port.")],
     config: ConfigOpt = None,
-    ae_title: Annotated[Optional[str], typer.Option("--ae-title", help="Calling AE title.")] = None,
+    ae_title: Annotated[str | None, typer.Option("--ae-title", help="Calling AE title.")] = None,
 ) -> None:
     """C-STORE files to a peer, each in its own transfer syntax."""
     from rich.progress import Progress
@@ -229,7 +234,7 @@ def jobs_priority(job_id: int, priority: Annotated[int, typer.Argument(min=0, ma
 @jobs_app.command("send")
 def jobs_send(
     job_id: int,
-    to: Annotated[Optional[str], typer.Option("--to", help="AET@host:port (default: destination).")] = None,
+    to: Annotated[str | None, typer.Option("--to", help="AET@host:port (default: destination).")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Send a finished job's result objects to a destination."""
@@ -256,8 +261,8 @@ def jobs_send(
 @models_app.command("pull")
 def models_pull(
     repo_id: Annotated[str, typer.Argument(help="Hugging Face hub id, e.g. google/medgemma-4b-it")],
-    dest: Annotated[Optional[Path], typer.Option(help="Target directory (default: <data_dir>/models/<name>).")] = None,
-    revision: Annotated[Optional[str], typer.Option(help="Branch, tag or commit.")] = None,
+    dest: Annotated[Path | None, typer.Option(help="Target directory (default: <data_dir>/models/<name>).")] = None,
+    revision: Annotated[str | None, typer.Option(help="Branch, tag or commit.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Download a model to local disk (where a network exists), for models.vlm.path."""
@@ -272,7 +277,7 @@ def models_pull(
         console.print(escape(f"{repo_id}: {type(exc).__name__}: the model does not exist or needs "
                              "access (accept its licence on the hub and set HF_TOKEN)"))
         raise typer.Exit(1)
-    except Exception as exc:  # boundary: no network, proxy, DNS... say so plainly
+    except Exception as exc:  # noqa: BLE001 (boundary: no network, proxy, DNS... say so plainly)
         console.print(escape(
             f"cannot download {repo_id}: the hub is not reachable from this machine "
             f"({type(exc).__name__}). Copy the model directory here by other means and set "

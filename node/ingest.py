@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_io.header import InstanceHeader, parse_header
+from node import metrics
 from storage.index import IndexOutcome, index_instance
 from storage.store import InstanceStore
-from node import metrics
 
 log = logging.getLogger(__name__)
 

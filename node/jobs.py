@@ -8,8 +8,8 @@ updates) and a loss is repaired by :func:`sweep`.
 from __future__ import annotations
 
 import logging
-import socket
 import os
+import socket
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -53,7 +53,7 @@ def worker_name() -> str:
 # -- enqueueing (always after the commit that created the row) -----------------------------------
 def _priority_kwargs(priority: int) -> dict[str, Any]:
     broker = str(app.conf.broker_url or "")
-    if broker.startswith("amqp") or broker.startswith("pyamqp"):
+    if broker.startswith(("amqp", "pyamqp")):
         return {"priority": priority}
     if broker.startswith("redis"):
         return {"priority": 9 - priority}  # redis: lower number first
@@ -64,7 +64,7 @@ def enqueue_job(sessions: sessionmaker[Session], job_id: int, priority: int = 5)
     """Send ``mednode.run_job`` for ``job_id`` and note when; a failure leaves it for the sweep."""
     try:
         app.send_task("mednode.run_job", args=[job_id], queue=INFERENCE_QUEUE, **_priority_kwargs(priority))
-    except Exception as exc:  # broker down: the job stays queued, the sweep enqueues it again
+    except Exception as exc:  # noqa: BLE001 (broker down, any transport error: the job stays queued, the sweep enqueues it again)
         log.warning("could not enqueue job %d (%s); the sweep will retry", job_id, type(exc).__name__)
         return
     with sessions() as session, session.begin():
@@ -76,7 +76,7 @@ def enqueue_delivery(sessions: sessionmaker[Session], delivery_id: int, countdow
         app.send_task(
             "mednode.deliver", args=[delivery_id], queue=DELIVERY_QUEUE, countdown=countdown_s or None
         )
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (any transport error: the sweep sends it again)
         log.warning("could not enqueue delivery %d (%s); the sweep will retry", delivery_id, type(exc).__name__)
 
 

@@ -29,11 +29,13 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import (
-    ALL_TRANSFER_SYNTAXES,
     AE,
+    ALL_TRANSFER_SYNTAXES,
     AllStoragePresentationContexts,
-    _config as pynetdicom_config,
     evt,
+)
+from pynetdicom import (
+    _config as pynetdicom_config,
 )
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer

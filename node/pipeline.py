@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from io import BytesIO
-from typing import Any
+from typing import Any, Self
 
 from pydicom.dataset import Dataset
 from sqlalchemy.exc import OperationalError
@@ -205,7 +205,7 @@ class _Lease:
             except OperationalError:
                 log.warning("could not renew the lease of job %d", job_id)
 
-    def __enter__(self) -> _Lease:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

@@ -42,14 +42,21 @@ def prepare(settings: Settings) -> NodeContext:
     return ctx
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: ask Linux to SIGTERM it when ``mednode serve`` dies, even by
-    SIGKILL, so an embedded worker never outlives its node (no-op elsewhere)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGTERM this process when its parent dies, even by SIGKILL, so an embedded
+    worker never outlives its node; exit at once if the parent is already gone (no-op off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
 
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent_pid:
+        raise SystemExit("the node that started this worker is gone")
+
+
+#: Set by ``mednode serve`` for its embedded worker: the worker ties its life to that PID.
+PARENT_PID_ENV = "MEDNODE_PARENT_PID"
 
 
 class WorkerSupervisor:
@@ -68,7 +75,8 @@ class WorkerSupervisor:
         self._thread.start()
 
     def _spawn(self) -> None:
-        self.process = subprocess.Popen(self.command, env=os.environ.copy(), preexec_fn=_die_with_parent)
+        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+        self.process = subprocess.Popen(self.command, env=env)
         log.info("started embedded worker (pid %d)", self.process.pid)
 
     def _watch(self) -> None:

@@ -7,7 +7,6 @@ Messages carry ids only. Tasks are idempotent (every state change is conditional
 from __future__ import annotations
 
 import logging
-
 from typing import Any
 
 from celery.worker.control import inspect_command

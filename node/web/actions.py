@@ -12,13 +12,13 @@ import logging
 import uuid
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from inference.tasks import parse_task
 from node import jobs
 from node.config import Settings
-from node.jobs import InvalidTransitionError, JobNotFoundError
+from node.jobs import JobNotFoundError
 from storage.models import TERMINAL_JOB_STATES, Job, JobState, Study, StudyState, utcnow
 
 log = logging.getLogger(__name__)

@@ -202,6 +202,18 @@ def _label_group(
     )
 
 
+def viewer_geometry_problem(ds: Dataset) -> str | None:
+    """Why viewers may fail to draw regions on ``ds`` (e.g. OHIF with Pixel Spacing ``0\\0``), or None."""
+    spacing = ds.get("PixelSpacing")
+    try:
+        if spacing is not None and any(float(v) <= 0 for v in spacing):
+            return (f"source image {ds.SOPInstanceUID} has Pixel Spacing {list(spacing)}: viewers such "
+                    "as OHIF show it black and cannot place the boxes on it (the SR itself is valid)")
+    except (TypeError, ValueError):
+        return f"source image {ds.SOPInstanceUID} has an unreadable Pixel Spacing"
+    return None
+
+
 def build_region_report(
     source_datasets: Sequence[Dataset],
     regions: Sequence[ImageRegion],
@@ -258,13 +270,9 @@ def build_region_report(
         raise ValueError("build_region_report needs at least one region or label.")
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     for ds in sources:
-        spacing = ds.get("PixelSpacing")
-        if spacing is not None and any(float(v) <= 0 for v in spacing):
-            logger.warning(
-                "source %s has Pixel Spacing %s: viewers may fail to place boxes on it",
-                ds.SOPInstanceUID,
-                list(spacing),
-            )
+        problem = viewer_geometry_problem(ds)
+        if problem:
+            logger.warning("%s", problem)  # UIDs and geometry only
 
     algorithm_id = sr_algorithm_id(algorithm)
     groups: list[

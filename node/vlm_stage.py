@@ -20,7 +20,7 @@ from pydicom.pixels import apply_modality_lut
 
 from dicom_io.equipment import AlgorithmInfo
 from dicom_io.narrative_report import build_narrative_report
-from dicom_io.regions import ImageLabel, ImageRegion, build_region_report
+from dicom_io.regions import ImageLabel, ImageRegion, build_region_report, viewer_geometry_problem
 from dicom_io.sr_common import clean_text
 from dicom_io.uids import derived_uid
 from dicom_io.volume import load_volume, read_dataset
@@ -260,8 +260,10 @@ def write_outputs(
             sop_instance_uid=derived_uid(job_key, "regions", "instance"),
             series_number=REGION_SERIES_NUMBER, algorithm=algorithm, language=language,
         )
+        warnings = [w for w in map(viewer_geometry_problem, source_datasets) if w]
         outputs.append(VLMOutput("regions", sr, {
             "model": model,
+            **({"viewer_warnings": warnings} if warnings else {}),
             "labels": [{"name": lb.name, "state": lb.state, "probability": lb.probability} for lb in labels],
             "boxes": [_summary_box(r) for r in regions],
         }))

@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-DEBIAN_PEERS := orthanc orthanc-dicomweb dcmtk dicom3tools docker-compose chromium chromium-driver
+DEBIAN_PEERS := orthanc orthanc-dicomweb dcmtk dicom3tools docker-compose chromium chromium-driver fonts-droid-fallback
 
 .PHONY: run test venv peers lint bench clean
 

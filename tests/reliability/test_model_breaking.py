@@ -92,7 +92,7 @@ def test_a_study_that_kills_its_worker_fails_after_max_attempts_and_does_not_blo
         poll(lambda attempt=kills + 1: (j := _job_of(node, poison_uid)) is not None
              and j.state is JobState.RUNNING and j.attempts == attempt, 120, 0.05, f"attempt {kills + 1} running",
              on_timeout=lambda: node.worker.log_tail() + node.serve.log_tail())
-        time.sleep(0.5)
+        time.sleep(0.2)
         node.kill_worker()  # what the kernel's OOM killer does to a worker that loads a huge image
         kills += 1
         if kills == 1:  # a good study arrives while the poison one keeps failing

@@ -47,7 +47,7 @@ def test_worker_killed_mid_job_runs_again_and_delivers_one_copy(
         return [j.state for j in node.jobs()] == [JobState.RUNNING]
 
     poll(running, 120, 0.05, "the job running", on_timeout=first_worker.log_tail)
-    time.sleep(1.0)  # well into loading the volume and running the analyzer
+    time.sleep(0.3)  # into loading the volume and running the analyzer
     node.kill_worker()
     [job] = node.jobs()
     assert (job.state, job.attempts) == (JobState.RUNNING, 1), "the job finished before the kill"

@@ -81,7 +81,7 @@ def _check_native_pixels(ds: Dataset, length: int) -> None:
         columns = int(ds.Columns)
         bits = int(ds.BitsAllocated)
         samples = int(ds.get("SamplesPerPixel", 1))
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        frames = _frames(ds)
     except (AttributeError, TypeError, ValueError) as exc:
         raise InvalidInstanceError(f"image attributes needed to read Pixel Data are invalid: {exc}")
     if min(rows, columns, bits, samples, frames) <= 0:
@@ -101,9 +101,19 @@ def _check_native_pixels(ds: Dataset, length: int) -> None:
         )
 
 
+def _frames(ds: Dataset) -> int:
+    """NumberOfFrames (1 when absent); an empty or zero value is an error, not one frame."""
+    element = ds.get((0x0028, 0x0008))
+    if element is None:
+        return 1
+    if element.value in (None, ""):
+        raise ValueError("NumberOfFrames is present but empty")
+    return int(element.value)
+
+
 def _check_encapsulated_pixels(ds: Dataset, value: bytes) -> None:
     try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        frames = _frames(ds)
     except (TypeError, ValueError) as exc:
         raise InvalidInstanceError(f"NumberOfFrames is invalid: {exc}")
     if frames <= 0:
@@ -111,11 +121,19 @@ def _check_encapsulated_pixels(ds: Dataset, value: bytes) -> None:
     try:
         buffer = BytesIO(value)
         parse_basic_offsets(buffer)
-        count, _ = parse_fragments(buffer)
+        count, offsets = parse_fragments(buffer)
     except Exception as exc:  # noqa: BLE001 (pydicom raises several types for corrupt item headers)
         raise InvalidInstanceError(
             f"encapsulated Pixel Data is not a valid fragment sequence: {exc}"
         )
+    for offset in offsets:
+        # each item: tag (4 bytes), length (4), then that many bytes, all inside the element
+        length = int.from_bytes(value[offset + 4 : offset + 8], "little")
+        if offset + 8 + length > len(value):
+            raise InvalidInstanceError(
+                f"a Pixel Data fragment claims {length} bytes but the element ends before: "
+                "the instance is truncated"
+            )
     if count == 0:
         raise InvalidInstanceError("encapsulated Pixel Data has no fragments")
     if count < frames:
@@ -123,6 +141,11 @@ def _check_encapsulated_pixels(ds: Dataset, value: bytes) -> None:
         raise InvalidInstanceError(
             f"NumberOfFrames is {frames} but encapsulated Pixel Data holds {count} fragment(s)"
         )
+
+
+def _has_other_pixel_data(ds: Dataset) -> bool:
+    # Float/Double Float Pixel Data hold the image instead of Pixel Data (PS3.3 C.7.6.3)
+    return (0x7FE0, 0x0008) in ds or (0x7FE0, 0x0009) in ds
 
 
 def parse_header(data: bytes) -> tuple[InstanceHeader, Dataset]:
@@ -176,6 +199,9 @@ def parse_header(data: bytes) -> tuple[InstanceHeader, Dataset]:
         patient_sex=_text(ds, "PatientSex"),
     )
     pixel_element = ds.get((0x7FE0, 0x0010))
+    if pixel_element is None and "Rows" in ds and "Columns" in ds and not _has_other_pixel_data(ds):
+        # an image whose stream ended inside the Pixel Data element header parses without it
+        raise InvalidInstanceError("the image has Rows and Columns but no Pixel Data: truncated?")
     if pixel_element is not None:
         value = pixel_element.value or b""
         if UID(tsyntax).is_encapsulated:

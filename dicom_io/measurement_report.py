@@ -15,13 +15,17 @@ from dicom_io.codes import (
     HOUNSFIELD_UNIT,
     MEAN,
     MILLILITER,
-    STRUCTURES,
     VOLUME,
     procedure_for_modality,
 )
 from dicom_io.equipment import AlgorithmInfo, add_contributing_equipment
 from dicom_io.seg import character_set_of, ihe_coding_scheme
-from dicom_io.sr_common import device_observation_context, image_library_sources, sr_algorithm_id
+from dicom_io.sr_common import (
+    device_observation_context,
+    image_library_sources,
+    sr_algorithm_id,
+    structure_for,
+)
 from dicom_io.uids import derived_uid
 from dicom_io.volume import Volume
 
@@ -146,11 +150,7 @@ def build_volume_report(
     groups = []
     referenced_uids: set[str] = set()
     for measurement in measurements:
-        if measurement.label not in STRUCTURES:
-            raise ValueError(
-                f"unknown structure {measurement.label!r}; known: {sorted(STRUCTURES)}."
-            )
-        structure = STRUCTURES[measurement.label]
+        structure = structure_for(measurement.label)
         items = [hd.sr.Measurement(name=VOLUME, value=measurement.volume_ml, unit=MILLILITER)]
         if math.isfinite(measurement.mean_hu):
             items.append(

@@ -9,8 +9,9 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
-from dicom_io.codes import ARTIFICIAL_INTELLIGENCE, STRUCTURES
+from dicom_io.codes import ARTIFICIAL_INTELLIGENCE
 from dicom_io.equipment import IHE_CODING_SCHEME, AlgorithmInfo, add_contributing_equipment
+from dicom_io.sr_common import structure_for
 from dicom_io.uids import derived_uid
 from dicom_io.volume import Volume
 
@@ -89,9 +90,6 @@ def build_segmentation(
     """
     if not masks:
         raise ValueError("build_segmentation needs at least one mask.")
-    unknown = [key for key in masks if key not in STRUCTURES]
-    if unknown:
-        raise ValueError(f"unknown structure(s) {unknown}; known: {sorted(STRUCTURES)}.")
     arrays = []
     for key, mask in masks.items():
         if mask.shape != volume.pixels.shape:
@@ -105,7 +103,7 @@ def build_segmentation(
     identification = algorithm_identification(algorithm)
     descriptions = []
     for number, key in enumerate(masks, start=1):
-        structure = STRUCTURES[key]
+        structure = structure_for(key)
         descriptions.append(
             hd.seg.SegmentDescription(
                 segment_number=number,

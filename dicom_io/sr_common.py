@@ -11,6 +11,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from dicom_io.codes import ANATOMICAL_STRUCTURE, STRUCTURES, Structure
 from dicom_io.equipment import AlgorithmInfo
 
 logger = logging.getLogger(__name__)
@@ -149,6 +150,22 @@ def coded_term(text: str) -> hd.sr.CodedConcept:
         digest = hashlib.sha1(normalized.encode("utf-8")).hexdigest()[:8]
         slug = f"{slug[:7]}-{digest}" if slug else f"t-{digest}"
     return hd.sr.CodedConcept(slug, MEDNODE_CODING_SCHEME, " ".join(text.split())[:64])
+
+
+def structure_for(label: str) -> Structure:
+    """The coded structure of a segment label: mednode's own (``body``, ``lungs``, ``bone``), or
+    any other label a segmentation model names (``spleen``, ``liver``…), coded by
+    :func:`coded_term` as an anatomical structure.
+
+    Raises
+    ------
+    ValueError
+        If ``label`` is blank.
+    """
+    if label in STRUCTURES:
+        return STRUCTURES[label]
+    concept = coded_term(label)
+    return Structure(concept.meaning[:64], ANATOMICAL_STRUCTURE, concept)
 
 
 #: Language codes (RFC 5646) with their English names, for the language content item.

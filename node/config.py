@@ -9,6 +9,7 @@ the defaults below. Everything is validated at start; :func:`load_settings` rais
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -31,7 +32,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from inference.tasks import parse_tasks
+from inference.tasks import TaskSpec, parse_tasks
 
 ENV_PREFIX = "MEDNODE_"
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control
@@ -206,6 +207,10 @@ class ModelsSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     vlm: VLMSettings | None = None
+    #: MONAI bundles on local disk by name, for ``segment: {bundle: NAME}`` tasks
+    bundles: dict[str, Path] = Field(default_factory=dict)
+    #: where bundles run: ``auto`` (CUDA when available), ``cpu``, ``cuda:0``…
+    bundle_device: str = "auto"
 
 
 class Settings(BaseSettings):
@@ -306,11 +311,16 @@ class Settings(BaseSettings):
         for rule in self.rules if self.rules is not None else []:
             for ref in rule.destinations:
                 self.resolve_destination(ref, rule=rule.name)
-            model_tasks = [t for t in rule.tasks if t != "ct_analysis"]
             try:
-                parse_tasks(model_tasks)
+                plan = plan_tasks(rule.tasks)
             except ValueError as exc:
                 raise ValueError(f"rules.{rule.name}.tasks: {exc}") from None
+            missing = [b for b in plan.bundles if b not in self.models.bundles]
+            if missing:
+                raise ValueError(
+                    f"rules.{rule.name}.tasks: bundle(s) {missing} are not in models.bundles "
+                    f"(configured: {sorted(self.models.bundles) or 'none'})"
+                )
         return self
 
     # -- derived values -------------------------------------------------------------------------
@@ -384,6 +394,41 @@ class Settings(BaseSettings):
         if yaml_file is not None:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
         return tuple(sources)
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    """A rule's tasks sorted by who runs them."""
+
+    ct_analysis: bool  #: the built-in CT analyzer
+    bundles: tuple[str, ...]  #: MONAI bundles by name (``segment: {bundle: NAME}``)
+    model_tasks: tuple[TaskSpec, ...]  #: vision-language model tasks
+
+
+def plan_tasks(tasks: list[Any]) -> TaskPlan:
+    """Sort a rule's tasks: ``ct_analysis``, ``segment: {bundle: NAME}``, and model tasks.
+
+    Raises
+    ------
+    ValueError
+        If a task is malformed (the message names it).
+    """
+    ct_analysis = False
+    bundles: list[str] = []
+    model_tasks: list[Any] = []
+    for item in tasks:
+        name = item if isinstance(item, str) else next(iter(item), None) if isinstance(item, dict) else None
+        if name == "ct_analysis":
+            ct_analysis = True
+        elif name == "segment" and isinstance(item, dict) and isinstance(item["segment"], dict) \
+                and "bundle" in item["segment"]:
+            options = item["segment"]
+            if set(options) != {"bundle"} or not str(options["bundle"]).strip():
+                raise ValueError(f"segment task {item!r}: give only the bundle name, e.g. {{bundle: spleen}}")
+            bundles.append(str(options["bundle"]))
+        else:
+            model_tasks.append(item)
+    return TaskPlan(ct_analysis, tuple(bundles), tuple(parse_tasks(model_tasks)) if model_tasks else ())
 
 
 CHEST_XRAY_TASKS: list[str | dict[str, Any]] = [

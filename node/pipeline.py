@@ -8,11 +8,13 @@ in-process.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 from io import BytesIO
+from pathlib import Path
 from typing import Any, Self
 
 from pydicom.dataset import Dataset
@@ -26,9 +28,9 @@ from dicom_io.uids import derived_uid
 from dicom_io.volume import Volume, load_volume, read_dataset
 from inference.builtin.ct_analyzer import ANALYZER_NAME, ANALYZER_VERSION, analyze_ct
 from inference.errors import InferenceError, InvalidInputError, ModelNotConfiguredError
-from inference.tasks import TaskSpec, parse_tasks
+from inference.monai_bundle import MonaiBundle
 from node import audit, jobs, metrics
-from node.config import Destination
+from node.config import Destination, plan_tasks
 from node.context import NodeContext
 from node.delivery import DeliveryError, Timeouts, send_files
 from node.vlm_stage import read_series, run_vlm_tasks
@@ -41,6 +43,7 @@ CT_ANALYZER = AlgorithmInfo(name=ANALYZER_NAME, version=ANALYZER_VERSION, family
 #: Series numbers of mednode's outputs: high, so viewers list them after the source series.
 SEG_SERIES_NUMBER = 9901
 SR_SERIES_NUMBER = 9902
+BUNDLE_SERIES_NUMBER = 9940
 
 
 class TransientError(RuntimeError):
@@ -63,8 +66,8 @@ def _timed(stage: str, started: float, job_key: str) -> None:
 
 
 # -- stages ---------------------------------------------------------------------------------------
-def load_series_volume(ctx: NodeContext, job: jobs.ClaimedJob, modality: str) -> Volume:
-    """Read the largest matched series of ``modality`` into a volume.
+def load_series_volume(ctx: NodeContext, job: jobs.ClaimedJob, modalities: tuple[str, ...]) -> Volume:
+    """Read the largest matched series of one of ``modalities`` into a volume.
 
     Raises
     ------
@@ -74,10 +77,10 @@ def load_series_volume(ctx: NodeContext, job: jobs.ClaimedJob, modality: str) ->
     candidates = []
     for series_uid, paths in job.instance_paths.items():
         first = read_dataset(ctx.store.absolute(paths[0]), stop_before_pixels=True) if paths else None
-        if first is not None and str(first.get("Modality", "")).upper() == modality:
+        if first is not None and str(first.get("Modality", "")).upper() in modalities:
             candidates.append((len(paths), series_uid))
     if not candidates:
-        raise InvalidInputError(f"the study has no {modality} series for this rule")
+        raise InvalidInputError(f"the study has no {'/'.join(modalities)} series for this rule")
     _, series_uid = max(candidates)
     started = time.perf_counter()
     datasets = [read_dataset(ctx.store.absolute(p)) for p in job.instance_paths[series_uid]]
@@ -131,31 +134,21 @@ def ct_analysis(volume: Volume, job_key: str) -> list[Output]:
     return [Output("seg", seg, summary), Output("sr", sr, summary)]
 
 
-def split_tasks(tasks: list[Any]) -> tuple[bool, list[TaskSpec]]:
-    """Separate the built-in ``ct_analysis`` task from model tasks (parsed, validated specs).
-
-    Raises
-    ------
-    ValueError
-        If a model task is malformed (the message names it).
-    """
-    builtin = False
-    model_tasks = []
-    for item in tasks:
-        if item == "ct_analysis" or (isinstance(item, dict) and set(item) == {"ct_analysis"}):
-            builtin = True
-        else:
-            model_tasks.append(item)
-    return builtin, parse_tasks(model_tasks) if model_tasks else []
-
-
 def run_tasks(ctx: NodeContext, job: jobs.ClaimedJob) -> list[Output]:
     """Run every task of the job's rule and return the objects they produced."""
-    builtin, specs = split_tasks(job.tasks)
+    plan = plan_tasks(job.tasks)
+    specs = list(plan.model_tasks)
     outputs: list[Output] = []
-    if builtin:
-        volume = load_series_volume(ctx, job, "CT")
+    if plan.ct_analysis:
+        volume = load_series_volume(ctx, job, ("CT",))
         outputs.extend(ct_analysis(volume, job.key))
+    for index, name in enumerate(plan.bundles):
+        path = ctx.settings.models.bundles.get(name)
+        if path is None:
+            raise ModelNotConfiguredError(f"segmentation bundle {name!r} is not in models.bundles")
+        volume = load_series_volume(ctx, job, ("CT", "MR"))
+        bundle = load_bundle(path, ctx.settings.models.bundle_device)
+        outputs.extend(bundle_segmentation(bundle, volume, job.key, series_offset=2 * index))
     if specs:
         vlm_settings = ctx.settings.models.vlm
         if vlm_settings is None:
@@ -167,6 +160,69 @@ def run_tasks(ctx: NodeContext, job: jobs.ClaimedJob) -> list[Output]:
         for produced in run_vlm_tasks(vlm_settings, series, specs, job_key=job.key):
             outputs.append(Output(produced.kind, produced.dataset, produced.summary))
     return outputs
+
+
+_BUNDLES: dict[tuple[str, str], MonaiBundle] = {}
+
+
+def load_bundle(path: Path, device: str) -> MonaiBundle:
+    """The process-wide loaded MONAI bundle at ``path`` (loaded on first use, then kept warm)."""
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    key = (str(path), device)
+    if key not in _BUNDLES:
+        started = time.perf_counter()
+        _BUNDLES[key] = MonaiBundle.load(Path(path), device=device)
+        metrics.MODEL_LOAD_SECONDS.labels(model=_BUNDLES[key].name or Path(path).name).observe(
+            time.perf_counter() - started
+        )
+    return _BUNDLES[key]
+
+
+def bundle_segmentation(bundle: MonaiBundle, volume: Volume, job_key: str, *, series_offset: int = 0) -> list[Output]:
+    """Segment ``volume`` with a MONAI bundle and write its SEG and TID 1500 SR (volume per label,
+    mean HU on CT)."""
+    started = time.perf_counter()
+    masks = bundle.segment(volume.pixels, volume.spacing_mm, affine_lps=volume.affine)
+    _timed("monai_bundle", started, job_key)
+    found = {label: mask for label, mask in masks.items() if mask.any()}
+    if not found:
+        raise InvalidInputError(f"bundle {bundle.name or bundle.bundle_dir.name} found none of {sorted(masks)}")
+    name = bundle.name or bundle.bundle_dir.name
+    algorithm = AlgorithmInfo(name=name, version=bundle.version or "unversioned", family="monai-bundle")
+    seg = build_segmentation(
+        volume, found,
+        series_instance_uid=derived_uid(job_key, "bundle", name, "seg", "series"),
+        sop_instance_uid=derived_uid(job_key, "bundle", name, "seg", "instance"),
+        series_number=BUNDLE_SERIES_NUMBER + series_offset, algorithm=algorithm,
+        series_description=f"mednode {name}",
+    )
+    voxel_ml = volume.voxel_volume_ml
+    is_ct = volume.modality.upper() == "CT"
+    measurements = [
+        StructureMeasurement(
+            label=label, segment_number=number, volume_ml=float(mask.sum()) * voxel_ml,
+            mean_hu=float(volume.pixels[mask].mean()) if is_ct else math.nan,
+        )
+        for number, (label, mask) in enumerate(found.items(), start=1)
+    ]
+    sr = build_volume_report(
+        volume, seg, measurements,
+        series_instance_uid=derived_uid(job_key, "bundle", name, "sr", "series"),
+        sop_instance_uid=derived_uid(job_key, "bundle", name, "sr", "instance"),
+        series_number=BUNDLE_SERIES_NUMBER + series_offset + 1, algorithm=algorithm,
+    )
+    summary = {
+        "algorithm": f"{name} {bundle.version}".strip(),
+        "structures": [
+            {"label": m.label, "segment_number": m.segment_number, "volume_ml": round(m.volume_ml, 3),
+             **({"mean_hu": round(m.mean_hu, 2)} if is_ct else {})}
+            for m in measurements
+        ],
+    }
+    return [Output("seg", seg, summary), Output("sr", sr, summary)]
 
 
 def store_outputs(ctx: NodeContext, job_id: int, outputs: list[Output]) -> list[jobs.ResultObject]:

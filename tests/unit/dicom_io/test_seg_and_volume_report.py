@@ -130,8 +130,8 @@ def test_segmentation_on_ct_with_empty_character_set(
 
 
 def test_segmentation_rejects_bad_masks(head: Volume, algorithm: AlgorithmInfo) -> None:
-    with pytest.raises(ValueError, match="unknown structure"):
-        build(head, {"liver": np.zeros(head.pixels.shape, bool)}, algorithm)
+    with pytest.raises(ValueError, match="non-blank"):
+        build(head, {" ": np.ones(head.pixels.shape, bool)}, algorithm)
     with pytest.raises(ValueError, match="resample"):
         build(head, {"lungs": np.zeros((2, 16, 16), bool)}, algorithm)
     with pytest.raises(ValueError, match="at least one mask"):

@@ -49,6 +49,10 @@ from storage.errors import StorageError, StorageFullError
 
 log = logging.getLogger(__name__)
 
+#: Concurrent associations the listener serves; beyond, peers are rejected (transient, "local limit").
+MAX_ASSOCIATIONS = 32
+#: Seconds a peer may take between connecting and requesting an association (and between ACSE steps).
+ACSE_TIMEOUT_S = 15
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
@@ -250,8 +254,11 @@ def make_ae(ae_title: str) -> AE:
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
     ae.maximum_pdu_size = 0  # no limit: large PDUs cost fewer round trips
+    # a PACS, its modalities and a few idle or half-open peers at once; an idle connection holds
+    # its slot until the ACSE (ARTIM) timeout, hence a short one
+    ae.maximum_associations = MAX_ASSOCIATIONS
     ae.network_timeout = 60
-    ae.acse_timeout = 30
+    ae.acse_timeout = ACSE_TIMEOUT_S
     ae.dimse_timeout = 120
     return ae
 

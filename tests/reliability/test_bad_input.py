@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from node.listener import MAX_ASSOCIATIONS
 from storage.store import PARTIAL_SUFFIX, InstanceStore
 from tests.fuzz.corpus import corpus, echo, malformed_files, send_raw, sendable
 from tests.peers import LOOPBACK
@@ -119,16 +120,16 @@ def _idle_connections(port: int, count: int) -> list[socket.socket]:
 
 
 def test_idle_and_half_open_connections_do_not_stop_the_listener(node_run: NodeRunFactory) -> None:
-    """Below pynetdicom's limit of concurrent associations (``AE.maximum_associations``, 10) idle
-    peers change nothing for others; beyond it a new peer is rejected at once with a transient
-    reason (never left hanging), and the slots come back as soon as the idle peers go (or after
-    the ARTIM timer, ``acse_timeout`` = 30 s, if they stay)."""
+    """Below the listener's limit of concurrent associations (``MAX_ASSOCIATIONS``) idle peers
+    change nothing for others; beyond it a new peer is rejected at once with a transient reason
+    (never left hanging), and the slots come back as soon as the idle peers go (or after the
+    ARTIM timer, ``ACSE_TIMEOUT_S``, if they stay)."""
     node = node_run()
     node.start_serve()
     pid = node.serve.pid
     assert pid is not None
     baseline = resources(pid)
-    idle = _idle_connections(node.dicom_port, 8)
+    idle = _idle_connections(node.dicom_port, MAX_ASSOCIATIONS - 2)
     try:
         for _ in range(3):
             assert echo(node.dicom_port) == 0, "idle peers under the limit blocked the listener"
@@ -144,7 +145,8 @@ def test_idle_and_half_open_connections_do_not_stop_the_listener(node_run: NodeR
     while echo(node.dicom_port) != 0:
         assert time.monotonic() - closed_at < 45, "the association slots did not come back"
         time.sleep(0.2)
-    print(f"\nRELIABILITY idle-peers: slots back {time.monotonic() - closed_at:.1f} s after 20 idle peers closed")
+    print(f"\nRELIABILITY idle-peers: slots back {time.monotonic() - closed_at:.1f} s after "
+          f"{len(idle)} idle peers closed")
     after = settle(pid, baseline)
     assert after["fds"] <= baseline["fds"] + 2 and after["threads"] <= baseline["threads"] + 1, (baseline, after)
     assert node.serve.is_running

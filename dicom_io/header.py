@@ -175,6 +175,16 @@ def parse_header(data: bytes) -> tuple[InstanceHeader, Dataset]:
         raise InvalidInstanceError(
             "the data set is empty after parsing (a sequence or Pixel Data is missing its end)"
         )
+    try:
+        return _checked_header(ds), ds
+    except InvalidInstanceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (pydicom converts values lazily: a corrupt element raises on access)
+        raise InvalidInstanceError(f"an element cannot be read: {type(exc).__name__}: {exc}") from None
+
+
+def _checked_header(ds: Dataset) -> InstanceHeader:
+    """The index attributes of a parsed data set, after checking UIDs and Pixel Data."""
     tsyntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
     if not tsyntax:
         raise InvalidInstanceError("File Meta Information has no TransferSyntaxUID")
@@ -208,4 +218,4 @@ def parse_header(data: bytes) -> tuple[InstanceHeader, Dataset]:
             _check_encapsulated_pixels(ds, value)
         else:
             _check_native_pixels(ds, len(value))
-    return header, ds
+    return header

@@ -123,7 +123,7 @@ def test_node_settings_accept_the_compose_env(
     assert (settings.destination.ae_title, settings.destination.host) == ("ORTHANC", "orthanc")
     assert settings.destination.port == 4242
     assert settings.web_host == "0.0.0.0" and settings.dicom_port == 11112
-    assert settings.web.secret_key == SECRET
+    assert settings.web_secret_key is not None and settings.web_secret_key.get_secret_value() == SECRET
 
 
 def test_listener_and_worker_share_the_instance_volume(config: dict[str, Any]) -> None:

@@ -18,11 +18,12 @@ from dicom_io.codes import (
     VOLUME,
     procedure_for_modality,
 )
-from dicom_io.equipment import AlgorithmInfo, add_contributing_equipment
+from dicom_io.equipment import AlgorithmInfo
 from dicom_io.seg import character_set_of, ihe_coding_scheme
 from dicom_io.sr_common import (
     device_observation_context,
     image_library_sources,
+    mednode_sr,
     sr_algorithm_id,
     structure_for,
 )
@@ -189,24 +190,17 @@ def build_volume_report(
             ds for ds in volume.datasets if str(ds.SOPInstanceUID) in referenced_uids
         ),
     )
-    sr = hd.sr.ComprehensiveSR(
+    sr = mednode_sr(
         evidence=[*volume.datasets, segmentation],
         content=report,
         series_instance_uid=series_instance_uid,
-        series_number=series_number,
         sop_instance_uid=sop_instance_uid,
-        instance_number=1,
-        manufacturer=algorithm.manufacturer,
-        manufacturer_model_name=algorithm.name,
-        software_versions=algorithm.version,
+        series_number=series_number,
         series_description="mednode measurements",
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
+        algorithm=algorithm,
         specific_character_set=character_set_of(source),
         coding_schemes=[ihe_coding_scheme()],
     )
-    add_contributing_equipment(sr, algorithm)
     logger.info(
         "built measurement SR %s for SEG %s: %d group(s)",
         sop_instance_uid,

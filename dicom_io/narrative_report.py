@@ -17,7 +17,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 
 from dicom_io.codes import procedure_for_modality
-from dicom_io.equipment import AlgorithmInfo, add_contributing_equipment
+from dicom_io.equipment import AlgorithmInfo
 from dicom_io.seg import ihe_coding_scheme
 from dicom_io.sr_common import (
     MEDNODE_CODING_SCHEME,
@@ -26,6 +26,7 @@ from dicom_io.sr_common import (
     device_observation_context,
     language_concept,
     mednode_coding_scheme,
+    mednode_sr,
 )
 
 logger = logging.getLogger(__name__)
@@ -140,24 +141,17 @@ def build_narrative_report(
     root.ContentSequence = hd.sr.ContentSequence(items)
 
     texts = [findings, impression or "", *(t for pair in questions_answers for t in pair)]
-    sr = hd.sr.ComprehensiveSR(
+    sr = mednode_sr(
         evidence=sources,
         content=root,
         series_instance_uid=series_instance_uid,
-        series_number=series_number,
         sop_instance_uid=sop_instance_uid,
-        instance_number=1,
-        manufacturer=algorithm.manufacturer,
-        manufacturer_model_name=algorithm.name,
-        software_versions=algorithm.version,
+        series_number=series_number,
         series_description="mednode report",
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
+        algorithm=algorithm,
         specific_character_set=character_set_for_text(sources[0], texts),
         coding_schemes=[ihe_coding_scheme(), mednode_coding_scheme()],
     )
-    add_contributing_equipment(sr, algorithm)
     logger.info(
         "built narrative SR %s (%s, %d question(s))",
         sop_instance_uid,

@@ -26,7 +26,7 @@ from dicom_io.codes import (
     UNCERTAIN,
     procedure_for_modality,
 )
-from dicom_io.equipment import AlgorithmInfo, add_contributing_equipment
+from dicom_io.equipment import AlgorithmInfo
 from dicom_io.seg import ihe_coding_scheme
 from dicom_io.sr_common import (
     character_set_for_text,
@@ -36,6 +36,7 @@ from dicom_io.sr_common import (
     image_library_sources,
     language_concept,
     mednode_coding_scheme,
+    mednode_sr,
     sr_algorithm_id,
 )
 from dicom_io.uids import derived_uid
@@ -304,24 +305,17 @@ def build_region_report(
         for text in (region.finding, region.finding_site, region.text)
         if text
     ] + [label.name for label in labels]
-    sr = hd.sr.ComprehensiveSR(
+    sr = mednode_sr(
         evidence=sources,
         content=report,
         series_instance_uid=series_instance_uid,
-        series_number=series_number,
         sop_instance_uid=sop_instance_uid,
-        instance_number=1,
-        manufacturer=algorithm.manufacturer,
-        manufacturer_model_name=algorithm.name,
-        software_versions=algorithm.version,
+        series_number=series_number,
         series_description="mednode findings",
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
+        algorithm=algorithm,
         specific_character_set=character_set_for_text(sources[0], texts),
         coding_schemes=[ihe_coding_scheme(), mednode_coding_scheme()],
     )
-    add_contributing_equipment(sr, algorithm)
     logger.info(
         "built region SR %s: %d region(s), %d label(s)", sop_instance_uid, len(regions), len(labels)
     )

@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from dicom_io.codes import ANATOMICAL_STRUCTURE, STRUCTURES, Structure
-from dicom_io.equipment import AlgorithmInfo
+from dicom_io.equipment import AlgorithmInfo, add_contributing_equipment
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +150,41 @@ def coded_term(text: str) -> hd.sr.CodedConcept:
         digest = hashlib.sha1(normalized.encode("utf-8")).hexdigest()[:8]
         slug = f"{slug[:7]}-{digest}" if slug else f"t-{digest}"
     return hd.sr.CodedConcept(slug, MEDNODE_CODING_SCHEME, " ".join(text.split())[:64])
+
+
+def mednode_sr(
+    *,
+    evidence: Sequence[Dataset],
+    content: Dataset | hd.sr.MeasurementReport,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    series_description: str,
+    algorithm: AlgorithmInfo,
+    specific_character_set: str | list[str] | None,
+    coding_schemes: Sequence[hd.coding_schemes.CodingSchemeIdentificationItem],
+) -> hd.sr.ComprehensiveSR:
+    """A Comprehensive SR as mednode writes every result: complete, preliminary, UNVERIFIED,
+    the algorithm as manufacturer/model/version, and the IHE AIR Contributing Equipment item."""
+    sr = hd.sr.ComprehensiveSR(
+        evidence=list(evidence),
+        content=content,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        manufacturer=algorithm.manufacturer,
+        manufacturer_model_name=algorithm.name,
+        software_versions=algorithm.version,
+        series_description=series_description,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        specific_character_set=specific_character_set,
+        coding_schemes=list(coding_schemes),
+    )
+    add_contributing_equipment(sr, algorithm)
+    return sr
 
 
 def structure_for(label: str) -> Structure:

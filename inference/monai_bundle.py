@@ -212,7 +212,7 @@ class MonaiBundle:
                 f"{weights_file} does not fit the network '{network_id}' of {config_file}: {exc}"
             ) from exc
         try:
-            network = network.to(torch_device).eval()
+            network = network.to(torch_device).train(False)  # inference mode (dropout, batch norm)
         except (RuntimeError, AssertionError) as exc:
             raise ModelLoadError(
                 f"cannot move the network of {bundle_dir} to {torch_device}: {exc}"

@@ -191,7 +191,7 @@ def load_vlm(cfg: VLMConfig) -> VLM:
     except (OSError, ValueError, ImportError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"transformers could not load {str(path)!r} as {family.name}: {exc}") from exc
     model = model.to(device)  # type: ignore[arg-type]
-    model.eval()
+    model.train(False)  # inference mode (dropout off)
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None:
         raise ModelLoadError(f"The processor of {str(path)!r} has no tokenizer.")

@@ -65,10 +65,12 @@ if str(REPO_ROOT) not in sys.path:
 
 import numpy as np
 
+from tests.shared_data import SHARED_DICOM
+
 DOCS = REPO_ROOT / "docs" / "BENCHMARKS.md"
 BEGIN = "<!-- BEGIN inference (written by bench/inference.py --write-docs) -->"
 END = "<!-- END inference -->"
-DEFAULT_IMAGE = Path("/work/shared/dicom/xr/RG1_J2KI_chest_PA.dcm")
+DEFAULT_IMAGE = SHARED_DICOM / "xr" / "RG1_J2KI_chest_PA.dcm"
 
 #: Model shapes per ``--size``. ``4b`` follows the published Gemma 3 4B configuration.
 SIZES: dict[str, dict[str, Any]] = {

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.peers import Orthanc, in_ci, require_tool
+from tests.shared_data import SHARED_DICOM
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 INTEGRATION_DIR = REPO_ROOT / "tests" / "integration"
@@ -102,7 +103,7 @@ def orthanc_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthan
 @pytest.fixture(scope="session")
 def shared_dicom() -> Path:
     """Path of the shared sample DICOM (``<repo>/../shared/dicom``, see its MANIFEST.tsv)."""
-    path = REPO_ROOT.parent / "shared" / "dicom"
+    path = SHARED_DICOM
     if not (path / "MANIFEST.tsv").is_file():
         message = f"shared sample DICOM not found at {path} (expected MANIFEST.tsv there)"
         if in_ci():

@@ -43,13 +43,14 @@ from inference.geometry import PreparedImage
 from inference.results import Box
 from inference.tasks import TaskSpec
 from inference.vlm import VLM, VLMConfig, load_vlm
+from tests.shared_data import SHARED_DICOM
 
 logger = logging.getLogger(__name__)
 
 #: The two real radiographs the model is trained on (see /work/shared/dicom/MANIFEST.tsv).
 RADIOGRAPHS: tuple[Path, ...] = (
-    Path("/work/shared/dicom/xr/RG1_J2KI_chest_PA.dcm"),
-    Path("/work/shared/dicom/xr/highdicom_dx_thorax.dcm"),
+    SHARED_DICOM / "xr" / "RG1_J2KI_chest_PA.dcm",
+    SHARED_DICOM / "xr" / "highdicom_dx_thorax.dcm",
 )
 
 #: ``ground``: phrase → MedGemma ``box_2d`` ``(y0, x0, y1, x1)`` on 0–1000 of the padded square.

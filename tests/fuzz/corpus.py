@@ -40,8 +40,8 @@ from pydicom.uid import (
 )
 
 from tests.phantom import PhantomGeometry, make_ct_phantom
+from tests.shared_data import SHARED_DICOM  # noqa: E402
 
-SHARED_DICOM = Path(__file__).resolve().parents[3] / "shared" / "dicom"
 SEED_GEOMETRY = PhantomGeometry(rows=80, columns=80, pixel_spacing_mm=(4.0, 4.0), slice_spacing_mm=10.0,
                                 num_slices=18)
 ITEM = b"\xfe\xff\x00\xe0"

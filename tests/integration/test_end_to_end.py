@@ -15,7 +15,13 @@ from dicom_io.measurement_report import ATTENUATION_COEFFICIENT, VOLUME
 from dicom_io.volume import load_volume
 from inference.builtin.ct_analyzer import analyze_ct
 from tests.integration.conftest import MednodeFactory, MednodeNode
-from tests.integration.e2e import assert_valid, measurement_groups, poll, source_sop_uids, wait_for_results
+from tests.integration.e2e import (
+    assert_valid,
+    measurement_groups,
+    poll,
+    source_sop_uids,
+    wait_for_results,
+)
 from tests.peers import Orthanc, storescu
 from tests.phantom import PhantomGeometry, make_ct_phantom, phantom_truth, write_series
 

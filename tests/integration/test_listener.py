@@ -18,7 +18,8 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE, _config as pynetdicom_config
+from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import func, select
@@ -35,6 +36,7 @@ from tests.integration.conftest import MednodeFactory
 from tests.integration.e2e import poll
 from tests.peers import LOOPBACK, StoreSCP, dcmsend, echoscu, free_port, require_tool, storescu
 from tests.phantom import PhantomGeometry, make_ct_phantom, write_series
+from tests.shared_data import SHARED_DICOM
 
 AE_TITLE = "MEDNODE"
 DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -187,7 +189,7 @@ def test_malformed_bytes_sent_unparsed_get_a_failure_status(
 
 # -- transfer syntaxes as sent ----------------------------------------------------------------------
 def _compressed_params() -> list[object]:
-    root = Path(__file__).resolve().parents[3] / "shared" / "dicom" / "compressed"
+    root = SHARED_DICOM / "compressed"
     names = sorted(str(p.relative_to(root)) for p in root.rglob("*.dcm")) if root.is_dir() else []
     return [
         pytest.param(name, marks=pytest.mark.xfail(
@@ -213,7 +215,7 @@ def compressed_received(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tu
     server = start_listener(Ingestor(store, sessions), ae_title=AE_TITLE, host=LOOPBACK, port=port)
     node = Listener(port, store, sessions, server)
     scp = StoreSCP(tmp / "storescp", extra=["--bit-preserving"]).start()
-    root = Path(__file__).resolve().parents[3] / "shared" / "dicom" / "compressed"
+    root = SHARED_DICOM / "compressed"
     files = sorted(root.rglob("*.dcm"))
     try:
         to_node = dcmsend(LOOPBACK, port, files, called=AE_TITLE)

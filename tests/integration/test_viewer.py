@@ -31,6 +31,7 @@ from dicom_io.uids import derived_uid
 from tests.integration.conftest import REPO_ROOT, MednodeNode
 from tests.integration.e2e import poll
 from tests.peers import LOOPBACK, ManagedProcess, Orthanc, free_port, require_tool
+from tests.shared_data import SHARED_DICOM
 from tests.trained_models import tiny_grounding_model_dir  # noqa: F401  (session fixture)
 from tests.viewer.browser import VIEWPORT_SIZE, OhifPage, ViewportState
 from tests.viewer.fixtures import chromium, ohif_server  # noqa: F401  (session fixtures)
@@ -38,7 +39,7 @@ from tests.viewer.geometry import ImageGeometry, agreement, coloured, image_foot
 from tests.viewer.ohif import OhifServer
 
 SCREENSHOTS = REPO_ROOT / "docs" / "viewer"
-SHARED = REPO_ROOT.parent / "shared" / "dicom"
+SHARED = SHARED_DICOM
 CT_FILES = sorted((SHARED / "ct" / "dcmqi_ct3slice").glob("*.dcm"))
 DX_FILE = SHARED / "xr" / "highdicom_dx_thorax.dcm"  # uncompressed, valid Pixel Spacing
 CR_FILE = SHARED / "xr" / "RG1_J2KI_chest_PA.dcm"  # Pixel Spacing 0\0: OHIF cannot show it

@@ -21,8 +21,8 @@ from node.vlm_stage import run_vlm_tasks
 from tests.integration.conftest import MednodeFactory
 from tests.integration.e2e import assert_valid, poll
 from tests.models import tiny_vlm_dirs  # noqa: F401  (session fixture)
-from tests.trained_models import tiny_grounding_model_dir  # noqa: F401  (session fixture)
 from tests.peers import Orthanc
+from tests.trained_models import tiny_grounding_model_dir  # noqa: F401  (session fixture)
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
 TASKS = """

@@ -1,6 +1,5 @@
 """Image preparation: windowing, inversion, 16-bit input, and exact coordinate round trips."""
 
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -15,8 +14,9 @@ from inference.geometry import (
     sample_slices,
     to_uint8,
 )
+from tests.shared_data import SHARED_DICOM
 
-XR = Path("/work/shared/dicom/xr")
+XR = SHARED_DICOM / "xr"
 
 
 def test_voi_window_follows_ps3_3_linear_function():

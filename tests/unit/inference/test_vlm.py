@@ -8,7 +8,6 @@ once per process.
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pydicom
 import pytest
@@ -27,8 +26,9 @@ from inference.results import (
 from inference.tasks import TaskSpec, parse_tasks
 from inference.vlm import VLMConfig, clear_vlm_cache, get_vlm, load_vlm
 from tests.models import tiny_vlm_dirs  # noqa: F401  (session fixture)
+from tests.shared_data import SHARED_DICOM
 
-XR = Path("/work/shared/dicom/xr")
+XR = SHARED_DICOM / "xr"
 FAMILIES = ["gemma3", "llava", "qwen2_vl"]
 
 ALL_TASKS = [
@@ -253,7 +253,7 @@ def test_ct_series_as_sampled_multi_image_prompt(vlm):
 
     from inference.geometry import MEDGEMMA_CT_WINDOWS, sample_slices
 
-    files = sorted(Path("/work/shared/dicom/ct/dcmqi_ct3slice").glob("*.dcm"))
+    files = sorted((SHARED_DICOM / "ct" / "dcmqi_ct3slice").glob("*.dcm"))
     datasets = [pydicom.dcmread(f) for f in files]
     picked = sample_slices(len(datasets), 2)
     images = [vlm.prepare(apply_modality_lut(datasets[i].pixel_array, datasets[i]),

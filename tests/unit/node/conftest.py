@@ -15,8 +15,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.config import ENV_PREFIX, Settings, load_settings
 from dicom_io.header import parse_header
+from node.config import ENV_PREFIX, Settings, load_settings
 from storage.db import make_engine, make_session_factory, upgrade
 from storage.index import IndexOutcome, index_instance
 from storage.store import InstanceStore

@@ -14,7 +14,6 @@ import pydicom
 import pytest
 import sqlalchemy
 from fastapi.testclient import TestClient
-from pydantic import Field
 
 from node import context, pipeline
 from node.celery_app import configure_celery

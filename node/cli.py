@@ -87,7 +87,8 @@ def worker(
         "--pool", "solo" if processes == 1 else "prefork",
         "--loglevel", settings.log_level,
         "--without-gossip", "--without-mingle",
-        "--hostname", f"mednode@%h-{Path.cwd().name}",
+        # one name per worker process on a host: remote control (dashboard) tells them apart
+        "--hostname", f"mednode-{queues.replace(',', '-')}-{os.getpid()}@%h",
     ]
     celery.worker_main(argv)
 

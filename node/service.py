@@ -20,6 +20,7 @@ from pathlib import Path
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node import context
+from node.celery_app import DELIVERY_QUEUE, INFERENCE_QUEUE
 from node.config import ConfigError, Settings
 from node.context import NodeContext
 from node.ingest import Ingestor
@@ -60,40 +61,51 @@ PARENT_PID_ENV = "MEDNODE_PARENT_PID"
 
 
 class WorkerSupervisor:
-    """Keeps one ``mednode worker`` child running; restarts it when it exits unexpectedly."""
+    """Keeps the embedded ``mednode worker`` children running, one per queue — inference and
+    delivery — so a slow PACS never waits behind the model and a long job never holds up sending
+    finished results; restarts a child that exits unexpectedly."""
 
     def __init__(self, config_path: Path | None, concurrency: int) -> None:
-        self.command = [sys.executable, "-m", "node.cli", "worker", "--concurrency", str(concurrency)]
+        base = [sys.executable, "-m", "node.cli", "worker"]
         if config_path is not None:
-            self.command += ["--config", str(config_path)]
-        self.process: subprocess.Popen[bytes] | None = None
+            base += ["--config", str(config_path)]
+        self.commands = [
+            [*base, "--queues", INFERENCE_QUEUE, "--concurrency", str(concurrency)],
+            [*base, "--queues", DELIVERY_QUEUE, "--concurrency", "1"],
+        ]
+        self.processes: list[subprocess.Popen[bytes] | None] = [None] * len(self.commands)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
 
     def start(self) -> None:
-        self._spawn()
+        for index in range(len(self.commands)):
+            self._spawn(index)
         self._thread.start()
 
-    def _spawn(self) -> None:
+    def _spawn(self, index: int) -> None:
         env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
-        self.process = subprocess.Popen(self.command, env=env)
-        log.info("started embedded worker (pid %d)", self.process.pid)
+        process = subprocess.Popen(self.commands[index], env=env)
+        self.processes[index] = process
+        log.info("started embedded worker for %s (pid %d)", self.commands[index][-3], process.pid)
 
     def _watch(self) -> None:
         while not self._stop.wait(2.0):
-            if self.process is not None and self.process.poll() is not None:
-                log.error("embedded worker exited with %s; restarting it", self.process.returncode)
-                self._spawn()
+            for index, process in enumerate(self.processes):
+                if process is not None and process.poll() is not None:
+                    log.error("embedded worker %d exited with %s; restarting it", process.pid, process.returncode)
+                    self._spawn(index)
 
     def stop(self) -> None:
         self._stop.set()
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+        running = [p for p in self.processes if p is not None and p.poll() is None]
+        for process in running:
+            process.terminate()
+        for process in running:
             try:
-                self.process.wait(timeout=20)
+                process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                process.kill()
+                process.wait()
 
 
 @dataclass(frozen=True)

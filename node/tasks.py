@@ -1,4 +1,4 @@
-"""Celery tasks: thin shells with stable names around :mod:`node.pipeline`.
+"""Celery tasks: thin shells with stable names around :mod:`node.pipeline` and :mod:`node.dispatch`.
 
 Messages carry ids only. Tasks are idempotent (every state change is conditional), so
 ``acks_late`` redelivery after a worker crash is safe.
@@ -11,7 +11,7 @@ from typing import Any
 
 from celery.worker.control import inspect_command
 
-from node import context, jobs, pipeline
+from node import context, dispatch, jobs
 from node.celery_app import app
 
 log = logging.getLogger(__name__)
@@ -19,11 +19,13 @@ log = logging.getLogger(__name__)
 
 @app.task(name="mednode.run_job", bind=True, max_retries=None)
 def run_job(self, job_id: int) -> None:  # type: ignore[no-untyped-def]
+    from node import pipeline  # the model runtime: imported where jobs run, not in delivery workers
+
     ctx = context.current()
     try:
         delivery_ids = pipeline.run_job(ctx, job_id)
     except pipeline.TransientError as exc:
-        countdown = pipeline.backoff_s(self.request.retries + 1, ctx.settings.job_retry_backoff_s, 600)
+        countdown = dispatch.backoff_s(self.request.retries + 1, ctx.settings.job_retry_backoff_s, 600)
         log.warning("job %d hit a transient error; retrying in %.0f s", job_id, countdown)
         raise self.retry(exc=exc, countdown=countdown)
     for delivery_id in delivery_ids:
@@ -33,7 +35,7 @@ def run_job(self, job_id: int) -> None:  # type: ignore[no-untyped-def]
 @app.task(name="mednode.deliver")
 def deliver(delivery_id: int) -> None:
     ctx = context.current()
-    delay = pipeline.deliver(ctx, delivery_id)
+    delay = dispatch.deliver(ctx, delivery_id)
     if delay is not None:
         jobs.enqueue_delivery(ctx.sessions, delivery_id, countdown_s=delay)
 
@@ -45,15 +47,15 @@ def mednode_info(state: Any) -> dict[str, Any]:
     Answered by the worker's main process, which is where tasks run with the solo pool (the
     default for one process per worker, as on a GPU host).
     """
+    import sys
+
+    if "inference.vlm.loader" not in sys.modules:  # a delivery worker: no model, no torch to import
+        return {"model": None, "gpu_memory_mb": None}
     from inference.vlm.loader import loaded_models
 
     models = [f"{m.name} ({m.family}, {m.version})" for m in loaded_models()]
     gpu_memory_mb = None
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu_memory_mb = round(torch.cuda.memory_allocated() / 2**20, 1)
-    except ImportError:
-        gpu_memory_mb = None
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        gpu_memory_mb = round(torch.cuda.memory_allocated() / 2**20, 1)
     return {"model": ", ".join(models) or None, "gpu_memory_mb": gpu_memory_mb}

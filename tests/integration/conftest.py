@@ -72,6 +72,41 @@ class MednodeNode:
 MednodeFactory = Callable[..., MednodeNode]
 
 
+def node_env(
+    *,
+    dicom_port: int,
+    web_port: int,
+    data_dir: Path,
+    quiet_period_s: float,
+    destination: str | None = None,
+    database_url: str | None = None,
+    broker_url: str | None = None,
+    separate_worker: bool = False,
+    extra_env: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The ``MEDNODE_*`` environment of a node under test: loopback, free ports, fast polling."""
+    env = {
+        "MEDNODE_DICOM_HOST": LOOPBACK,
+        "MEDNODE_DICOM_PORT": str(dicom_port),
+        "MEDNODE_WEB_PORT": str(web_port),
+        "MEDNODE_DATA_DIR": str(data_dir),
+        "MEDNODE_QUIET_PERIOD_S": str(quiet_period_s),
+        "MEDNODE_COMPLETION_POLL_S": "0.2",
+        "MEDNODE_LOG_LEVEL": "DEBUG",
+        "MEDNODE_DELIVERY__RETRY_INITIAL_S": "1",
+    }
+    if destination:
+        env["MEDNODE_DESTINATION"] = destination
+    if database_url:
+        env["MEDNODE_DATABASE_URL"] = database_url
+    if broker_url:
+        env["MEDNODE_BROKER_URL"] = broker_url
+    if separate_worker:
+        env["MEDNODE_EMBEDDED_WORKER"] = "false"
+    env.update(extra_env or {})
+    return env
+
+
 @pytest.fixture
 def mednode_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MednodeFactory]:
     """Start ``mednode serve`` as a subprocess on free ports, configured by ``MEDNODE_*`` env.
@@ -92,25 +127,11 @@ def mednode_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mednod
     ) -> MednodeNode:
         data_dir = tmp_path_factory.mktemp("mednode")
         node = MednodeNode(dicom_port=free_port(), web_port=free_port(), data_dir=data_dir, env={})
-        env = {
-            "MEDNODE_DICOM_HOST": LOOPBACK,
-            "MEDNODE_DICOM_PORT": str(node.dicom_port),
-            "MEDNODE_WEB_PORT": str(node.web_port),
-            "MEDNODE_DATA_DIR": str(data_dir / "var"),
-            "MEDNODE_QUIET_PERIOD_S": str(quiet_period_s),
-            "MEDNODE_COMPLETION_POLL_S": "0.2",
-            "MEDNODE_LOG_LEVEL": "DEBUG",
-            "MEDNODE_DELIVERY__RETRY_INITIAL_S": "1",
-        }
-        if destination:
-            env["MEDNODE_DESTINATION"] = destination
-        if database_url:
-            env["MEDNODE_DATABASE_URL"] = database_url
-        if broker_url:
-            env["MEDNODE_BROKER_URL"] = broker_url
-        if separate_worker:
-            env["MEDNODE_EMBEDDED_WORKER"] = "false"
-        env.update(extra_env or {})
+        env = node_env(
+            dicom_port=node.dicom_port, web_port=node.web_port, data_dir=data_dir / "var",
+            quiet_period_s=quiet_period_s, destination=destination, database_url=database_url,
+            broker_url=broker_url, separate_worker=separate_worker, extra_env=extra_env,
+        )
         node.env = env
         nodes.append(node)
         args = [sys.executable, "-m", "node.cli", "serve"]

@@ -27,6 +27,7 @@ from storage.models import Delivery, Instance, Job
 from tests.integration.conftest import (  # noqa: F401  (fixtures re-exported for this package)
     REPO_ROOT,
     mednode_factory,
+    node_env,
     postgres_url,
     rabbitmq_url,
 )
@@ -184,25 +185,11 @@ def node_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeRunFactor
         data_dir = tmp_path_factory.mktemp("mednode-rel")
         run = NodeRun(data_dir=data_dir, dicom_port=free_port(), web_port=free_port(), env={},
                       database_url=database_url, separate_worker=separate_worker)
-        env = {
-            "MEDNODE_DICOM_HOST": LOOPBACK,
-            "MEDNODE_DICOM_PORT": str(run.dicom_port),
-            "MEDNODE_WEB_PORT": str(run.web_port),
-            "MEDNODE_DATA_DIR": str(data_dir / "var"),
-            "MEDNODE_QUIET_PERIOD_S": str(quiet_period_s),
-            "MEDNODE_COMPLETION_POLL_S": "0.2",
-            "MEDNODE_LOG_LEVEL": "DEBUG",
-            "MEDNODE_DELIVERY__RETRY_INITIAL_S": "1",
-        }
-        if destination:
-            env["MEDNODE_DESTINATION"] = destination
-        if database_url:
-            env["MEDNODE_DATABASE_URL"] = database_url
-        if broker_url:
-            env["MEDNODE_BROKER_URL"] = broker_url
-        if separate_worker:
-            env["MEDNODE_EMBEDDED_WORKER"] = "false"
-        env.update(extra_env or {})
+        env = node_env(
+            dicom_port=run.dicom_port, web_port=run.web_port, data_dir=data_dir / "var",
+            quiet_period_s=quiet_period_s, destination=destination, database_url=database_url,
+            broker_url=broker_url, separate_worker=separate_worker, extra_env=extra_env,
+        )
         run.env = env
         runs.append(run)
         return run

@@ -6,6 +6,10 @@ The same generated study (default 500 CT instances of 512x512 int16, one series)
 fresh receiver every time; the median of each receiver is reported in instances/s and MB/s
 (1 MB = 10**6 bytes of DICOM files), with mednode's ratio to Orthanc and to storescp.
 
+Each receiver is measured warm: after it starts, the send waits until the machine's CPUs are
+idle (:func:`wait_until_idle`), since ``mednode serve`` starts its embedded workers, which import
+torch, as its DICOM port opens.
+
 Every peer runs with ``TCP_NODELAY=1``: without it dcmtk's Nagle stall (~40 ms per C-STORE
 response) dominates and the benchmark measures that instead of the receivers.
 
@@ -147,6 +151,33 @@ def study_uid_of(path: Path) -> str:
 
 
 # -- one send -----------------------------------------------------------------------------------
+def _cpu_busy_idle() -> tuple[int, int]:
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, idle
+
+
+def wait_until_idle(max_s: float = 120.0, busy_below: float = 0.15, window_s: float = 1.0) -> float:
+    """Wait until the machine's CPUs are mostly idle for ``window_s``; return the seconds waited.
+
+    A receiver is measured warm: ``mednode serve`` starts its embedded workers (which import
+    torch) as the DICOM port opens, and Orthanc loads its plugins; sending at once would time
+    their start-up, not their ingest. Returns after ``max_s`` whatever the load (Linux only;
+    elsewhere it returns at once).
+    """
+    if not Path("/proc/stat").exists():
+        return 0.0
+    start = time.monotonic()
+    while time.monotonic() - start < max_s:
+        busy0, idle0 = _cpu_busy_idle()
+        time.sleep(window_s)
+        busy1, idle1 = _cpu_busy_idle()
+        total = (busy1 - busy0) + (idle1 - idle0)
+        if total and (busy1 - busy0) / total < busy_below:
+            break
+    return time.monotonic() - start
+
+
 def send_study(port: int, study_dir: Path, called: str, timeout_s: float) -> float:
     """Send the directory over one association with storescu; return the wall time in seconds.
 
@@ -213,6 +244,7 @@ class Context:
 def run_storescp(ctx: Context, run: int) -> tuple[float, float | None]:
     out = ctx.work / f"storescp-{run}"
     with StoreSCP(out / "in", log_dir=out, aet="STORESCP") as scp:
+        wait_until_idle()
         seconds = send_study(scp.port, ctx.study_dir, "STORESCP", ctx.send_timeout_s)
         received = len(scp.received())
     shutil.rmtree(out, ignore_errors=True)
@@ -225,6 +257,7 @@ def run_orthanc(ctx: Context, run: int) -> tuple[float, float | None]:
     out = ctx.work / f"orthanc-{run}"
     with Orthanc(out) as orthanc:
         ctx.orthanc_version = str(orthanc.get("/system").get("Version", ""))
+        wait_until_idle()
         seconds = send_study(orthanc.dicom_port, ctx.study_dir, orthanc.aet, ctx.send_timeout_s)
         stored = int(orthanc.get("/statistics")["CountInstances"])
     shutil.rmtree(out, ignore_errors=True)
@@ -260,6 +293,7 @@ def run_mednode(ctx: Context, run: int) -> tuple[float, float | None]:
         (out / "data").mkdir(parents=True, exist_ok=True)
         try:
             node.start(port=dicom_port, timeout_s=120)
+            wait_until_idle()
             seconds = send_study(dicom_port, ctx.study_dir, "MEDNODE", ctx.send_timeout_s)
             received_at = time.monotonic()
             latency = _wait_for_sr(pacs, ctx, received_at)

@@ -34,6 +34,11 @@ class IngestResult:
 class Ingestor:
     """Writes received instances to the store and the index.
 
+    The file is written first and synced last: the index statements run while the disk writes
+    it back, and the transaction commits only after the sync, so Success still means durable
+    *and* indexed. (Running the write in another thread was slower: every GIL hand-off between
+    it and the parsing and indexing cost more than the overlap gained; docs/BENCHMARKS.md.)
+
     Index writes are serialised by a lock: SQLite has one writer anyway, and a short critical
     section keeps commit latency predictable under several associations.
     """
@@ -63,24 +68,30 @@ class Ingestor:
         storage.errors.StorageFullError, OSError
             The file could not be written durably.
         sqlalchemy.exc.SQLAlchemyError
-            The index could not be updated (the file is on disk; a re-send indexes it).
+            The index could not be updated. A file written for this request is removed again,
+            unless the failure was the commit itself: then it stays, and a re-send or the
+            start-up reconciliation (:func:`storage.reconcile.reindex_orphans`) indexes it.
         """
         header, _ = parse_header(data)
         if expected_sop_class_uid and header.sop_class_uid != expected_sop_class_uid:
             raise RequestMismatchError("SOP Class UID differs from the C-STORE request")
         if expected_sop_instance_uid and header.sop_instance_uid != expected_sop_instance_uid:
             raise RequestMismatchError("SOP Instance UID differs from the C-STORE request")
-        stored = self.store.write_instance(
-            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, data
-        )
-        with self._lock, self.session_factory() as session, session.begin():
-            outcome, replaced_path = index_instance(
-                session,
-                header,
-                stored,
-                calling_ae_title=calling_ae_title,
-                called_ae_title=called_ae_title,
-            )
+        uids = (header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
+        pending = self.store.begin_instance(*uids, data)
+        try:
+            with self._lock, self.session_factory() as session, session.begin():
+                outcome, replaced_path = index_instance(
+                    session,
+                    header,
+                    pending.stored,
+                    calling_ae_title=calling_ae_title,
+                    called_ae_title=called_ae_title,
+                )
+                # the row commits only once the file is on disk; if that fails, it rolls back
+                stored = pending.finish()
+        finally:
+            pending.abort()  # removes the file only if it was never made durable
         if replaced_path is not None and replaced_path != stored.relative_path:
             self.store.delete(replaced_path)  # the row points at the new bytes now
         metrics.INSTANCES_RECEIVED.labels(outcome=outcome.value).inc()

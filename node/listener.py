@@ -45,6 +45,7 @@ from dicom_io.errors import InvalidInstanceError
 from node import metrics
 from node.config import ConfigError
 from node.ingest import Ingestor, RequestMismatchError
+from node.polling import BusyPolling
 from storage.errors import StorageError, StorageFullError
 
 log = logging.getLogger(__name__)
@@ -320,7 +321,9 @@ def start_listener(
     """
     quiet_pynetdicom()
     ae = make_ae(ae_title)
+    polling = BusyPolling()
     handlers: list[Any] = [
+        (evt.EVT_PDU_RECV, polling.on_pdu_received),
         (evt.EVT_C_STORE, handle_store, [ingestor]),
         (evt.EVT_ACCEPTED, _log_association),
         (evt.EVT_ABORTED, _log_association),

@@ -8,16 +8,19 @@ crash are never indexed and are removed by :meth:`InstanceStore.remove_partials`
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import re
 import shutil
+import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.errors import InvalidUIDError, StorageFullError
+from storage.errors import InvalidUIDError, StorageError, StorageFullError
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +60,105 @@ def _sync_data(fd: int) -> None:
         os.fsync(fd)
 
 
+def _start_writeback(fd: int) -> None:
+    # on Linux, DONTNEED on dirty pages starts their writeback without waiting for it
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def _drop_cached_pages(fd: int) -> None:
+    # the file is synced, so its pages are clean: let the next write reuse them instead of growing
+    # the page cache (which, on a VM, can mean first-touch faults into the host for every page)
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def sha256_hex(data: bytes) -> str:
+    """SHA-256 of ``data`` as lowercase hex (hashlib releases the GIL while it hashes)."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class PendingInstance:
+    """An instance file that is written but not yet known to be on disk.
+
+    :meth:`finish` makes it durable (or raises, leaving nothing); :meth:`abort` removes a file
+    this write created and did not finish, and does nothing otherwise, so it can always be called
+    in a ``finally``. A file that was already there (an identical re-send, or the same bytes being
+    written by another association) is synced too before it counts, and never removed here.
+    """
+
+    def __init__(
+        self,
+        target: Path,
+        stored: StoredFile,
+        fd: int | None = None,
+        on_done: Callable[[Path], None] | None = None,
+    ) -> None:
+        self.target = target
+        self.stored = stored
+        self._fd = fd
+        self._created = fd is not None
+        self._finished = False
+        self._on_done = on_done
+
+    def _done(self) -> None:
+        if self._on_done is not None:
+            self._on_done(self.target)
+            self._on_done = None
+
+    def finish(self) -> StoredFile:
+        """Wait until the file is on disk and return what was stored.
+
+        Raises
+        ------
+        StorageFullError
+            If the disk filled up before the data reached it.
+        StorageError
+            If a file of these bytes is still being written by another association.
+        """
+        if self._finished:
+            return self.stored
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.target, os.O_RDONLY)
+                if os.fstat(self._fd).st_size != self.stored.size_bytes:
+                    raise StorageError(
+                        f"{self.stored.relative_path} is being written by another association; "
+                        "send the instance again"
+                    )
+            _sync_data(self._fd)
+            _drop_cached_pages(self._fd)
+        except OSError as exc:
+            self.abort()
+            if exc.errno == errno.ENOSPC:
+                raise StorageFullError(f"disk full writing {self.stored.relative_path}") from exc
+            raise
+        except StorageError:
+            self.abort()
+            raise
+        os.close(self._fd)
+        self._fd = None
+        self._finished = True
+        self._done()
+        return self.stored
+
+    def abort(self) -> None:
+        """Close the file and remove it if this write created it and did not finish."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._created and not self._finished:
+            self.target.unlink(missing_ok=True)
+            self._created = False
+        self._done()
 
 
 class InstanceStore:
@@ -81,6 +177,10 @@ class InstanceStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.min_free_bytes = min_free_bytes
         self._known_dirs: set[Path] = set()
+        # instance files being written by this process: a second writer of the same bytes waits
+        # for them instead of taking a half-written file for a crash's leftover
+        self._in_flight: set[Path] = set()
+        self._in_flight_lock = threading.Lock()
 
     # -- paths ------------------------------------------------------------------------------
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str, sha256: str) -> str:
@@ -140,13 +240,26 @@ class InstanceStore:
             _fsync_dir(directory)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            if exc.errno == 28:  # ENOSPC
+            if exc.errno == errno.ENOSPC:
                 raise StorageFullError(f"disk full under {self.root}") from exc
             raise
         return StoredFile(relative_path, size, digest.hexdigest())
 
-    def write_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredFile:
-        """Write a received instance durably with one sync, under a content-addressed name.
+    def write_instance(
+        self, study_uid: str, series_uid: str, sop_uid: str, data: bytes, *, sha256: str | None = None
+    ) -> StoredFile:
+        """Write a received instance durably: :meth:`begin_instance`, then its ``finish()``."""
+        pending = self.begin_instance(study_uid, series_uid, sop_uid, data, sha256=sha256)
+        try:
+            return pending.finish()
+        finally:
+            pending.abort()
+
+    def begin_instance(
+        self, study_uid: str, series_uid: str, sop_uid: str, data: bytes, *, sha256: str | None = None
+    ) -> PendingInstance:
+        """Write a received instance under a content-addressed name; it is durable once the
+        returned :class:`PendingInstance` is finished.
 
         The name carries the SHA-256 of the bytes, so the file is created once (``O_EXCL``),
         never overwritten, and synced with ``fdatasync``; on journaling filesystems (ext4, XFS)
@@ -155,14 +268,26 @@ class InstanceStore:
         a file whose content does not match its name: :func:`storage.reconcile.reindex_orphans`
         removes it at start; it was never indexed, so nothing ever read it.
 
+        The bytes are written here and the kernel is asked to start writing them back at once;
+        the caller does its other work (the index statements) before ``finish()`` waits for the
+        disk, so the sync mostly overlaps that work instead of following it. Once synced, the
+        file's pages are dropped from the page cache: received instances are read again only
+        when a job runs, and letting the cache grow with every instance made the write itself
+        the slowest step of a C-STORE (docs/BENCHMARKS.md).
+
+        Parameters
+        ----------
+        sha256
+            The digest of ``data`` when the caller already has it (see :func:`sha256_hex`).
+
         Raises
         ------
         StorageFullError
             If the write would leave less than ``min_free_bytes`` free, or the disk is full.
         """
-        digest = hashlib.sha256(data).hexdigest()
+        digest = sha256 or sha256_hex(data)
         relative = self.instance_path(study_uid, series_uid, sop_uid, digest)
-        target = self.absolute(relative)
+        target = self.root / relative  # safe without absolute()'s resolve: built from checked UIDs
         stored = StoredFile(relative, len(data), digest)
         directory = target.parent
         if directory not in self._known_dirs:
@@ -171,34 +296,47 @@ class InstanceStore:
                 for parent in (directory, directory.parent, directory.parent.parent):
                     _fsync_dir(parent)
             self._known_dirs.add(directory)
+        with self._in_flight_lock:
+            if target in self._in_flight:  # the same bytes, being written by another association
+                return PendingInstance(target, stored)
+            try:
+                if target.stat().st_size == len(data):
+                    return PendingInstance(target, stored)  # the same bytes: finish() syncs them
+                target.unlink()  # a partial file from a crashed write of these very bytes
+            except FileNotFoundError:
+                pass
+            self._in_flight.add(target)
         try:
-            if target.stat().st_size == len(data):
-                return stored  # the same bytes, already durable
-            target.unlink()  # a partial file from a crashed write of these very bytes
-        except FileNotFoundError:
-            pass
+            fd = self._write_new(target, data)
+        except BaseException:
+            self._write_done(target)
+            raise
+        return PendingInstance(target, stored, fd, on_done=self._write_done)
+
+    def _write_done(self, target: Path) -> None:
+        with self._in_flight_lock:
+            self._in_flight.discard(target)
+
+    def _write_new(self, target: Path, data: bytes) -> int:
+        """Create ``target`` with ``data``, start its writeback and return the open descriptor."""
         if self.min_free_bytes and self.free_bytes() - len(data) < self.min_free_bytes:
             raise StorageFullError(
                 f"refusing to write {len(data)} bytes: free space is below the watermark of "
                 f"{self.min_free_bytes} bytes under {self.root}"
             )
-        try:
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:  # another association is writing the same bytes right now
-            return stored
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            _sync_data(fd)
+            _start_writeback(fd)
         except OSError as exc:
             os.close(fd)
             target.unlink(missing_ok=True)
-            if exc.errno == 28:  # ENOSPC
+            if exc.errno == errno.ENOSPC:
                 raise StorageFullError(f"disk full under {self.root}") from exc
             raise
-        os.close(fd)
-        return stored
+        return fd
 
     @staticmethod
     def name_matches_content(relative_path: str, data: bytes) -> bool:

@@ -231,3 +231,64 @@ def test_disk_full_during_instance_write_leaves_nothing(tmp_path: Path, monkeypa
     with pytest.raises(StorageFullError):
         store.write_instance("1.2", "1.2.3", "1.2.3.4", b"data")
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+# -- pending instance writes: durable at finish(), gone on abort() --------------------------------
+def test_pending_instance_is_removed_when_aborted_before_finish(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    pending = store.begin_instance("1.2", "1.2.3", "1.2.3.4", b"bytes of an instance")
+    assert pending.target.exists()  # written, waiting for the caller's index statements
+
+    pending.abort()
+    pending.abort()  # idempotent
+
+    assert not pending.target.exists()
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_finished_pending_instance_survives_abort(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    pending = store.begin_instance("1.2", "1.2.3", "1.2.3.4", b"bytes of an instance")
+
+    stored = pending.finish()
+    pending.abort()  # what the caller's ``finally`` does
+
+    assert store.read(stored.relative_path) == b"bytes of an instance"
+
+
+def test_aborting_an_identical_resend_keeps_the_existing_file(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    first = store.write_instance("1.2", "1.2.3", "1.2.3.4", b"version one")
+
+    again = store.begin_instance("1.2", "1.2.3", "1.2.3.4", b"version one")
+    again.abort()  # e.g. the index was unavailable for the re-send
+
+    assert store.read(first.relative_path) == b"version one"
+
+
+def test_same_bytes_still_being_written_elsewhere_are_not_acknowledged(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    data = b"the whole instance"
+    writer = store.begin_instance("1.2", "1.2.3", "1.2.3.4", data)
+    os.truncate(writer.target, 5)  # the other association has written 5 bytes so far
+
+    racer = store.begin_instance("1.2", "1.2.3", "1.2.3.4", data)
+    with pytest.raises(StorageError, match="being written by another association"):
+        racer.finish()
+    racer.abort()
+
+    assert writer.target.exists()  # the racer never removes what another write created
+    writer.abort()
+
+
+def test_disk_full_at_sync_removes_the_pending_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = InstanceStore(tmp_path)
+    pending = store.begin_instance("1.2", "1.2.3", "1.2.3.4", b"data")
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module, "_sync_data", no_space)
+    with pytest.raises(StorageFullError):
+        pending.finish()
+    assert not pending.target.exists()

@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import parse_basic_offsets, parse_fragments
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.fileutil import read_undefined_length_value
+from pydicom.filewriter import write_file_meta_info
+from pydicom.tag import SequenceDelimiterTag, Tag
 from pydicom.uid import UID
 
 from dicom_io.errors import InvalidInstanceError
@@ -24,6 +31,11 @@ _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 #: Largest pixel matrix accepted in one instance (frames × rows × columns × samples); beyond this
 #: the header is taken as corrupt rather than as an image anyone could view.
 MAX_PIXELS = 4 * 1024**3
+#: Elements longer than this are not copied out of the stream while parsing (in practice: the
+#: Pixel Data of a native image, checked by its declared length and sliced only when needed).
+DEFER_BYTES = 64 * 1024
+PIXEL_DATA = Tag(0x7FE0, 0x0010)
+UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -111,7 +123,7 @@ def _frames(ds: Dataset) -> int:
     return int(element.value)
 
 
-def _check_encapsulated_pixels(ds: Dataset, value: bytes) -> None:
+def _check_encapsulated_pixels(ds: Dataset, value: bytes | memoryview) -> None:
     try:
         frames = _frames(ds)
     except (TypeError, ValueError) as exc:
@@ -154,7 +166,8 @@ def parse_header(data: bytes) -> tuple[InstanceHeader, Dataset]:
     Returns
     -------
     tuple
-        The header attributes and the parsed data set (pixel data not decoded).
+        The header attributes and the parsed data set. Pixel Data is checked but not read into
+        the data set (its element is deferred): callers that need pixels read the stored file.
 
     Raises
     ------
@@ -162,11 +175,54 @@ def parse_header(data: bytes) -> tuple[InstanceHeader, Dataset]:
         If the bytes are not a readable DICOM data set, lack a required UID, carry invalid UIDs,
         or the Pixel Data is shorter than the image attributes require (a truncated instance).
     """
+
+    def read() -> Dataset:
+        ds = pydicom.dcmread(BytesIO(data), defer_size=DEFER_BYTES)
+        if UID(str(ds.file_meta.get("TransferSyntaxUID", ""))).is_deflated:
+            # deferred offsets would point into the inflated stream, not into ``data``
+            ds = pydicom.dcmread(BytesIO(data))
+        return ds
+
+    return _parse(data, read)
+
+
+def parse_received(file_meta: FileMetaDataset, dataset: bytes) -> tuple[InstanceHeader, Dataset]:
+    """Like :func:`parse_header`, for a data set as a C-STORE delivers it: without a preamble or
+    File Meta, encoded in the Transfer Syntax of ``file_meta`` (which the receiver built from the
+    presentation context). Saves joining the File Meta to the data set only to parse them apart.
+    """
+    transfer_syntax = UID(str(file_meta.get("TransferSyntaxUID", "")))
+    if not transfer_syntax or transfer_syntax.is_deflated:
+        # rare: let dcmread inflate (or refuse) it as it would a file
+        return parse_header(part10_prefix(file_meta) + dataset)
+
+    def read() -> Dataset:
+        ds = read_dataset(
+            BytesIO(dataset),
+            transfer_syntax.is_implicit_VR,
+            transfer_syntax.is_little_endian,
+            defer_size=DEFER_BYTES,
+        )
+        ds.file_meta = file_meta
+        return ds
+
+    return _parse(dataset, read)
+
+
+def part10_prefix(file_meta: FileMetaDataset) -> bytes:
+    """Preamble, ``DICM`` and the encoded File Meta: what precedes a data set in a Part 10 file."""
+    buffer = DicomBytesIO()
+    buffer.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buffer, file_meta, enforce_standard=True)
+    return buffer.getvalue()
+
+
+def _parse(buffer: bytes, read: Callable[[], Dataset]) -> tuple[InstanceHeader, Dataset]:
     with warnings.catch_warnings():
         # pydicom warns instead of failing on some corrupt streams; decide here, loudly
         warnings.simplefilter("ignore")
         try:
-            ds = pydicom.dcmread(BytesIO(data))
+            ds = read()
         except Exception as exc:  # noqa: BLE001 (any parse failure means: cannot understand)
             raise InvalidInstanceError(
                 f"not a readable DICOM data set: {type(exc).__name__}: {exc}"
@@ -176,14 +232,40 @@ def parse_header(data: bytes) -> tuple[InstanceHeader, Dataset]:
             "the data set is empty after parsing (a sequence or Pixel Data is missing its end)"
         )
     try:
-        return _checked_header(ds), ds
+        return _checked_header(ds, buffer), ds
     except InvalidInstanceError:
         raise
     except Exception as exc:  # noqa: BLE001 (pydicom converts values lazily: a corrupt element raises on access)
         raise InvalidInstanceError(f"an element cannot be read: {type(exc).__name__}: {exc}") from None
 
 
-def _checked_header(ds: Dataset) -> InstanceHeader:
+def _pixel_data_value(ds: Dataset, buffer: bytes) -> bytes | memoryview | None:
+    """The Pixel Data value, taken from ``buffer`` when it was deferred (None if absent).
+
+    A deferred element of defined length was skipped by that length: a stream that ends before
+    it is truncated (a read would have returned the short remainder instead), and only its
+    length is needed for native pixels. An undefined length one (encapsulated) is read again up
+    to its delimiter, as the parse would have.
+    """
+    if PIXEL_DATA not in ds:
+        return None
+    element = ds.get_item(PIXEL_DATA, keep_deferred=True)
+    if not (isinstance(element, RawDataElement) and element.value is None):
+        return ds[PIXEL_DATA].value or b""
+    if element.length == UNDEFINED_LENGTH:
+        stream = BytesIO(buffer)
+        stream.seek(element.value_tell)
+        return read_undefined_length_value(stream, element.is_little_endian, SequenceDelimiterTag) or b""
+    end = element.value_tell + element.length
+    if end > len(buffer):
+        raise InvalidInstanceError(
+            f"Pixel Data claims {element.length} bytes but the data set ends "
+            f"{end - len(buffer)} bytes short: the instance is truncated"
+        )
+    return memoryview(buffer)[element.value_tell:end]
+
+
+def _checked_header(ds: Dataset, buffer: bytes) -> InstanceHeader:
     """The index attributes of a parsed data set, after checking UIDs and Pixel Data."""
     tsyntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
     if not tsyntax:
@@ -208,12 +290,11 @@ def _checked_header(ds: Dataset) -> InstanceHeader:
         patient_birth_date=_text(ds, "PatientBirthDate"),
         patient_sex=_text(ds, "PatientSex"),
     )
-    pixel_element = ds.get((0x7FE0, 0x0010))
-    if pixel_element is None and "Rows" in ds and "Columns" in ds and not _has_other_pixel_data(ds):
+    value = _pixel_data_value(ds, buffer)
+    if value is None and "Rows" in ds and "Columns" in ds and not _has_other_pixel_data(ds):
         # an image whose stream ended inside the Pixel Data element header parses without it
         raise InvalidInstanceError("the image has Rows and Columns but no Pixel Data: truncated?")
-    if pixel_element is not None:
-        value = pixel_element.value or b""
+    if value is not None:
         if UID(tsyntax).is_encapsulated:
             _check_encapsulated_pixels(ds, value)
         else:

@@ -95,9 +95,9 @@ def handle_store(event: Any, ingestor: Ingestor) -> int | Dataset:
     called = assoc.acceptor.ae_title.strip() if assoc.acceptor.ae_title else None
     request = event.request
     try:
-        data = event.encoded_dataset(include_meta=True)
-        ingestor.ingest(
-            data,
+        ingestor.ingest_received(
+            event.file_meta,
+            event.encoded_dataset(include_meta=False),
             calling_ae_title=calling,
             called_ae_title=called,
             expected_sop_class_uid=str(request.AffectedSOPClassUID),

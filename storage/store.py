@@ -16,7 +16,7 @@ import re
 import shutil
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,9 +73,23 @@ def _drop_cached_pages(fd: int) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-def sha256_hex(data: bytes) -> str:
-    """SHA-256 of ``data`` as lowercase hex (hashlib releases the GIL while it hashes)."""
-    return hashlib.sha256(data).hexdigest()
+def sha256_hex(data: bytes | Sequence[bytes]) -> str:
+    """SHA-256 of ``data`` (or of its parts, in order) as lowercase hex."""
+    digest = hashlib.sha256()
+    for part in [data] if isinstance(data, bytes) else data:
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def _write_all(fd: int, parts: Sequence[bytes]) -> None:
+    views = [memoryview(p) for p in parts if len(p)]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -246,7 +260,13 @@ class InstanceStore:
         return StoredFile(relative_path, size, digest.hexdigest())
 
     def write_instance(
-        self, study_uid: str, series_uid: str, sop_uid: str, data: bytes, *, sha256: str | None = None
+        self,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        data: bytes | Sequence[bytes],
+        *,
+        sha256: str | None = None,
     ) -> StoredFile:
         """Write a received instance durably: :meth:`begin_instance`, then its ``finish()``."""
         pending = self.begin_instance(study_uid, series_uid, sop_uid, data, sha256=sha256)
@@ -256,7 +276,13 @@ class InstanceStore:
             pending.abort()
 
     def begin_instance(
-        self, study_uid: str, series_uid: str, sop_uid: str, data: bytes, *, sha256: str | None = None
+        self,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        data: bytes | Sequence[bytes],
+        *,
+        sha256: str | None = None,
     ) -> PendingInstance:
         """Write a received instance under a content-addressed name; it is durable once the
         returned :class:`PendingInstance` is finished.
@@ -277,6 +303,9 @@ class InstanceStore:
 
         Parameters
         ----------
+        data
+            The file's bytes, or its parts in order (e.g. File Meta and a received data set,
+            written with one ``writev`` instead of being joined first).
         sha256
             The digest of ``data`` when the caller already has it (see :func:`sha256_hex`).
 
@@ -285,10 +314,12 @@ class InstanceStore:
         StorageFullError
             If the write would leave less than ``min_free_bytes`` free, or the disk is full.
         """
-        digest = sha256 or sha256_hex(data)
+        parts = [data] if isinstance(data, bytes) else list(data)
+        size = sum(len(p) for p in parts)
+        digest = sha256 or sha256_hex(parts)
         relative = self.instance_path(study_uid, series_uid, sop_uid, digest)
         target = self.root / relative  # safe without absolute()'s resolve: built from checked UIDs
-        stored = StoredFile(relative, len(data), digest)
+        stored = StoredFile(relative, size, digest)
         directory = target.parent
         if directory not in self._known_dirs:
             if not directory.is_dir():
@@ -300,14 +331,14 @@ class InstanceStore:
             if target in self._in_flight:  # the same bytes, being written by another association
                 return PendingInstance(target, stored)
             try:
-                if target.stat().st_size == len(data):
+                if target.stat().st_size == size:
                     return PendingInstance(target, stored)  # the same bytes: finish() syncs them
                 target.unlink()  # a partial file from a crashed write of these very bytes
             except FileNotFoundError:
                 pass
             self._in_flight.add(target)
         try:
-            fd = self._write_new(target, data)
+            fd = self._write_new(target, parts, size)
         except BaseException:
             self._write_done(target)
             raise
@@ -317,18 +348,16 @@ class InstanceStore:
         with self._in_flight_lock:
             self._in_flight.discard(target)
 
-    def _write_new(self, target: Path, data: bytes) -> int:
-        """Create ``target`` with ``data``, start its writeback and return the open descriptor."""
-        if self.min_free_bytes and self.free_bytes() - len(data) < self.min_free_bytes:
+    def _write_new(self, target: Path, parts: Sequence[bytes], size: int) -> int:
+        """Create ``target`` with ``parts``, start its writeback and return the open descriptor."""
+        if self.min_free_bytes and self.free_bytes() - size < self.min_free_bytes:
             raise StorageFullError(
-                f"refusing to write {len(data)} bytes: free space is below the watermark of "
+                f"refusing to write {size} bytes: free space is below the watermark of "
                 f"{self.min_free_bytes} bytes under {self.root}"
             )
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            _write_all(fd, parts)
             _start_writeback(fd)
         except OSError as exc:
             os.close(fd)

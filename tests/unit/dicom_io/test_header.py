@@ -1,0 +1,97 @@
+"""The header check reads what the index needs and refuses truncated instances, whether it parses a
+whole Part 10 stream or a C-STORE's data set with the File Meta the listener built for it."""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from dicom_io.errors import InvalidInstanceError
+from dicom_io.header import DEFER_BYTES, parse_header, parse_received, part10_prefix
+
+from .conftest import requires_shared, sample, to_bytes
+
+SAMPLES = [
+    "ct/dcmqi_ct3slice/01.dcm",  # implicit VR, 512×512 native
+    "ct/ge_spine_ct_GH1308.dcm",
+    "compressed/CT1_J2KR.dcm",  # encapsulated, larger than DEFER_BYTES
+    "compressed/CT1_RLE.dcm",
+    "compressed/CT1_JLSL.dcm",
+    "compressed/US_multiframe_jpeg_baseline_nobot.dcm",
+    "compressed/image_dfl_deflated.dcm",
+    "encoding/MR_small_bigendian.dcm",
+    "charset/chrX1_utf8_chinese.dcm",
+]
+
+
+def split_part10(data: bytes) -> tuple[FileMetaDataset, bytes]:
+    """The File Meta of a Part 10 stream and the data set bytes after it."""
+    meta = pydicom.dcmread(BytesIO(data), stop_before_pixels=True).file_meta
+    # preamble and DICM (132 bytes), the group length element (12), then the group it counts
+    return meta, data[132 + 12 + int(meta.FileMetaInformationGroupLength):]
+
+
+def big_ct(rows: int = 300) -> bytes:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = uid = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = "CT"
+    ds.Rows = ds.Columns = rows
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.SamplesPerPixel, ds.PixelRepresentation = 1, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = np.arange(rows * rows, dtype=np.int16).tobytes()
+    return to_bytes(ds)
+
+
+@requires_shared
+@pytest.mark.parametrize("relative", SAMPLES)
+def test_received_data_set_reads_as_the_whole_file_does(relative: str) -> None:
+    data = sample(relative).read_bytes()
+    meta, dataset = split_part10(data)
+
+    from_file, _ = parse_header(data)
+    from_network, _ = parse_received(meta, dataset)
+
+    assert from_network == from_file
+
+
+def test_part10_prefix_and_data_set_make_the_file() -> None:
+    data = big_ct()
+    meta, dataset = split_part10(data)
+    assert part10_prefix(meta) + dataset == data
+
+
+@pytest.mark.parametrize("cut", [1, 4096, 100_000])
+def test_native_pixel_data_cut_short_is_refused_by_both_paths(cut: int) -> None:
+    data = big_ct()
+    assert 300 * 300 * 2 > DEFER_BYTES  # the Pixel Data is deferred, not read
+    meta, dataset = split_part10(data)
+
+    with pytest.raises(InvalidInstanceError, match="truncated"):
+        parse_header(data[:-cut])
+    with pytest.raises(InvalidInstanceError, match="truncated"):
+        parse_received(meta, dataset[:-cut])
+
+
+@requires_shared
+def test_encapsulated_pixel_data_cut_short_is_refused() -> None:
+    data = sample("compressed/CT1_J2KR.dcm").read_bytes()
+    meta, dataset = split_part10(data)
+    with pytest.raises(InvalidInstanceError):
+        parse_received(meta, dataset[: len(dataset) // 2])
+
+
+def test_deferred_pixel_data_is_not_read_into_the_data_set() -> None:
+    header, ds = parse_header(big_ct())
+    assert header.modality == "CT"
+    assert ds.get_item(0x7FE00010, keep_deferred=True).value is None

@@ -162,9 +162,11 @@ def wait_until_idle(max_s: float = 120.0, busy_below: float = 0.15, window_s: fl
 
     A receiver is measured warm: ``mednode serve`` starts its embedded workers (which import
     torch) as the DICOM port opens, and Orthanc loads its plugins; sending at once would time
-    their start-up, not their ingest. Returns after ``max_s`` whatever the load (Linux only;
-    elsewhere it returns at once).
+    their start-up, not their ingest. The disk is synced first, so that what an earlier leg left
+    (deleted files to discard, dirty pages) is not paid for by the next receiver's first syncs.
+    Returns after ``max_s`` whatever the load (Linux only; elsewhere it returns at once).
     """
+    os.sync()
     if not Path("/proc/stat").exists():
         return 0.0
     start = time.monotonic()

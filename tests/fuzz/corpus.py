@@ -40,7 +40,7 @@ from pydicom.uid import (
 )
 
 from tests.phantom import PhantomGeometry, make_ct_phantom
-from tests.shared_data import SHARED_DICOM  # noqa: E402
+from tests.shared_data import SHARED_DICOM
 
 SEED_GEOMETRY = PhantomGeometry(rows=80, columns=80, pixel_spacing_mm=(4.0, 4.0), slice_spacing_mm=10.0,
                                 num_slices=18)

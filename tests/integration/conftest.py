@@ -54,7 +54,7 @@ class MednodeNode:
         env = {**os.environ, **self.env}
         return subprocess.run(
             [sys.executable, "-m", "node.cli", *args],
-            env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s,
+            env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s, check=False,
         )
 
     def stop(self) -> None:
@@ -182,7 +182,7 @@ def rabbitmq_url() -> Iterator[str]:
     vhost = f"mednode_test_{uuid.uuid4().hex[:12]}"
 
     def run(*args: str) -> None:
-        done = subprocess.run([ctl, *args], capture_output=True, text=True, timeout=60)
+        done = subprocess.run([ctl, *args], capture_output=True, text=True, timeout=60, check=False)
         if done.returncode != 0:
             _unavailable(f"rabbitmqctl {' '.join(args)} failed: {done.stderr.strip()[-500:]}")
 
@@ -191,4 +191,4 @@ def rabbitmq_url() -> Iterator[str]:
     try:
         yield f"amqp://guest:guest@{RABBITMQ_HOST}/{vhost}"
     finally:
-        subprocess.run([ctl, "delete_vhost", vhost], capture_output=True, timeout=60)
+        subprocess.run([ctl, "delete_vhost", vhost], capture_output=True, timeout=60, check=False)

@@ -5,7 +5,7 @@ dcmtk storescp as the destination."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
@@ -68,7 +68,7 @@ def test_deliveries_retry_with_backoff_until_the_destination_comes_up(
     # 1 s, then doubled, then capped at retry_max_s
     assert [gaps[n] for n in (1, 2, 3)] == [pytest.approx(s, abs=0.5) for s in (1, 2, 2)], gaps
 
-    up_at = datetime.now(timezone.utc)
+    up_at = datetime.now(UTC)
     receiver = StoreSCP(tmp_path / "received", port=port).start()
     try:
         poll(lambda: [j.state for j in _snapshot(sessions)[0]] == [JobState.DELIVERED], 60, 0.3, "job delivered")

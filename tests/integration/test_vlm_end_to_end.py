@@ -95,7 +95,8 @@ def test_radiograph_and_ct_through_the_model(
         "ct-vlm": sorted((shared_dicom / "ct" / "dcmqi_ct3slice").glob("*.dcm")),
     }
     for files in studies.values():
-        answer = [orthanc.upload(f) for f in files][0]
+        answers = [orthanc.upload(f) for f in files]  # upload all, push the study of the first
+        answer = answers[0]
         orthanc.store_to_modality("mednode", answer["ParentStudy"])
 
     settings = VLMSettings(path=model_dir, family=family, max_new_tokens=max_new_tokens,

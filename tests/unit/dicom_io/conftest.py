@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from dicom_io.equipment import AlgorithmInfo
 from dicom_io.validation import ValidationReport, run_dciodvfy
 from dicom_io.volume import Volume, load_volume, read_dataset
-from tests.shared_data import SHARED_DICOM  # noqa: E402
+from tests.shared_data import SHARED_DICOM
 
 requires_shared = pytest.mark.skipif(
     not SHARED_DICOM.is_dir(), reason=f"sample DICOM folder {SHARED_DICOM} is missing"

@@ -33,7 +33,7 @@ TOKEN = "test-token-123"
 QUIET_PERIOD_S = 0.3
 
 
-def WebSettings(**values: object) -> Settings:  # noqa: N802 (reads like the class it builds)
+def WebSettings(**values: object) -> Settings:
     """Settings with the web credentials the tests log in with."""
     defaults: dict[str, object] = {
         "web_admin_user": ADMIN[0],

@@ -368,7 +368,8 @@ def render(results: dict[str, LegResult], ctx: Context, repeats: int) -> str:
         (
             f"{ctx.count} CT instances of 512×512 int16 ({mb:.0f} MB), one series, sent with "
             f"`storescu +sd` over one association, `TCP_NODELAY=1`; median of {repeats} runs on a "
-            "fresh receiver each."
+            "fresh receiver each, sent once the receiver has started and the machine is idle again, "
+            "after a disk sync (runs of the receivers interleaved)."
         ),
         "",
         "| receiver | inst/s | MB/s | mednode ÷ this | runs (s) |",

@@ -192,7 +192,9 @@ def parse_received(file_meta: FileMetaDataset, dataset: bytes) -> tuple[Instance
     presentation context). Saves joining the File Meta to the data set only to parse them apart.
     """
     transfer_syntax = UID(str(file_meta.get("TransferSyntaxUID", "")))
-    if not transfer_syntax or transfer_syntax.is_deflated:
+    if not transfer_syntax:
+        raise InvalidInstanceError("File Meta Information has no TransferSyntaxUID")
+    if transfer_syntax.is_deflated:
         # rare: let dcmread inflate (or refuse) it as it would a file
         return parse_header(part10_prefix(file_meta) + dataset)
 

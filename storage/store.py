@@ -1,9 +1,14 @@
 """The on-disk store of received instances and written results.
 
-Every file appears atomically: bytes go to a temporary file in the target directory, are flushed and
-synced to disk (``fdatasync``), then renamed into place and the directory is fsync'ed. A reader (or a process restarted
-after a crash) therefore sees either the whole file or nothing; stray ``.partial`` files left by a
-crash are never indexed and are removed by :meth:`InstanceStore.remove_partials`.
+A result file appears atomically: its bytes go to a temporary file in the target directory, are
+synced (``fdatasync``), then renamed into place and the directory is synced; stray ``.partial``
+files left by a crash are never indexed and are removed by :meth:`InstanceStore.remove_partials`.
+
+A received instance is written once under a name that carries its SHA-256
+(:meth:`InstanceStore.begin_instance`) and counts only once synced
+(:meth:`PendingInstance.finish`); the index row that makes it visible commits after that. A crash
+in between leaves a file the index does not know, whose content may not match its name: the start-up
+reconciliation (:mod:`storage.reconcile`) re-indexes it, or removes it if it is torn.
 """
 
 from __future__ import annotations
@@ -176,7 +181,8 @@ class PendingInstance:
 
 
 class InstanceStore:
-    """Files under one root: ``instances/<study>/<series>/<sop>.dcm`` and ``results/<job>/<sop>.dcm``.
+    """Files under one root: ``instances/<study>/<series>/<sop>.<digest>.dcm`` (the first 16 hex
+    digits of the SHA-256) and ``results/<job>/<sop>.dcm``.
 
     Parameters
     ----------

@@ -361,7 +361,12 @@ class InstanceStore:
                 f"refusing to write {size} bytes: free space is below the watermark of "
                 f"{self.min_free_bytes} bytes under {self.root}"
             )
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:  # no inode left
+                raise StorageFullError(f"disk full under {self.root}") from exc
+            raise
         try:
             _write_all(fd, parts)
             _start_writeback(fd)

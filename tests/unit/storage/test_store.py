@@ -292,3 +292,17 @@ def test_disk_full_at_sync_removes_the_pending_file(tmp_path: Path, monkeypatch:
     with pytest.raises(StorageFullError):
         pending.finish()
     assert not pending.target.exists()
+
+
+def test_no_inode_left_is_storage_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = InstanceStore(tmp_path)
+    real_open = os.open
+
+    def no_inode(path: object, flags: int, *args: object) -> int:
+        if str(path).endswith(".dcm") and flags & os.O_CREAT:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, flags, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", no_inode)
+    with pytest.raises(StorageFullError):
+        store.write_instance("1.2", "1.2.3", "1.2.3.4", b"data")

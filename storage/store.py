@@ -65,15 +65,9 @@ def _sync_data(fd: int) -> None:
         os.fsync(fd)
 
 
-def _start_writeback(fd: int) -> None:
-    # on Linux, DONTNEED on dirty pages starts their writeback without waiting for it
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-def _drop_cached_pages(fd: int) -> None:
-    # the file is synced, so its pages are clean: let the next write reuse them instead of growing
-    # the page cache (which, on a VM, can mean first-touch faults into the host for every page)
+def _dont_need(fd: int) -> None:
+    """``POSIX_FADV_DONTNEED`` on the whole file (Linux: starts writeback of dirty pages without
+    waiting for it, drops clean ones); nothing where the call does not exist."""
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
@@ -154,7 +148,9 @@ class PendingInstance:
                         "send the instance again"
                     )
             _sync_data(self._fd)
-            _drop_cached_pages(self._fd)
+            # the pages are clean now: let the next write reuse them instead of growing the page
+            # cache (on a VM, every never-touched page costs a first-touch fault into the host)
+            _dont_need(self._fd)
         except OSError as exc:
             self.abort()
             if exc.errno == errno.ENOSPC:
@@ -271,11 +267,9 @@ class InstanceStore:
         series_uid: str,
         sop_uid: str,
         data: bytes | Sequence[bytes],
-        *,
-        sha256: str | None = None,
     ) -> StoredFile:
         """Write a received instance durably: :meth:`begin_instance`, then its ``finish()``."""
-        pending = self.begin_instance(study_uid, series_uid, sop_uid, data, sha256=sha256)
+        pending = self.begin_instance(study_uid, series_uid, sop_uid, data)
         try:
             return pending.finish()
         finally:
@@ -287,8 +281,6 @@ class InstanceStore:
         series_uid: str,
         sop_uid: str,
         data: bytes | Sequence[bytes],
-        *,
-        sha256: str | None = None,
     ) -> PendingInstance:
         """Write a received instance under a content-addressed name; it is durable once the
         returned :class:`PendingInstance` is finished.
@@ -312,8 +304,6 @@ class InstanceStore:
         data
             The file's bytes, or its parts in order (e.g. File Meta and a received data set,
             written with one ``writev`` instead of being joined first).
-        sha256
-            The digest of ``data`` when the caller already has it (see :func:`sha256_hex`).
 
         Raises
         ------
@@ -322,7 +312,7 @@ class InstanceStore:
         """
         parts = [data] if isinstance(data, bytes) else list(data)
         size = sum(len(p) for p in parts)
-        digest = sha256 or sha256_hex(parts)
+        digest = sha256_hex(parts)
         relative = self.instance_path(study_uid, series_uid, sop_uid, digest)
         target = self.root / relative  # safe without absolute()'s resolve: built from checked UIDs
         stored = StoredFile(relative, size, digest)
@@ -369,7 +359,7 @@ class InstanceStore:
             raise
         try:
             _write_all(fd, parts)
-            _start_writeback(fd)
+            _dont_need(fd)  # start the writeback now; finish() waits for it
         except OSError as exc:
             os.close(fd)
             target.unlink(missing_ok=True)

@@ -43,6 +43,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_io.errors import InvalidInstanceError
 from node import metrics
+from node.acceptor import StoreRequestHandler
 from node.config import ConfigError
 from node.ingest import Ingestor, RequestMismatchError
 from node.polling import BusyPolling
@@ -335,17 +336,14 @@ def start_listener(
             else CallingAEAllowList.parse(allowed_calling_ae_titles)
         )
         handlers.append((evt.EVT_REQUESTED, check_calling_peer, [allowed]))
-    server: ThreadedAssociationServer
-    if ssl_context is None:
-        server = cast(ThreadedAssociationServer,
-                      ae.start_server((host, port), block=False, evt_handlers=handlers))
-    else:
-        tls_server = cast(TLSAssociationServer, ae.make_server(
-            (host, port), evt_handlers=handlers, ssl_context=ssl_context, server_class=TLSAssociationServer))
-        tls_server.handshake_timeout_s = float(ae.acse_timeout or 30)
-        ae._servers.append(tls_server)  # as start_server does: server.shutdown() removes it there
-        threading.Thread(target=tls_server.serve_forever, name=f"TLSAcceptor@{port}", daemon=True).start()
-        server = tls_server
+    server_class = ThreadedAssociationServer if ssl_context is None else TLSAssociationServer
+    server = cast(ThreadedAssociationServer, ae.make_server(
+        (host, port), evt_handlers=handlers, ssl_context=ssl_context, server_class=server_class,
+        request_handler=StoreRequestHandler))
+    if isinstance(server, TLSAssociationServer):
+        server.handshake_timeout_s = float(ae.acse_timeout or 30)
+    ae._servers.append(server)  # as start_server does: server.shutdown() removes it there
+    threading.Thread(target=server.serve_forever, name=f"Acceptor@{port}", daemon=True).start()
     log.info("listening as %s on %s:%d%s%s", ae_title, host, port, " (DICOM TLS)" if ssl_context else "",
              "; calling AE titles restricted" if allowed_calling_ae_titles is not None else "")
     return server

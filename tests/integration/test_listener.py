@@ -9,6 +9,7 @@ and watermark tests run ``mednode serve`` itself through ``mednode_factory``.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,7 +19,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.transport import ThreadedAssociationServer
@@ -107,6 +108,36 @@ def _dataset_bytes(path: Path) -> bytes:
 def test_c_echo(listener: Listener, dcmtk) -> None:  # type: ignore[no-untyped-def]
     done = echoscu(LOOPBACK, listener.port, called=AE_TITLE)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_c_store_is_answered_from_the_dul_thread_and_c_echo_still_works(listener: Listener, shared_dicom: Path) -> None:
+    # node.acceptor serves C-STORE on the thread that read it and leaves C-ECHO to pynetdicom's
+    # association thread; both on one association, interleaved, must keep working
+    files = sorted((shared_dicom / "ct" / "pydicom_head_ct2").glob("*.dcm"))[:3]
+    answered_from: list[tuple[str, bool]] = []
+
+    def on_sent(event) -> None:  # type: ignore[no-untyped-def]
+        answered_from.append((type(event.message).__name__, threading.current_thread() is event.assoc.dul))
+
+    listener.server.bind(evt.EVT_DIMSE_SENT, on_sent)
+    scu = AE(ae_title="SCU")
+    scu.add_requested_context("1.2.840.10008.1.1")
+    datasets = [pydicom.dcmread(path) for path in files]
+    for ds in datasets:
+        scu.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = scu.associate(LOOPBACK, listener.port, ae_title=AE_TITLE)
+    assert assoc.is_established
+    try:
+        statuses = [assoc.send_c_echo().Status]
+        for ds in datasets:
+            statuses.append(assoc.send_c_store(ds).Status)
+            statuses.append(assoc.send_c_echo().Status)
+    finally:
+        assoc.release()
+
+    assert statuses == [0x0000] * 7
+    assert listener.instance_count() == 3
+    assert answered_from == [("C_ECHO_RSP", False)] + [("C_STORE_RSP", True), ("C_ECHO_RSP", False)] * 3
 
 
 # -- malformed input --------------------------------------------------------------------------------

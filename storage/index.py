@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from datetime import datetime
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import Insert, bindparam, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from dicom_io.header import InstanceHeader
@@ -95,6 +97,43 @@ _UPDATE_INSTANCE = (
     .where(Instance.id == bindparam("instance_pk"))
     .values({c: bindparam(c) for c in _INSTANCE_COLUMNS})
 )
+_NEW_INSTANCE_COLUMNS = ("sop_instance_uid", *_INSTANCE_COLUMNS[1:])
+
+
+def _insert_if_new(dialect_insert: Callable[..., sqlite.Insert | postgresql.Insert]) -> Insert:
+    """``INSERT INTO instance … SELECT <the series' id>, <values> … ON CONFLICT DO NOTHING``.
+
+    One statement for the common case (a new instance of a series already indexed) that would
+    otherwise take three: find the instance, find the series, insert. It inserts nothing when the
+    instance exists or its series does not yet; then the full path runs.
+    """
+    columns = Instance.__table__.c
+    values = [bindparam(name, type_=columns[name].type) for name in _NEW_INSTANCE_COLUMNS]
+    source = select(Series.id, *values).where(Series.series_instance_uid == bindparam("series_uid"))
+    return (
+        dialect_insert(Instance)
+        .from_select(["series_pk", *_NEW_INSTANCE_COLUMNS], source)
+        .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+        # the inserted row count is how the caller knows; psycopg reports it only when asked
+        .execution_options(preserve_rowcount=True)
+    )
+
+
+#: by dialect name; another dialect takes the full path every time
+_INSERT_IF_NEW = {"sqlite": _insert_if_new(sqlite.insert), "postgresql": _insert_if_new(postgresql.insert)}
+_TOUCH_STUDY_OF_SERIES = (
+    update(Study)
+    .where(
+        Study.id
+        == select(Series.study_pk).where(Series.series_instance_uid == bindparam("series_uid")).scalar_subquery()
+    )
+    .values(
+        last_received_at=bindparam("now"),
+        state=StudyState.RECEIVING,
+        calling_ae_title=bindparam("calling"),
+        called_ae_title=bindparam("called"),
+    )
+)
 _TOUCH_STUDY = (
     update(Study)
     .where(Study.id == bindparam("study_pk"))
@@ -129,6 +168,26 @@ def index_instance(
     """
     now = now or utcnow()
     connection = session.connection()
+    insert_if_new = _INSERT_IF_NEW.get(connection.dialect.name)
+    if insert_if_new is not None:
+        inserted = connection.execute(insert_if_new, {
+            "series_uid": header.series_instance_uid,
+            "sop_instance_uid": header.sop_instance_uid,
+            "sop_class_uid": header.sop_class_uid,
+            "transfer_syntax_uid": header.transfer_syntax_uid,
+            "instance_number": header.instance_number,
+            "path": stored.relative_path,
+            "size_bytes": stored.size_bytes,
+            "sha256": stored.sha256,
+            "received_at": now,
+        })
+        if inserted.rowcount == 1:
+            connection.execute(_TOUCH_STUDY_OF_SERIES, {
+                "series_uid": header.series_instance_uid, "now": now,
+                "calling": calling_ae_title, "called": called_ae_title,
+            })
+            return IndexOutcome.NEW, None
+    # seen before, or the first instance of a new series
     existing = connection.execute(_FIND_INSTANCE, {"uid": header.sop_instance_uid}).first()
     if existing is not None and existing.sha256 == stored.sha256 and existing.path == stored.relative_path:
         return IndexOutcome.UNCHANGED, None

@@ -22,6 +22,7 @@ import shutil
 import threading
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,9 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 PARTIAL_SUFFIX = ".partial"
 #: Hex digits of the SHA-256 kept in an instance file's name.
 DIGEST_CHARS = 16
+#: Threads running the ``fdatasync`` of new instance files; one per association writing at once
+#: is enough, and more writers only queue for them (and for the disk).
+SYNC_THREADS = 8
 
 
 def check_uid(uid: str) -> str:
@@ -121,6 +125,7 @@ class PendingInstance:
         self._created = fd is not None
         self._finished = False
         self._on_done = on_done
+        self._sync: Future[None] | None = None  # the fdatasync of ``fd`` in a sync thread
 
     def _done(self) -> None:
         if self._on_done is not None:
@@ -140,17 +145,10 @@ class PendingInstance:
         if self._finished:
             return self.stored
         try:
-            if self._fd is None:
-                self._fd = os.open(self.target, os.O_RDONLY)
-                if os.fstat(self._fd).st_size != self.stored.size_bytes:
-                    raise StorageError(
-                        f"{self.stored.relative_path} is being written by another association; "
-                        "send the instance again"
-                    )
-            _sync_data(self._fd)
+            fd = self._synced_descriptor()
             # the pages are clean now: let the next write reuse them instead of growing the page
             # cache (on a VM, every never-touched page costs a first-touch fault into the host)
-            _dont_need(self._fd)
+            _dont_need(fd)
         except OSError as exc:
             self.abort()
             if exc.errno == errno.ENOSPC:
@@ -159,14 +157,38 @@ class PendingInstance:
         except StorageError:
             self.abort()
             raise
-        os.close(self._fd)
+        os.close(fd)
         self._fd = None
         self._finished = True
         self._done()
         return self.stored
 
+    def _synced_descriptor(self) -> int:
+        """The file's open descriptor, once its data is on disk."""
+        if self._fd is not None and self._sync is not None:  # written here, sync under way
+            self._wait_for_sync()
+            return self._fd
+        if self._fd is None:  # already there: the same bytes, written earlier or elsewhere
+            self._fd = os.open(self.target, os.O_RDONLY)
+            if os.fstat(self._fd).st_size != self.stored.size_bytes:
+                raise StorageError(
+                    f"{self.stored.relative_path} is being written by another association; "
+                    "send the instance again"
+                )
+        _sync_data(self._fd)
+        return self._fd
+
+    def _wait_for_sync(self) -> None:
+        sync, self._sync = self._sync, None
+        if sync is not None:
+            sync.result()
+
     def abort(self) -> None:
         """Close the file and remove it if this write created it and did not finish."""
+        try:
+            self._wait_for_sync()  # never close a descriptor a sync thread still uses
+        except OSError:
+            pass  # the file goes anyway
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -197,6 +219,8 @@ class InstanceStore:
         # for them instead of taking a half-written file for a crash's leftover
         self._in_flight: set[Path] = set()
         self._in_flight_lock = threading.Lock()
+        # fdatasync releases the GIL: run it beside the caller's index statements
+        self._syncer = ThreadPoolExecutor(max_workers=SYNC_THREADS, thread_name_prefix="store-sync")
 
     # -- paths ------------------------------------------------------------------------------
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str, sha256: str) -> str:
@@ -292,9 +316,11 @@ class InstanceStore:
         a file whose content does not match its name: :func:`storage.reconcile.reindex_orphans`
         removes it at start; it was never indexed, so nothing ever read it.
 
-        The bytes are written here and the kernel is asked to start writing them back at once;
-        the caller does its other work (the index statements) before ``finish()`` waits for the
-        disk, so the sync mostly overlaps that work instead of following it. Once synced, the
+        The bytes are written here, the kernel is asked to start writing them back, and their
+        ``fdatasync`` starts at once in one of the store's sync threads (it holds no GIL while
+        the disk works); the caller does its other work (the index statements) before
+        ``finish()`` waits for that sync, so the disk's time overlaps that work instead of
+        following it. Once synced, the
         file's pages are dropped from the page cache: received instances are read again only
         when a job runs, and letting the cache grow with every instance made the write itself
         the slowest step of a C-STORE (docs/BENCHMARKS.md).
@@ -338,7 +364,13 @@ class InstanceStore:
         except BaseException:
             self._write_done(target)
             raise
-        return PendingInstance(target, stored, fd, on_done=self._write_done)
+        pending = PendingInstance(target, stored, fd, on_done=self._write_done)
+        try:
+            pending._sync = self._syncer.submit(_sync_data, fd)
+        except BaseException:
+            pending.abort()
+            raise
+        return pending
 
     def _write_done(self, target: Path) -> None:
         with self._in_flight_lock:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import sqlalchemy
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -14,9 +11,6 @@ from sqlalchemy import Engine, inspect
 
 from storage.db import has_schema, make_engine, upgrade
 from storage.models import Base
-from tests.peers import in_ci
-
-POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 
 def _diff(engine: Engine) -> list[object]:
@@ -58,30 +52,6 @@ def test_the_diff_check_notices_a_missing_migration(tmp_path: Path) -> None:
         assert any("stray" in repr(d) for d in _diff(engine))
     finally:
         engine.dispose()
-
-
-@pytest.fixture
-def postgres_engine() -> Iterator[Engine]:
-    """A fresh PostgreSQL database on 127.0.0.1:5432, dropped afterwards."""
-    name = f"mednode_unit_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    except sqlalchemy.exc.OperationalError as exc:
-        admin.dispose()
-        message = f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc}"
-        if in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
-    engine = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
-    try:
-        yield engine
-    finally:
-        engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def test_migrations_match_models_on_postgresql(postgres_engine: Engine) -> None:

@@ -6,6 +6,9 @@ import errno
 import hashlib
 import os
 import shutil
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -281,14 +284,47 @@ def test_same_bytes_still_being_written_elsewhere_are_not_acknowledged(tmp_path:
     writer.abort()
 
 
+def _slow_sync(seen: dict[str, object]) -> Callable[[int], None]:
+    def sync(fd: int) -> None:
+        seen["thread"] = threading.current_thread().name
+        time.sleep(0.2)
+        os.fstat(fd)  # raises if the descriptor was closed under the sync
+        seen["fd_open_until_synced"] = True
+        os.fdatasync(fd)
+
+    return sync
+
+
+def test_the_sync_runs_beside_the_caller_and_finish_waits_for_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = InstanceStore(tmp_path)
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(store_module, "_sync_data", _slow_sync(seen))
+    pending = store.begin_instance("1.2", "1.2.3", "1.2.3.4", b"data")
+    assert "fd_open_until_synced" not in seen  # begin_instance did not wait for the disk
+    pending.finish()
+    assert seen["fd_open_until_synced"] is True
+    assert str(seen["thread"]).startswith("store-sync")
+    assert pending.target.read_bytes() == b"data"
+
+
+def test_abort_waits_for_a_running_sync_before_closing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = InstanceStore(tmp_path)
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(store_module, "_sync_data", _slow_sync(seen))
+    pending = store.begin_instance("1.2", "1.2.3", "1.2.3.4", b"data")
+    pending.abort()  # e.g. the index statements failed
+    assert seen.get("fd_open_until_synced") is True
+    assert not pending.target.exists()
+
+
 def test_disk_full_at_sync_removes_the_pending_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = InstanceStore(tmp_path)
-    pending = store.begin_instance("1.2", "1.2.3", "1.2.3.4", b"data")
 
     def no_space(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_module, "_sync_data", no_space)
+    monkeypatch.setattr(store_module, "_sync_data", no_space)  # the sync starts in begin_instance
+    pending = store.begin_instance("1.2", "1.2.3", "1.2.3.4", b"data")
     with pytest.raises(StorageFullError):
         pending.finish()
     assert not pending.target.exists()

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from io import BytesIO
 
 import pydicom
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import parse_basic_offsets, parse_fragments
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.fileutil import read_undefined_length_value
-from pydicom.filewriter import write_file_meta_info
+from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.tag import SequenceDelimiterTag, Tag
 from pydicom.uid import UID
 
@@ -35,6 +35,7 @@ MAX_PIXELS = 4 * 1024**3
 #: Pixel Data of a native image, checked by its declared length and sliced only when needed).
 DEFER_BYTES = 64 * 1024
 PIXEL_DATA = Tag(0x7FE0, 0x0010)
+MEDIA_STORAGE_SOP_INSTANCE_UID = 0x00020003
 UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
@@ -186,29 +187,32 @@ def parse_header(data: bytes) -> tuple[InstanceHeader, Dataset]:
     return _parse(data, read)
 
 
-def parse_received(file_meta: FileMetaDataset, dataset: bytes) -> tuple[InstanceHeader, Dataset]:
+def parse_received(
+    dataset: bytes, transfer_syntax_uid: str, prefix: bytes
+) -> tuple[InstanceHeader, Dataset]:
     """Like :func:`parse_header`, for a data set as a C-STORE delivers it: without a preamble or
-    File Meta, encoded in the Transfer Syntax of ``file_meta`` (which the receiver built from the
-    presentation context). Saves joining the File Meta to the data set only to parse them apart.
+    File Meta, encoded in ``transfer_syntax_uid`` (the presentation context's). Saves joining the
+    File Meta to the data set only to parse them apart.
+
+    ``prefix`` is what the data set will be stored after (:func:`part10_prefix`,
+    :class:`Part10Prefixes`); it is read only for a deflated data set, which pydicom inflates when
+    reading a whole file. The returned data set has no ``file_meta``.
     """
-    transfer_syntax = UID(str(file_meta.get("TransferSyntaxUID", "")))
+    transfer_syntax = UID(transfer_syntax_uid)
     if not transfer_syntax:
-        raise InvalidInstanceError("File Meta Information has no TransferSyntaxUID")
+        raise InvalidInstanceError("the presentation context has no Transfer Syntax UID")
     if transfer_syntax.is_deflated:
-        # rare: let dcmread inflate (or refuse) it as it would a file
-        return parse_header(part10_prefix(file_meta) + dataset)
+        return parse_header(prefix + dataset)  # rare: let dcmread inflate (or refuse) it
 
     def read() -> Dataset:
-        ds = read_dataset(
+        return read_dataset(
             BytesIO(dataset),
             transfer_syntax.is_implicit_VR,
             transfer_syntax.is_little_endian,
             defer_size=DEFER_BYTES,
         )
-        ds.file_meta = file_meta
-        return ds
 
-    return _parse(dataset, read)
+    return _parse(dataset, read, transfer_syntax)
 
 
 def part10_prefix(file_meta: FileMetaDataset) -> bytes:
@@ -219,7 +223,71 @@ def part10_prefix(file_meta: FileMetaDataset) -> bytes:
     return buffer.getvalue()
 
 
-def _parse(buffer: bytes, read: Callable[[], Dataset]) -> tuple[InstanceHeader, Dataset]:
+class Part10Prefixes:
+    """:func:`part10_prefix` for received instances, encoded by pydicom once per kind of instance.
+
+    The File Meta of two instances of one series differs only in the Media Storage SOP Instance
+    UID, yet encoding it with pydicom took a tenth of a C-STORE's time in the listener
+    (docs/BENCHMARKS.md). Here pydicom encodes the whole prefix once per SOP Class, Transfer
+    Syntax and encoded UID length, with a placeholder UID of that length; each instance then gets
+    that prefix with its own SOP Instance UID element, also encoded by pydicom, in the
+    placeholder's place. Group length and offsets are the same by construction, and the result
+    is byte for byte what :func:`part10_prefix` writes (tests/unit/dicom_io/test_header.py).
+
+    Parameters
+    ----------
+    implementation_class_uid, implementation_version_name
+        Written into every File Meta (the implementation that writes the files).
+    """
+
+    #: Kinds kept; past this many (SOP Classes × syntaxes × UID lengths) the cache starts over.
+    MAX_KINDS = 1024
+
+    def __init__(self, implementation_class_uid: str, implementation_version_name: str | None) -> None:
+        self.implementation_class_uid = implementation_class_uid
+        self.implementation_version_name = implementation_version_name
+        self._kinds: dict[tuple[str, str, int], tuple[bytes, bytes]] = {}
+
+    def prefix(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
+        """The preamble, ``DICM`` and File Meta of one instance."""
+        element = _encoded_element(MEDIA_STORAGE_SOP_INSTANCE_UID, "UI", sop_instance_uid)
+        key = (sop_class_uid, transfer_syntax_uid, len(element))
+        around = self._kinds.get(key)
+        if around is None:
+            around = self._encode_kind(sop_class_uid, transfer_syntax_uid, len(element))
+            if len(self._kinds) >= self.MAX_KINDS:
+                self._kinds.clear()
+            self._kinds[key] = around
+        return around[0] + element + around[1]
+
+    def _encode_kind(self, sop_class_uid: str, transfer_syntax_uid: str, element_length: int) -> tuple[bytes, bytes]:
+        # a placeholder of the instance UID's padded length (the element has an 8-byte header)
+        placeholder = "9" * (element_length - 8)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+        meta.MediaStorageSOPInstanceUID = UID(placeholder)
+        meta.TransferSyntaxUID = UID(transfer_syntax_uid)
+        meta.ImplementationClassUID = UID(self.implementation_class_uid)
+        if self.implementation_version_name:
+            meta.ImplementationVersionName = self.implementation_version_name
+        encoded = part10_prefix(meta)
+        at = encoded.index(_encoded_element(MEDIA_STORAGE_SOP_INSTANCE_UID, "UI", placeholder))
+        return encoded[:at], encoded[at + element_length:]
+
+
+def _encoded_element(tag: int, vr: str, value: str) -> bytes:
+    """One element in Explicit VR Little Endian (the File Meta's encoding), by pydicom."""
+    buffer = DicomBytesIO()
+    buffer.is_little_endian = True
+    buffer.is_implicit_VR = False
+    write_data_element(buffer, DataElement(tag, vr, value))
+    return buffer.getvalue()
+
+
+def _parse(
+    buffer: bytes, read: Callable[[], Dataset], transfer_syntax: str | None = None
+) -> tuple[InstanceHeader, Dataset]:
+    """Read with ``read`` and check; ``transfer_syntax`` if the data set has no File Meta."""
     with warnings.catch_warnings():
         # pydicom warns instead of failing on some corrupt streams; decide here, loudly
         warnings.simplefilter("ignore")
@@ -234,7 +302,7 @@ def _parse(buffer: bytes, read: Callable[[], Dataset]) -> tuple[InstanceHeader, 
             "the data set is empty after parsing (a sequence or Pixel Data is missing its end)"
         )
     try:
-        return _checked_header(ds, buffer), ds
+        return _checked_header(ds, buffer, transfer_syntax), ds
     except InvalidInstanceError:
         raise
     except Exception as exc:  # noqa: BLE001 (pydicom converts values lazily: a corrupt element raises on access)
@@ -267,9 +335,12 @@ def _pixel_data_value(ds: Dataset, buffer: bytes) -> bytes | memoryview | None:
     return memoryview(buffer)[element.value_tell:end]
 
 
-def _checked_header(ds: Dataset, buffer: bytes) -> InstanceHeader:
+def _checked_header(ds: Dataset, buffer: bytes, transfer_syntax: str | None) -> InstanceHeader:
     """The index attributes of a parsed data set, after checking UIDs and Pixel Data."""
-    tsyntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+    if transfer_syntax is not None:
+        tsyntax = transfer_syntax
+    else:
+        tsyntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
     if not tsyntax:
         raise InvalidInstanceError("File Meta Information has no TransferSyntaxUID")
     header = InstanceHeader(

@@ -97,12 +97,12 @@ def handle_store(event: Any, ingestor: Ingestor) -> int | Dataset:
     request = event.request
     try:
         ingestor.ingest_received(
-            event.file_meta,
             event.encoded_dataset(include_meta=False),
+            sop_class_uid=str(request.AffectedSOPClassUID),
+            sop_instance_uid=str(request.AffectedSOPInstanceUID),
+            transfer_syntax_uid=str(event.context.transfer_syntax),
             calling_ae_title=calling,
             called_ae_title=called,
-            expected_sop_class_uid=str(request.AffectedSOPClassUID),
-            expected_sop_instance_uid=str(request.AffectedSOPInstanceUID),
         )
     except InvalidInstanceError as exc:
         log.warning("refused instance %s: %s", request.AffectedSOPInstanceUID, exc)

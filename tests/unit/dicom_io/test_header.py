@@ -9,10 +9,17 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    MRImageStorage,
+    generate_uid,
+)
 
 from dicom_io.errors import InvalidInstanceError
-from dicom_io.header import DEFER_BYTES, parse_header, parse_received, part10_prefix
+from dicom_io.header import DEFER_BYTES, Part10Prefixes, parse_header, parse_received, part10_prefix
 
 from .conftest import requires_shared, sample, to_bytes
 
@@ -36,6 +43,12 @@ def split_part10(data: bytes) -> tuple[FileMetaDataset, bytes]:
     return meta, data[132 + 12 + int(meta.FileMetaInformationGroupLength):]
 
 
+def received(data: bytes) -> tuple[bytes, str, bytes]:
+    """A Part 10 stream as :func:`parse_received` gets it: data set, transfer syntax, prefix."""
+    meta, dataset = split_part10(data)
+    return dataset, str(meta.TransferSyntaxUID), data[: len(data) - len(dataset)]
+
+
 def big_ct(rows: int = 300) -> bytes:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -57,10 +70,9 @@ def big_ct(rows: int = 300) -> bytes:
 @pytest.mark.parametrize("relative", SAMPLES)
 def test_received_data_set_reads_as_the_whole_file_does(relative: str) -> None:
     data = sample(relative).read_bytes()
-    meta, dataset = split_part10(data)
 
     from_file, _ = parse_header(data)
-    from_network, _ = parse_received(meta, dataset)
+    from_network, _ = parse_received(*received(data))
 
     assert from_network == from_file
 
@@ -75,20 +87,55 @@ def test_part10_prefix_and_data_set_make_the_file() -> None:
 def test_native_pixel_data_cut_short_is_refused_by_both_paths(cut: int) -> None:
     data = big_ct()
     assert 300 * 300 * 2 > DEFER_BYTES  # the Pixel Data is deferred, not read
-    meta, dataset = split_part10(data)
+    dataset, syntax, prefix = received(data)
 
     with pytest.raises(InvalidInstanceError, match="truncated"):
         parse_header(data[:-cut])
     with pytest.raises(InvalidInstanceError, match="truncated"):
-        parse_received(meta, dataset[:-cut])
+        parse_received(dataset[:-cut], syntax, prefix)
 
 
 @requires_shared
 def test_encapsulated_pixel_data_cut_short_is_refused() -> None:
-    data = sample("compressed/CT1_J2KR.dcm").read_bytes()
-    meta, dataset = split_part10(data)
+    dataset, syntax, prefix = received(sample("compressed/CT1_J2KR.dcm").read_bytes())
     with pytest.raises(InvalidInstanceError):
-        parse_received(meta, dataset[: len(dataset) // 2])
+        parse_received(dataset[: len(dataset) // 2], syntax, prefix)
+
+
+def _meta(sop_class: str, sop_instance: str, syntax: str, version: str | None = "V1") -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = syntax
+    meta.ImplementationClassUID = "1.2.3.4.5"
+    if version:
+        meta.ImplementationVersionName = version
+    return meta
+
+
+@pytest.mark.parametrize("version", ["V1", None])
+def test_reused_prefixes_are_byte_for_byte_what_pydicom_writes(version: str | None) -> None:
+    prefixes = Part10Prefixes("1.2.3.4.5", version)
+    kinds = [(CTImageStorage, ExplicitVRLittleEndian), (MRImageStorage, ImplicitVRLittleEndian),
+             (CTImageStorage, JPEG2000Lossless)]
+    # every UID length from 1 to 64 (odd ones are padded), each kind, each seen twice
+    uids = ["1", "12", *[generate_uid()[:n].rstrip(".") for n in range(3, 65)]]
+    for sop_class, syntax in kinds:
+        for uid in uids + uids:
+            expected = part10_prefix(_meta(sop_class, uid, syntax, version))
+            assert prefixes.prefix(sop_class, uid, syntax) == expected, (sop_class, uid, syntax)
+    lengths = {len(uid) + len(uid) % 2 for uid in uids}
+    assert len(prefixes._kinds) == len(kinds) * len(lengths)  # encoded once per kind
+
+
+def test_a_prefix_and_the_received_data_set_make_the_file_pynetdicom_would_write() -> None:
+    data = big_ct()
+    meta, dataset = split_part10(data)
+    prefixes = Part10Prefixes(str(meta.ImplementationClassUID), meta.get("ImplementationVersionName"))
+    prefix = prefixes.prefix(str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID),
+                             str(meta.TransferSyntaxUID))
+    assert prefix + dataset == data
+    assert pydicom.dcmread(BytesIO(prefix + dataset)).SOPInstanceUID == meta.MediaStorageSOPInstanceUID
 
 
 def test_deferred_pixel_data_is_not_read_into_the_data_set() -> None:

@@ -39,7 +39,7 @@ if str(REPO_ROOT) not in sys.path:
 from pynetdicom import evt
 
 from bench.ingest import generate_study, send_study
-from dicom_io.header import Part10Prefixes
+from dicom_io.header import Part10Prefixes, ReadInstance
 from node import ingest as ingest_module
 from node import listener as listener_module
 from storage import store as store_module
@@ -50,7 +50,9 @@ from tests.peers import free_port
 #: (label, owner, attribute) of the handler steps that are timed.
 STEPS: list[tuple[str, Any, str]] = [
     ("File Meta encoded (pydicom, reused per kind)", Part10Prefixes, "prefix"),
-    ("header parsed and checked", ingest_module, "parse_received"),
+    ("data set read", ingest_module, "read_received"),
+    ("UIDs checked", ReadInstance, "uids"),
+    ("rest of the header checked (the disk syncing meanwhile)", ReadInstance, "header"),
     ("SHA-256", store_module, "sha256_hex"),
     ("file written, writeback started (incl. SHA-256)", InstanceStore, "begin_instance"),
     ("index statements", ingest_module, "index_instance"),

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
+from typing import TypeVar
 
 import pydicom
 from pydicom.dataelem import DataElement, RawDataElement
@@ -176,6 +177,63 @@ def parse_header(data: bytes) -> tuple[InstanceHeader, Dataset]:
         If the bytes are not a readable DICOM data set, lack a required UID, carry invalid UIDs,
         or the Pixel Data is shorter than the image attributes require (a truncated instance).
     """
+    instance = read_part10(data)
+    return instance.header(), instance.dataset
+
+
+def parse_received(
+    dataset: bytes, transfer_syntax_uid: str, prefix: bytes
+) -> tuple[InstanceHeader, Dataset]:
+    """:func:`parse_header` for a data set as a C-STORE delivers it (see :func:`read_received`)."""
+    instance = read_received(dataset, transfer_syntax_uid, prefix)
+    return instance.header(), instance.dataset
+
+
+@dataclass(frozen=True)
+class InstanceUIDs:
+    """The UIDs that name an instance and its file, checked."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+
+
+class ReadInstance:
+    """A data set that was read (its values converted as they are asked for) but not yet checked.
+
+    :meth:`uids` checks only the four UIDs — enough to name and start writing the file — and
+    :meth:`header` everything else: a receiver can start the disk's work in between, and the
+    remaining checks (Pixel Data length, the index attributes) run while the disk works.
+    Both raise :class:`InvalidInstanceError`; ``header()`` implies ``uids()``.
+    """
+
+    def __init__(self, dataset: Dataset, buffer: bytes, transfer_syntax: str | None) -> None:
+        self.dataset = dataset
+        self._buffer = buffer
+        self._transfer_syntax = transfer_syntax
+
+    def uids(self) -> InstanceUIDs:
+        ds = self.dataset
+        return _converted(lambda: InstanceUIDs(
+            sop_class_uid=_uid(ds, "SOPClassUID"),
+            sop_instance_uid=_uid(ds, "SOPInstanceUID"),
+            study_instance_uid=_uid(ds, "StudyInstanceUID"),
+            series_instance_uid=_uid(ds, "SeriesInstanceUID"),
+        ))
+
+    def header(self) -> InstanceHeader:
+        return _converted(lambda: _checked_header(self.dataset, self._buffer, self._transfer_syntax))
+
+
+def read_part10(data: bytes) -> ReadInstance:
+    """Read a Part 10 byte stream; :class:`ReadInstance` checks it.
+
+    Raises
+    ------
+    InvalidInstanceError
+        If the bytes are not a readable DICOM data set.
+    """
 
     def read() -> Dataset:
         ds = pydicom.dcmread(BytesIO(data), defer_size=DEFER_BYTES)
@@ -184,25 +242,23 @@ def parse_header(data: bytes) -> tuple[InstanceHeader, Dataset]:
             ds = pydicom.dcmread(BytesIO(data))
         return ds
 
-    return _parse(data, read)
+    return ReadInstance(_read(read), data, None)
 
 
-def parse_received(
-    dataset: bytes, transfer_syntax_uid: str, prefix: bytes
-) -> tuple[InstanceHeader, Dataset]:
-    """Like :func:`parse_header`, for a data set as a C-STORE delivers it: without a preamble or
-    File Meta, encoded in ``transfer_syntax_uid`` (the presentation context's). Saves joining the
-    File Meta to the data set only to parse them apart.
+def read_received(dataset: bytes, transfer_syntax_uid: str, prefix: bytes) -> ReadInstance:
+    """:func:`read_part10` for a data set as a C-STORE delivers it: without a preamble or File
+    Meta, encoded in ``transfer_syntax_uid`` (the presentation context's). Saves joining the File
+    Meta to the data set only to parse them apart.
 
     ``prefix`` is what the data set will be stored after (:func:`part10_prefix`,
     :class:`Part10Prefixes`); it is read only for a deflated data set, which pydicom inflates when
-    reading a whole file. The returned data set has no ``file_meta``.
+    reading a whole file. The data set read has no ``file_meta``.
     """
     transfer_syntax = UID(transfer_syntax_uid)
     if not transfer_syntax:
         raise InvalidInstanceError("the presentation context has no Transfer Syntax UID")
     if transfer_syntax.is_deflated:
-        return parse_header(prefix + dataset)  # rare: let dcmread inflate (or refuse) it
+        return read_part10(prefix + dataset)  # rare: let dcmread inflate (or refuse) it
 
     def read() -> Dataset:
         return read_dataset(
@@ -212,7 +268,7 @@ def parse_received(
             defer_size=DEFER_BYTES,
         )
 
-    return _parse(dataset, read, transfer_syntax)
+    return ReadInstance(_read(read), dataset, transfer_syntax)
 
 
 def part10_prefix(file_meta: FileMetaDataset) -> bytes:
@@ -284,10 +340,7 @@ def _encoded_element(tag: int, vr: str, value: str) -> bytes:
     return buffer.getvalue()
 
 
-def _parse(
-    buffer: bytes, read: Callable[[], Dataset], transfer_syntax: str | None = None
-) -> tuple[InstanceHeader, Dataset]:
-    """Read with ``read`` and check; ``transfer_syntax`` if the data set has no File Meta."""
+def _read(read: Callable[[], Dataset]) -> Dataset:
     with warnings.catch_warnings():
         # pydicom warns instead of failing on some corrupt streams; decide here, loudly
         warnings.simplefilter("ignore")
@@ -301,11 +354,19 @@ def _parse(
         raise InvalidInstanceError(
             "the data set is empty after parsing (a sequence or Pixel Data is missing its end)"
         )
+    return ds
+
+
+_T = TypeVar("_T")
+
+
+def _converted(check: Callable[[], _T]) -> _T:
+    """Run ``check``; pydicom converts values lazily, so a corrupt element raises only there."""
     try:
-        return _checked_header(ds, buffer, transfer_syntax), ds
+        return check()
     except InvalidInstanceError:
         raise
-    except Exception as exc:  # noqa: BLE001 (pydicom converts values lazily: a corrupt element raises on access)
+    except Exception as exc:  # noqa: BLE001 (whatever pydicom raises for a corrupt value)
         raise InvalidInstanceError(f"an element cannot be read: {type(exc).__name__}: {exc}") from None
 
 

@@ -14,7 +14,7 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_io.errors import InvalidInstanceError
-from dicom_io.header import InstanceHeader, Part10Prefixes, parse_header, parse_received
+from dicom_io.header import InstanceHeader, Part10Prefixes, ReadInstance, read_part10, read_received
 from node import metrics
 from storage.index import IndexOutcome, index_instance
 from storage.store import InstanceStore
@@ -36,14 +36,17 @@ class IngestResult:
 class Ingestor:
     """Writes received instances to the store and the index.
 
-    The file is written first and synced last: the index statements run while the disk writes
-    it back, and the transaction commits only after the sync, so Success still means durable
-    *and* indexed. (Running the write in another thread was slower: every GIL hand-off between
-    it and the parsing and indexing cost more than the overlap gained; docs/BENCHMARKS.md.)
+    The disk's work starts as early as it can and is waited for as late as it can: once the
+    data set is read and its four UIDs (which name the file) are checked, the file is written
+    and its ``fdatasync`` starts in a store thread; the rest of the header checks and the index
+    statements run meanwhile, and the transaction commits only after the sync, so Success still
+    means durable *and* indexed. An instance refused by the later checks has its file removed
+    before the refusal is answered. (Writing and hashing in another thread was slower: those
+    need the GIL between system calls; only the sync runs without it. docs/BENCHMARKS.md.)
 
     Index writes are serialised by a lock: SQLite has one writer anyway, and a short critical
-    section keeps commit latency predictable under several associations. The section includes the
-    rest of the file's sync (about 0.2 ms for a 512×512 CT), since the commit waits for it.
+    section keeps commit latency predictable under several associations. The section includes
+    the wait for the file's sync, since the commit waits for it.
     """
 
     def __init__(self, store: InstanceStore, session_factory: sessionmaker[Session]) -> None:
@@ -68,7 +71,7 @@ class Ingestor:
         Raises
         ------
         dicom_io.errors.InvalidInstanceError
-            The bytes are not a valid instance (nothing is written).
+            The bytes are not a valid instance (nothing is left written).
         RequestMismatchError
             The data set does not match the C-STORE request (nothing is written).
         storage.errors.StorageFullError, OSError
@@ -78,8 +81,7 @@ class Ingestor:
             unless the failure was the commit itself: then it stays, and a re-send or the
             start-up reconciliation (:func:`storage.reconcile.reindex_orphans`) indexes it.
         """
-        header, _ = parse_header(data)
-        return self._store(header, [data], calling_ae_title, called_ae_title,
+        return self._store(read_part10(data), [data], calling_ae_title, called_ae_title,
                            expected_sop_class_uid, expected_sop_instance_uid)
 
     def ingest_received(
@@ -105,26 +107,30 @@ class Ingestor:
             prefix = self._prefixes.prefix(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
         except (ValueError, TypeError) as exc:  # pydicom refuses to write an invalid UID
             raise InvalidInstanceError(f"the request's UIDs cannot be written as File Meta: {exc}") from None
-        header, _ = parse_received(dataset, transfer_syntax_uid, prefix)
-        return self._store(header, [prefix, dataset], calling_ae_title, called_ae_title,
+        instance = read_received(dataset, transfer_syntax_uid, prefix)
+        return self._store(instance, [prefix, dataset], calling_ae_title, called_ae_title,
                            sop_class_uid, sop_instance_uid)
 
     def _store(
         self,
-        header: InstanceHeader,
+        instance: ReadInstance,
         parts: list[bytes],
         calling_ae_title: str | None,
         called_ae_title: str | None,
         expected_sop_class_uid: str | None,
         expected_sop_instance_uid: str | None,
     ) -> IngestResult:
-        if expected_sop_class_uid and header.sop_class_uid != expected_sop_class_uid:
+        uids = instance.uids()
+        if expected_sop_class_uid and uids.sop_class_uid != expected_sop_class_uid:
             raise RequestMismatchError("SOP Class UID differs from the C-STORE request")
-        if expected_sop_instance_uid and header.sop_instance_uid != expected_sop_instance_uid:
+        if expected_sop_instance_uid and uids.sop_instance_uid != expected_sop_instance_uid:
             raise RequestMismatchError("SOP Instance UID differs from the C-STORE request")
-        uids = (header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
-        pending = self.store.begin_instance(*uids, parts)
+        # the UIDs name the file: start the disk now, check the rest while it works
+        pending = self.store.begin_instance(
+            uids.study_instance_uid, uids.series_instance_uid, uids.sop_instance_uid, parts
+        )
         try:
+            header = instance.header()  # a refusal here removes the file (abort below)
             with self._lock, self.session_factory() as session, session.begin():
                 outcome, replaced_path = index_instance(
                     session,

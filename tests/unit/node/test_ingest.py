@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_io.errors import InvalidInstanceError
 from node import ingest as ingest_module
 from node.ingest import Ingestor
 from storage import store as store_module
@@ -61,6 +62,16 @@ def test_index_failure_leaves_no_file(
             to_bytes(make_dataset(STUDY, SERIES, 1)), calling_ae_title=None, called_ae_title=None
         )
     assert _files(store) == []
+
+
+def test_an_instance_refused_after_its_write_started_leaves_nothing(
+    store: InstanceStore, sessions: sessionmaker[Session]
+) -> None:
+    # valid UIDs name the file and start the write; the short Pixel Data is found only after
+    data = to_bytes(make_dataset(STUDY, SERIES, 1, Rows=8))  # 8×4 pixels need 64 bytes, 32 sent
+    with pytest.raises(InvalidInstanceError, match="truncated"):
+        Ingestor(store, sessions).ingest(data, calling_ae_title=None, called_ae_title=None)
+    assert (_files(store), _rows(sessions)) == ([], 0)
 
 
 def test_disk_full_at_sync_rolls_the_row_back(

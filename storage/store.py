@@ -69,6 +69,11 @@ def _sync_data(fd: int) -> None:
         os.fsync(fd)
 
 
+def _sync_started(fd: int, started: threading.Event) -> None:
+    started.set()  # the caller wakes once this thread releases the GIL: inside the sync
+    _sync_data(fd)
+
+
 def _dont_need(fd: int) -> None:
     """``POSIX_FADV_DONTNEED`` on the whole file (Linux: starts writeback of dirty pages without
     waiting for it, drops clean ones); nothing where the call does not exist."""
@@ -366,7 +371,11 @@ class InstanceStore:
             raise
         pending = PendingInstance(target, stored, fd, on_done=self._write_done)
         try:
-            pending._sync = self._syncer.submit(_sync_data, fd)
+            started = threading.Event()
+            pending._sync = self._syncer.submit(_sync_started, fd, started)
+            # hand the GIL over until the sync is in the kernel: left waiting for it, the sync
+            # thread would start only when this one next blocks (the index statements)
+            started.wait()
         except BaseException:
             pending.abort()
             raise

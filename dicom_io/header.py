@@ -268,7 +268,7 @@ def read_received(dataset: bytes, transfer_syntax_uid: str, prefix: bytes) -> Re
             defer_size=DEFER_BYTES,
         )
 
-    return ReadInstance(_read(read), dataset, transfer_syntax)
+    return ReadInstance(_read(read), dataset, str(transfer_syntax))
 
 
 def part10_prefix(file_meta: FileMetaDataset) -> bytes:

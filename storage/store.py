@@ -323,9 +323,9 @@ class InstanceStore:
 
         The bytes are written here, the kernel is asked to start writing them back, and their
         ``fdatasync`` starts at once in one of the store's sync threads (it holds no GIL while
-        the disk works); the caller does its other work (the index statements) before
-        ``finish()`` waits for that sync, so the disk's time overlaps that work instead of
-        following it. Once synced, the
+        the disk works); this returns once that thread is inside the system call. The caller
+        does its other work (header checks, index statements) before ``finish()`` waits for the
+        sync, so the disk's time overlaps that work instead of following it. Once synced, the
         file's pages are dropped from the page cache: received instances are read again only
         when a job runs, and letting the cache grow with every instance made the write itself
         the slowest step of a C-STORE (docs/BENCHMARKS.md).

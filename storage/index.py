@@ -168,18 +168,19 @@ def index_instance(
     """
     now = now or utcnow()
     connection = session.connection()
+    values = {
+        "sop_class_uid": header.sop_class_uid,
+        "transfer_syntax_uid": header.transfer_syntax_uid,
+        "instance_number": header.instance_number,
+        "path": stored.relative_path,
+        "size_bytes": stored.size_bytes,
+        "sha256": stored.sha256,
+        "received_at": now,
+    }
     insert_if_new = _INSERT_IF_NEW.get(connection.dialect.name)
     if insert_if_new is not None:
         inserted = connection.execute(insert_if_new, {
-            "series_uid": header.series_instance_uid,
-            "sop_instance_uid": header.sop_instance_uid,
-            "sop_class_uid": header.sop_class_uid,
-            "transfer_syntax_uid": header.transfer_syntax_uid,
-            "instance_number": header.instance_number,
-            "path": stored.relative_path,
-            "size_bytes": stored.size_bytes,
-            "sha256": stored.sha256,
-            "received_at": now,
+            **values, "sop_instance_uid": header.sop_instance_uid, "series_uid": header.series_instance_uid,
         })
         if inserted.rowcount == 1:
             connection.execute(_TOUCH_STUDY_OF_SERIES, {
@@ -197,16 +198,7 @@ def index_instance(
         series_pk, study_pk = created.id, created.study_pk
     else:
         series_pk, study_pk = keys.id, keys.study_pk
-    values = {
-        "series_pk": series_pk,
-        "sop_class_uid": header.sop_class_uid,
-        "transfer_syntax_uid": header.transfer_syntax_uid,
-        "instance_number": header.instance_number,
-        "path": stored.relative_path,
-        "size_bytes": stored.size_bytes,
-        "sha256": stored.sha256,
-        "received_at": now,
-    }
+    values["series_pk"] = series_pk
     if existing is None:
         connection.execute(_INSERT_INSTANCE, {**values, "sop_instance_uid": header.sop_instance_uid})
         outcome, replaced = IndexOutcome.NEW, None

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import sqlalchemy
 
+from tests.databases import fresh_postgres_database
 from tests.peers import LOOPBACK, ManagedProcess, free_port, in_ci
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 RABBITMQ_HOST = "127.0.0.1:5672"
 
 
@@ -158,19 +157,8 @@ def mednode_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mednod
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database for one test, dropped afterwards."""
-    name = f"mednode_test_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    except sqlalchemy.exc.OperationalError as exc:
-        _unavailable(f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc}")
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_postgres_database("mednode_test") as url:
+        yield url
 
 
 @pytest.fixture

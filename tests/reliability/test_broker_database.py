@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy
 
 from storage.models import DeliveryState, JobState
-from tests.integration.conftest import POSTGRES_ADMIN_URL
+from tests.databases import POSTGRES_ADMIN_URL
 from tests.peers import LOOPBACK, StoreSCP, find_tool, parse_storescu_output, peer_env, storescu
 from tests.phantom import PhantomGeometry, make_ct_phantom, write_series
 from tests.reliability.conftest import NodeRunFactory, poll

@@ -4,24 +4,21 @@ instance headers made to order."""
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_io.header import InstanceHeader
 from storage.db import make_engine, make_session_factory, upgrade
-from tests.peers import in_ci
+from tests.databases import fresh_postgres_database
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
 SERIES_UID = "1.2.826.0.1.3680043.8.498.1.1"
-POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 
 @pytest.fixture
@@ -36,25 +33,12 @@ def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
 @pytest.fixture
 def postgres_engine() -> Iterator[Engine]:
     """A fresh, empty PostgreSQL database on 127.0.0.1:5432, dropped afterwards."""
-    name = f"mednode_unit_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    except sqlalchemy.exc.OperationalError as exc:
-        admin.dispose()
-        message = f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc}"
-        if in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
-    engine = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
-    try:
-        yield engine
-    finally:
-        engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_postgres_database("mednode_unit") as url:
+        engine = make_engine(url)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ a CT study ingested through the node's own ingestor, completed, routed and run b
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from io import BytesIO
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-import sqlalchemy
 from fastapi.testclient import TestClient
 
 from node import context, pipeline
@@ -23,8 +21,8 @@ from node.context import NodeContext
 from node.ingest import Ingestor
 from node.web.app import create_app
 from storage.db import upgrade
+from tests.databases import fresh_postgres_database
 
-POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 CANARY_NAME = "Canary^Webfield7Q"
 CANARY_ID = "WEB-CANARY-4471"
 CANARY_ACCESSION = "ACC-CANARY-88"
@@ -50,20 +48,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'index.db'}"
         return
-    name = f"mednode_web_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    except sqlalchemy.exc.OperationalError as exc:
-        admin.dispose()
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc}")
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_postgres_database("mednode_web") as url:
+        yield url
 
 
 @dataclass

@@ -8,6 +8,10 @@ Who may associate: with an allow-list (``allowed_calling_ae_titles``, entries ``
 ``AET@host``) any other peer gets an A-ASSOCIATE-RJ, rejected-permanent, "calling AE title not
 recognised" (PS3.8 9.3.4, source service user, reason 3) before any data is exchanged. The same
 listener can also run on a DICOM TLS port (PS3.15 B.1, :mod:`node.tls`).
+
+Each accepted association is set up by :class:`node.acceptor.StoreRequestHandler`: pynetdicom's
+own, except that C-STORE is served on the thread that reads the network as soon as the request is
+complete (docs/BENCHMARKS.md, "Ingest").
 """
 
 from __future__ import annotations

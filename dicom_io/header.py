@@ -181,14 +181,6 @@ def parse_header(data: bytes) -> tuple[InstanceHeader, Dataset]:
     return instance.header(), instance.dataset
 
 
-def parse_received(
-    dataset: bytes, transfer_syntax_uid: str, prefix: bytes
-) -> tuple[InstanceHeader, Dataset]:
-    """:func:`parse_header` for a data set as a C-STORE delivers it (see :func:`read_received`)."""
-    instance = read_received(dataset, transfer_syntax_uid, prefix)
-    return instance.header(), instance.dataset
-
-
 @dataclass(frozen=True)
 class InstanceUIDs:
     """The UIDs that name an instance and its file, checked."""

@@ -19,7 +19,7 @@ from pydicom.uid import (
 )
 
 from dicom_io.errors import InvalidInstanceError
-from dicom_io.header import DEFER_BYTES, Part10Prefixes, parse_header, parse_received, part10_prefix
+from dicom_io.header import DEFER_BYTES, Part10Prefixes, parse_header, part10_prefix, read_received
 
 from .conftest import requires_shared, sample, to_bytes
 
@@ -44,7 +44,7 @@ def split_part10(data: bytes) -> tuple[FileMetaDataset, bytes]:
 
 
 def received(data: bytes) -> tuple[bytes, str, bytes]:
-    """A Part 10 stream as :func:`parse_received` gets it: data set, transfer syntax, prefix."""
+    """A Part 10 stream as :func:`read_received` gets it: data set, transfer syntax, prefix."""
     meta, dataset = split_part10(data)
     return dataset, str(meta.TransferSyntaxUID), data[: len(data) - len(dataset)]
 
@@ -72,7 +72,7 @@ def test_received_data_set_reads_as_the_whole_file_does(relative: str) -> None:
     data = sample(relative).read_bytes()
 
     from_file, _ = parse_header(data)
-    from_network, _ = parse_received(*received(data))
+    from_network = read_received(*received(data)).header()
 
     assert from_network == from_file
 
@@ -92,14 +92,14 @@ def test_native_pixel_data_cut_short_is_refused_by_both_paths(cut: int) -> None:
     with pytest.raises(InvalidInstanceError, match="truncated"):
         parse_header(data[:-cut])
     with pytest.raises(InvalidInstanceError, match="truncated"):
-        parse_received(dataset[:-cut], syntax, prefix)
+        read_received(dataset[:-cut], syntax, prefix).header()
 
 
 @requires_shared
 def test_encapsulated_pixel_data_cut_short_is_refused() -> None:
     dataset, syntax, prefix = received(sample("compressed/CT1_J2KR.dcm").read_bytes())
     with pytest.raises(InvalidInstanceError):
-        parse_received(dataset[: len(dataset) // 2], syntax, prefix)
+        read_received(dataset[: len(dataset) // 2], syntax, prefix).header()
 
 
 def _meta(sop_class: str, sop_instance: str, syntax: str, version: str | None = "V1") -> FileMetaDataset:

@@ -1,12 +1,14 @@
-"""How the listener sets up each accepted association: pynetdicom's own, with two C-STORE shortcuts.
+"""How the listener sets up each association: pynetdicom's own, with C-STORE served on arrival.
 
-pynetdicom runs an association on two threads. The DUL thread reads PDUs and assembles DIMSE
-messages; the association thread wakes every millisecond (a fixed ``time.sleep(0.001)`` in
-``Association._run_reactor``) to look for a complete message, runs the service handler, and hands
-the response back to the DUL thread to send. A peer that sends one C-STORE at a time — storescu,
-Orthanc, most modalities — waits for that wake-up on every instance, and the request's bytes are
-read in 4 KiB ``recv`` calls (128 of them for a 512×512 CT). Together that was about a fifth of the
-time the listener took per instance (docs/BENCHMARKS.md, "Ingest").
+pynetdicom runs an association on two threads, both polling. The DUL thread reads PDUs and
+assembles DIMSE messages, sleeping 1 ms (``DULServiceProvider._run_loop_delay``) after every pass
+that found nothing to do; the association thread wakes every millisecond (a fixed
+``time.sleep(0.001)`` in ``Association._run_reactor``) to look for a complete message, runs the
+service handler, and hands the response back to the DUL thread to send. A peer that sends one
+C-STORE at a time — storescu, Orthanc, most modalities — waits for those wake-ups on every
+instance; the association thread's thousand wake-ups a second each take the GIL from the thread
+doing the work; and the request's bytes are read in 4 KiB ``recv`` calls (128 of them for a
+512×512 CT). docs/BENCHMARKS.md ("Ingest") has the measurements.
 
 :class:`StoreRequestHandler`, given to pynetdicom's server as its ``request_handler``, lets
 pynetdicom set each association up, then:
@@ -16,20 +18,33 @@ pynetdicom set each association up, then:
   (C-ECHO) still go through the association thread. While the handler runs the DUL thread reads
   nothing more; mednode negotiates no asynchronous operations window, so the peer has nothing to
   send before the response but an A-ABORT, which is acted on once the handler returns;
-* reads each PDU with as few ``recv_into`` calls as the kernel allows (:class:`WholeReadSocket`).
+* lets the association thread sleep until something is handed to it (:class:`ReactorCheckpoint`,
+  :class:`WakingQueue`) instead of waking every millisecond;
+* has the DUL thread wait on the socket (and a :class:`Doorbell` rung when something is queued
+  for it to send) instead of sleeping between passes, and read each PDU with as few
+  ``recv_into`` calls as the kernel allows (:class:`AcceptorSocket`).
 
-Both shortcuts use pynetdicom internals (the association's DIMSE message queue and
-``_serve_request``, the socket's class). :func:`shortcuts_supported` checks them once; if a
-pynetdicom release changes them, the listener logs one warning and runs pynetdicom unchanged
-(slower, still correct), and tests/unit/node/test_acceptor.py fails.
+An idle association thus costs a few wake-ups a second instead of two thousand (about 6 % of a
+core each on the 2-core benchmark machine: a dozen idle peers took most of a core from the ones
+sending).
+
+These use pynetdicom internals (the association's DIMSE message queue, ``_serve_request`` and
+``_reactor_checkpoint``; the DUL's ``to_user_queue``, ``to_provider_queue`` and
+``_run_loop_delay``; the socket's class).
+:func:`shortcuts_supported` checks them once per association; if a pynetdicom release changes
+them, the listener logs one warning and runs pynetdicom unchanged (slower, still correct), and
+tests/unit/node/test_acceptor.py fails.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import select
 import socket
 import ssl
+import threading
+import time
 from typing import TYPE_CHECKING, Any, cast
 
 from pynetdicom.dimse_primitives import C_STORE
@@ -44,10 +59,108 @@ log = logging.getLogger(__name__)
 #: listener accepts any PDU length) is read in blocks of this size, so a lying length costs no
 #: more memory than the bytes actually sent.
 MAX_READ_BLOCK = 1 << 20
+#: Longest the DUL thread waits on an idle connection per pass of its loop: how late it notices
+#: its ARTIM timer or being stopped. The peer's data and a primitive queued for it to send (a
+#: C-ECHO response, an A-RELEASE response) end the wait at once.
+SOCKET_WAIT_S = 0.2
+#: Longest the association thread sleeps when nothing is handed to it: how late it notices the DUL
+#: thread's end and the network timeout. Requests, A-RELEASE, A-ABORT and kills wake it at once.
+ASSOCIATION_WAIT_S = 0.2
+#: Pace of the DUL thread's loop once the connection is closed, until pynetdicom stops it (as
+#: pynetdicom's own 1 ms sleep).
+CLOSED_PACE_S = 0.001
 
 
-class WholeReadSocket(AssociationSocket):
-    """pynetdicom's association socket, reading each request with as few syscalls as possible."""
+class Doorbell:
+    """Wakes a thread blocked in ``select`` on :meth:`fileno`: a loopback socket pair.
+
+    :meth:`ring` never blocks and never fails: a full buffer means it has already been rung,
+    and after :meth:`close` nobody is listening.
+    """
+
+    def __init__(self) -> None:
+        self._listen, self._ring = socket.socketpair()
+        self._listen.setblocking(False)
+        self._ring.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._listen.fileno()
+
+    def ring(self) -> None:
+        try:
+            self._ring.send(b"\0")
+        except OSError:  # BlockingIOError (rung already) included
+            pass
+
+    def drain(self) -> None:
+        try:
+            while self._listen.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._listen.close()
+        self._ring.close()
+
+
+class RingingQueue(queue.Queue):  # type: ignore[type-arg]
+    """A queue whose ``put`` rings a :class:`Doorbell` (the DUL's ``to_provider_queue``)."""
+
+    def __init__(self, doorbell: Doorbell) -> None:
+        super().__init__()
+        self._doorbell = doorbell
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._doorbell.ring()
+
+
+class AcceptorSocket(AssociationSocket):
+    """pynetdicom's association socket, waiting for data instead of polling, and reading each
+    PDU with as few system calls as possible.
+
+    ``doorbell`` is rung whenever something is queued for the DUL thread to send
+    (:class:`RingingQueue`); :func:`StoreRequestHandler._create_association` sets it.
+    """
+
+    doorbell: Doorbell
+
+    @property
+    def ready(self) -> bool:
+        """Whether data can be read; first waits for it, up to :data:`SOCKET_WAIT_S`.
+
+        The DUL thread asks this once per pass of its loop, and (its ``_run_loop_delay`` set
+        to 0) no longer sleeps between passes: the wait here ends as soon as the peer's data
+        arrives or a primitive is queued to be sent. It waits only when the DUL has nothing
+        queued.
+        """
+        dul = self.assoc.dul
+        sock = self.socket
+        if dul.event_queue.empty() and dul.to_provider_queue.empty():
+            if sock is None or not self._is_connected:
+                time.sleep(CLOSED_PACE_S)
+            elif not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                self._wait(sock, dul.to_provider_queue)
+        return bool(super().ready)
+
+    def _wait(self, sock: socket.socket | ssl.SSLSocket, outgoing: queue.Queue) -> None:  # type: ignore[type-arg]
+        deadline = time.monotonic() + SOCKET_WAIT_S
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                readable, _, _ = select.select([sock.fileno(), self.doorbell.fileno()], [], [], remaining)
+            except (OSError, ValueError):
+                return  # closed meanwhile: pynetdicom's own check reports it
+            if self.doorbell.fileno() not in readable:
+                return  # the peer's data, or the wait is over
+            self.doorbell.drain()
+            if not outgoing.empty() or len(readable) > 1:
+                return
+            # rung for a primitive the loop has sent already: wait on
+
+    def close(self) -> None:
+        super().close()
+        self.doorbell.close()
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Read `nr_bytes` from the socket; fewer only if the peer closes the connection.
@@ -82,18 +195,61 @@ def _fill(sock: socket.socket | ssl.SSLSocket, block: bytearray) -> int:
     return filled
 
 
-class ServeStoreOnArrival(queue.Queue):  # type: ignore[type-arg]
+class ReactorCheckpoint(threading.Event):
+    """The association thread's checkpoint, which also paces its loop.
+
+    pynetdicom's association thread loops forever: sleep 1 ms, wait for this checkpoint (set
+    unless another thread paused the reactor), look for work. Here the wait first sleeps until
+    :meth:`notify` (something was queued for the thread) or :meth:`set` (pynetdicom resumes or
+    kills the reactor) is called, or :data:`ASSOCIATION_WAIT_S` has passed, and then waits for
+    the checkpoint as pynetdicom's does. A notification that comes while the thread is looking
+    for work is not lost: the thread looks after clearing it.
+    """
+
+    def __init__(self) -> None:
+        self._wake = threading.Event()
+        super().__init__()
+        self.set()
+
+    def notify(self) -> None:
+        """Wake the association thread: something is queued for it."""
+        self._wake.set()
+
+    def set(self) -> None:
+        super().set()
+        self._wake.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._wake.wait(ASSOCIATION_WAIT_S)
+        self._wake.clear()
+        return super().wait(timeout)
+
+
+class WakingQueue(queue.Queue):  # type: ignore[type-arg]
+    """A queue whose ``put`` wakes the association thread (the DUL's ``to_user_queue``: A-RELEASE,
+    A-ABORT and A-P-ABORT indications)."""
+
+    def __init__(self, checkpoint: ReactorCheckpoint) -> None:
+        super().__init__()
+        self._checkpoint = checkpoint
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._checkpoint.notify()
+
+
+class ServeStoreOnArrival(WakingQueue):
     """An association's DIMSE message queue that serves C-STORE requests instead of queueing them.
 
     pynetdicom's DUL thread puts each complete message on the association's queue
     (``DIMSEServiceProvider.msg_queue``); here a valid C-STORE request is served right there, on
     the DUL thread, and its response is queued for that same thread to send once the handler
-    returns. Everything else — C-ECHO, responses, the ``(None, None)`` put on abort — is queued
-    for the association thread as before.
+    returns. Everything else — C-ECHO, responses, the ``(None, None)`` put on abort — is queued,
+    and the association thread woken for it.
     """
 
-    def __init__(self, assoc: Association) -> None:
-        super().__init__()
+    def __init__(self, assoc: Association, checkpoint: ReactorCheckpoint) -> None:
+        super().__init__(checkpoint)
         self._assoc = assoc
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
@@ -105,7 +261,7 @@ class ServeStoreOnArrival(queue.Queue):  # type: ignore[type-arg]
 
 
 class StoreRequestHandler(RequestHandler):
-    """pynetdicom's connection handler, with :class:`ServeStoreOnArrival` and :class:`WholeReadSocket`.
+    """pynetdicom's connection handler, with the association set up as the module describes.
 
     Give it to pynetdicom's server as ``request_handler`` (``AE.make_server(...,
     request_handler=StoreRequestHandler)``).
@@ -114,9 +270,17 @@ class StoreRequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         if shortcuts_supported(assoc):
-            assoc.dimse.msg_queue = ServeStoreOnArrival(assoc)
-            # same state, one method more: the socket pynetdicom already made, reading faster
-            assoc.dul.socket.__class__ = WholeReadSocket
+            checkpoint = ReactorCheckpoint()
+            assoc._reactor_checkpoint = checkpoint
+            assoc.dimse.msg_queue = ServeStoreOnArrival(assoc, checkpoint)
+            assoc.dul.to_user_queue = WakingQueue(checkpoint)
+            doorbell = Doorbell()
+            assoc.dul.to_provider_queue = RingingQueue(doorbell)
+            assoc.dul._run_loop_delay = 0.0  # the socket's ready waits instead
+            # the socket pynetdicom already made, with its state: a few methods more
+            sock = cast(AcceptorSocket, assoc.dul.socket)
+            sock.__class__ = AcceptorSocket
+            sock.doorbell = doorbell
         return assoc
 
 
@@ -126,11 +290,20 @@ _warned = False
 def shortcuts_supported(assoc: Association) -> bool:
     """Whether this pynetdicom still has what the shortcuts replace; warn once if not."""
     global _warned
+    dul = assoc.dul
+    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
     supported = (
         type(assoc.dimse.msg_queue) is queue.Queue
         and assoc.dimse.msg_queue.empty()
         and callable(getattr(assoc, "_serve_request", None))
-        and type(assoc.dul.socket) is AssociationSocket
+        and type(checkpoint) is threading.Event
+        and checkpoint.is_set()
+        and type(getattr(dul, "to_user_queue", None)) is queue.Queue
+        and dul.to_user_queue.empty()
+        and type(getattr(dul, "to_provider_queue", None)) is queue.Queue
+        and dul.to_provider_queue.empty()
+        and isinstance(getattr(dul, "_run_loop_delay", None), float)
+        and type(dul.socket) is AssociationSocket
     )
     if not supported and not _warned:
         _warned = True

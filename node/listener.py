@@ -11,7 +11,7 @@ listener can also run on a DICOM TLS port (PS3.15 B.1, :mod:`node.tls`).
 
 Each accepted association is set up by :class:`node.acceptor.StoreRequestHandler`: pynetdicom's
 own, except that C-STORE is served on the thread that reads the network as soon as the request is
-complete (docs/BENCHMARKS.md, "Ingest").
+complete and neither of the association's threads polls (docs/BENCHMARKS.md, "Ingest").
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ from node import metrics
 from node.acceptor import StoreRequestHandler
 from node.config import ConfigError
 from node.ingest import Ingestor, RequestMismatchError
-from node.polling import BusyPolling
 from storage.errors import StorageError, StorageFullError
 
 log = logging.getLogger(__name__)
@@ -326,9 +325,7 @@ def start_listener(
     """
     quiet_pynetdicom()
     ae = make_ae(ae_title)
-    polling = BusyPolling()
     handlers: list[Any] = [
-        (evt.EVT_PDU_RECV, polling.on_pdu_received),
         (evt.EVT_C_STORE, handle_store, [ingestor]),
         (evt.EVT_ACCEPTED, _log_association),
         (evt.EVT_ABORTED, _log_association),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -26,6 +27,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from node import acceptor
 from node.completion import complete_due_studies
 from node.config import load_settings
 from node.ingest import Ingestor
@@ -138,6 +140,44 @@ def test_c_store_is_answered_from_the_dul_thread_and_c_echo_still_works(listener
     assert statuses == [0x0000] * 7
     assert listener.instance_count() == 3
     assert answered_from == [("C_ECHO_RSP", False)] + [("C_STORE_RSP", True), ("C_ECHO_RSP", False)] * 3
+
+
+def test_the_association_thread_is_woken_not_polled(
+    listener: Listener, shared_dicom: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # with its idle sleep far longer than the test, a C-ECHO, a C-STORE and the release are still
+    # answered at once: each wakes the association thread; and an idle association wakes it
+    # rarely, where pynetdicom's own loop runs every millisecond
+    monkeypatch.setattr(acceptor, "ASSOCIATION_WAIT_S", 10.0)
+    passes: list[float] = []
+    wait = acceptor.ReactorCheckpoint.wait
+
+    def counted(self: acceptor.ReactorCheckpoint, timeout: float | None = None) -> bool:
+        passes.append(time.monotonic())
+        return wait(self, timeout)
+
+    monkeypatch.setattr(acceptor.ReactorCheckpoint, "wait", counted)
+    ds = pydicom.dcmread(min((shared_dicom / "ct" / "pydicom_head_ct2").glob("*.dcm")))
+    scu = AE(ae_title="SCU")
+    scu.add_requested_context("1.2.840.10008.1.1")
+    scu.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    start = time.monotonic()
+    assoc = scu.associate(LOOPBACK, listener.port, ae_title=AE_TITLE)
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_echo().Status == 0x0000
+        assert assoc.send_c_store(ds).Status == 0x0000
+        idle_from = time.monotonic()
+        time.sleep(0.5)
+        idle_passes = [t for t in passes if idle_from <= t < idle_from + 0.5]
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+    assert not assoc.is_established and assoc.is_released
+    assert time.monotonic() - start < 5.0  # far below one idle sleep of the association thread
+    assert len(passes) >= 3  # the acceptor's checkpoint was in use: woken for two C-ECHOs, the release
+    assert len(idle_passes) <= 2, f"{len(idle_passes)} passes of the association thread in 0.5 s idle"
+    assert listener.instance_count() == 1
 
 
 # -- malformed input --------------------------------------------------------------------------------

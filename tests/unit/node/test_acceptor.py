@@ -1,4 +1,5 @@
-"""The acceptor's C-STORE shortcuts: whole-PDU reads, C-STORE served on arrival, and the fallback."""
+"""The acceptor's shortcuts: whole-PDU reads, waiting on the socket, C-STORE served on arrival,
+an association thread woken instead of polling, and the fallback."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 import queue
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from io import BytesIO
 from types import SimpleNamespace
@@ -19,16 +21,27 @@ from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.transport import AssociationSocket
 
 from node import acceptor
-from node.acceptor import ServeStoreOnArrival, WholeReadSocket, shortcuts_supported
+from node.acceptor import (
+    AcceptorSocket,
+    Doorbell,
+    ReactorCheckpoint,
+    RingingQueue,
+    ServeStoreOnArrival,
+    WakingQueue,
+    shortcuts_supported,
+)
 
 
 @pytest.fixture
-def pair() -> Iterator[tuple[WholeReadSocket, socket.socket]]:
+def pair() -> Iterator[tuple[AcceptorSocket, socket.socket]]:
     ours, peer = socket.socketpair()
-    owner = SimpleNamespace(dul=SimpleNamespace(event_queue=queue.Queue()))
-    sock = WholeReadSocket(owner, client_socket=ours)  # type: ignore[arg-type]
+    doorbell = Doorbell()
+    owner = SimpleNamespace(dul=SimpleNamespace(event_queue=queue.Queue(), to_provider_queue=RingingQueue(doorbell)))
+    sock = AcceptorSocket(owner, client_socket=ours)  # type: ignore[arg-type]
+    sock.doorbell = doorbell
+    assert owner.dul.event_queue.get(block=False) == "Evt5"  # connected: the DUL would act on it
     yield sock, peer
-    ours.close()
+    sock.close()
     peer.close()
 
 
@@ -44,7 +57,7 @@ def _send_in_pieces(peer: socket.socket, data: bytes, piece: int, close: bool = 
     return thread
 
 
-def test_a_pdu_sent_in_pieces_is_read_whole(pair: tuple[WholeReadSocket, socket.socket]) -> None:
+def test_a_pdu_sent_in_pieces_is_read_whole(pair: tuple[AcceptorSocket, socket.socket]) -> None:
     sock, peer = pair
     data = bytes(range(256)) * 2048  # 512 KiB, more than one socket buffer
     sender = _send_in_pieces(peer, data, piece=7000)
@@ -54,14 +67,14 @@ def test_a_pdu_sent_in_pieces_is_read_whole(pair: tuple[WholeReadSocket, socket.
     assert isinstance(received, bytearray)  # what pynetdicom's DUL expects
 
 
-def test_reads_only_what_is_asked_for(pair: tuple[WholeReadSocket, socket.socket]) -> None:
+def test_reads_only_what_is_asked_for(pair: tuple[AcceptorSocket, socket.socket]) -> None:
     sock, peer = pair
     peer.sendall(b"\x04\x00\x00\x00\x00\x0aREST OF THE PDU")
     assert sock.recv(6) == b"\x04\x00\x00\x00\x00\x0a"
     assert sock.recv(4) == b"REST"
 
 
-def test_a_closed_connection_returns_what_was_read(pair: tuple[WholeReadSocket, socket.socket]) -> None:
+def test_a_closed_connection_returns_what_was_read(pair: tuple[AcceptorSocket, socket.socket]) -> None:
     sock, peer = pair
     sender = _send_in_pieces(peer, b"x" * 3000, piece=1000, close=True)
     assert sock.recv(10_000) == b"x" * 3000
@@ -69,7 +82,7 @@ def test_a_closed_connection_returns_what_was_read(pair: tuple[WholeReadSocket, 
 
 
 def test_a_lying_pdu_length_costs_only_the_bytes_sent(
-    pair: tuple[WholeReadSocket, socket.socket], monkeypatch: pytest.MonkeyPatch
+    pair: tuple[AcceptorSocket, socket.socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sock, peer = pair
     monkeypatch.setattr(acceptor, "MAX_READ_BLOCK", 1024)
@@ -89,18 +102,31 @@ def _store_request() -> C_STORE:
     return request
 
 
+class CountingCheckpoint(ReactorCheckpoint):
+    def __init__(self) -> None:
+        super().__init__()
+        self.notified = 0
+
+    def notify(self) -> None:
+        self.notified += 1
+        super().notify()
+
+
 def test_store_requests_are_served_on_arrival_everything_else_is_queued() -> None:
     served: list[tuple[object, int]] = []
     assoc = SimpleNamespace(_serve_request=lambda message, context_id: served.append((message, context_id)))
-    messages = ServeStoreOnArrival(assoc)  # type: ignore[arg-type]
+    checkpoint = CountingCheckpoint()
+    messages = ServeStoreOnArrival(assoc, checkpoint)  # type: ignore[arg-type]
     store = _store_request()
     echo = C_ECHO()
     echo.MessageID = 2
     echo.AffectedSOPClassUID = "1.2.840.10008.1.1"
 
     messages.put((3, store))
+    assert checkpoint.notified == 0  # served here: nothing for the association thread
     messages.put((1, echo))
     messages.put((None, None))  # what pynetdicom puts on abort to wake a blocked reader
+    assert checkpoint.notified == 2
 
     assert served == [(store, 3)]
     assert messages.get(block=False) == (1, echo)
@@ -140,3 +166,108 @@ def test_other_internals_are_left_alone_with_one_warning(
         assert not shortcuts_supported(changed)  # type: ignore[arg-type]
         assert not shortcuts_supported(changed)  # type: ignore[arg-type]
     assert len([r for r in caplog.records if "pynetdicom's own polling" in r.getMessage()]) == 1
+
+
+# -- the association thread sleeps until woken ------------------------------------------------------
+def _timed_wait(checkpoint: ReactorCheckpoint) -> float:
+    start = time.monotonic()
+    assert checkpoint.wait()
+    return time.monotonic() - start
+
+
+def test_the_association_thread_sleeps_until_notified(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(acceptor, "ASSOCIATION_WAIT_S", 0.3)
+    checkpoint = ReactorCheckpoint()
+    assert checkpoint.is_set()  # as pynetdicom's: the reactor is not paused
+    checkpoint.wait()  # the wake-up of set() in __init__
+    assert 0.25 <= _timed_wait(checkpoint) < 2.0  # nothing came: the full wait
+
+    threading.Timer(0.05, checkpoint.notify).start()
+    assert _timed_wait(checkpoint) < 0.25
+
+    checkpoint.notify()  # notified while the thread was busy: the next wait returns at once
+    assert _timed_wait(checkpoint) < 0.25
+
+
+def test_a_paused_reactor_stays_paused_until_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    # pynetdicom pauses the reactor with clear() and resumes (or kills) it with set()
+    monkeypatch.setattr(acceptor, "ASSOCIATION_WAIT_S", 0.01)
+    checkpoint = ReactorCheckpoint()
+    checkpoint.clear()
+    checkpoint.notify()
+    assert not checkpoint.wait(timeout=0.2)  # a notification does not end a pause
+    threading.Timer(0.1, checkpoint.set).start()
+    assert checkpoint.wait(timeout=5)
+
+
+def test_a_waking_queue_notifies_after_each_put() -> None:
+    checkpoint = CountingCheckpoint()
+    indications = WakingQueue(checkpoint)
+    indications.put("A-RELEASE")
+    assert checkpoint.notified == 1
+    assert indications.get(block=False) == "A-RELEASE"
+
+
+# -- the DUL thread waits on the socket ---------------------------------------------------------------
+def test_ready_waits_for_data_and_returns_as_it_arrives(
+    pair: tuple[AcceptorSocket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sock, peer = pair
+    monkeypatch.setattr(acceptor, "SOCKET_WAIT_S", 0.3)
+    start = time.monotonic()
+    assert not sock.ready  # nothing sent: waited, then not ready
+    assert time.monotonic() - start >= 0.25
+
+    threading.Timer(0.05, peer.sendall, args=(b"\x05",)).start()
+    start = time.monotonic()
+    assert sock.ready
+    assert time.monotonic() - start < 0.25
+
+
+def test_ready_returns_when_a_primitive_is_queued_to_be_sent(
+    pair: tuple[AcceptorSocket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the association thread queues a C-ECHO response: the DUL thread must send it now
+    sock, _ = pair
+    monkeypatch.setattr(acceptor, "SOCKET_WAIT_S", 5.0)
+    outgoing = sock.assoc.dul.to_provider_queue
+    threading.Timer(0.05, outgoing.put, args=("a primitive to send",)).start()
+    start = time.monotonic()
+    assert not sock.ready  # nothing to read, but the loop goes on to send
+    assert time.monotonic() - start < 1.0
+    assert outgoing.get(block=False) == "a primitive to send"
+
+
+def test_a_ring_for_a_primitive_already_sent_does_not_end_the_wait(
+    pair: tuple[AcceptorSocket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sock, peer = pair
+    monkeypatch.setattr(acceptor, "SOCKET_WAIT_S", 5.0)
+    outgoing = sock.assoc.dul.to_provider_queue
+    outgoing.put("the C-STORE response")  # rings
+    outgoing.get(block=False)  # the DUL's next pass sent it
+    threading.Timer(0.3, peer.sendall, args=(b"\x04",)).start()
+    start = time.monotonic()
+    assert sock.ready  # woke for the ring, found nothing to send, waited on for the data
+    assert 0.25 <= time.monotonic() - start < 2.0
+
+
+def test_a_doorbell_rung_often_or_after_close_never_blocks_or_raises() -> None:
+    doorbell = Doorbell()
+    for _ in range(200_000):  # more than a socket buffer holds
+        doorbell.ring()
+    doorbell.drain()
+    doorbell.close()
+    doorbell.ring()
+    doorbell.drain()
+
+
+def test_ready_does_not_wait_while_the_dul_has_work_queued(
+    pair: tuple[AcceptorSocket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sock, _ = pair
+    monkeypatch.setattr(acceptor, "SOCKET_WAIT_S", 5.0)
+    sock.assoc.dul.to_provider_queue.put("a primitive to send")
+    start = time.monotonic()
+    assert not sock.ready
+    assert time.monotonic() - start < 1.0

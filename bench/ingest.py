@@ -10,6 +10,11 @@ Each receiver is measured warm: after it starts, the send waits until the machin
 idle (:func:`wait_until_idle`), since ``mednode serve`` starts its embedded workers, which import
 torch, as its DICOM port opens.
 
+With ``--idle-associations N`` each receiver also holds N idle associations (a Verification
+context each, opened by a pynetdicom SCU in another process before the send and released after
+it), as a PACS node does while modalities keep their associations open; storescp, which serves
+one association at a time, is then not run.
+
 Every peer runs with ``TCP_NODELAY=1``: without it dcmtk's Nagle stall (~40 ms per C-STORE
 response) dominates and the benchmark measures that instead of the receivers.
 
@@ -21,6 +26,7 @@ Usage::
 
     .venv/bin/python bench/ingest.py                      # all legs, 3 repeats
     .venv/bin/python bench/ingest.py --legs storescp,orthanc --repeats 5
+    .venv/bin/python bench/ingest.py --legs orthanc,mednode --idle-associations 8
     .venv/bin/python bench/ingest.py --write-docs         # update docs/BENCHMARKS.md
 """
 
@@ -37,7 +43,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -217,6 +224,54 @@ def send_study(port: int, study_dir: Path, called: str, timeout_s: float) -> flo
     return elapsed
 
 
+_IDLE_SCU = """
+import sys
+from pynetdicom import AE
+port, called, count = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+scu = AE(ae_title="IDLE")
+scu.add_requested_context("1.2.840.10008.1.1")
+held = [scu.associate("127.0.0.1", port, ae_title=called) for _ in range(count)]
+print(sum(a.is_established for a in held), flush=True)
+sys.stdin.read()  # until the benchmark closes our stdin
+for assoc in held:
+    if assoc.is_established:
+        assoc.release()
+"""
+
+
+@contextmanager
+def idle_associations(port: int, called: str, count: int) -> Iterator[None]:
+    """Hold ``count`` idle associations to the receiver (from another process) while inside.
+
+    Raises
+    ------
+    PeerError
+        If not all of them could be established.
+    """
+    if count <= 0:
+        yield
+        return
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _IDLE_SCU, str(port), called, str(count)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        established = int(holder.stdout.readline() or 0)
+        if established != count:
+            raise PeerError(f"only {established} of {count} idle associations were accepted")
+        time.sleep(1.0)  # let both ends settle into idling
+        yield
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        try:
+            holder.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait()
+
+
 @dataclass
 class LegResult:
     """Timings of one receiver over all repeats."""
@@ -238,12 +293,15 @@ class Context:
     quiet_period_s: float
     sr_timeout_s: float
     send_timeout_s: float
+    idle_associations: int = 0
     orthanc_version: str = ""
     load_before: str = ""
 
 
 # -- receivers ----------------------------------------------------------------------------------
 def run_storescp(ctx: Context, run: int) -> tuple[float, float | None]:
+    if ctx.idle_associations:
+        raise PeerError("not run: storescp serves one association at a time")
     out = ctx.work / f"storescp-{run}"
     with StoreSCP(out / "in", log_dir=out, aet="STORESCP") as scp:
         wait_until_idle()
@@ -260,7 +318,8 @@ def run_orthanc(ctx: Context, run: int) -> tuple[float, float | None]:
     with Orthanc(out) as orthanc:
         ctx.orthanc_version = str(orthanc.get("/system").get("Version", ""))
         wait_until_idle()
-        seconds = send_study(orthanc.dicom_port, ctx.study_dir, orthanc.aet, ctx.send_timeout_s)
+        with idle_associations(orthanc.dicom_port, orthanc.aet, ctx.idle_associations):
+            seconds = send_study(orthanc.dicom_port, ctx.study_dir, orthanc.aet, ctx.send_timeout_s)
         stored = int(orthanc.get("/statistics")["CountInstances"])
     shutil.rmtree(out, ignore_errors=True)
     if stored != ctx.count:
@@ -296,8 +355,9 @@ def run_mednode(ctx: Context, run: int) -> tuple[float, float | None]:
         try:
             node.start(port=dicom_port, timeout_s=120)
             wait_until_idle()
-            seconds = send_study(dicom_port, ctx.study_dir, "MEDNODE", ctx.send_timeout_s)
-            received_at = time.monotonic()
+            with idle_associations(dicom_port, "MEDNODE", ctx.idle_associations):
+                seconds = send_study(dicom_port, ctx.study_dir, "MEDNODE", ctx.send_timeout_s)
+                received_at = time.monotonic()
             latency = _wait_for_sr(pacs, ctx, received_at)
         finally:
             node.stop(timeout_s=30)
@@ -364,12 +424,16 @@ def render(results: dict[str, LegResult], ctx: Context, repeats: int) -> str:
             return "–"
         return f"{rate[name] / rate[ref]:.2f}×"
 
+    idle = (
+        f" while {ctx.idle_associations} other associations to the receiver were open and idle"
+        if ctx.idle_associations else ""
+    )
     lines = [
         (
             f"{ctx.count} CT instances of 512×512 int16 ({mb:.0f} MB), one series, sent with "
-            f"`storescu +sd` over one association, `TCP_NODELAY=1`; median of {repeats} runs on a "
-            "fresh receiver each, sent once the receiver has started and the machine is idle again, "
-            "after a disk sync (runs of the receivers interleaved)."
+            f"`storescu +sd` over one association{idle}, `TCP_NODELAY=1`; median of {repeats} runs "
+            "on a fresh receiver each, sent once the receiver has started and the machine is idle "
+            "again, after a disk sync (runs of the receivers interleaved)."
         ),
         "",
         "| receiver | inst/s | MB/s | mednode ÷ this | runs (s) |",
@@ -391,7 +455,14 @@ def render(results: dict[str, LegResult], ctx: Context, repeats: int) -> str:
         else:
             lines.append(f"| {labels[name]} | – | – | – | {result.error or 'not run'} |")
     node = results.get("mednode")
+    orthanc = results.get("orthanc")
     lines.append("")
+    if node and orthanc and node.seconds and len(node.seconds) == len(orthanc.seconds):
+        paired = [o / n for o, n in zip(orthanc.seconds, node.seconds, strict=True)]
+        geometric = statistics.geometric_mean(paired)
+        runs = ", ".join(f"{r:.2f}" for r in paired)
+        summary = f"geometric mean **{geometric:.2f}×**"
+        lines += [f"mednode ÷ Orthanc run by run (each pair back to back): {runs}; {summary}.", ""]
     if node and node.sr_latency_s:
         values = ", ".join(f"{s:.1f}" for s in node.sr_latency_s)
         lines.append(
@@ -454,6 +525,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--send-timeout-s", type=float, default=600.0)
     parser.add_argument(
+        "--idle-associations",
+        type=int,
+        default=0,
+        help="idle associations each receiver holds open during the send (storescp is then not run)",
+    )
+    parser.add_argument(
         "--workdir",
         type=Path,
         default=None,
@@ -492,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
             quiet_period_s=args.quiet_period_s,
             sr_timeout_s=args.sr_timeout_s,
             send_timeout_s=args.send_timeout_s,
+            idle_associations=args.idle_associations,
             load_before=_load(),
         )
         results = {leg: LegResult(leg) for leg in args.legs}

@@ -195,6 +195,21 @@ def test_ingest_bench_runs_small_and_rewrites_only_its_docs_section(
     assert text.count(bench.BEGIN) == 1 and "## Ingest" in text and "nproc" in text
 
 
+def test_ingest_bench_holds_idle_associations_where_the_receiver_can(
+    dcmtk, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    require_tool("Orthanc")
+    bench = _load_bench()
+    monkeypatch.setattr(bench, "DOCS", tmp_path / "BENCHMARKS.md")
+    argv = ["--count", "3", "--repeats", "1", "--legs", "storescp,orthanc", "--idle-associations", "2"]
+    assert bench.main([*argv, "--workdir", str(tmp_path)]) == 1  # storescp could not be run
+    table = capsys.readouterr().out
+    assert "while 2 other associations to the receiver were open and idle" in table
+    assert re.search(r"\| Orthanc [\d.]+ \(index \+ storage\) \| \d+ \| \d+ \|", table), table
+    assert "not run: storescp serves one association at a time" in table
+    assert not (tmp_path / "BENCHMARKS.md").exists()  # only --write-docs writes
+
+
 def test_bench_study_is_one_readable_ct_series(tmp_path: Path) -> None:
     bench = _load_bench()
     total = bench.generate_study(tmp_path, count=3, size=64)

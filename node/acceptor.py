@@ -75,33 +75,44 @@ class Doorbell:
     """Wakes a thread blocked in ``select`` on :meth:`fileno`: a loopback socket pair.
 
     :meth:`ring` never blocks and never fails: a full buffer means it has already been rung,
-    and after :meth:`close` nobody is listening.
+    and after :meth:`close` nobody is listening. A lock keeps a ring from another thread off
+    descriptors that :meth:`close` has just given back (and the system may have reused).
     """
 
     def __init__(self) -> None:
         self._listen, self._ring = socket.socketpair()
         self._listen.setblocking(False)
         self._ring.setblocking(False)
+        self._lock = threading.Lock()
+        self._closed = False
 
     def fileno(self) -> int:
         return self._listen.fileno()
 
     def ring(self) -> None:
-        try:
-            self._ring.send(b"\0")
-        except OSError:  # BlockingIOError (rung already) included
-            pass
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._ring.send(b"\0")
+            except BlockingIOError:
+                return  # the buffer is full: rung already
 
     def drain(self) -> None:
-        try:
-            while self._listen.recv(4096):
-                pass
-        except OSError:
-            pass
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                while self._listen.recv(4096):
+                    continue
+            except BlockingIOError:
+                return  # all read
 
     def close(self) -> None:
-        self._listen.close()
-        self._ring.close()
+        with self._lock:
+            self._closed = True
+            self._listen.close()
+            self._ring.close()
 
 
 class RingingQueue(queue.Queue):  # type: ignore[type-arg]

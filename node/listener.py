@@ -47,7 +47,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_io.errors import InvalidInstanceError
 from node import metrics
-from node.acceptor import StoreRequestHandler
+from node.acceptor import StoreRequestHandler, copy_contexts_quickly
 from node.config import ConfigError
 from node.ingest import Ingestor, RequestMismatchError
 from storage.errors import StorageError, StorageFullError
@@ -341,6 +341,7 @@ def start_listener(
     server = cast(ThreadedAssociationServer, ae.make_server(
         (host, port), evt_handlers=handlers, ssl_context=ssl_context, server_class=server_class,
         request_handler=StoreRequestHandler))
+    copy_contexts_quickly(server)
     if isinstance(server, TLSAssociationServer):
         server.handshake_timeout_s = float(ae.acse_timeout or 30)
     ae._servers.append(server)  # as start_server does: server.shutdown() removes it there

@@ -157,6 +157,7 @@ def test_the_association_thread_is_woken_not_polled(
         return wait(self, timeout)
 
     monkeypatch.setattr(acceptor.ReactorCheckpoint, "wait", counted)
+    assert isinstance(listener.server.contexts, acceptor.SupportedContexts)  # copied quickly per association
     ds = pydicom.dcmread(min((shared_dicom / "ct" / "pydicom_head_ct2").glob("*.dcm")))
     scu = AE(ae_title="SCU")
     scu.add_requested_context("1.2.840.10008.1.1")

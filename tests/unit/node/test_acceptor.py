@@ -3,6 +3,7 @@ an association thread woken instead of polling, and the fallback."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import socket
@@ -22,12 +23,15 @@ from pynetdicom.transport import AssociationSocket
 
 from node import acceptor
 from node.acceptor import (
+    CONTEXT_ATTRIBUTES,
     AcceptorSocket,
     Doorbell,
     ReactorCheckpoint,
     RingingQueue,
     ServeStoreOnArrival,
+    SupportedContexts,
     WakingQueue,
+    copy_contexts_quickly,
     shortcuts_supported,
 )
 
@@ -165,7 +169,7 @@ def test_other_internals_are_left_alone_with_one_warning(
     with caplog.at_level(logging.WARNING, logger="node.acceptor"):
         assert not shortcuts_supported(changed)  # type: ignore[arg-type]
         assert not shortcuts_supported(changed)  # type: ignore[arg-type]
-    assert len([r for r in caplog.records if "pynetdicom's own polling" in r.getMessage()]) == 1
+    assert len([r for r in caplog.records if "as pynetdicom itself serves them" in r.getMessage()]) == 1
 
 
 # -- the association thread sleeps until woken ------------------------------------------------------
@@ -271,3 +275,42 @@ def test_ready_does_not_wait_while_the_dul_has_work_queued(
     start = time.monotonic()
     assert not sock.ready
     assert time.monotonic() - start < 1.0
+
+
+# -- presentation contexts copied per association -----------------------------------------------------
+def _listener_contexts() -> list:  # type: ignore[type-arg]
+    from node.listener import make_ae
+
+    return make_ae("MEDNODE").supported_contexts
+
+
+def test_a_quick_copy_of_the_contexts_is_a_deep_copy() -> None:
+    contexts = _listener_contexts()
+    assert all(set(vars(c)) == CONTEXT_ATTRIBUTES for c in contexts)  # fails if pynetdicom adds state
+    quick = copy.deepcopy(SupportedContexts(contexts))
+    slow = copy.deepcopy(contexts)
+    assert type(quick) is list and len(quick) == len(contexts)
+    for original, ours, theirs in zip(contexts, quick, slow, strict=True):
+        assert ours is not original and ours._transfer_syntax is not original._transfer_syntax
+        assert vars(ours) == vars(theirs)
+    # negotiation writes into an association's copy: the server's own contexts stay as they were
+    quick[0].result = 0
+    quick[0]._transfer_syntax.append("1.2.3")
+    assert contexts[0].result is None and "1.2.3" not in contexts[0]._transfer_syntax
+
+
+def test_the_server_gets_quick_copies_unless_a_context_has_more_state(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = SimpleNamespace(contexts=_listener_contexts())
+    assert copy_contexts_quickly(server)  # type: ignore[arg-type]
+    assert isinstance(server.contexts, SupportedContexts)
+
+    monkeypatch.setattr(acceptor, "_warned", False)
+    changed = _listener_contexts()
+    changed[3].negotiated_extra = ["mutable"]  # a future pynetdicom's new attribute
+    server = SimpleNamespace(contexts=changed)
+    with caplog.at_level(logging.WARNING, logger="node.acceptor"):
+        assert not copy_contexts_quickly(server)  # type: ignore[arg-type]
+    assert server.contexts is changed  # left to pynetdicom's deepcopy
+    assert any("as pynetdicom itself serves them" in r.getMessage() for r in caplog.records)

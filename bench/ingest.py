@@ -26,7 +26,7 @@ Usage::
 
     .venv/bin/python bench/ingest.py                      # all legs, 3 repeats
     .venv/bin/python bench/ingest.py --legs storescp,orthanc --repeats 5
-    .venv/bin/python bench/ingest.py --legs orthanc,mednode --idle-associations 8
+    .venv/bin/python bench/ingest.py --legs orthanc,mednode --idle-associations 3
     .venv/bin/python bench/ingest.py --write-docs         # update docs/BENCHMARKS.md
 """
 

@@ -145,9 +145,9 @@ def test_c_store_is_answered_from_the_dul_thread_and_c_echo_still_works(listener
 def test_the_association_thread_is_woken_not_polled(
     listener: Listener, shared_dicom: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # with its idle sleep far longer than the test, a C-ECHO, a C-STORE and the release are still
-    # answered at once: each wakes the association thread; and an idle association wakes it
-    # rarely, where pynetdicom's own loop runs every millisecond
+    # with its idle sleep far longer than the test, C-ECHOs and the release are still answered at
+    # once (each wakes the association thread; the C-STORE is served on the DUL thread), and an
+    # idle association wakes it rarely, where pynetdicom's own loop runs every millisecond
     monkeypatch.setattr(acceptor, "ASSOCIATION_WAIT_S", 10.0)
     passes: list[float] = []
     wait = acceptor.ReactorCheckpoint.wait

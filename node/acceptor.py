@@ -19,7 +19,7 @@ pynetdicom set each association up, then:
   nothing more; mednode negotiates no asynchronous operations window, so the peer has nothing to
   send before the response but an A-ABORT, which is acted on once the handler returns;
 * lets the association thread sleep until something is handed to it (:class:`ReactorCheckpoint`,
-  :class:`WakingQueue`) instead of waking every millisecond;
+  :class:`SignallingQueue`) instead of waking every millisecond;
 * has the DUL thread wait on the socket (and a :class:`Doorbell` rung when something is queued
   for it to send) instead of sleeping between passes, and read each PDU with as few
   ``recv_into`` calls as the kernel allows (:class:`AcceptorSocket`).
@@ -48,6 +48,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from pynetdicom.dimse_primitives import C_STORE
@@ -119,24 +120,25 @@ class Doorbell:
             self._ring.close()
 
 
-class RingingQueue(queue.Queue):  # type: ignore[type-arg]
-    """A queue whose ``put`` rings a :class:`Doorbell` (the DUL's ``to_provider_queue``)."""
+class SignallingQueue(queue.Queue):  # type: ignore[type-arg]
+    """A queue that calls ``signal`` after each ``put``: how a thread that waits elsewhere (in
+    ``select``, on an event) learns that something was queued for it."""
 
-    def __init__(self, doorbell: Doorbell) -> None:
+    def __init__(self, signal: Callable[[], None]) -> None:
         super().__init__()
-        self._doorbell = doorbell
+        self._signal = signal
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         super().put(item, block, timeout)
-        self._doorbell.ring()
+        self._signal()
 
 
 class AcceptorSocket(AssociationSocket):
     """pynetdicom's association socket, waiting for data instead of polling, and reading each
     PDU with as few system calls as possible.
 
-    ``doorbell`` is rung whenever something is queued for the DUL thread to send
-    (:class:`RingingQueue`); :func:`StoreRequestHandler._create_association` sets it.
+    ``doorbell`` is rung whenever something is queued for the DUL thread to send (its
+    ``to_provider_queue`` is a :class:`SignallingQueue`); ``StoreRequestHandler`` sets it.
     """
 
     doorbell: Doorbell
@@ -240,31 +242,18 @@ class ReactorCheckpoint(threading.Event):
         return super().wait(timeout)
 
 
-class WakingQueue(queue.Queue):  # type: ignore[type-arg]
-    """A queue whose ``put`` wakes the association thread (the DUL's ``to_user_queue``: A-RELEASE,
-    A-ABORT and A-P-ABORT indications)."""
-
-    def __init__(self, checkpoint: ReactorCheckpoint) -> None:
-        super().__init__()
-        self._checkpoint = checkpoint
-
-    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        super().put(item, block, timeout)
-        self._checkpoint.notify()
-
-
-class ServeStoreOnArrival(WakingQueue):
+class ServeStoreOnArrival(SignallingQueue):
     """An association's DIMSE message queue that serves C-STORE requests instead of queueing them.
 
     pynetdicom's DUL thread puts each complete message on the association's queue
     (``DIMSEServiceProvider.msg_queue``); here a valid C-STORE request is served right there, on
     the DUL thread, and its response is queued for that same thread to send once the handler
     returns. Everything else — C-ECHO, responses, the ``(None, None)`` put on abort — is queued,
-    and the association thread woken for it.
+    and ``signal`` called to wake the association thread.
     """
 
-    def __init__(self, assoc: Association, checkpoint: ReactorCheckpoint) -> None:
-        super().__init__(checkpoint)
+    def __init__(self, assoc: Association, signal: Callable[[], None]) -> None:
+        super().__init__(signal)
         self._assoc = assoc
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
@@ -287,10 +276,11 @@ class StoreRequestHandler(RequestHandler):
         if shortcuts_supported(assoc):
             checkpoint = ReactorCheckpoint()
             assoc._reactor_checkpoint = checkpoint
-            assoc.dimse.msg_queue = ServeStoreOnArrival(assoc, checkpoint)
-            assoc.dul.to_user_queue = WakingQueue(checkpoint)
+            assoc.dimse.msg_queue = ServeStoreOnArrival(assoc, checkpoint.notify)
+            # A-RELEASE, A-ABORT and A-P-ABORT indications for the association thread
+            assoc.dul.to_user_queue = SignallingQueue(checkpoint.notify)
             doorbell = Doorbell()
-            assoc.dul.to_provider_queue = RingingQueue(doorbell)
+            assoc.dul.to_provider_queue = SignallingQueue(doorbell.ring)
             assoc.dul._run_loop_delay = 0.0  # the socket's ready waits instead
             # the socket pynetdicom already made, with its state: a few methods more
             sock = cast(AcceptorSocket, assoc.dul.socket)

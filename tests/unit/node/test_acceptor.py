@@ -27,10 +27,9 @@ from node.acceptor import (
     AcceptorSocket,
     Doorbell,
     ReactorCheckpoint,
-    RingingQueue,
     ServeStoreOnArrival,
+    SignallingQueue,
     SupportedContexts,
-    WakingQueue,
     copy_contexts_quickly,
     shortcuts_supported,
 )
@@ -40,7 +39,7 @@ from node.acceptor import (
 def pair() -> Iterator[tuple[AcceptorSocket, socket.socket]]:
     ours, peer = socket.socketpair()
     doorbell = Doorbell()
-    owner = SimpleNamespace(dul=SimpleNamespace(event_queue=queue.Queue(), to_provider_queue=RingingQueue(doorbell)))
+    owner = SimpleNamespace(dul=SimpleNamespace(event_queue=queue.Queue(), to_provider_queue=SignallingQueue(doorbell.ring)))
     sock = AcceptorSocket(owner, client_socket=ours)  # type: ignore[arg-type]
     sock.doorbell = doorbell
     assert owner.dul.event_queue.get(block=False) == "Evt5"  # connected: the DUL would act on it
@@ -120,7 +119,7 @@ def test_store_requests_are_served_on_arrival_everything_else_is_queued() -> Non
     served: list[tuple[object, int]] = []
     assoc = SimpleNamespace(_serve_request=lambda message, context_id: served.append((message, context_id)))
     checkpoint = CountingCheckpoint()
-    messages = ServeStoreOnArrival(assoc, checkpoint)  # type: ignore[arg-type]
+    messages = ServeStoreOnArrival(assoc, checkpoint.notify)  # type: ignore[arg-type]
     store = _store_request()
     echo = C_ECHO()
     echo.MessageID = 2
@@ -204,9 +203,9 @@ def test_a_paused_reactor_stays_paused_until_set(monkeypatch: pytest.MonkeyPatch
     assert checkpoint.wait(timeout=5)
 
 
-def test_a_waking_queue_notifies_after_each_put() -> None:
+def test_a_signalling_queue_signals_after_each_put() -> None:
     checkpoint = CountingCheckpoint()
-    indications = WakingQueue(checkpoint)
+    indications = SignallingQueue(checkpoint.notify)
     indications.put("A-RELEASE")
     assert checkpoint.notified == 1
     assert indications.get(block=False) == "A-RELEASE"

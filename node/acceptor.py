@@ -21,7 +21,7 @@ pynetdicom set each association up, then:
 * lets the association thread sleep until something is handed to it (:class:`ReactorCheckpoint`,
   :class:`SignallingQueue`) instead of waking every millisecond;
 * has the DUL thread wait on the socket (and a :class:`Doorbell` rung when something is queued
-  for it to send) instead of sleeping between passes, and read each PDU with as few
+  for it to send) instead of polling it, and read each PDU with as few
   ``recv_into`` calls as the kernel allows (:class:`AcceptorSocket`).
 
 And the server copies its presentation contexts for each new association without ``deepcopy``
@@ -32,8 +32,8 @@ core each on the 2-core benchmark machine: a dozen idle peers took most of a cor
 sending).
 
 These use pynetdicom internals (the association's DIMSE message queue, ``_serve_request`` and
-``_reactor_checkpoint``; the DUL's ``to_user_queue``, ``to_provider_queue`` and
-``_run_loop_delay``; the socket's class; the attributes of a presentation context).
+``_reactor_checkpoint``; the DUL's ``to_user_queue`` and ``to_provider_queue``; the socket's
+class; the attributes of a presentation context).
 :func:`shortcuts_supported` and :func:`copy_contexts_quickly` check them; if a pynetdicom release
 changes them, the listener logs one warning and runs pynetdicom unchanged (slower, still
 correct), and tests/unit/node/test_acceptor.py fails.
@@ -71,6 +71,8 @@ SOCKET_WAIT_S = 0.2
 #: Longest the association thread sleeps when nothing is handed to it: how late it notices the DUL
 #: thread's end and the network timeout. Requests, A-RELEASE, A-ABORT and kills wake it at once.
 ASSOCIATION_WAIT_S = 0.2
+#: The DUL state after the release (or an abort) was sent, waiting for the transport to close.
+RELEASED = "Sta13"
 #: Pace of the DUL thread's loop once the connection is closed, until pynetdicom stops it (as
 #: pynetdicom's own 1 ms sleep).
 CLOSED_PACE_S = 0.001
@@ -147,14 +149,20 @@ class AcceptorSocket(AssociationSocket):
     def ready(self) -> bool:
         """Whether data can be read; first waits for it, up to :data:`SOCKET_WAIT_S`.
 
-        The DUL thread asks this once per pass of its loop, and (its ``_run_loop_delay`` set
-        to 0) no longer sleeps between passes: the wait here ends as soon as the peer's data
-        arrives or a primitive is queued to be sent. It waits only when the DUL has nothing
-        queued.
+        The DUL thread asks this once per pass of its loop; the wait here ends as soon as the
+        peer's data arrives or a primitive is queued to be sent. (pynetdicom still sleeps its
+        ``_run_loop_delay``, 1 ms, after a pass that found nothing — after a timeout here or a
+        primitive to send — but not between the PDUs of a C-STORE. Set to 0, that sleep also
+        made pynetdicom's wait for a stopping DUL thread spin and keep the GIL from it: released
+        associations held their slot while new peers were refused.) It waits only when the DUL has nothing
+        queued, and not once the association is released: pynetdicom then closes the connection
+        unless data is already there, and the association's slot is free at once.
         """
         dul = self.assoc.dul
         sock = self.socket
-        if dul.event_queue.empty() and dul.to_provider_queue.empty():
+        if dul.state_machine.current_state == RELEASED:
+            pass  # as pynetdicom does: read what is there, else close at once and free the slot
+        elif dul.event_queue.empty() and dul.to_provider_queue.empty():
             if sock is None or not self._is_connected:
                 time.sleep(CLOSED_PACE_S)
             elif not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
@@ -281,7 +289,6 @@ class StoreRequestHandler(RequestHandler):
             assoc.dul.to_user_queue = SignallingQueue(checkpoint.notify)
             doorbell = Doorbell()
             assoc.dul.to_provider_queue = SignallingQueue(doorbell.ring)
-            assoc.dul._run_loop_delay = 0.0  # the socket's ready waits instead
             # the socket pynetdicom already made, with its state: a few methods more
             sock = cast(AcceptorSocket, assoc.dul.socket)
             sock.__class__ = AcceptorSocket

@@ -39,7 +39,12 @@ from node.acceptor import (
 def pair() -> Iterator[tuple[AcceptorSocket, socket.socket]]:
     ours, peer = socket.socketpair()
     doorbell = Doorbell()
-    owner = SimpleNamespace(dul=SimpleNamespace(event_queue=queue.Queue(), to_provider_queue=SignallingQueue(doorbell.ring)))
+    dul = SimpleNamespace(
+        event_queue=queue.Queue(),
+        to_provider_queue=SignallingQueue(doorbell.ring),
+        state_machine=SimpleNamespace(current_state="Sta6"),  # established
+    )
+    owner = SimpleNamespace(dul=dul)
     sock = AcceptorSocket(owner, client_socket=ours)  # type: ignore[arg-type]
     sock.doorbell = doorbell
     assert owner.dul.event_queue.get(block=False) == "Evt5"  # connected: the DUL would act on it
@@ -263,6 +268,18 @@ def test_a_doorbell_rung_often_or_after_close_never_blocks_or_raises() -> None:
     doorbell.close()
     doorbell.ring()
     doorbell.drain()
+
+
+def test_ready_does_not_wait_once_the_association_is_released(
+    pair: tuple[AcceptorSocket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pynetdicom then reads what is there or closes the connection at once, freeing the slot
+    sock, _ = pair
+    monkeypatch.setattr(acceptor, "SOCKET_WAIT_S", 5.0)
+    sock.assoc.dul.state_machine.current_state = acceptor.RELEASED
+    start = time.monotonic()
+    assert not sock.ready
+    assert time.monotonic() - start < 1.0
 
 
 def test_ready_does_not_wait_while_the_dul_has_work_queued(

@@ -362,7 +362,6 @@ def shortcuts_supported(assoc: Association) -> bool:
         and dul.to_user_queue.empty()
         and type(getattr(dul, "to_provider_queue", None)) is queue.Queue
         and dul.to_provider_queue.empty()
-        and isinstance(getattr(dul, "_run_loop_delay", None), float)
         and type(dul.socket) is AssociationSocket
     )
     if not supported:

@@ -119,11 +119,23 @@ class ClaimedJob:
         return f"{self.study_instance_uid}/{self.study_version}/{self.rule_name}"
 
     @property
-    def previous_key(self) -> str | None:
-        """:attr:`key` of the job whose results this one amends, or None for a first version."""
+    def amendment(self) -> Amendment | None:
+        """What this job's results amend, or None for first results."""
         if not self.previous_results:
             return None
-        return f"{self.study_instance_uid}/{self.previous_results[0].study_version}/{self.rule_name}"
+        return Amendment(
+            version=self.study_version,
+            previous_version=self.previous_results[0].study_version,
+            previous_key=f"{self.study_instance_uid}/{self.previous_results[0].study_version}/{self.rule_name}",
+            study_instance_uid=self.study_instance_uid,
+            previous_results=self.previous_results,
+        )
+
+    @property
+    def previous_key(self) -> str | None:
+        """:attr:`key` of the job whose results this one amends, or None for a first version."""
+        amendment = self.amendment
+        return amendment.previous_key if amendment else None
 
     @property
     def result_version(self) -> int | None:
@@ -132,16 +144,29 @@ class ClaimedJob:
         return self.study_version if self.previous_results else None
 
     def predecessors(self, *slot: str) -> list[InstanceReference]:
+        """See :meth:`Amendment.predecessors`; empty for a first version."""
+        amendment = self.amendment
+        return amendment.predecessors(*slot) if amendment else []
+
+
+@dataclass(frozen=True)
+class Amendment:
+    """A job whose results replace those of an earlier version of the same study and rule."""
+
+    version: int  #: the study version of the new results (shown as "v2" in descriptions)
+    previous_version: int
+    previous_key: str
+    study_instance_uid: str
+    previous_results: tuple[PreviousResult, ...]
+
+    def predecessors(self, *slot: str) -> list[InstanceReference]:
         """The objects the previous version wrote in the same output slot.
 
         Output UIDs derive from ``(job key, *slot, "series"|"instance")`` (e.g. slot ``("sr",)`` or
         ``("report", "0")``), so the previous version's object in a slot is the one in the series
         derived from the previous key and the same slot.
         """
-        previous_key = self.previous_key
-        if previous_key is None:
-            return []
-        series_uid = derived_uid(previous_key, *slot, "series")
+        series_uid = derived_uid(self.previous_key, *slot, "series")
         return [
             InstanceReference(self.study_instance_uid, r.series_instance_uid, r.sop_class_uid, r.sop_instance_uid)
             for r in self.previous_results

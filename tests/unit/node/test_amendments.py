@@ -204,3 +204,16 @@ def test_an_object_for_some_destinations_is_delivered_only_there(sessions, study
     for delivery_id in ids:
         _finish(sessions, delivery_id, ok=True)
     assert _job(sessions, v2_id).state is JobState.DELIVERED
+
+
+def test_find_destination_gives_a_stored_destination_its_options(settings_for: Callable[..., Settings]) -> None:
+    settings = settings_for(
+        destination={"ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242, "rejection_notes": True},
+        destinations={"archive": "ARCHIVE@127.0.0.1:105"},
+    )
+    pacs = settings.find_destination("ORTHANC@127.0.0.1:4242")
+    assert pacs is not None and pacs.rejection_notes is True
+    archive = settings.find_destination(ARCHIVE)
+    assert archive is not None and archive.rejection_notes is False  # off unless a destination opts in
+    assert settings.find_destination("OTHER@127.0.0.1:4242") is None  # e.g. a peer given to an API call
+    assert settings_for().find_destination(PACS) is None

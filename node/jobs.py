@@ -243,6 +243,19 @@ def _published(job: Job) -> bool:
     return any(r.deliveries for r in job.results)
 
 
+def _newer_published(session: Session, job: Job) -> Job | None:
+    """A job of a later study version and the same rule that published results, if any."""
+    if job.on_demand:
+        return None
+    newer = session.scalars(
+        select(Job)
+        .where(Job.study_pk == job.study_pk, Job.rule_name == job.rule_name,
+               Job.study_version > job.study_version, Job.on_demand.is_(False))
+        .order_by(Job.study_version.desc())
+    )
+    return next((j for j in newer if _published(j)), None)
+
+
 def previous_results(session: Session, job: Job) -> tuple[PreviousResult, ...]:
     """The results ``job`` amends: those of the latest earlier study version whose job for the
     same rule published results. On-demand jobs amend nothing (each asks its own question)."""
@@ -492,6 +505,12 @@ def retry_job(sessions: sessionmaker[Session], job_id: int) -> None:
             raise JobNotFoundError(f"job {job_id} does not exist")
         if job.state not in (JobState.FAILED, JobState.CANCELLED):
             raise InvalidTransitionError(f"job {job_id} is {job.state.value}; only failed or cancelled jobs can be retried")
+        newer = _newer_published(session, job)
+        if newer is not None:
+            raise InvalidTransitionError(
+                f"job {job_id} wrote version {job.study_version} of the study's results; job {newer.id} "
+                f"replaced them with version {newer.study_version}: retry that one instead"
+            )
         job.state = JobState.QUEUED
         job.reason = None
         job.attempts = 0

@@ -217,3 +217,26 @@ def test_find_destination_gives_a_stored_destination_its_options(settings_for: C
     assert archive is not None and archive.rejection_notes is False  # off unless a destination opts in
     assert settings.find_destination("OTHER@127.0.0.1:4242") is None  # e.g. a peer given to an API call
     assert settings_for().find_destination(PACS) is None
+
+
+def _give_up(sessions, job_id: int) -> None:  # type: ignore[no-untyped-def]
+    """Every delivery of the job gave up; the job failed (as finish_delivery leaves it)."""
+    with sessions() as session, session.begin():
+        ids = [d.id for d in _deliveries(sessions, job_id).values()]
+        session.execute(update(Delivery).where(Delivery.id.in_(ids)).values(state=DeliveryState.FAILED))
+        session.execute(update(Job).where(Job.id == job_id).values(state=JobState.FAILED))
+
+
+def test_a_superseded_version_cannot_be_retried(sessions, study: Study, memory_celery) -> None:
+    v1, _ = study.run(study.receive(2))
+    _give_up(sessions, v1.id)
+    jobs.retry_job(sessions, v1.id)  # before v2: a retry sends v1 again
+    assert _job(sessions, v1.id).state is JobState.QUEUED
+    _give_up(sessions, v1.id)
+
+    v2_id = study.receive(1)
+    study.run(v2_id)
+    with pytest.raises(jobs.InvalidTransitionError, match=f"job {v2_id} replaced them with version 2"):
+        jobs.retry_job(sessions, v1.id)
+    assert _job(sessions, v1.id).state is JobState.FAILED
+    assert {d.state for d in _deliveries(sessions, v1.id).values()} == {DeliveryState.FAILED}

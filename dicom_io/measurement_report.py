@@ -21,11 +21,13 @@ from dicom_io.codes import (
 from dicom_io.equipment import AlgorithmInfo
 from dicom_io.seg import character_set_of, ihe_coding_scheme
 from dicom_io.sr_common import (
+    InstanceReference,
     device_observation_context,
     image_library_sources,
     mednode_sr,
     sr_algorithm_id,
     structure_for,
+    versioned_description,
 )
 from dicom_io.uids import derived_uid
 from dicom_io.volume import Volume
@@ -128,6 +130,8 @@ def build_volume_report(
     sop_instance_uid: str,
     series_number: int,
     algorithm: AlgorithmInfo,
+    previous_versions: Sequence[InstanceReference] = (),
+    version: int | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """Build a TID 1500 report with one volumetric group per measured structure.
 
@@ -135,6 +139,8 @@ def build_volume_report(
     finding type and finding site, a reference to its SEG segment and the source
     images of that segment, Volume (mL) and, when finite, the mean attenuation (HU).
     The observer is the algorithm as a device; Verification Flag is UNVERIFIED.
+    ``previous_versions`` (the SRs this one replaces) go to the Predecessor Documents
+    Sequence and ``version`` (``None`` for a first version) to the Series Description.
 
     Raises
     ------
@@ -196,7 +202,8 @@ def build_volume_report(
         series_instance_uid=series_instance_uid,
         sop_instance_uid=sop_instance_uid,
         series_number=series_number,
-        series_description="mednode measurements",
+        series_description=versioned_description("mednode measurements", version),
+        previous_versions=previous_versions,
         algorithm=algorithm,
         specific_character_set=character_set_of(source),
         coding_schemes=[ihe_coding_scheme()],

@@ -21,12 +21,14 @@ from dicom_io.equipment import AlgorithmInfo
 from dicom_io.seg import ihe_coding_scheme
 from dicom_io.sr_common import (
     MEDNODE_CODING_SCHEME,
+    InstanceReference,
     character_set_for_text,
     clean_text,
     device_observation_context,
     language_concept,
     mednode_coding_scheme,
     mednode_sr,
+    versioned_description,
 )
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,8 @@ def build_narrative_report(
     sop_instance_uid: str,
     series_number: int,
     algorithm: AlgorithmInfo,
+    previous_versions: Sequence[InstanceReference] = (),
+    version: int | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """Build a Comprehensive SR holding a model's narrative report.
 
@@ -89,6 +93,12 @@ def build_narrative_report(
         Identity of the new instance.
     algorithm
         The model, written as the device observer and as contributing equipment.
+    previous_versions
+        The SRs this one replaces (same slot, earlier version of the study's results):
+        written in the Predecessor Documents Sequence.
+    version
+        Result version shown in the Series Description (``"… v2"``); ``None`` for a first
+        version, which keeps the plain description.
 
     Returns
     -------
@@ -147,7 +157,8 @@ def build_narrative_report(
         series_instance_uid=series_instance_uid,
         sop_instance_uid=sop_instance_uid,
         series_number=series_number,
-        series_description="mednode report",
+        series_description=versioned_description("mednode report", version),
+        previous_versions=previous_versions,
         algorithm=algorithm,
         specific_character_set=character_set_for_text(sources[0], texts),
         coding_schemes=[ihe_coding_scheme(), mednode_coding_scheme()],

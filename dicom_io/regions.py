@@ -29,6 +29,7 @@ from dicom_io.codes import (
 from dicom_io.equipment import AlgorithmInfo
 from dicom_io.seg import ihe_coding_scheme
 from dicom_io.sr_common import (
+    InstanceReference,
     character_set_for_text,
     clean_text,
     coded_term,
@@ -38,6 +39,7 @@ from dicom_io.sr_common import (
     mednode_coding_scheme,
     mednode_sr,
     sr_algorithm_id,
+    versioned_description,
 )
 from dicom_io.uids import derived_uid
 
@@ -224,6 +226,8 @@ def build_region_report(
     sop_instance_uid: str,
     series_number: int,
     algorithm: AlgorithmInfo,
+    previous_versions: Sequence[InstanceReference] = (),
+    version: int | None = None,
     language: str = "en",
 ) -> hd.sr.ComprehensiveSR:
     """Build a TID 1500 Comprehensive SR of regions and labels on the source images.
@@ -245,6 +249,12 @@ def build_region_report(
     language
         RFC 5646 tag of the free text (language content item). Non-ASCII text makes
         the object UTF-8 (``ISO_IR 192``).
+    previous_versions
+        The SRs this one replaces (same slot, earlier version of the study's results):
+        written in the Predecessor Documents Sequence.
+    version
+        Result version shown in the Series Description (``"… v2"``); ``None`` for a first
+        version, which keeps the plain description.
 
     Returns
     -------
@@ -311,7 +321,8 @@ def build_region_report(
         series_instance_uid=series_instance_uid,
         sop_instance_uid=sop_instance_uid,
         series_number=series_number,
-        series_description="mednode findings",
+        series_description=versioned_description("mednode findings", version),
+        previous_versions=previous_versions,
         algorithm=algorithm,
         specific_character_set=character_set_for_text(sources[0], texts),
         coding_schemes=[ihe_coding_scheme(), mednode_coding_scheme()],

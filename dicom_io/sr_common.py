@@ -6,6 +6,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -33,6 +34,51 @@ _SNOMED_SYNONYMS: dict[str, hd.sr.CodedConcept] = {
     "pneumonia": hd.sr.CodedConcept("233604007", "SCT", "Pneumonia"),
     "emphysema": hd.sr.CodedConcept("87433001", "SCT", "Pulmonary emphysema"),
 }
+
+
+#: Longest Series Description (VR LO: 64 characters).
+_MAX_LO = 64
+
+
+@dataclass(frozen=True)
+class InstanceReference:
+    """Where an earlier object mednode wrote lives, e.g. the SR a new version replaces.
+
+    Enough to reference it (PS3.3 Table 10-4 Hierarchical SOP Instance Reference Macro)
+    without reading its file.
+    """
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+
+    def as_dataset(self) -> Dataset:
+        """The four identifying attributes as a dataset, as highdicom takes references."""
+        ds = Dataset()
+        ds.StudyInstanceUID = self.study_instance_uid
+        ds.SeriesInstanceUID = self.series_instance_uid
+        ds.SOPClassUID = self.sop_class_uid
+        ds.SOPInstanceUID = self.sop_instance_uid
+        return ds
+
+
+def versioned_description(base: str, version: int | None) -> str:
+    """Series Description of a result version: ``"mednode measurements v2"``.
+
+    ``None`` (a first version) keeps ``base`` as it is, so first results look as they always did.
+
+    Raises
+    ------
+    ValueError
+        If ``version`` is less than 1.
+    """
+    if version is None:
+        return base[:_MAX_LO]
+    if version < 1:
+        raise ValueError(f"a result version starts at 1, got {version}.")
+    suffix = f" v{version}"
+    return base[: _MAX_LO - len(suffix)] + suffix
 
 
 def device_observation_context(algorithm: AlgorithmInfo) -> hd.sr.ObservationContext:
@@ -163,9 +209,15 @@ def mednode_sr(
     algorithm: AlgorithmInfo,
     specific_character_set: str | list[str] | None,
     coding_schemes: Sequence[hd.coding_schemes.CodingSchemeIdentificationItem],
+    previous_versions: Sequence[InstanceReference] = (),
 ) -> hd.sr.ComprehensiveSR:
     """A Comprehensive SR as mednode writes every result: complete, preliminary, UNVERIFIED,
-    the algorithm as manufacturer/model/version, and the IHE AIR Contributing Equipment item."""
+    the algorithm as manufacturer/model/version, and the IHE AIR Contributing Equipment item.
+
+    ``previous_versions`` are the SRs this one replaces, written in the Predecessor Documents
+    Sequence (PS3.3 C.17.2.1: SR instances whose content this document includes, with or
+    without modification), so a PACS or viewer can tell an amendment from a second finding.
+    """
     sr = hd.sr.ComprehensiveSR(
         evidence=list(evidence),
         content=content,
@@ -182,6 +234,7 @@ def mednode_sr(
         is_verified=False,
         specific_character_set=specific_character_set,
         coding_schemes=list(coding_schemes),
+        previous_versions=[ref.as_dataset() for ref in previous_versions] or None,
     )
     add_contributing_equipment(sr, algorithm)
     return sr

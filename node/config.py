@@ -61,6 +61,9 @@ class Destination(BaseModel):
     ae_title: AETitle
     host: str = Field(min_length=1)
     port: Port
+    #: send an IHE IOCM rejection note (KOS "Rejected for Quality Reasons") withdrawing the objects
+    #: of a superseded result version from this peer (only where the peer supports IOCM)
+    rejection_notes: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Destination:
@@ -379,6 +382,14 @@ class Settings(BaseSettings):
                 f"rules.{rule}.destinations: {ref!r} is neither a name in destinations "
                 "nor AET@host:port"
             ) from None
+
+    def find_destination(self, text: str) -> Destination | None:
+        """The configured destination written ``text`` (``AET@host:port``, as jobs store them),
+        with its options; None for a peer not in the configuration (e.g. one given to an API call)."""
+        for destination in [self.destination, *self.destinations.values()]:
+            if destination is not None and str(destination) == text:
+                return destination
+        return None
 
     @classmethod
     def settings_customise_sources(

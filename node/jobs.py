@@ -18,6 +18,8 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_io.sr_common import InstanceReference
+from dicom_io.uids import derived_uid
 from node.celery_app import DELIVERY_QUEUE, INFERENCE_QUEUE, app
 from storage.models import (
     TERMINAL_JOB_STATES,
@@ -82,6 +84,21 @@ def enqueue_delivery(sessions: sessionmaker[Session], delivery_id: int, countdow
 
 # -- worker side -------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class PreviousResult:
+    """An object the previous version of the same study and rule wrote (what a new job amends)."""
+
+    study_version: int
+    job_id: int
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    path: str
+    #: destinations that hold it (delivery succeeded)
+    delivered_to: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ClaimedJob:
     id: int
     study_instance_uid: str
@@ -92,11 +109,69 @@ class ClaimedJob:
     destinations: list[str]
     attempt: int
     instance_paths: dict[str, list[str]]  #: series UID -> stored paths
+    #: the results this job amends: those of the latest earlier version of the study whose job
+    #: for the same rule published results (see :func:`previous_results`); empty for a first version
+    previous_results: tuple[PreviousResult, ...] = ()
 
     @property
     def key(self) -> str:
         """Identity of this job's output: the same study version and rule give the same UIDs."""
         return f"{self.study_instance_uid}/{self.study_version}/{self.rule_name}"
+
+    @property
+    def amendment(self) -> Amendment | None:
+        """What this job's results amend, or None for first results."""
+        if not self.previous_results:
+            return None
+        return Amendment(
+            version=self.study_version,
+            previous_version=self.previous_results[0].study_version,
+            previous_key=f"{self.study_instance_uid}/{self.previous_results[0].study_version}/{self.rule_name}",
+            study_instance_uid=self.study_instance_uid,
+            previous_results=self.previous_results,
+        )
+
+    @property
+    def previous_key(self) -> str | None:
+        """:attr:`key` of the job whose results this one amends, or None for a first version."""
+        amendment = self.amendment
+        return amendment.previous_key if amendment else None
+
+    @property
+    def result_version(self) -> int | None:
+        """Version written in the results' Series Descriptions ("… v2"): the study version when
+        this job amends earlier results, None for first results (which keep today's descriptions)."""
+        return self.study_version if self.previous_results else None
+
+    def predecessors(self, *slot: str) -> list[InstanceReference]:
+        """See :meth:`Amendment.predecessors`; empty for a first version."""
+        amendment = self.amendment
+        return amendment.predecessors(*slot) if amendment else []
+
+
+@dataclass(frozen=True)
+class Amendment:
+    """A job whose results replace those of an earlier version of the same study and rule."""
+
+    version: int  #: the study version of the new results (shown as "v2" in descriptions)
+    previous_version: int
+    previous_key: str
+    study_instance_uid: str
+    previous_results: tuple[PreviousResult, ...]
+
+    def predecessors(self, *slot: str) -> list[InstanceReference]:
+        """The objects the previous version wrote in the same output slot.
+
+        Output UIDs derive from ``(job key, *slot, "series"|"instance")`` (e.g. slot ``("sr",)`` or
+        ``("report", "0")``), so the previous version's object in a slot is the one in the series
+        derived from the previous key and the same slot.
+        """
+        series_uid = derived_uid(self.previous_key, *slot, "series")
+        return [
+            InstanceReference(self.study_instance_uid, r.series_instance_uid, r.sop_class_uid, r.sop_instance_uid)
+            for r in self.previous_results
+            if r.series_instance_uid == series_uid
+        ]
 
 
 def claim(sessions: sessionmaker[Session], job_id: int, *, lease_s: float = LEASE_S) -> ClaimedJob | None:
@@ -145,6 +220,7 @@ def claim(sessions: sessionmaker[Session], job_id: int, *, lease_s: float = LEAS
                 )
                 paths[series.series_instance_uid] = list(rows)
         return ClaimedJob(
+            previous_results=previous_results(session, job),
             id=job.id,
             study_instance_uid=study.study_instance_uid,
             study_version=job.study_version,
@@ -155,6 +231,64 @@ def claim(sessions: sessionmaker[Session], job_id: int, *, lease_s: float = LEAS
             attempt=job.attempts,
             instance_paths=paths,
         )
+
+
+def _published(job: Job) -> bool:
+    """Whether ``job``'s results were meant to go out: it finished its run and recorded them (not
+    superseded or cancelled while it ran, which keeps its results but sends nothing)."""
+    if not job.results:
+        return False
+    if job.state in (JobState.SUCCEEDED, JobState.DELIVERING, JobState.DELIVERED):
+        return True
+    return any(r.deliveries for r in job.results)
+
+
+def _newer_published(session: Session, job: Job) -> Job | None:
+    """A job of a later study version and the same rule that published results, if any."""
+    if job.on_demand:
+        return None
+    newer = session.scalars(
+        select(Job)
+        .where(Job.study_pk == job.study_pk, Job.rule_name == job.rule_name,
+               Job.study_version > job.study_version, Job.on_demand.is_(False))
+        .order_by(Job.study_version.desc())
+    )
+    return next((j for j in newer if _published(j)), None)
+
+
+def previous_results(session: Session, job: Job) -> tuple[PreviousResult, ...]:
+    """The results ``job`` amends: those of the latest earlier study version whose job for the
+    same rule published results. On-demand jobs amend nothing (each asks its own question)."""
+    if job.on_demand:
+        return ()
+    older = session.scalars(
+        select(Job)
+        .where(
+            Job.study_pk == job.study_pk,
+            Job.rule_name == job.rule_name,
+            Job.study_version < job.study_version,
+            Job.on_demand.is_(False),
+        )
+        .order_by(Job.study_version.desc(), Job.id.desc())
+    )
+    for candidate in older:
+        if _published(candidate):
+            return tuple(
+                PreviousResult(
+                    study_version=candidate.study_version,
+                    job_id=candidate.id,
+                    kind=r.kind,
+                    sop_class_uid=r.sop_class_uid,
+                    sop_instance_uid=r.sop_instance_uid,
+                    series_instance_uid=r.series_instance_uid,
+                    path=r.path,
+                    delivered_to=tuple(
+                        d.destination for d in r.deliveries if d.state == DeliveryState.DELIVERED
+                    ),
+                )
+                for r in candidate.results
+            )
+    return ()
 
 
 def renew_lease(sessions: sessionmaker[Session], job_id: int, *, lease_s: float = LEASE_S) -> None:
@@ -177,6 +311,9 @@ class ResultObject:
     path: str
     size_bytes: int
     summary: dict[str, Any]
+    #: where it goes: None for every destination of the job; a subset for an object meant for some
+    #: of them only (an IOCM rejection note goes only to destinations that opted in)
+    destinations: tuple[str, ...] | None = None
 
 
 def record_results(
@@ -185,7 +322,9 @@ def record_results(
     """Store the job's results and one pending delivery per destination; return delivery ids.
 
     If the study changed while the job ran, the results are kept but nothing is sent: the job
-    is superseded by the newer version.
+    is superseded by the newer version. Otherwise these results replace those of earlier versions
+    of the same study and rule: their deliveries that have not gone out are cancelled (see
+    :func:`cancel_superseded_deliveries`).
     """
     now = utcnow()
     delivery_ids: list[int] = []
@@ -199,7 +338,7 @@ def record_results(
             return []
         stale = job.study.state == StudyState.RECEIVING or job.study.version != job.study_version
         existing = {r.sop_instance_uid: r for r in job.results}
-        rows: list[Result] = []
+        rows: list[tuple[Result, ResultObject]] = []
         for obj in results:
             row = existing.get(obj.sop_instance_uid)
             if row is None:
@@ -216,7 +355,7 @@ def record_results(
                 session.add(row)
             else:
                 row.path, row.size_bytes, row.summary = obj.path, obj.size_bytes, obj.summary
-            rows.append(row)
+            rows.append((row, obj))
         session.flush()
         job.finished_at = now
         job.lease_expires_at = None
@@ -224,13 +363,16 @@ def record_results(
             job.state = JobState.SUPERSEDED
             job.reason = "the study received more instances while the job ran"
             return []
+        cancel_superseded_deliveries(session, job)
         if not job.destinations:
             job.state = JobState.SUCCEEDED
             return []
         job.state = JobState.DELIVERING
-        for row in rows:
+        for row, obj in rows:
             known = {d.destination: d for d in row.deliveries}
-            for destination in job.destinations:
+            targets = job.destinations if obj.destinations is None else [
+                d for d in job.destinations if d in obj.destinations]
+            for destination in targets:
                 delivery = known.get(destination)
                 if delivery is None:
                     delivery = Delivery(result_pk=row.id, destination=destination, next_attempt_at=now)
@@ -239,6 +381,66 @@ def record_results(
                 if delivery.state == DeliveryState.PENDING:
                     delivery_ids.append(delivery.id)
     return delivery_ids
+
+
+def cancel_superseded_deliveries(session: Session, job: Job) -> list[int]:
+    """Cancel the pending deliveries of every earlier version of ``job``'s study and rule.
+
+    Called when ``job`` records its results, not when the study reopens: until a newer version
+    has results, the older ones are the best the PACS can get (the newer job may fail, or no
+    rule may run on the new version), and what went out meanwhile is named by the new SR's
+    Predecessor Documents (and withdrawn by a rejection note where a destination opted in).
+    A delivery already in flight cannot be called back; :func:`finish_delivery` records it as
+    delivered if it got through. Returns the cancelled delivery ids.
+    """
+    if job.on_demand:
+        return []
+    older = session.scalars(
+        select(Job).where(
+            Job.study_pk == job.study_pk,
+            Job.rule_name == job.rule_name,
+            Job.study_version < job.study_version,
+            Job.on_demand.is_(False),
+        )
+    ).all()
+    reason = (f"cancelled: version {job.study_version} of the study's results (job {job.id}) "
+              "replaces this one")
+    cancelled: list[int] = []
+    for old in older:
+        for result in old.results:
+            for delivery in result.deliveries:
+                if delivery.state == DeliveryState.PENDING:
+                    delivery.state = DeliveryState.CANCELLED
+                    delivery.last_error = reason
+                    delivery.next_attempt_at = None
+                    cancelled.append(delivery.id)
+        session.flush()
+        _roll_up(old)
+    if cancelled:
+        log.info("job %d: cancelled %d pending deliveries of earlier versions", job.id, len(cancelled))
+    return cancelled
+
+
+def _roll_up(job: Job) -> None:
+    """Set a delivering job's state from its deliveries: delivered when every one went out,
+    failed when one gave up, superseded when the rest were cancelled for a newer version."""
+    if job.state != JobState.DELIVERING:
+        return
+    deliveries = [d for r in job.results for d in r.deliveries]
+    states = [d.state for d in deliveries]
+    if DeliveryState.PENDING in states:
+        return
+    if all(s == DeliveryState.DELIVERED for s in states):
+        job.state = JobState.DELIVERED
+    elif DeliveryState.FAILED in states:
+        job.state = JobState.FAILED
+        failed = [d for d in deliveries if d.state == DeliveryState.FAILED]
+        job.reason = f"delivery gave up: {failed[0].destination}: {failed[0].last_error}"
+    else:
+        job.state = JobState.SUPERSEDED
+        cancelled = [d for d in deliveries if d.state == DeliveryState.CANCELLED]
+        job.reason = f"{len(cancelled)} deliveries {cancelled[0].last_error}"
+        job.finished_at = job.finished_at or utcnow()
 
 
 def fail_job(sessions: sessionmaker[Session], job_id: int, reason: str) -> None:
@@ -275,7 +477,9 @@ def finish_delivery(sessions: sessionmaker[Session], delivery_id: int, *, ok: bo
             raise LookupError(f"delivery {delivery_id} does not exist")
         delivery.attempts += 1
         delivery.last_attempt_at = now
-        if ok:
+        if delivery.state == DeliveryState.CANCELLED and not ok:
+            pass  # cancelled while this attempt was in flight: it stays cancelled, with its reason
+        elif ok:
             delivery.state = DeliveryState.DELIVERED
             delivery.delivered_at = now
             delivery.last_error = None
@@ -288,15 +492,7 @@ def finish_delivery(sessions: sessionmaker[Session], delivery_id: int, *, ok: bo
             else:
                 delivery.next_attempt_at = next_attempt_at
         session.flush()
-        job = delivery.result.job
-        states = [d.state for r in job.results for d in r.deliveries]
-        if job.state == JobState.DELIVERING:
-            if all(s == DeliveryState.DELIVERED for s in states):
-                job.state = JobState.DELIVERED
-            elif all(s != DeliveryState.PENDING for s in states):
-                job.state = JobState.FAILED
-                failed = [d for r in job.results for d in r.deliveries if d.state == DeliveryState.FAILED]
-                job.reason = f"delivery gave up: {failed[0].destination}: {failed[0].last_error}"
+        _roll_up(delivery.result.job)
         return delivery.state
 
 
@@ -309,6 +505,12 @@ def retry_job(sessions: sessionmaker[Session], job_id: int) -> None:
             raise JobNotFoundError(f"job {job_id} does not exist")
         if job.state not in (JobState.FAILED, JobState.CANCELLED):
             raise InvalidTransitionError(f"job {job_id} is {job.state.value}; only failed or cancelled jobs can be retried")
+        newer = _newer_published(session, job)
+        if newer is not None:
+            raise InvalidTransitionError(
+                f"job {job_id} wrote version {job.study_version} of the study's results; job {newer.id} "
+                f"replaced them with version {newer.study_version}: retry that one instead"
+            )
         job.state = JobState.QUEUED
         job.reason = None
         job.attempts = 0

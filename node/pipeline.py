@@ -22,7 +22,9 @@ from sqlalchemy.exc import OperationalError
 from dicom_io.equipment import AlgorithmInfo
 from dicom_io.errors import DicomIOError
 from dicom_io.measurement_report import StructureMeasurement, build_volume_report
+from dicom_io.rejection_note import build_rejection_note
 from dicom_io.seg import build_segmentation
+from dicom_io.sr_common import InstanceReference, versioned_description
 from dicom_io.uids import derived_uid
 from dicom_io.volume import Volume, load_volume, read_dataset
 from inference.builtin.ct_analyzer import ANALYZER_NAME, ANALYZER_VERSION, analyze_ct
@@ -41,6 +43,7 @@ CT_ANALYZER = AlgorithmInfo(name=ANALYZER_NAME, version=ANALYZER_VERSION, family
 SEG_SERIES_NUMBER = 9901
 SR_SERIES_NUMBER = 9902
 BUNDLE_SERIES_NUMBER = 9940
+REJECTION_SERIES_NUMBER = 9990
 
 
 class TransientError(RuntimeError):
@@ -54,6 +57,16 @@ class Output:
     kind: str
     dataset: Dataset
     summary: dict[str, Any]
+    #: None for every destination of the job, else the ones it is meant for
+    destinations: tuple[str, ...] | None = None
+
+
+def _version(amendment: jobs.Amendment | None) -> int | None:
+    return amendment.version if amendment else None
+
+
+def _predecessors(amendment: jobs.Amendment | None, *slot: str) -> list[InstanceReference]:
+    return amendment.predecessors(*slot) if amendment else []
 
 
 def _timed(stage: str, started: float, job_key: str) -> None:
@@ -86,8 +99,9 @@ def load_series_volume(ctx: NodeContext, job: jobs.ClaimedJob, modalities: tuple
     return volume
 
 
-def ct_analysis(volume: Volume, job_key: str) -> list[Output]:
-    """Run the built-in CT analyzer and write its SEG and TID 1500 SR."""
+def ct_analysis(volume: Volume, job_key: str, amendment: jobs.Amendment | None = None) -> list[Output]:
+    """Run the built-in CT analyzer and write its SEG and TID 1500 SR (naming, when ``amendment``
+    is given, the SR they replace and their version)."""
     started = time.perf_counter()
     analysis = analyze_ct(volume.pixels, volume.spacing_mm)
     _timed("ct_analyzer", started, job_key)
@@ -102,7 +116,7 @@ def ct_analysis(volume: Volume, job_key: str) -> list[Output]:
         sop_instance_uid=derived_uid(job_key, "seg", "instance"),
         series_number=SEG_SERIES_NUMBER,
         algorithm=CT_ANALYZER,
-        series_description="mednode CT structures",
+        series_description=versioned_description("mednode CT structures", _version(amendment)),
     )
     _timed("write_seg", started, job_key)
     started = time.perf_counter()
@@ -118,6 +132,8 @@ def ct_analysis(volume: Volume, job_key: str) -> list[Output]:
         sop_instance_uid=derived_uid(job_key, "sr", "instance"),
         series_number=SR_SERIES_NUMBER,
         algorithm=CT_ANALYZER,
+        previous_versions=_predecessors(amendment, "sr"),
+        version=_version(amendment),
     )
     _timed("write_sr", started, job_key)
     summary = {
@@ -138,14 +154,15 @@ def run_tasks(ctx: NodeContext, job: jobs.ClaimedJob) -> list[Output]:
     outputs: list[Output] = []
     if plan.ct_analysis:
         volume = load_series_volume(ctx, job, ("CT",))
-        outputs.extend(ct_analysis(volume, job.key))
+        outputs.extend(ct_analysis(volume, job.key, job.amendment))
     for index, name in enumerate(plan.bundles):
         path = ctx.settings.models.bundles.get(name)
         if path is None:
             raise ModelNotConfiguredError(f"segmentation bundle {name!r} is not in models.bundles")
         volume = load_series_volume(ctx, job, ("CT", "MR"))
         bundle = load_bundle(path, ctx.settings.models.bundle_device)
-        outputs.extend(bundle_segmentation(bundle, volume, job.key, series_offset=2 * index))
+        outputs.extend(bundle_segmentation(bundle, volume, job.key, series_offset=2 * index,
+                                           amendment=job.amendment))
     if specs:
         vlm_settings = ctx.settings.models.vlm
         if vlm_settings is None:
@@ -154,8 +171,54 @@ def run_tasks(ctx: NodeContext, job: jobs.ClaimedJob) -> list[Output]:
                 "(set models.vlm in the config, or MEDNODE_VLM_PATH and MEDNODE_VLM_FAMILY)"
             )
         series = read_series(job.instance_paths, ctx.store.absolute)
-        for produced in run_vlm_tasks(vlm_settings, series, specs, job_key=job.key):
+        for produced in run_vlm_tasks(vlm_settings, series, specs, job_key=job.key, amendment=job.amendment):
             outputs.append(Output(produced.kind, produced.dataset, produced.summary))
+    outputs.extend(rejection_notes(ctx, job))
+    return outputs
+
+
+def rejection_notes(ctx: NodeContext, job: jobs.ClaimedJob) -> list[Output]:
+    """IOCM rejection notes withdrawing the amended version's objects from the destinations that
+    opted in (``rejection_notes: true``) and hold them.
+
+    A note references only what its destinations received (an IOCM archive may refuse a note
+    about objects it never had), so destinations that received different objects get different
+    notes; usually there is one. A superseded rejection note is not rejected again.
+    """
+    amendment = job.amendment
+    if amendment is None:
+        return []
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for text in job.destinations:
+        destination = ctx.settings.find_destination(text)
+        if destination is None or not destination.rejection_notes:
+            continue
+        held = tuple(sorted(r.sop_instance_uid for r in amendment.previous_results
+                            if r.kind != "rejection" and text in r.delivered_to))
+        if held:
+            groups.setdefault(held, []).append(text)
+    by_uid = {r.sop_instance_uid: r for r in amendment.previous_results}
+    outputs = []
+    for index, (uids, destinations) in enumerate(sorted(groups.items())):
+        slot = ("rejection",) if index == 0 else ("rejection", str(index))
+        try:
+            rejected = [read_dataset(ctx.store.absolute(by_uid[uid].path), stop_before_pixels=True) for uid in uids]
+        except (OSError, DicomIOError) as exc:  # e.g. removed by retention: the new results still go out
+            log.warning("%s: no rejection note for %s: the superseded objects cannot be read (%s)",
+                        job.key, destinations, type(exc).__name__)
+            continue
+        note = build_rejection_note(
+            rejected,
+            series_instance_uid=derived_uid(job.key, *slot, "series"),
+            sop_instance_uid=derived_uid(job.key, *slot, "instance"),
+            series_number=REJECTION_SERIES_NUMBER,
+            series_description=f"mednode rejected v{amendment.previous_version} results",
+            description=(f"Results of version {amendment.previous_version} replaced by version "
+                         f"{amendment.version} after more images of the study arrived."),
+        )
+        summary = {"rejects": list(uids), "superseded_version": amendment.previous_version,
+                   "reason": "Rejected for Quality Reasons"}
+        outputs.append(Output("rejection", note, summary, destinations=tuple(destinations)))
     return outputs
 
 
@@ -178,7 +241,8 @@ def load_bundle(path: Path, device: str) -> MonaiBundle:
     return _BUNDLES[key]
 
 
-def bundle_segmentation(bundle: MonaiBundle, volume: Volume, job_key: str, *, series_offset: int = 0) -> list[Output]:
+def bundle_segmentation(bundle: MonaiBundle, volume: Volume, job_key: str, *, series_offset: int = 0,
+                        amendment: jobs.Amendment | None = None) -> list[Output]:
     """Segment ``volume`` with a MONAI bundle and write its SEG and TID 1500 SR (volume per label,
     mean HU on CT)."""
     started = time.perf_counter()
@@ -194,7 +258,7 @@ def bundle_segmentation(bundle: MonaiBundle, volume: Volume, job_key: str, *, se
         series_instance_uid=derived_uid(job_key, "bundle", name, "seg", "series"),
         sop_instance_uid=derived_uid(job_key, "bundle", name, "seg", "instance"),
         series_number=BUNDLE_SERIES_NUMBER + series_offset, algorithm=algorithm,
-        series_description=f"mednode {name}",
+        series_description=versioned_description(f"mednode {name}", _version(amendment)),
     )
     voxel_ml = volume.voxel_volume_ml
     is_ct = volume.modality.upper() == "CT"
@@ -210,6 +274,7 @@ def bundle_segmentation(bundle: MonaiBundle, volume: Volume, job_key: str, *, se
         series_instance_uid=derived_uid(job_key, "bundle", name, "sr", "series"),
         sop_instance_uid=derived_uid(job_key, "bundle", name, "sr", "instance"),
         series_number=BUNDLE_SERIES_NUMBER + series_offset + 1, algorithm=algorithm,
+        previous_versions=_predecessors(amendment, "bundle", name, "sr"), version=_version(amendment),
     )
     summary = {
         "algorithm": f"{name} {bundle.version}".strip(),
@@ -239,6 +304,7 @@ def store_outputs(ctx: NodeContext, job_id: int, outputs: list[Output]) -> list[
                 path=written.relative_path,
                 size_bytes=written.size_bytes,
                 summary=output.summary,
+                destinations=output.destinations,
             )
         )
     return stored

@@ -21,7 +21,7 @@ from pydicom.pixels import apply_modality_lut
 from dicom_io.equipment import AlgorithmInfo
 from dicom_io.narrative_report import build_narrative_report
 from dicom_io.regions import ImageLabel, ImageRegion, build_region_report, viewer_geometry_problem
-from dicom_io.sr_common import clean_text
+from dicom_io.sr_common import InstanceReference, clean_text
 from dicom_io.uids import derived_uid
 from dicom_io.volume import load_volume, read_dataset
 from inference.errors import InvalidInputError, ModelNotConfiguredError
@@ -39,7 +39,7 @@ from inference.results import (
 from inference.tasks import TaskSpec
 from inference.vlm import VLMConfig, get_vlm
 from inference.vlm.runtime import VLM
-from node import metrics
+from node import jobs, metrics
 from node.config import VLMSettings
 
 log = logging.getLogger(__name__)
@@ -218,9 +218,19 @@ def _summary_box(region: ImageRegion) -> dict[str, Any]:
 
 
 def write_outputs(
-    results: Sequence[TaskResult], sources: list[SourceFrame], *, job_key: str, algorithm: AlgorithmInfo
+    results: Sequence[TaskResult], sources: list[SourceFrame], *, job_key: str, algorithm: AlgorithmInfo,
+    amendment: jobs.Amendment | None = None,
 ) -> list[VLMOutput]:
-    """Build the SR objects for one job's model results (reproducible UIDs from ``job_key``)."""
+    """Build the SR objects for one job's model results (reproducible UIDs from ``job_key``).
+
+    With ``amendment``, each SR names the previous version's SR of the same slot (report index,
+    answer language, regions) and its Series Description says its version.
+    """
+    version = amendment.version if amendment else None
+
+    def previous(*slot: str) -> list[InstanceReference]:
+        return amendment.predecessors(*slot) if amendment else []
+
     source_datasets = list({s.sop_instance_uid: s.dataset for s in sources}.values())
     outputs: list[VLMOutput] = []
     model = {"name": algorithm.name, "version": algorithm.version, "family": algorithm.family}
@@ -233,6 +243,7 @@ def write_outputs(
             series_instance_uid=derived_uid(job_key, "report", str(index), "series"),
             sop_instance_uid=derived_uid(job_key, "report", str(index), "instance"),
             series_number=REPORT_SERIES_NUMBER + index, algorithm=algorithm,
+            previous_versions=previous("report", str(index)), version=version,
         )
         outputs.append(VLMOutput("report", sr, {"model": model, "language": report.language,
                                                 "findings": findings, "impression": report.impression}))
@@ -248,6 +259,7 @@ def write_outputs(
             series_instance_uid=derived_uid(job_key, "vqa", language, "series"),
             sop_instance_uid=derived_uid(job_key, "vqa", language, "instance"),
             series_number=QA_SERIES_NUMBER + index, algorithm=algorithm,
+            previous_versions=previous("vqa", language), version=version,
         )
         outputs.append(VLMOutput("vqa", sr, {"model": model, "language": language,
                                              "answers": [{"question": q, "answer": a} for q, a in pairs]}))
@@ -259,6 +271,7 @@ def write_outputs(
             series_instance_uid=derived_uid(job_key, "regions", "series"),
             sop_instance_uid=derived_uid(job_key, "regions", "instance"),
             series_number=REGION_SERIES_NUMBER, algorithm=algorithm, language=language,
+            previous_versions=previous("regions"), version=version,
         )
         warnings = [w for w in map(viewer_geometry_problem, source_datasets) if w]
         outputs.append(VLMOutput("regions", sr, {
@@ -271,7 +284,8 @@ def write_outputs(
 
 
 def run_vlm_tasks(
-    settings: VLMSettings | None, series: dict[str, list[Dataset]], specs: list[TaskSpec], *, job_key: str
+    settings: VLMSettings | None, series: dict[str, list[Dataset]], specs: list[TaskSpec], *, job_key: str,
+    amendment: jobs.Amendment | None = None,
 ) -> list[VLMOutput]:
     """Load (or reuse) the model, run ``specs`` on the study's images, write the SR objects."""
     vlm = load_model(settings)
@@ -281,7 +295,7 @@ def run_vlm_tasks(
     results = vlm.run(images, specs)
     metrics.STAGE_DURATION.labels(stage="vlm").observe(time.perf_counter() - started)
     algorithm = AlgorithmInfo(name=vlm.info.name, version=vlm.info.version, family=vlm.info.family)
-    return write_outputs(results, sources, job_key=job_key, algorithm=algorithm)
+    return write_outputs(results, sources, job_key=job_key, algorithm=algorithm, amendment=amendment)
 
 
 def read_series(paths: dict[str, list[str]], absolute: Any) -> dict[str, list[Dataset]]:

@@ -86,6 +86,8 @@ class DeliveryState(str, enum.Enum):
     PENDING = "pending"
     DELIVERED = "delivered"
     FAILED = "failed"
+    #: never sent: a newer version of the same study's results replaced it (reason in last_error)
+    CANCELLED = "cancelled"
 
 
 def _enum(cls: type[enum.Enum]) -> Enum:

@@ -33,6 +33,7 @@ from node.web.auth import (
 from node.web.deps import ContextDep, SessionDep, SettingsDep
 from node.web.imaging import KeyImageError
 from node.web.schemas import AskIn, AskKind, JobOut
+from node.web.versions import result_versions
 from storage.models import TERMINAL_JOB_STATES, JobState, StudyState, utcnow
 
 log = logging.getLogger(__name__)
@@ -232,6 +233,7 @@ def study_page(request: Request, session: SessionDep, ctx: ContextDep, settings:
         unfinished=unfinished, rules=[r.name for r in settings.effective_rules],
         has_destination=settings.destination is not None, ask_kinds=list(get_args(AskKind)),
         terminal={s.value for s in TERMINAL_JOB_STATES},
+        versions=result_versions(detail.jobs),
     )
 
 

@@ -325,7 +325,7 @@ def login(request: Request, username: Annotated[str, Form()], password: Annotate
     try:
         check_lockout(request, username)
     except HTTPException as exc:
-        return render(request, "login.html", status_code=exc.status_code, headers=exc.headers,
+        return render(request, "login.html", status_code=exc.status_code, headers=dict(exc.headers or {}),
                       next=_local(next, "/queue"), error=str(exc.detail))
     if not config.check_password(username, password):
         log.warning("failed dashboard login")

@@ -8,7 +8,8 @@ Three ways to authenticate, all checked against the settings (never a database o
 - or HTTP Basic with the admin credentials.
 
 Anonymous callers may read states, counts and UIDs; they never see patient fields and every
-mutating endpoint answers 401. Requests authenticated by cookie must also carry the CSRF token
+mutating endpoint answers 401 (what else they may see: :mod:`node.web.access`). Wrong passwords
+and tokens count towards a lockout per client address and user name (HTTP 429, :mod:`node.web.ratelimit`). Requests authenticated by cookie must also carry the CSRF token
 (form field ``csrf_token`` or header ``X-CSRF-Token``), derived from a random per-browser cookie
 (double submit, signed): a cross-site form cannot read it.
 """
@@ -250,7 +251,8 @@ def current_principal(request: Request) -> Principal:
         check_lockout(request, None)
         if config.check_token(credentials.strip()):
             login_succeeded(request, None)
-            return Principal("token", "token")
+            request.state.principal = Principal("token", "token")
+            return request.state.principal
         login_failed(request, None)
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid API token",
                             headers={"WWW-Authenticate": "Bearer"})
@@ -262,11 +264,19 @@ def current_principal(request: Request) -> Principal:
         check_lockout(request, user)
         if config.check_password(user, password):
             login_succeeded(request, user)
-            return Principal(user, "basic")
+            request.state.principal = Principal(user, "basic")
+            return request.state.principal
         login_failed(request, user)
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid credentials",
                             headers={"WWW-Authenticate": "Basic"})
-    session_user = config.read_session(request.cookies.get(SESSION_COOKIE))
+    principal = session_principal(request)
+    request.state.principal = principal
+    return principal
+
+
+def session_principal(request: Request) -> Principal:
+    """The caller by its session cookie alone (no password or token checked)."""
+    session_user = auth_config(request).read_session(request.cookies.get(SESSION_COOKIE))
     if session_user is not None:
         return Principal(session_user, "session")
     return ANONYMOUS

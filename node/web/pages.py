@@ -28,10 +28,10 @@ from node.web.auth import (
     auth_config,
     check_lockout,
     clear_session,
-    current_principal,
     ensure_csrf_cookie,
     login_failed,
     login_succeeded,
+    session_principal,
     set_session,
 )
 from node.web.deps import ContextDep, SessionDep, SettingsDep
@@ -107,12 +107,9 @@ def render(request: Request, name: str, status_code: int = 200, headers: dict[st
     """Render a page with the caller, the CSRF token and a message from the redirect."""
     principal = values.pop("principal", None)
     if principal is None:
-        try:
-            principal = current_principal(request)
-        except HTTPException:
-            from node.web.auth import ANONYMOUS
-
-            principal = ANONYMOUS
+        # the caller as already authenticated for this request, else by its session cookie only:
+        # re-checking a wrong password here would count it twice towards the lockout
+        principal = getattr(request.state, "principal", None) or session_principal(request)
     probe = Response()
     token = ensure_csrf_cookie(request, probe)
     response = templates.TemplateResponse(

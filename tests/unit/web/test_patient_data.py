@@ -274,3 +274,14 @@ def test_loopback_with_a_login_gates_like_an_exposed_node(processed: tuple[WebNo
     assert node.client.get(f"/api/v1/studies/{study_uid}").json()["patient_data_hidden"]
     assert node.client.get(f"/api/v1/jobs/{job_id}/key-images/0.png").status_code == 401
     assert node.client.get(f"/api/v1/jobs/{job_id}/key-images/0.png", headers=BEARER).status_code == 200
+
+
+def test_a_wrong_password_counts_once_when_a_page_answers(web_node_factory: Callable[..., WebNode]) -> None:
+    """The error page of a wrong HTTP Basic password must not check it again (two failures)."""
+    node = web_node_factory(web_host="0.0.0.0", web_secret_key=SECRET)
+    html = {"Accept": "text/html"}
+    for _ in range(4):
+        answer = node.client.get("/queue", auth=(ADMIN[0], "nope"), headers=html)
+        assert answer.status_code == 401 and "<html" in answer.text.lower()
+    assert node.client.get("/queue", auth=ADMIN, headers=html).status_code == 200
+    assert _events(node, audit.LOGIN_LOCKED) == []

@@ -552,8 +552,11 @@ def test_a_dashboard_bound_beyond_loopback_shows_patient_data_only_after_a_login
         assert [a.status_code for a in answers] == [401] * 5 + [429]
         assert int(answers[-1].headers["Retry-After"]) > 0
 
-        # the lockout is per address: the token's requests from it wait too
+        # the lockout is per address: the token's requests from it wait too, and a made-up
+        # X-Forwarded-For does not make another address of it (no trusted proxy configured)
         assert anonymous.get("/api/v1/audit", headers=bearer).status_code == 429
+        spoofed = {**bearer, "X-Forwarded-For": "203.0.113.9"}
+        assert anonymous.get("/api/v1/audit", headers=spoofed).status_code == 429
         time.sleep(int(answers[-1].headers["Retry-After"]) + 0.5)
         trail = anonymous.get("/api/v1/audit", params={"limit": 1000}, headers=bearer)
         assert trail.status_code == 200

@@ -53,7 +53,8 @@ class Access:
     principal: Principal
     #: dates, descriptions, result text, key images (see the module docstring)
     patient_data: bool
-    #: channel of the request, for the audit detail: ``dashboard`` or ``api (<how>)``
+    #: channel of the request, for the audit detail: ``dashboard`` (a browser session) or
+    #: ``api (token)``, ``api (basic)``
     channel: str
 
     @property
@@ -79,8 +80,13 @@ class Access:
 
 def current_access(request: Request, principal: PrincipalDep) -> Access:
     gated: bool = request.app.state.patient_data_gated
-    channel = (f"api ({principal.via})" if request.url.path.startswith("/api/")
-               else "dashboard" if principal.via in ("session", "anonymous") else f"dashboard ({principal.via})")
+    api = request.url.path.startswith("/api/")
+    if principal.via == "session":  # a browser, whether the page or its key images
+        channel = "dashboard"
+    elif principal.via == "anonymous":
+        channel = "api" if api else "dashboard"
+    else:
+        channel = f"{'api' if api else 'dashboard'} ({principal.via})"
     return Access(principal, principal.is_admin or not gated, channel)
 
 

@@ -168,7 +168,7 @@ def test_logged_in_callers_see_it_and_every_look_is_audited(exposed: tuple[WebNo
     assert node.client.get(f"/studies/{study_uid}").status_code == 200  # a refresh: grouped
     mine = [(e.action, e.detail) for e in _views(node) if e.actor == ADMIN[0]]
     assert (audit.VIEWED, f"dashboard: study and results [{', '.join(_uids(node, study_uid))}]") in mine
-    images_detail = f"api (session): key images of job {job_id} [{', '.join(_job_uids(node, job_id))}]"
+    images_detail = f"dashboard: key images of job {job_id} [{', '.join(_job_uids(node, job_id))}]"
     assert (audit.VIEWED_IMAGES, images_detail) in mine
     assert len(mine) == len(set(mine)), mine
     assert DESCRIPTION in node.client.get("/studies").text

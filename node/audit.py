@@ -8,9 +8,19 @@ action     when                                              actor
 ========== ================================================= ==========================================
 received   a study became complete (each version)            ``dicom:<calling AE title>``
 sent       one result object reached one destination         ``mednode``
-viewed     a logged-in user opened a study's patient fields  the user (``token`` for API tokens)
+viewed     someone saw a study's patient-derived fields      the user (``token`` for API tokens;
+           (study page or API, study list, results' text)    ``anonymous`` on an open loopback node)
+viewed     key-image PNGs of a job were drawn for someone    the same
+images
+downloaded a result's DICOM file was downloaded              the same
+login      failed logins locked an address or user name out  ``web:<client address>``
+locked
 retry …    manual actions (:mod:`node.web.actions`)          the user
 ========== ================================================= ==========================================
+
+Views are grouped (:func:`record_view`): one row per actor, action, study and ``detail`` within
+:data:`VIEW_REPEAT_S`, so a page that refreshes itself, or loads six key images of one job, writes
+one row. Downloads are never grouped: each is a copy of patient data leaving the node.
 
 ``detail`` says what happened in terms of jobs, UIDs, counts and destinations. It never holds
 PatientName, PatientID, BirthDate, AccessionNumber or free text taken from a data set: callers
@@ -19,6 +29,7 @@ build it from identifiers only.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -30,6 +41,9 @@ from storage.models import AuditEvent, utcnow
 RECEIVED = "received"
 SENT = "sent"
 VIEWED = "viewed"
+VIEWED_IMAGES = "viewed images"
+DOWNLOADED = "downloaded"
+LOGIN_LOCKED = "login locked"
 #: The actor of what the node does by itself (deliveries).
 SYSTEM_ACTOR = "mednode"
 #: A user who keeps a study open (the page refreshes itself) is recorded once per this period.
@@ -85,26 +99,36 @@ def record(sessions: sessionmaker[Session], actor: str, action: str, study_uid: 
         add(session, actor, action, study_uid, detail)
 
 
-def record_view(sessions: sessionmaker[Session], actor: str, study_uid: str, detail: str | None = None,
-                *, repeat_s: float = VIEW_REPEAT_S, now: datetime | None = None) -> bool:
-    """Record that ``actor`` saw a study's patient fields, unless they did within ``repeat_s``.
+_VIEW_LOCK = threading.Lock()
 
-    A study page refreshes itself every few seconds while its jobs run: one row per look at
-    the study, not per refresh. Returns whether a row was written.
+
+def record_view(sessions: sessionmaker[Session], actor: str, study_uid: str | None, detail: str | None = None,
+                *, action: str = VIEWED, repeat_s: float = VIEW_REPEAT_S, now: datetime | None = None) -> bool:
+    """Record that ``actor`` saw patient-derived content, unless the same was recorded within ``repeat_s``.
+
+    "The same" is the same actor, ``action``, study and ``detail``. A study page refreshes
+    itself every few seconds while its jobs run, and a browser fetches a job's key images in
+    parallel: one row per look, not per request. Returns whether a row was written.
     """
     now = now or utcnow()
-    with sessions() as session, session.begin():
+    study_match = (AuditEvent.study_instance_uid.is_(None) if study_uid is None
+                   else AuditEvent.study_instance_uid == study_uid)
+    detail_match = (AuditEvent.detail.is_(None) if detail is None
+                    else AuditEvent.detail == detail[:_DETAIL_LEN])
+    # one process serves the web: the lock keeps parallel image requests from each writing a row
+    with _VIEW_LOCK, sessions() as session, session.begin():
         recent = session.scalar(
             select(AuditEvent.id).where(
-                AuditEvent.action == VIEWED,
+                AuditEvent.action == action[:_ACTION_LEN],
                 AuditEvent.actor == actor[:_ACTOR_LEN],
-                AuditEvent.study_instance_uid == study_uid,
+                study_match,
+                detail_match,
                 AuditEvent.at >= now - timedelta(seconds=repeat_s),
             ).limit(1)
         )
         if recent is not None:
             return False
-        add(session, actor, VIEWED, study_uid, detail, at=now)
+        add(session, actor, action, study_uid, detail, at=now)
     return True
 
 

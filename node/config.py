@@ -263,6 +263,14 @@ class Settings(BaseSettings):
     web_secret_key: SecretStr | None = None
     #: bearer tokens with admin rights, for scripts (MEDNODE_WEB_API_TOKENS='["t1","t2"]')
     web_api_tokens: list[SecretStr] = Field(default_factory=list)
+    #: failed logins (per client address or per user name) within web_login_window_s that lock
+    #: further attempts out (HTTP 429) for web_login_lockout_s, doubling per lockout up to the max
+    web_login_max_failures: int = Field(default=5, ge=1)
+    web_login_window_s: float = Field(default=300.0, gt=0)
+    web_login_lockout_s: float = Field(default=60.0, gt=0)
+    web_login_max_lockout_s: float = Field(default=3600.0, gt=0)
+    #: reverse proxies (addresses or networks) whose X-Forwarded-For names the client; none by default
+    web_trusted_proxies: list[str] = Field(default_factory=list)
 
     #: the YAML file of this settings class (set by :func:`load_settings`)
     yaml_path: ClassVar[Path | None] = None
@@ -292,8 +300,23 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("web_trusted_proxies")
+    @classmethod
+    def _check_trusted_proxies(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"web_trusted_proxies: {entry!r} is not an IP address or network "
+                                 "(e.g. 127.0.0.1 or 10.0.0.0/24)") from None
+        return value
+
     @model_validator(mode="after")
     def _check_web_secret(self) -> Settings:
+        if self.web_login_max_lockout_s < self.web_login_lockout_s:
+            raise ValueError("web_login_max_lockout_s: must be at least web_login_lockout_s")
         loopback = self.web_host in ("127.0.0.1", "localhost", "::1")
         secret = self.web_secret_key.get_secret_value() if self.web_secret_key else ""
         if not loopback and len(secret) < 32:

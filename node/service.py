@@ -187,6 +187,10 @@ def serve(settings: Settings, config_path: Path | None) -> None:
             port=settings.web_port,
             log_level="warning",
             access_log=False,
+            # uvicorn believes X-Forwarded-For from 127.0.0.1 by default: only from configured
+            # proxies here (the failed-login lockout keys on the client address)
+            proxy_headers=bool(settings.web_trusted_proxies),
+            forwarded_allow_ips=list(settings.web_trusted_proxies) or None,
         )
     )
     log.info("dashboard and API on http://%s:%d", settings.web_host, settings.web_port)

@@ -3,8 +3,8 @@
 Pages are server-rendered Jinja2 templates with a little CSS and one small script that refreshes
 parts of a page by itself; there is no front-end build. The JSON API under ``/api/v1`` does
 everything the pages do (OpenAPI at ``/api/v1/openapi.json``, docs at ``/api/docs``). Response
-schemas carry UIDs, states and counts; patient fields only for a logged-in caller
-(:mod:`node.web.auth`).
+schemas carry UIDs, states and counts; patient-derived fields only for a caller allowed to see
+them (:mod:`node.web.access`), and every such view is audited.
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ from node import context
 from node.config import Settings
 from node.jobs import InvalidTransitionError, JobNotFoundError
 from node.web import actions, api, pages
+from node.web.access import patient_data_gated
 from node.web.auth import AuthConfig
 from node.web.collector import IndexCollector
 from node.web.deps import SessionDep
+from node.web.ratelimit import LoginLimiter
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,11 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.auth = AuthConfig.from_settings(settings)
+    app.state.patient_data_gated = patient_data_gated(settings.web_host, app.state.auth)
+    app.state.login_limiter = LoginLimiter(
+        settings.web_login_max_failures, settings.web_login_window_s, settings.web_login_lockout_s,
+        settings.web_login_max_lockout_s)
+    app.state.trusted_proxies = tuple(settings.web_trusted_proxies)
     if app.state.auth.secret_is_ephemeral:
         log.info("web_secret_key is not set: sessions last until this process restarts")
     index_registry = CollectorRegistry(auto_describe=False)

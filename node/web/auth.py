@@ -8,7 +8,8 @@ Three ways to authenticate, all checked against the settings (never a database o
 - or HTTP Basic with the admin credentials.
 
 Anonymous callers may read states, counts and UIDs; they never see patient fields and every
-mutating endpoint answers 401. Requests authenticated by cookie must also carry the CSRF token
+mutating endpoint answers 401 (what else they may see: :mod:`node.web.access`). Wrong passwords
+and tokens count towards a lockout per client address and user name (HTTP 429, :mod:`node.web.ratelimit`). Requests authenticated by cookie must also carry the CSRF token
 (form field ``csrf_token`` or header ``X-CSRF-Token``), derived from a random per-browser cookie
 (double submit, signed): a cross-site form cannot read it.
 """
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, Response, status
+
+from node.web import ratelimit
 
 log = logging.getLogger(__name__)
 
@@ -174,14 +177,83 @@ def auth_config(request: Request) -> AuthConfig:
     return config
 
 
+# -- failed-login throttling (node.web.ratelimit) ----------------------------------------------
+def client_address(request: Request) -> str:
+    """The caller's address; ``X-Forwarded-For`` only from ``web_trusted_proxies``."""
+    trusted: tuple[str, ...] = getattr(request.app.state, "trusted_proxies", ())
+    peer = request.client.host if request.client else None
+    return ratelimit.client_address(peer, request.headers.get("x-forwarded-for"), trusted)
+
+
+def login_keys(request: Request, user: str | None) -> list[str]:
+    """The limiter keys of one login attempt: its address and, when one is given, its user name."""
+    keys = [f"ip:{client_address(request)}"]
+    if user:
+        keys.append(f"user:{user[:100]}")
+    return keys
+
+
+def _limiter(request: Request) -> ratelimit.LoginLimiter:
+    limiter: ratelimit.LoginLimiter = request.app.state.login_limiter
+    return limiter
+
+
+def check_lockout(request: Request, user: str | None) -> None:
+    """Refuse a login attempt while its address or user name is locked out.
+
+    Raises
+    ------
+    HTTPException
+        429 with ``Retry-After`` (seconds) during a lockout.
+    """
+    lockout = _limiter(request).locked(login_keys(request, user))
+    if lockout is not None:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"too many failed logins: try again in {lockout.retry_after_s} s",
+            headers={"Retry-After": str(lockout.retry_after_s)},
+        )
+
+
+def login_failed(request: Request, user: str | None) -> None:
+    """Count a failed login; audit and log each lockout it starts (never the password)."""
+    from node import audit, context
+
+    address = client_address(request)
+    for started in _limiter(request).failure(login_keys(request, user)):
+        if started.key.startswith("user:"):
+            known = user is not None and user == auth_config(request).admin_user
+            what = f"user name {user!r}" if known else "an unknown user name"
+        else:
+            what = f"address {address}"
+        detail = (f"{started.failures} failed logins for {what}: locked out for {started.lockout_s:.0f} s "
+                  f"(lockout {started.lockouts})")
+        log.warning("failed logins from %s: %s", address, detail)
+        try:
+            audit.record(context.current().sessions, f"web:{address}", audit.LOGIN_LOCKED, None, detail)
+        except Exception:  # boundary: the lockout holds even if the audit cannot be written
+            log.exception("cannot write the audit row of a login lockout")
+
+
+def login_succeeded(request: Request, user: str | None) -> None:
+    _limiter(request).success(login_keys(request, user))
+
+
 def current_principal(request: Request) -> Principal:
-    """Who calls: a bearer token, HTTP Basic, a session cookie, or nobody."""
+    """Who calls: a bearer token, HTTP Basic, a session cookie, or nobody.
+
+    Wrong tokens and passwords count towards the failed-login lockout (429).
+    """
     config = auth_config(request)
     header = request.headers.get("authorization", "")
     scheme, _, credentials = header.partition(" ")
     if scheme.lower() == "bearer" and credentials:
+        check_lockout(request, None)
         if config.check_token(credentials.strip()):
-            return Principal("token", "token")
+            login_succeeded(request, None)
+            request.state.principal = Principal("token", "token")
+            return request.state.principal
+        login_failed(request, None)
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid API token",
                             headers={"WWW-Authenticate": "Bearer"})
     if scheme.lower() == "basic" and credentials:
@@ -189,11 +261,22 @@ def current_principal(request: Request) -> Principal:
             user, _, password = base64.b64decode(credentials.strip()).decode().partition(":")
         except (ValueError, binascii.Error, UnicodeDecodeError):
             user, password = "", ""
+        check_lockout(request, user)
         if config.check_password(user, password):
-            return Principal(user, "basic")
+            login_succeeded(request, user)
+            request.state.principal = Principal(user, "basic")
+            return request.state.principal
+        login_failed(request, user)
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid credentials",
                             headers={"WWW-Authenticate": "Basic"})
-    session_user = config.read_session(request.cookies.get(SESSION_COOKIE))
+    principal = session_principal(request)
+    request.state.principal = principal
+    return principal
+
+
+def session_principal(request: Request) -> Principal:
+    """The caller by its session cookie alone (no password or token checked)."""
+    session_user = auth_config(request).read_session(request.cookies.get(SESSION_COOKIE))
     if session_user is not None:
         return Principal(session_user, "session")
     return ANONYMOUS

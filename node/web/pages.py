@@ -21,20 +21,24 @@ from starlette.concurrency import run_in_threadpool
 
 from node import audit, jobs, queries
 from node.web import actions, system, views
+from node.web.access import AccessDep
 from node.web.auth import (
     AdminDep,
     PrincipalDep,
     auth_config,
+    check_lockout,
     clear_session,
-    current_principal,
     ensure_csrf_cookie,
+    login_failed,
+    login_succeeded,
+    session_principal,
     set_session,
 )
 from node.web.deps import ContextDep, SessionDep, SettingsDep
 from node.web.imaging import KeyImageError
 from node.web.schemas import AskIn, AskKind, JobOut
 from node.web.versions import result_versions
-from storage.models import TERMINAL_JOB_STATES, JobState, StudyState, utcnow
+from storage.models import TERMINAL_JOB_STATES, Job, JobState, StudyState, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +108,9 @@ def render(request: Request, name: str, status_code: int = 200, headers: dict[st
     """Render a page with the caller, the CSRF token and a message from the redirect."""
     principal = values.pop("principal", None)
     if principal is None:
-        try:
-            principal = current_principal(request)
-        except HTTPException:
-            from node.web.auth import ANONYMOUS
-
-            principal = ANONYMOUS
+        # the caller as already authenticated for this request, else by its session cookie only:
+        # re-checking a wrong password here would count it twice towards the lockout
+        principal = getattr(request.state, "principal", None) or session_principal(request)
     probe = Response()
     token = ensure_csrf_cookie(request, probe)
     response = templates.TemplateResponse(
@@ -151,28 +152,33 @@ def home() -> RedirectResponse:
 
 
 @router.get("/queue", response_class=HTMLResponse)
-def queue_page(request: Request, session: SessionDep, principal: PrincipalDep) -> HTMLResponse:
+def queue_page(request: Request, session: SessionDep, ctx: ContextDep, access: AccessDep) -> HTMLResponse:
     now = utcnow()
     counts = jobs.status_counts(session)
     running = queries.list_jobs(session, states=[JobState.RUNNING, JobState.DELIVERING], limit=50)
     queued = queries.list_jobs(session, states=[JobState.QUEUED], limit=50)
     failed = queries.list_jobs(session, states=[JobState.FAILED], limit=50)
     recent = queries.list_jobs(session, limit=20)
+    if failed and access.patient_data:  # failure reasons can quote attribute values
+        access.audit_view(ctx, None, "queue: failure reasons", [f"job {j.id}" for j in failed])
+
+    def out(job: Job) -> JobOut:
+        return JobOut.of(job, now, with_results=False, patient_data=access.patient_data)
+
     return render(
-        request, "queue.html", principal=principal, counts=counts,
+        request, "queue.html", principal=access.principal, counts=counts,
         depth=queries.queue_depth(session), oldest=queries.oldest_queued_age_s(session, now),
-        running=[JobOut.of(j, now, with_results=False) for j in running],
-        queued=sorted((JobOut.of(j, now, with_results=False) for j in queued),
-                      key=lambda j: (-j.priority, j.id)),
-        failed=[JobOut.of(j, now, with_results=False) for j in failed],
-        recent=[JobOut.of(j, now, with_results=False) for j in recent],
+        running=[out(j) for j in running],
+        queued=sorted((out(j) for j in queued), key=lambda j: (-j.priority, j.id)),
+        failed=[out(j) for j in failed],
+        recent=[out(j) for j in recent],
         terminal={s.value for s in TERMINAL_JOB_STATES},
     )
 
 
 @router.get("/studies", response_class=HTMLResponse)
 def studies_page(
-    request: Request, session: SessionDep, principal: PrincipalDep,
+    request: Request, session: SessionDep, ctx: ContextDep, access: AccessDep,
     date_from: str | None = None, date_to: str | None = None, modality: str | None = None,
     ae_title: str | None = None, state: str | None = None, patient: str | None = None,
     page: int = 0,
@@ -181,17 +187,21 @@ def studies_page(
         digits = (value or "").replace("-", "").strip()
         return digits if len(digits) == 8 and digits.isdigit() else None
 
+    principal = access.principal
     study_state = StudyState(state) if state in {s.value for s in StudyState} else None
+    dates = access.patient_data  # filtering by date would reveal dates
     flt = queries.StudyFilter(
-        date_from=clean_date(date_from), date_to=clean_date(date_to),
+        date_from=clean_date(date_from) if dates else None, date_to=clean_date(date_to) if dates else None,
         modality=(modality or "").strip() or None, ae_title=(ae_title or "").strip() or None,
-        state=study_state, patient=(patient or "").strip() or None if principal.is_admin else None,
+        state=study_state, patient=(patient or "").strip() or None if access.identity else None,
     )
     limit = 50
     rows, total = queries.list_studies(session, flt, limit=limit, offset=max(0, page) * limit)
+    if rows and access.patient_data:
+        access.audit_view(ctx, None, f"study list ({len(rows)} studies from {max(0, page) * limit})")
     return render(
         request, "studies.html", principal=principal, total=total, page=max(0, page), limit=limit,
-        studies=[views.study_summary(r, principal) for r in rows],
+        studies=[views.study_summary(r, access) for r in rows], dates_shown=dates,
         filters={"date_from": date_from or "", "date_to": date_to or "", "modality": modality or "",
                  "ae_title": ae_title or "", "state": state or "", "patient": patient or ""},
         states=[s.value for s in StudyState],
@@ -209,18 +219,25 @@ def _summaries(job: JobOut) -> list[dict[str, Any]]:
 
 @router.get("/studies/{study_uid}", response_class=HTMLResponse)
 def study_page(request: Request, session: SessionDep, ctx: ContextDep, settings: SettingsDep,
-               principal: PrincipalDep, study_uid: str) -> HTMLResponse:
+               access: AccessDep, study_uid: str) -> HTMLResponse:
+    """The study; patient-derived parts (and key images) only for a caller who may see them.
+
+    Audited as one grouped row per look (the page refreshes itself while jobs run); the key
+    images the browser then fetches add one grouped row per job (:mod:`node.web.api.jobs`).
+    """
+    principal = access.principal
     study = queries.get_study(session, study_uid)
     if study is None:
         raise HTTPException(404, f"study {study_uid} is not stored on this node")
-    if principal.is_admin:  # the page shows patient fields: an audited access
-        audit.record_view(ctx.sessions, principal.user or "?", study_uid, "dashboard")
-    detail = views.study_detail(session, study, principal, utcnow())
+    if access.patient_data:  # the page shows patient-derived fields: an audited access
+        access.audit_view(ctx, study_uid, "study and results",
+                          [uid for job in study.jobs for uid in views.result_uids(job)])
+    detail = views.study_detail(session, study, access, utcnow())
     images: dict[int, list[Any]] = {}
     image_errors: dict[int, str] = {}
     by_id = {j.id: j for j in study.jobs}
     for job in detail.jobs:
-        if job.results or job.on_demand:
+        if access.patient_data and (job.results or job.on_demand):
             try:
                 images[job.id] = views.key_images_out(session, ctx, by_id[job.id])
             except KeyImageError as exc:
@@ -238,18 +255,24 @@ def study_page(request: Request, session: SessionDep, ctx: ContextDep, settings:
 
 
 @router.get("/rules", response_class=HTMLResponse)
-def rules_page(request: Request, session: SessionDep, settings: SettingsDep, principal: PrincipalDep,
-               study: str | None = None) -> HTMLResponse:
+def rules_page(request: Request, session: SessionDep, ctx: ContextDep, settings: SettingsDep,
+               access: AccessDep, study: str | None = None) -> HTMLResponse:
     dry_run = None
     error = None
-    if study:
+    if study and not access.patient_data:  # the reasons quote the study's attribute values
+        error = "a dry run shows the study's attribute values: log in first"
+    elif study:
         dry_run = system.dry_run_stored(session, settings, study.strip())
         if dry_run is None:
             error = f"study {study} is not stored on this node"
+        else:
+            access.audit_view(ctx, study.strip(), "rule dry run")
     recent, _ = queries.list_studies(session, limit=20)
-    return render(request, "rules.html", principal=principal, rules=system.rules_out(settings),
+    if recent and access.patient_data:
+        access.audit_view(ctx, None, f"study list ({len(recent)} studies from 0)")
+    return render(request, "rules.html", principal=access.principal, rules=system.rules_out(settings),
                   dry_run=dry_run, error=error, study=study or "",
-                  recent=[views.study_summary(r, principal) for r in recent])
+                  recent=[views.study_summary(r, access) for r in recent])
 
 
 @router.get("/destinations", response_class=HTMLResponse)
@@ -259,12 +282,13 @@ def destinations_page(request: Request, settings: SettingsDep, principal: Princi
 
 
 @router.get("/workers", response_class=HTMLResponse)
-async def workers_page(request: Request, session: SessionDep, principal: PrincipalDep) -> HTMLResponse:
+async def workers_page(request: Request, session: SessionDep, access: AccessDep) -> HTMLResponse:
     workers = await run_in_threadpool(system.inspect_workers)
     now = utcnow()
     running = queries.list_jobs(session, states=[JobState.RUNNING], limit=50)
-    return render(request, "workers.html", principal=principal, workers=workers,
-                  running=[JobOut.of(j, now, with_results=False) for j in running])
+    return render(request, "workers.html", principal=access.principal, workers=workers,
+                  running=[JobOut.of(j, now, with_results=False, patient_data=access.patient_data)
+                           for j in running])
 
 
 @router.get("/audit", response_class=HTMLResponse)
@@ -297,11 +321,18 @@ def login(request: Request, username: Annotated[str, Form()], password: Annotate
     if not config.check_csrf(request.cookies.get(CSRF_COOKIE), csrf_token):
         return render(request, "login.html", status_code=403, next=_local(next, "/queue"),
                       error="the form expired: try again")
+    try:
+        check_lockout(request, username)
+    except HTTPException as exc:
+        return render(request, "login.html", status_code=exc.status_code, headers=dict(exc.headers or {}),
+                      next=_local(next, "/queue"), error=str(exc.detail))
     if not config.check_password(username, password):
         log.warning("failed dashboard login")
+        login_failed(request, username)
         return render(request, "login.html", status_code=401, next=_local(next, "/queue"),
                       error="wrong user name or password" if config.login_enabled
                       else "no admin is configured (set web_admin_user and web_admin_password)")
+    login_succeeded(request, username)
     response = RedirectResponse(_local(next, "/queue"), status_code=303)
     set_session(request, response, username)
     return response

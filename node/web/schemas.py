@@ -1,8 +1,10 @@
 """Response and request schemas of ``/api/v1``: separate from the table models on purpose.
 
 Only :class:`PatientOut` carries patient attributes (name, ID, birth date, sex, accession number),
-and the routers fill it only for an authorised caller; everywhere else responses carry UIDs,
-states, counts and times.
+and the routers fill it only for a logged-in caller. Other patient-derived fields (study and
+series dates and descriptions, body parts, job reasons, on-demand questions, result summaries,
+timeline details) are ``None`` — and ``patient_data_hidden`` true — for a caller who may not
+see them (:mod:`node.web.access`); what remains is UIDs, states, counts and times.
 """
 
 from __future__ import annotations
@@ -73,12 +75,16 @@ class ResultOut(_Out):
     #: PNG key images with the SEG overlay and SR boxes drawn (``/api/v1/jobs/{id}/key-images``)
     key_images_url: str
 
+    #: the summary (report and answer text, findings) is left out for this caller
+    patient_data_hidden: bool = False
+
     @classmethod
-    def of(cls, result: Result) -> ResultOut:
+    def of(cls, result: Result, *, patient_data: bool = True) -> ResultOut:
         return cls(
             id=result.id, job_id=result.job_pk, kind=result.kind, sop_class_uid=result.sop_class_uid,
             sop_instance_uid=result.sop_instance_uid, series_instance_uid=result.series_instance_uid,
-            size_bytes=result.size_bytes, summary=result.summary, created_at=result.created_at,
+            size_bytes=result.size_bytes, summary=result.summary if patient_data else None,
+            created_at=result.created_at, patient_data_hidden=not patient_data,
             deliveries=[DeliveryOut.of(d) for d in result.deliveries],
             key_images_url=f"/api/v1/jobs/{result.job_pk}/key-images",
         )
@@ -105,9 +111,11 @@ class JobOut(_Out):
     #: seconds since the job was created (queued) or started (running); total run time when done
     age_s: float | None
     results: list[ResultOut]
+    #: reason, task options (an on-demand question) and result summaries are left out for this caller
+    patient_data_hidden: bool = False
 
     @classmethod
-    def of(cls, job: Job, now: datetime, *, with_results: bool = True) -> JobOut:
+    def of(cls, job: Job, now: datetime, *, with_results: bool = True, patient_data: bool = True) -> JobOut:
         if job.finished_at is not None and job.started_at is not None:
             age = (job.finished_at - job.started_at).total_seconds()
         elif job.started_at is not None:
@@ -116,13 +124,21 @@ class JobOut(_Out):
             age = (now - job.created_at).total_seconds()
         return cls(
             id=job.id, study_instance_uid=job.study.study_instance_uid, study_version=job.study_version,
-            rule_name=job.rule_name, tasks=list(job.tasks), series_uids=list(job.series_uids),
+            rule_name=job.rule_name,
+            tasks=list(job.tasks) if patient_data else [_task_name(t) for t in job.tasks],
+            series_uids=list(job.series_uids),
             destinations=list(job.destinations), priority=job.priority, state=job.state.value,
-            attempts=job.attempts, reason=job.reason, on_demand=job.on_demand, worker=job.worker,
-            created_at=job.created_at, enqueued_at=job.enqueued_at, started_at=job.started_at,
-            finished_at=job.finished_at, age_s=round(age, 3),
-            results=[ResultOut.of(r) for r in job.results] if with_results else [],
+            attempts=job.attempts, reason=job.reason if patient_data else None, on_demand=job.on_demand,
+            worker=job.worker, created_at=job.created_at, enqueued_at=job.enqueued_at,
+            started_at=job.started_at, finished_at=job.finished_at, age_s=round(age, 3),
+            results=[ResultOut.of(r, patient_data=patient_data) for r in job.results] if with_results else [],
+            patient_data_hidden=not patient_data,
         )
+
+
+def _task_name(task: Any) -> Any:
+    """A task without its options (an on-demand task's options hold the question asked)."""
+    return next(iter(task), "?") if isinstance(task, dict) else task
 
 
 class SeriesOut(_Out):
@@ -134,10 +150,11 @@ class SeriesOut(_Out):
     instance_count: int
 
     @classmethod
-    def of(cls, series: Series, instance_count: int) -> SeriesOut:
+    def of(cls, series: Series, instance_count: int, *, patient_data: bool = True) -> SeriesOut:
         return cls(
             series_instance_uid=series.series_instance_uid, modality=series.modality,
-            body_part_examined=series.body_part_examined, series_description=series.series_description,
+            body_part_examined=series.body_part_examined if patient_data else None,
+            series_description=series.series_description if patient_data else None,
             series_number=series.series_number, instance_count=instance_count,
         )
 
@@ -159,6 +176,9 @@ class StudySummaryOut(_Out):
     latest_job_state: str | None
     #: only for logged-in callers; ``null`` otherwise
     patient: PatientOut | None = None
+    #: study date and description (and in a study: series descriptions, body parts, job reasons,
+    #: result summaries, timeline details) are left out for this caller: log in to see them
+    patient_data_hidden: bool = False
 
 
 class StudyListOut(BaseModel):

@@ -1,7 +1,8 @@
 """From index rows to response schemas, shared by the JSON API and the HTML pages.
 
 This is where patient fields are attached or left out: only :func:`study_summary` and
-:func:`study_detail` may set ``patient``, and only when the caller is an administrator.
+:func:`study_detail` may set ``patient``, and only when the caller is logged in; other
+patient-derived fields only when :attr:`node.web.access.Access.patient_data` allows.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session
 from node import queries
 from node.context import NodeContext
 from node.web import imaging
-from node.web.auth import Principal
+from node.web.access import Access
 from node.web.schemas import (
     JobOut,
     KeyImageOut,
@@ -29,21 +30,24 @@ from storage.models import Job, Series, Study
 _CACHE = imaging.KeyImageCache()
 
 
-def study_summary(row: queries.StudyRow, principal: Principal) -> StudySummaryOut:
+def study_summary(row: queries.StudyRow, access: Access) -> StudySummaryOut:
     study = row.study
+    shown = access.patient_data
     return StudySummaryOut(
-        study_instance_uid=study.study_instance_uid, study_date=study.study_date,
-        study_description=study.study_description, state=study.state.value, version=study.version,
+        study_instance_uid=study.study_instance_uid, study_date=study.study_date if shown else None,
+        study_description=study.study_description if shown else None, state=study.state.value,
+        version=study.version,
         modalities=list(row.modalities), series_count=row.series_count, instance_count=row.instance_count,
         calling_ae_title=study.calling_ae_title, called_ae_title=study.called_ae_title,
         first_received_at=study.first_received_at, last_received_at=study.last_received_at,
         completed_at=study.completed_at,
         latest_job_state=row.latest_job_state.value if row.latest_job_state else None,
-        patient=PatientOut.of(study) if principal.is_admin else None,
+        patient=PatientOut.of(study) if access.identity else None,
+        patient_data_hidden=not shown,
     )
 
 
-def study_detail(session: Session, study: Study, principal: Principal, now: datetime) -> StudyOut:
+def study_detail(session: Session, study: Study, access: Access, now: datetime) -> StudyOut:
     counts = queries.series_instance_counts(session, study)
     row = queries.StudyRow(
         study=study,
@@ -51,14 +55,23 @@ def study_detail(session: Session, study: Study, principal: Principal, now: date
         series_count=len(study.series), instance_count=sum(counts.values()),
         latest_job_state=study.jobs[-1].state if study.jobs else None,
     )
-    summary = study_summary(row, principal)
+    summary = study_summary(row, access)
+    shown = access.patient_data
+    timeline = [TimelineEventOut(**vars(e)) for e in queries.study_timeline(study)]
+    if not shown:  # details quote job reasons, which can quote attribute values
+        timeline = [e.model_copy(update={"detail": None}) for e in timeline]
     return StudyOut(
         **summary.model_dump(),
         route_reason=study.route_reason,
-        series=[SeriesOut.of(s, counts.get(s.series_instance_uid, 0)) for s in study.series],
-        timeline=[TimelineEventOut(**vars(e)) for e in queries.study_timeline(study)],
-        jobs=[JobOut.of(j, now) for j in sorted(study.jobs, key=lambda j: j.id, reverse=True)],
+        series=[SeriesOut.of(s, counts.get(s.series_instance_uid, 0), patient_data=shown) for s in study.series],
+        timeline=timeline,
+        jobs=[JobOut.of(j, now, patient_data=shown) for j in sorted(study.jobs, key=lambda j: j.id, reverse=True)],
     )
+
+
+def result_uids(job: Job) -> list[str]:
+    """The SOP Instance UIDs of a job's results (what an audit row names)."""
+    return [r.sop_instance_uid for r in job.results]
 
 
 def _fallback_frames(session: Session, job: Job) -> list[tuple[str, int]]:

@@ -77,7 +77,8 @@ def test_queue_and_study_pages_show_the_overlay_and_numbers(browser, processed_n
         assert "delivered" in page.locator("#live").inner_text()
         page.screenshot(path=str(SCREENSHOTS / "queue.png"), full_page=True)
 
-        page.goto(f"{node.web_url}/studies")
+        # key images and results are patient data: a login configured means they need it
+        _log_in(page, node.web_url, "/studies")
         assert page.locator(f"a[href='/studies/{study_uid}']").count() >= 1
         page.locator(f"a[href='/studies/{study_uid}']").first.click()
         page.wait_for_url(f"**/studies/{study_uid}")
@@ -110,15 +111,19 @@ def test_queue_and_study_pages_show_the_overlay_and_numbers(browser, processed_n
         page.close()
 
 
+def _log_in(page, web_url: str, next_path: str) -> None:  # type: ignore[no-untyped-def]
+    page.goto(f"{web_url}/login?next={next_path}")
+    page.fill("input[name=username]", ADMIN_ENV["MEDNODE_WEB_ADMIN_USER"])
+    page.fill("input[name=password]", ADMIN_ENV["MEDNODE_WEB_ADMIN_PASSWORD"])
+    page.click("form.stack button")
+    page.wait_for_url(f"**{next_path}")
+
+
 def test_ask_a_question_through_the_page(browser, processed_node) -> None:  # type: ignore[no-untyped-def]
     node, study_uid = processed_node
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
-        page.goto(f"{node.web_url}/login?next=/studies/{study_uid}")
-        page.fill("input[name=username]", ADMIN_ENV["MEDNODE_WEB_ADMIN_USER"])
-        page.fill("input[name=password]", ADMIN_ENV["MEDNODE_WEB_ADMIN_PASSWORD"])
-        page.click("form.stack button")
-        page.wait_for_url(f"**/studies/{study_uid}")
+        _log_in(page, node.web_url, f"/studies/{study_uid}")
         page.select_option("#ask-form select[name=kind]", "vqa")
         page.fill("#ask-form textarea[name=text]", "Is there a pleural effusion?")
         page.click("#ask-form button")

@@ -16,6 +16,7 @@ import logging
 import re
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -492,3 +493,79 @@ def test_every_post_route_needs_the_csrf_token_with_a_cookie_session(tmp_path) -
                 assert answer.status_code == 403, f"{method} {path} with a wrong header: {answer.status_code}"
     finally:
         context.current().close()
+
+
+# -- a dashboard reachable from other hosts ------------------------------------------------------------
+EXPOSED_DESCRIPTION = "Exposed Desc Canary 6142"
+
+
+def test_a_dashboard_bound_beyond_loopback_shows_patient_data_only_after_a_login(  # type: ignore[no-untyped-def]
+        tmp_path, mednode_factory: MednodeFactory, shared_dicom, dcmtk) -> None:
+    """``mednode serve`` with the dashboard on 0.0.0.0 (reached here through 127.0.0.1 only): a
+    CT goes in with dcmtk and through the CT analyzer; an anonymous caller gets states but no
+    description, key image or DICOM file; an API token gets them, each look audited; five
+    wrong passwords lock the login out (429, Retry-After), audited without the password."""
+    files = []
+    for n, path in enumerate(sorted((shared_dicom / "ct" / "dcmqi_ct3slice").glob("*.dcm"))):
+        ds = pydicom.dcmread(path)
+        ds.StudyDescription = EXPOSED_DESCRIPTION
+        ds.PatientName = CANARY_NAME
+        target = tmp_path / f"{n}.dcm"
+        ds.save_as(target, enforce_file_format=True)
+        files.append(target)
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    node = mednode_factory(extra_env={
+        "MEDNODE_WEB_HOST": "0.0.0.0",
+        "MEDNODE_WEB_ADMIN_USER": ADMIN[0],
+        "MEDNODE_WEB_ADMIN_PASSWORD": ADMIN[1],
+        "MEDNODE_WEB_SECRET_KEY": "exposed-test-secret-key-0123456789abcdef",
+        "MEDNODE_WEB_API_TOKENS": json.dumps([TOKEN]),
+        "MEDNODE_WEB_LOGIN_LOCKOUT_S": "2",
+    })
+    sent = storescu(LOOPBACK, node.dicom_port, files, called=node.ae_title)
+    assert sent.all_ok, sent.describe() + sent.stderr
+    poll(lambda: node.status()["jobs"].get("succeeded") == 1, 240, what="the CT analysis job succeeded")
+
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=node.web_url, timeout=30) as anonymous:
+        study = anonymous.get(f"/api/v1/studies/{study_uid}").json()
+        assert study["state"] == "routed" and study["patient_data_hidden"] and study["study_description"] is None
+        [job] = study["jobs"]
+        assert job["state"] == "succeeded" and all(r["summary"] is None for r in job["results"])
+        page = anonymous.get(f"/studies/{study_uid}")
+        assert page.status_code == 200 and study_uid in page.text
+        assert EXPOSED_DESCRIPTION not in page.text and "key-images/" not in page.text
+        png_url = f"/api/v1/jobs/{job['id']}/key-images/0.png"
+        dicom_url = f"/api/v1/results/{job['results'][0]['id']}/dicom"
+        assert anonymous.get(png_url).status_code == 401
+        assert anonymous.get(dicom_url).status_code == 401
+
+        detail = anonymous.get(f"/api/v1/studies/{study_uid}", headers=bearer).json()
+        assert detail["study_description"] == EXPOSED_DESCRIPTION
+        assert anonymous.get(png_url, headers=bearer).content.startswith(b"\x89PNG")
+        assert anonymous.get(dicom_url, headers=bearer).content[128:132] == b"DICM"
+
+        csrf = anonymous.get("/login").text.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
+        wrong = "wrong-password-canary-31"
+        answers = [anonymous.post("/login", data={"username": ADMIN[0], "password": wrong, "csrf_token": csrf})
+                   for _ in range(6)]
+        assert [a.status_code for a in answers] == [401] * 5 + [429]
+        assert int(answers[-1].headers["Retry-After"]) > 0
+
+        # the lockout is per address: the token's requests from it wait too, and a made-up
+        # X-Forwarded-For does not make another address of it (no trusted proxy configured)
+        assert anonymous.get("/api/v1/audit", headers=bearer).status_code == 429
+        spoofed = {**bearer, "X-Forwarded-For": "203.0.113.9"}
+        assert anonymous.get("/api/v1/audit", headers=spoofed).status_code == 429
+        time.sleep(int(answers[-1].headers["Retry-After"]) + 0.5)
+        trail = anonymous.get("/api/v1/audit", params={"limit": 1000}, headers=bearer)
+        assert trail.status_code == 200
+    events = trail.json()["items"]
+    actions = {(e["actor"], e["action"]) for e in events}
+    assert {("token", "viewed"), ("token", "viewed images"), ("token", "downloaded")} <= actions
+    locked = [e for e in events if e["action"] == "login locked"]
+    assert locked and all(e["actor"] == "web:127.0.0.1" for e in locked)
+    for secret in (EXPOSED_DESCRIPTION, CANARY_NAME, "wrong-password-canary-31", ADMIN[1]):
+        assert secret not in trail.text, f"{secret!r} in the audit trail"
+    log = node.processes[0].log_text()
+    assert "wrong-password-canary-31" not in log and EXPOSED_DESCRIPTION not in log and CANARY_NAME not in log

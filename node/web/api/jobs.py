@@ -6,8 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Response
 
-from node import queries
+from node import audit, queries
+from node.context import NodeContext
 from node.web import actions, views
+from node.web.access import Access, AccessDep, PatientDataDep
 from node.web.auth import AdminDep
 from node.web.deps import ContextDep, SessionDep, SettingsDep
 from node.web.imaging import KeyImageError
@@ -27,6 +29,8 @@ def _job(session: SessionDep, job_id: int) -> Job:
 @router.get("", response_model=list[JobOut])
 def list_jobs(
     session: SessionDep,
+    ctx: ContextDep,
+    access: AccessDep,
     state: Annotated[list[JobState] | None, Query(description="repeat for several states")] = None,
     study: Annotated[str | None, Query(description="a StudyInstanceUID")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -34,17 +38,29 @@ def list_jobs(
 ) -> list[JobOut]:
     now = utcnow()
     rows = queries.list_jobs(session, states=state, study_instance_uid=study, limit=limit, offset=offset)
-    return [JobOut.of(j, now) for j in rows]
+    if rows and access.patient_data:  # reasons, questions and result summaries of these jobs
+        access.audit_view(ctx, study, "job list", [f"job {j.id}" for j in rows])
+    return [JobOut.of(j, now, patient_data=access.patient_data) for j in rows]
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(session: SessionDep, job_id: int) -> JobOut:
-    return JobOut.of(_job(session, job_id), utcnow())
+def get_job(session: SessionDep, ctx: ContextDep, access: AccessDep, job_id: int) -> JobOut:
+    """The job; its reason, question and result summaries only for a caller who may see them."""
+    job = _job(session, job_id)
+    if access.patient_data:
+        access.audit_view(ctx, job.study.study_instance_uid, f"job {job_id}", views.result_uids(job))
+    return JobOut.of(job, utcnow(), patient_data=access.patient_data)
 
 
 def _after(session: SessionDep, job_id: int) -> ActionOut:
     session.expire_all()
     return ActionOut(job=JobOut.of(_job(session, job_id), utcnow()))
+
+
+def audit_key_images(ctx: NodeContext, access: Access, job: Job) -> None:
+    """One grouped row per caller and job for its key-image list and all its PNGs."""
+    access.audit_view(ctx, job.study.study_instance_uid, f"key images of job {job.id}",
+                      views.result_uids(job), action=audit.VIEWED_IMAGES)
 
 
 @router.post("/{job_id}/retry", response_model=ActionOut)
@@ -75,21 +91,29 @@ def send(session: SessionDep, ctx: ContextDep, settings: SettingsDep, job_id: in
 
 
 @router.get("/{job_id}/key-images", response_model=list[KeyImageOut])
-def key_images(session: SessionDep, ctx: ContextDep, job_id: int) -> list[KeyImageOut]:
+def key_images(session: SessionDep, ctx: ContextDep, access: PatientDataDep, job_id: int) -> list[KeyImageOut]:
+    """The key images of a job and their labels (findings): needs a login where patient data does."""
+    job = _job(session, job_id)
     try:
-        return views.key_images_out(session, ctx, _job(session, job_id))
+        out = views.key_images_out(session, ctx, job)
     except KeyImageError as exc:
         raise HTTPException(409, str(exc)) from exc
+    audit_key_images(ctx, access, job)
+    return out
 
 
 @router.get("/{job_id}/key-images/{index}.png", response_class=Response,
             responses={200: {"content": {"image/png": {}}}})
-def key_image_png(session: SessionDep, ctx: ContextDep, job_id: int, index: int) -> Response:
+def key_image_png(session: SessionDep, ctx: ContextDep, access: PatientDataDep, job_id: int,
+                  index: int) -> Response:
+    """A key image as PNG: needs a login where patient data does; audited once per job and look."""
+    job = _job(session, job_id)
     try:
-        data = views.key_image_png(session, ctx, _job(session, job_id), index)
+        data = views.key_image_png(session, ctx, job, index)
     except KeyImageError as exc:
         raise HTTPException(409, str(exc)) from exc
     if data is None:
         raise HTTPException(404, f"job {job_id} has no key image {index}")
-    return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
+    audit_key_images(ctx, access, job)
+    return Response(data, media_type="image/png", headers={"Cache-Control": "private, no-store"})
 

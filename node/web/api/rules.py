@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Query, UploadFile
 
 from node.web import system
+from node.web.access import PatientDataDep
 from node.web.auth import AdminDep
-from node.web.deps import SessionDep, SettingsDep
+from node.web.deps import ContextDep, SessionDep, SettingsDep
 from node.web.schemas import DryRunOut, RuleOut
 
 router = APIRouter(prefix="/rules", tags=["rules"])
@@ -21,12 +22,16 @@ def list_rules(settings: SettingsDep) -> list[RuleOut]:
 
 
 @router.get("/dry-run", response_model=DryRunOut)
-def dry_run(session: SessionDep, settings: SettingsDep,
+def dry_run(session: SessionDep, ctx: ContextDep, settings: SettingsDep, access: PatientDataDep,
             study: str = Query(description="StudyInstanceUID of a stored study")) -> DryRunOut:
-    """Which rules match the stored study, and why each does or does not."""
+    """Which rules match the stored study, and why each does or does not.
+
+    The reasons quote the study's attribute values: a login where patient data needs one.
+    """
     out = system.dry_run_stored(session, settings, study)
     if out is None:
         raise HTTPException(404, f"study {study} is not stored on this node")
+    access.audit_view(ctx, study, "rule dry run")
     return out
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Query
 
-from node import audit, queries
+from node import queries
 from node.web import actions, views
-from node.web.auth import AdminDep, PrincipalDep
+from node.web.access import AccessDep
+from node.web.auth import AdminDep
 from node.web.deps import ContextDep, SessionDep, SettingsDep
 from node.web.schemas import ActionOut, AskIn, JobOut, RerunIn, StudyListOut, StudyOut
 from storage.models import StudyState, utcnow
@@ -19,9 +20,12 @@ _DATE = r"^\d{8}$"
 @router.get("", response_model=StudyListOut)
 def list_studies(
     session: SessionDep,
-    principal: PrincipalDep,
-    date_from: str | None = Query(default=None, pattern=_DATE, description="StudyDate from, YYYYMMDD"),
-    date_to: str | None = Query(default=None, pattern=_DATE, description="StudyDate to, YYYYMMDD"),
+    ctx: ContextDep,
+    access: AccessDep,
+    date_from: str | None = Query(default=None, pattern=_DATE,
+                                  description="StudyDate from, YYYYMMDD; needs a login where dates do"),
+    date_to: str | None = Query(default=None, pattern=_DATE,
+                                description="StudyDate to, YYYYMMDD; needs a login where dates do"),
     modality: str | None = Query(default=None, max_length=16),
     ae_title: str | None = Query(default=None, max_length=16, description="calling or called AE title"),
     state: StudyState | None = None,
@@ -30,24 +34,31 @@ def list_studies(
     limit: int = Query(default=50, ge=1, le=500),
     offset: int = Query(default=0, ge=0),
 ) -> StudyListOut:
-    if patient and not principal.is_admin:
+    if patient and not access.identity:
         raise HTTPException(401, "searching by patient needs a login",
+                            headers={"WWW-Authenticate": "Bearer"})
+    if (date_from or date_to) and not access.patient_data:  # a date filter would reveal dates
+        raise HTTPException(401, "searching by study date needs a login on this node",
                             headers={"WWW-Authenticate": "Bearer"})
     flt = queries.StudyFilter(date_from=date_from, date_to=date_to, modality=modality,
                               ae_title=ae_title, state=state, patient=patient)
     rows, total = queries.list_studies(session, flt, limit=limit, offset=offset)
+    if rows and access.patient_data:
+        access.audit_view(ctx, None, f"study list ({len(rows)} studies from {offset})")
     return StudyListOut(total=total, limit=limit, offset=offset,
-                        items=[views.study_summary(r, principal) for r in rows])
+                        items=[views.study_summary(r, access) for r in rows])
 
 
 @router.get("/{study_uid}", response_model=StudyOut)
-def get_study(session: SessionDep, ctx: ContextDep, principal: PrincipalDep, study_uid: str) -> StudyOut:
+def get_study(session: SessionDep, ctx: ContextDep, access: AccessDep, study_uid: str) -> StudyOut:
+    """The study; patient-derived fields only for a caller who may see them (then audited)."""
     study = queries.get_study(session, study_uid)
     if study is None:
         raise HTTPException(404, f"study {study_uid} is not stored on this node")
-    if principal.is_admin:  # the answer carries patient fields: an audited access
-        audit.record_view(ctx.sessions, principal.user or "?", study_uid, f"api ({principal.via})")
-    return views.study_detail(session, study, principal, utcnow())
+    if access.patient_data:  # the answer carries patient-derived fields: an audited access
+        access.audit_view(ctx, study_uid, "study and results",
+                          [uid for job in study.jobs for uid in views.result_uids(job)])
+    return views.study_detail(session, study, access, utcnow())
 
 
 def _job_out(session: SessionDep, job_id: int) -> ActionOut:

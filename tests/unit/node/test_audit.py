@@ -180,4 +180,5 @@ def test_viewing_patient_fields_is_audited_page_and_api(client, index: IndexFn) 
     assert test_client.get(f"/api/v1/studies/{STUDY}", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
     events = _events(sessions)
     assert [(e.actor, e.action, e.study_instance_uid, e.detail) for e in events] == [
-        (ADMIN[0], audit.VIEWED, STUDY, "dashboard"), ("token", audit.VIEWED, STUDY, "api (token)")]
+        (ADMIN[0], audit.VIEWED, STUDY, "dashboard: study and results"),
+        ("token", audit.VIEWED, STUDY, "api (token): study and results")]

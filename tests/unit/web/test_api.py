@@ -167,7 +167,7 @@ def test_retry_cancel_and_priority_use_the_job_service(processed: tuple[WebNode,
 
 def test_study_timeline_series_jobs_and_results(processed: tuple[WebNode, str, int]) -> None:
     node, study_uid, job_id = processed
-    study = node.client.get(f"/api/v1/studies/{study_uid}").json()
+    study = node.client.get(f"/api/v1/studies/{study_uid}", headers=BEARER).json()
     assert study["state"] == "routed" and study["modalities"] == ["CT"]
     assert [s["instance_count"] for s in study["series"]] == [3]
     events = [e["event"] for e in study["timeline"]]
@@ -183,7 +183,7 @@ def test_study_timeline_series_jobs_and_results(processed: tuple[WebNode, str, i
     structures = job["results"][0]["summary"]["structures"]
     assert {s["label"] for s in structures} >= {"body"}
     assert all(s["volume_ml"] > 0 for s in structures)
-    result = node.client.get(f"/api/v1/results/{job['results'][0]['id']}").json()
+    result = node.client.get(f"/api/v1/results/{job['results'][0]['id']}", headers=BEARER).json()
     assert result["sop_instance_uid"] == job["results"][0]["sop_instance_uid"]
     dicom = node.client.get(f"/api/v1/results/{result['id']}/dicom", headers=BEARER)
     assert dicom.status_code == 200 and dicom.content[128:132] == b"DICM"
@@ -191,10 +191,10 @@ def test_study_timeline_series_jobs_and_results(processed: tuple[WebNode, str, i
 
 def test_key_images_show_the_seg_overlay(processed: tuple[WebNode, str, int]) -> None:
     node, study_uid, job_id = processed
-    images = node.client.get(f"/api/v1/jobs/{job_id}/key-images").json()
+    images = node.client.get(f"/api/v1/jobs/{job_id}/key-images", headers=BEARER).json()
     assert images, "a CT analysis job has key images"
     assert all(img["segments"] for img in images)
-    png = node.client.get(images[0]["url"])
+    png = node.client.get(images[0]["url"], headers=BEARER)
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     pixels = np.asarray(Image.open(BytesIO(png.content)).convert("RGB")).astype(int)
     assert min(pixels.shape[:2]) >= 512
@@ -202,7 +202,8 @@ def test_key_images_show_the_seg_overlay(processed: tuple[WebNode, str, int]) ->
     coloured = (np.abs(pixels[..., 0] - pixels[..., 1]) + np.abs(pixels[..., 1] - pixels[..., 2])) > 30
     assert coloured.mean() > 0.01
     assert any((pixels == np.array(colour)).all(axis=2).any() for colour in PALETTE)
-    assert node.client.get(f"/api/v1/jobs/{job_id}/key-images/99.png").status_code == 404
+    assert node.client.get(f"/api/v1/jobs/{job_id}/key-images/99.png", headers=BEARER).status_code == 404
+    node.login()
     page = node.client.get(f"/studies/{study_uid}").text
     assert images[0]["url"] in page and "volume ml" in page
 
@@ -217,14 +218,15 @@ def test_ask_queues_an_on_demand_job_and_shows_why_it_failed(processed: tuple[We
     assert job["tasks"] == [{"vqa": {"language": "zh", "questions": ["有胸腔积液吗？"]}}]
     assert job["rule_name"] == f"ask-{job['id']}" and job["destinations"] == []
     node.run(job["id"])  # no VLM configured yet: the job fails with the reason
-    failed = node.client.get(f"/api/v1/jobs/{job['id']}").json()
+    failed = node.client.get(f"/api/v1/jobs/{job['id']}", headers=BEARER).json()
     assert failed["state"] == "failed" and "vision-language model" in failed["reason"]
+    node.login()
     page = node.client.get(f"/studies/{study_uid}").text
     assert "vision-language model" in page and f'id="job-{job["id"]}"' in page
     # the page shows the frame the question was about even without results
-    images = node.client.get(f"/api/v1/jobs/{job['id']}/key-images").json()
+    images = node.client.get(f"/api/v1/jobs/{job['id']}/key-images", headers=BEARER).json()
     assert len(images) == 1 and images[0]["segments"] == []
-    assert node.client.get(images[0]["url"]).status_code == 200
+    assert node.client.get(images[0]["url"], headers=BEARER).status_code == 200
     # invalid requests say what is wrong
     empty = node.client.post(f"/api/v1/studies/{study_uid}/ask", headers=BEARER, json={"kind": "vqa"})
     assert empty.status_code == 422 and "questions" in empty.text
@@ -258,16 +260,17 @@ def test_rules_and_dry_run(processed: tuple[WebNode, str, int], ct_files: list[P
     node, study_uid, _ = processed
     rules = node.client.get("/api/v1/rules").json()
     assert [r["name"] for r in rules] == ["ct-analysis"]
-    dry = node.client.get("/api/v1/rules/dry-run", params={"study": study_uid}).json()
+    dry = node.client.get("/api/v1/rules/dry-run", params={"study": study_uid}, headers=BEARER).json()
     assert dry["selected"] == ["ct-analysis"] and dry["checks"][0]["matched"]
     assert dry["checks"][0]["reasons"] == ["matched 1 series"]
-    assert node.client.get("/api/v1/rules/dry-run", params={"study": "1.2.3"}).status_code == 404
+    assert node.client.get("/api/v1/rules/dry-run", params={"study": "1.2.3"}, headers=BEARER).status_code == 404
     upload = node.client.post("/api/v1/rules/dry-run", headers=BEARER,
                               files={"file": ("ct.dcm", ct_files[0].read_bytes(), "application/dicom")})
     assert upload.status_code == 200 and upload.json()["source"] == "upload"
     assert upload.json()["selected"] == ["ct-analysis"]
     bad = node.client.post("/api/v1/rules/dry-run", headers=BEARER, files={"file": ("x.dcm", b"nope")})
     assert bad.status_code == 422
+    node.login()
     page = node.client.get("/rules", params={"study": study_uid}).text
     assert "routing would pick" in page and "matched 1 series" in page
 

@@ -265,9 +265,18 @@ def release_for_retry(sessions: sessionmaker[Session], job_id: int, reason: str)
         return job.attempts
 
 
+#: how the reason of a delivery the peer refused for good begins (see :mod:`node.dispatch`)
+REFUSED_PREFIX = "refused by "
+
+
 def finish_delivery(sessions: sessionmaker[Session], delivery_id: int, *, ok: bool, error: str | None,
-                    give_up_after_s: float, next_attempt_at: datetime | None) -> DeliveryState:
-    """Record one delivery attempt and roll the job's state up from its deliveries."""
+                    give_up_after_s: float, next_attempt_at: datetime | None,
+                    permanent: bool = False) -> DeliveryState:
+    """Record one delivery attempt and roll the job's state up from its deliveries.
+
+    A failed attempt leaves the delivery pending for ``next_attempt_at`` unless it was
+    ``permanent`` (the peer refused for good) or ``give_up_after_s`` has passed: then it fails.
+    """
     now = utcnow()
     with sessions() as session, session.begin():
         delivery = session.get(Delivery, delivery_id)
@@ -282,7 +291,7 @@ def finish_delivery(sessions: sessionmaker[Session], delivery_id: int, *, ok: bo
             delivery.next_attempt_at = None
         else:
             delivery.last_error = (error or "unknown error")[:2000]
-            if (now - delivery.created_at).total_seconds() >= give_up_after_s:
+            if permanent or (now - delivery.created_at).total_seconds() >= give_up_after_s:
                 delivery.state = DeliveryState.FAILED
                 delivery.next_attempt_at = None
             else:
@@ -296,7 +305,10 @@ def finish_delivery(sessions: sessionmaker[Session], delivery_id: int, *, ok: bo
             elif all(s != DeliveryState.PENDING for s in states):
                 job.state = JobState.FAILED
                 failed = [d for r in job.results for d in r.deliveries if d.state == DeliveryState.FAILED]
-                job.reason = f"delivery gave up: {failed[0].destination}: {failed[0].last_error}"
+                # a refusal ("refused by AET@host:port: …") names its destination and says why
+                refused = [d for d in failed if (d.last_error or "").startswith(REFUSED_PREFIX)]
+                job.reason = (f"delivery failed: {refused[0].last_error}" if refused else
+                              f"delivery gave up: {failed[0].destination}: {failed[0].last_error}")[:2000]
         return delivery.state
 
 

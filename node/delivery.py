@@ -33,6 +33,8 @@ from node.tls import client_context
 
 log = logging.getLogger(__name__)
 
+#: how long a failed TLS association's second look waits for the peer's alert
+TLS_ALERT_WAIT_S = 2.0
 #: Most presentation contexts one association may propose (PS3.8 9.3.2.2: 128, odd ids 1..255).
 MAX_CONTEXTS = 128
 
@@ -220,7 +222,11 @@ def _explain_tls_failure(destination: Destination, tls_args: tuple[ssl.SSLContex
     context, server_hostname = tls_args
     try:
         with socket.create_connection((destination.host, destination.port), timeout=timeout_s) as raw, \
-                context.wrap_socket(raw, server_hostname=server_hostname):
+                context.wrap_socket(raw, server_hostname=server_hostname) as tls:
+            # TLS 1.3: a peer that refuses our certificate says so after the handshake, in an
+            # alert; a DICOM peer otherwise sends nothing before our A-ASSOCIATE-RQ
+            tls.settimeout(TLS_ALERT_WAIT_S)
+            tls.recv(1)
             return
     except ssl.SSLCertVerificationError as exc:
         raise PermanentDeliveryError(
@@ -228,7 +234,7 @@ def _explain_tls_failure(destination: Destination, tls_args: tuple[ssl.SSLContex
             "check the destination's tls.ca_file (the CA that signed the peer's certificate) and "
             "tls.server_hostname"
         ) from None
-    except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError, TimeoutError):
         return
     except ssl.SSLError as exc:
         raise PermanentDeliveryError(

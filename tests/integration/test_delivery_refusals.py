@@ -1,0 +1,179 @@
+"""What a peer's answer means for a delivery, with real dcmtk ``storescp`` and Orthanc as peers.
+
+``send_files``/``echo`` run in-process against storescp configured to refuse (``--refuse``: an
+association rejected permanently; an association profile without SR/SEG: presentation contexts
+rejected; ``--abort-after``: an abort) and over DICOM TLS (``+tls``, certificates from the
+security tests' PKI). The node-level tests run ``mednode serve`` and check that a permanent
+refusal fails the delivery on its first attempt and the job with that reason, while the TLS
+destination with its own calling AE title is delivered.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from node.config import Destination, DestinationTLS
+from node.delivery import Outcome, PermanentDeliveryError, TransientDeliveryError, echo, send_files
+from tests.integration.test_security import PKI, pki  # noqa: F401 (the session's CA and certificates)
+from tests.peers import LOOPBACK, StoreSCP, free_port
+from tests.phantom import PhantomGeometry, make_ct_phantom, write_series
+from tests.shared_data import SHARED_DICOM
+
+SHARED_SR = SHARED_DICOM / "sr" / "dcmtk_test_SR.dcm"
+GEOMETRY = PhantomGeometry(rows=96, columns=96, pixel_spacing_mm=(3.2, 3.2), slice_spacing_mm=10.0, num_slices=18)
+
+#: a dcmtk association profile (``storescp -xf``) that accepts CT images only: no SR, no SEG
+CT_ONLY_PROFILE = """\
+[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = OppositeEndianExplicit
+TransferSyntax3 = LittleEndianImplicit
+
+[[PresentationContexts]]
+[CTOnly]
+PresentationContext1 = CTImageStorage\\Uncompressed
+
+[[Profiles]]
+[CTOnly]
+PresentationContexts = CTOnly
+"""
+
+
+@pytest.fixture(scope="module")
+def ct_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return write_series(make_ct_phantom(geometry=GEOMETRY), tmp_path_factory.mktemp("ct"))
+
+
+@pytest.fixture(scope="module")
+def sr_file() -> Path:
+    """A Comprehensive SR (dcmtk's test SR from the shared samples)."""
+    path = SHARED_SR
+    if not path.is_file():
+        pytest.skip(f"shared sample {path} is missing")
+    return path
+
+
+def _scp(tmp_path: Path, *extra: str, accept_all: bool = True) -> StoreSCP:
+    return StoreSCP(tmp_path / f"received-{free_port()}", extra=list(extra), accept_all=accept_all).start()
+
+
+def _tls_scp(tmp_path: Path, pki: PKI) -> StoreSCP:  # noqa: F811
+    """storescp over TLS: its server certificate, and it requires a client certificate from our CA."""
+    return _scp(tmp_path, "+tls", str(pki.server_key), str(pki.server_crt), "+cf", str(pki.ca_crt), "-rc",
+                "--debug")
+
+
+def _calling_ae_titles(scp: StoreSCP) -> list[str]:
+    """Calling AE titles of the associations storescp logged (``--debug`` logs each A-ASSOCIATE-RQ)."""
+    return re.findall(r"Calling Application Name:\s+(\S+)", scp.log_text())
+
+
+# -- statuses and rejections from real peers ----------------------------------------------------------
+def test_an_association_rejected_permanently_raises_a_permanent_error(tmp_path: Path, sr_file: Path, dcmtk) -> None:  # type: ignore[no-untyped-def]
+    scp = _scp(tmp_path, "--refuse")
+    try:
+        with pytest.raises(PermanentDeliveryError) as raised:
+            send_files(Destination(ae_title="STORESCP", host=LOOPBACK, port=scp.port), [sr_file],
+                       calling_ae_title="MEDNODE")
+    finally:
+        scp.stop()
+    assert raised.value.outcome is Outcome.PERMANENT
+    assert "association rejected (Rejected Permanent, source: Service User" in str(raised.value), raised.value
+
+
+def test_a_peer_that_accepts_no_sr_refuses_it_permanently(tmp_path: Path, sr_file: Path, ct_files: list[Path],
+                                                         dcmtk) -> None:  # type: ignore[no-untyped-def]
+    profile = tmp_path / "ct-only.cfg"
+    profile.write_text(CT_ONLY_PROFILE)
+    scp = _scp(tmp_path, "-xf", str(profile), "CTOnly", accept_all=False)
+    try:
+        ct_file = ct_files[0]
+        ct_syntax = pydicom.dcmread(ct_file, stop_before_pixels=True).file_meta.TransferSyntaxUID
+        assert ct_syntax == "1.2.840.10008.1.2.1", "the phantom is Explicit VR LE, which the profile accepts"
+        sr_status, ct_status = send_files(Destination(ae_title="STORESCP", host=LOOPBACK, port=scp.port),
+                                          [sr_file, ct_file], calling_ae_title="MEDNODE")
+        received = scp.received()
+    finally:
+        scp.stop()
+    assert (ct_status.ok, ct_status.status) == (True, 0x0000)
+    assert (sr_status.ok, sr_status.outcome, sr_status.status) == (False, Outcome.PERMANENT, None)
+    assert "presentation context rejected" in sr_status.describe() and "Comprehensive SR" in sr_status.describe()
+    assert len(received) == 1
+
+
+def test_an_abort_during_the_store_is_transient(tmp_path: Path, sr_file: Path, dcmtk) -> None:  # type: ignore[no-untyped-def]
+    scp = _scp(tmp_path, "--abort-after")
+    try:
+        [status] = send_files(Destination(ae_title="STORESCP", host=LOOPBACK, port=scp.port), [sr_file],
+                              calling_ae_title="MEDNODE")
+    finally:
+        scp.stop()
+    assert (status.ok, status.status, status.outcome) == (False, None, Outcome.TRANSIENT)
+
+
+def test_a_closed_port_is_transient(sr_file: Path) -> None:
+    with pytest.raises(TransientDeliveryError, match="association with STORESCP@127.0.0.1"):
+        send_files(Destination(ae_title="STORESCP", host=LOOPBACK, port=free_port()), [sr_file],
+                   calling_ae_title="MEDNODE")
+
+
+# -- outbound TLS -----------------------------------------------------------------------------------
+def _tls_destination(port: int, pki: PKI, *, ca: Path | None = None, client: bool = True,  # noqa: F811
+                     calling: str | None = None) -> Destination:
+    tls = DestinationTLS(ca_file=ca or pki.ca_crt, cert_file=pki.client_crt if client else None,
+                         key_file=pki.client_key if client else None)
+    return Destination(ae_title="STORESCP", host=LOOPBACK, port=port, calling_ae_title=calling, tls=tls)
+
+
+def test_tls_echo_and_store_with_the_destinations_calling_ae_title(tmp_path: Path, pki: PKI, sr_file: Path,  # noqa: F811
+                                                                   dcmtk) -> None:  # type: ignore[no-untyped-def]
+    scp = _tls_scp(tmp_path, pki)
+    try:
+        destination = _tls_destination(scp.port, pki, calling="MEDNODE_OUT")
+        answer = echo(destination, calling_ae_title="MEDNODE")
+        assert (answer.ok, answer.status, answer.error) == (True, 0, None)
+        [status] = send_files(destination, [sr_file], calling_ae_title="MEDNODE")
+        assert status.ok, status.describe()
+        [received] = scp.received()
+        assert pydicom.dcmread(received).SOPInstanceUID == pydicom.dcmread(sr_file).SOPInstanceUID
+        # plain TCP to the TLS port: no association, and not a refusal (nothing says the peer meant it)
+        plain = Destination(ae_title="STORESCP", host=LOOPBACK, port=scp.port)
+        assert not echo(plain, calling_ae_title="MEDNODE").ok
+        logged = _calling_ae_titles(scp)
+    finally:
+        scp.stop()
+    assert logged[:2] == ["MEDNODE_OUT", "MEDNODE_OUT"], logged
+
+
+def test_a_peer_certificate_from_another_ca_is_a_permanent_refusal(tmp_path: Path, pki: PKI, sr_file: Path,  # noqa: F811
+                                                                   dcmtk) -> None:  # type: ignore[no-untyped-def]
+    scp = _tls_scp(tmp_path, pki)
+    other_ca = pki.other_client_crt.parent / "other-ca.crt"
+    try:
+        with pytest.raises(PermanentDeliveryError) as raised:
+            send_files(_tls_destination(scp.port, pki, ca=other_ca), [sr_file], calling_ae_title="MEDNODE")
+        answer = echo(_tls_destination(scp.port, pki, ca=other_ca), calling_ae_title="MEDNODE")
+        received = scp.received()
+    finally:
+        scp.stop()
+    assert "certificate does not verify" in str(raised.value) and "tls.ca_file" in str(raised.value), raised.value
+    assert not answer.ok and answer.error is not None and "certificate does not verify" in answer.error
+    assert received == []
+
+
+def test_a_peer_that_requires_a_client_certificate_refuses_a_node_without_one(
+        tmp_path: Path, pki: PKI, sr_file: Path, dcmtk) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    scp = _tls_scp(tmp_path, pki)
+    try:
+        with pytest.raises(PermanentDeliveryError) as raised:
+            send_files(_tls_destination(scp.port, pki, client=False), [sr_file], calling_ae_title="MEDNODE")
+        received = scp.received()
+    finally:
+        scp.stop()
+    assert "TLS handshake failed" in str(raised.value) and "tls.cert_file" in str(raised.value), raised.value
+    assert received == []

@@ -7,13 +7,21 @@ transformers): sending files needs only the index, the store and pynetdicom.
 from __future__ import annotations
 
 import logging
+from dataclasses import astuple
 from datetime import timedelta
 from pathlib import Path
 
 from node import audit, jobs, metrics
 from node.config import ConfigError, Destination
 from node.context import NodeContext
-from node.delivery import DeliveryError, Outcome, PermanentDeliveryError, Timeouts, send_files
+from node.delivery import (
+    DeliveryError,
+    Outcome,
+    PermanentDeliveryError,
+    Timeouts,
+    destination_timeouts,
+    send_files,
+)
 from storage.models import Delivery, DeliveryState, utcnow
 
 log = logging.getLogger(__name__)
@@ -57,7 +65,13 @@ def deliver(ctx: NodeContext, delivery_id: int) -> float | None:
         study_uid = delivery.result.job.study.study_instance_uid
         job_id = delivery.result.job_pk
     settings = ctx.settings.delivery
-    timeouts = Timeouts(settings.acse_timeout_s, settings.dimse_timeout_s, settings.network_timeout_s)
+    timeouts = destination_timeouts(destination, Timeouts(
+        settings.acse_timeout_s, settings.dimse_timeout_s, settings.network_timeout_s))
+    # one attempt at a time, however many messages name this delivery; the lease outlasts the
+    # longest an attempt can take (connect, associate, one C-STORE)
+    if not jobs.claim_delivery(ctx.sessions, delivery_id, lease_s=2 * sum(astuple(timeouts)) + 60):
+        log.debug("delivery %d is being tried elsewhere or not due yet; skipped", delivery_id)
+        return None
     ok, permanent, error = _attempt(destination, path, ctx.settings.ae_title, timeouts)
     delay = None if ok or permanent else backoff_s(attempts + 1, settings.retry_initial_s, settings.retry_max_s)
     next_at = utcnow() + timedelta(seconds=delay) if delay is not None else None

@@ -265,6 +265,28 @@ def release_for_retry(sessions: sessionmaker[Session], job_id: int, reason: str)
         return job.attempts
 
 
+def claim_delivery(sessions: sessionmaker[Session], delivery_id: int, *, lease_s: float,
+                   early_s: float = 1.0) -> bool:
+    """Take a pending delivery that is due for one attempt; False when it is not to be tried now.
+
+    The same delivery may reach two workers (a duplicated or swept message): the conditional
+    update lets one of them through and moves ``next_attempt_at`` ``lease_s`` ahead, so the other
+    skips it and the sweep leaves it alone while it is tried. A message that comes more than
+    ``early_s`` before the backoff ends is skipped too. :func:`finish_delivery` sets the real
+    ``next_attempt_at``; if the worker dies meanwhile, the sweep re-sends it after the lease.
+    """
+    now = utcnow()
+    with sessions() as session, session.begin():
+        claimed = session.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.PENDING,
+                   Delivery.next_attempt_at.is_(None)
+                   | (Delivery.next_attempt_at <= now + timedelta(seconds=early_s)))
+            .values(next_attempt_at=now + timedelta(seconds=lease_s))
+        )
+        return bool(claimed.rowcount)  # type: ignore[attr-defined]
+
+
 #: how the reason of a delivery the peer refused for good begins (see :mod:`node.dispatch`)
 REFUSED_PREFIX = "refused by "
 
@@ -282,6 +304,8 @@ def finish_delivery(sessions: sessionmaker[Session], delivery_id: int, *, ok: bo
         delivery = session.get(Delivery, delivery_id)
         if delivery is None:
             raise LookupError(f"delivery {delivery_id} does not exist")
+        if delivery.state != DeliveryState.PENDING:  # cancelled or finished meanwhile: keep that
+            return delivery.state
         delivery.attempts += 1
         delivery.last_attempt_at = now
         if ok:

@@ -16,10 +16,17 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
 from node.config import Destination, DestinationTLS
 from node.delivery import Outcome, PermanentDeliveryError, TransientDeliveryError, echo, send_files
+from storage.db import make_engine, make_session_factory
+from storage.models import Delivery, DeliveryState, Job, JobState
+from tests.integration.conftest import MednodeFactory
+from tests.integration.e2e import poll
 from tests.integration.test_security import PKI, pki  # noqa: F401 (the session's CA and certificates)
-from tests.peers import LOOPBACK, StoreSCP, free_port
+from tests.peers import LOOPBACK, StoreSCP, free_port, storescu
 from tests.phantom import PhantomGeometry, make_ct_phantom, write_series
 from tests.shared_data import SHARED_DICOM
 
@@ -177,3 +184,97 @@ def test_a_peer_that_requires_a_client_certificate_refuses_a_node_without_one(
         scp.stop()
     assert "TLS handshake failed" in str(raised.value) and "tls.cert_file" in str(raised.value), raised.value
     assert received == []
+
+
+# -- the node: refusals fail at once, TLS destinations with their own calling AE title ---------------
+def _sessions(node) -> sessionmaker[Session]:  # type: ignore[no-untyped-def]
+    return make_session_factory(make_engine(f"sqlite:///{node.data_dir / 'var' / 'mednode.db'}"))
+
+
+def _snapshot(sessions: sessionmaker[Session]) -> tuple[list[Job], list[Delivery]]:
+    with sessions() as session:
+        return (list(session.scalars(select(Job).order_by(Job.id))),
+                list(session.scalars(select(Delivery).order_by(Delivery.id))))
+
+
+def _job_finished(sessions: sessionmaker[Session]) -> bool:
+    jobs, _ = _snapshot(sessions)
+    return len(jobs) == 1 and jobs[0].state in (JobState.FAILED, JobState.DELIVERED)
+
+
+def test_a_permanent_rejection_fails_the_delivery_and_the_job_on_the_first_attempt(
+        mednode_factory: MednodeFactory, tmp_path: Path, ct_files: list[Path], dcmtk) -> None:  # type: ignore[no-untyped-def]
+    scp = _scp(tmp_path, "--refuse")
+    try:
+        # retries every second for a day: only a permanent refusal can fail a delivery here
+        node = mednode_factory(destination=f"STORESCP@{LOOPBACK}:{scp.port}", quiet_period_s=1.0,
+                               extra_env={"MEDNODE_DELIVERY__RETRY_INITIAL_S": "1",
+                                          "MEDNODE_DELIVERY__RETRY_MAX_S": "1"})
+        sessions = _sessions(node)
+        sent = storescu(LOOPBACK, node.dicom_port, ct_files, called=node.ae_title)
+        assert sent.all_ok, sent.describe()
+        poll(lambda: _job_finished(sessions), 120, 0.3, "job finished")
+        [job], deliveries = _snapshot(sessions)
+    finally:
+        scp.stop()
+    assert job.state is JobState.FAILED, (job.state, job.reason)
+    assert len(deliveries) == 2 and all(d.state is DeliveryState.FAILED for d in deliveries)
+    assert [d.attempts for d in deliveries] == [1, 1], [(d.attempts, d.last_error) for d in deliveries]
+    refusal = f"refused by STORESCP@{LOOPBACK}:{scp.port}: association rejected (Rejected Permanent"
+    assert all(d.last_error and d.last_error.startswith(refusal) for d in deliveries), \
+        [d.last_error for d in deliveries]
+    assert job.reason is not None and job.reason.startswith(f"delivery failed: {refusal}"), job.reason
+
+
+def test_tls_destinations_with_their_options_deliver_or_fail_clearly(
+        mednode_factory: MednodeFactory, tmp_path: Path, pki: PKI, ct_files: list[Path], dcmtk) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    scp = _tls_scp(tmp_path, pki)
+    other_ca = pki.other_client_crt.parent / "other-ca.crt"
+    config = tmp_path / "mednode.yaml"
+    config.write_text(f"""
+destinations:
+  pacs:
+    ae_title: STORESCP
+    host: {LOOPBACK}
+    port: {scp.port}
+    calling_ae_title: MEDNODE_OUT
+    timeouts: {{acse_s: 10, dimse_s: 30, network_s: 10}}
+    tls: {{ca_file: {pki.ca_crt}, cert_file: {pki.client_crt}, key_file: {pki.client_key}}}
+  wrong-ca:
+    ae_title: WRONGCA
+    host: {LOOPBACK}
+    port: {scp.port}
+    tls: {{ca_file: {other_ca}, cert_file: {pki.client_crt}, key_file: {pki.client_key}}}
+rules:
+  - {{name: ct, match: {{modality: CT}}, tasks: [ct_analysis], destinations: [pacs, wrong-ca]}}
+""")
+    try:
+        node = mednode_factory(config=config, quiet_period_s=1.0,
+                               extra_env={"MEDNODE_DELIVERY__RETRY_INITIAL_S": "1",
+                                          "MEDNODE_DELIVERY__RETRY_MAX_S": "1"})
+        echoed = node.cli("echo", "pacs", "--config", str(config))
+        refused = node.cli("echo", "wrong-ca", "--config", str(config))
+        sessions = _sessions(node)
+        sent = storescu(LOOPBACK, node.dicom_port, ct_files, called=node.ae_title)
+        assert sent.all_ok, sent.describe()
+        poll(lambda: _job_finished(sessions), 120, 0.3, "job finished")
+        [job], deliveries = _snapshot(sessions)
+        received = {pydicom.dcmread(p).Modality for p in scp.received()}
+        callers = _calling_ae_titles(scp)
+    finally:
+        scp.stop()
+    assert echoed.returncode == 0 and "success" in echoed.stdout, echoed.stdout + echoed.stderr
+    assert refused.returncode == 1 and "certificate does not verify" in refused.stderr, refused.stdout + refused.stderr
+    assert received == {"SEG", "SR"}
+    assert set(callers) == {"MEDNODE_OUT"}, callers  # the echo and both deliveries
+    by_destination: dict[str, list[Delivery]] = {}
+    for d in deliveries:
+        by_destination.setdefault(d.destination.split("@")[0], []).append(d)
+    assert [d.state for d in by_destination["STORESCP"]] == [DeliveryState.DELIVERED] * 2
+    wrong = by_destination["WRONGCA"]
+    assert [(d.state, d.attempts) for d in wrong] == [(DeliveryState.FAILED, 1)] * 2, \
+        [(d.state, d.attempts, d.last_error) for d in wrong]
+    assert all(d.last_error and "TLS: the peer's certificate does not verify" in d.last_error for d in wrong)
+    assert job.state is JobState.FAILED
+    assert job.reason is not None and job.reason.startswith(f"delivery failed: refused by WRONGCA@{LOOPBACK}"), \
+        job.reason

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -76,8 +75,10 @@ def _tls_scp(tmp_path: Path, pki: PKI) -> StoreSCP:  # noqa: F811
 
 
 def _calling_ae_titles(scp: StoreSCP) -> list[str]:
-    """Calling AE titles of the associations storescp logged (``--debug`` logs each A-ASSOCIATE-RQ)."""
-    return re.findall(r"Calling Application Name:\s+(\S+)", scp.log_text())
+    """Calling AE titles of the associations storescp accepted, one per association (``--debug``
+    logs each A-ASSOCIATE-RQ and its A-ASSOCIATE-AC)."""
+    requests = re.findall(r"BEGIN A-ASSOCIATE-RQ.*?END A-ASSOCIATE-RQ", scp.log_text(), re.DOTALL)
+    return [m[1] for rq in requests if (m := re.search(r"Calling Application Name:\s+(\S+)", rq))]
 
 
 # -- statuses and rejections from real peers ----------------------------------------------------------
@@ -154,7 +155,33 @@ def test_tls_echo_and_store_with_the_destinations_calling_ae_title(tmp_path: Pat
         logged = _calling_ae_titles(scp)
     finally:
         scp.stop()
-    assert logged[:2] == ["MEDNODE_OUT", "MEDNODE_OUT"], logged
+    assert logged == ["MEDNODE_OUT", "MEDNODE_OUT"], logged  # the echo and the store
+
+
+def test_the_destinations_page_echoes_over_tls_with_the_destinations_options(
+        tmp_path: Path, pki: PKI, dcmtk) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    from node.config import Settings
+    from node.web import system
+
+    scp = _tls_scp(tmp_path, pki)
+    try:
+        tls = {"ca_file": pki.ca_crt, "cert_file": pki.client_crt, "key_file": pki.client_key}
+        settings = Settings(data_dir=tmp_path / "var", destinations={
+            "pacs": {"ae_title": "STORESCP", "host": LOOPBACK, "port": scp.port, "calling_ae_title": "MEDNODE_OUT",
+                     "tls": tls},
+            "plain": f"PLAIN@{LOOPBACK}:{scp.port}",
+        })
+        listed = {d.name: d for d in system.destinations_out(settings)}
+        ok = system.echo_destination(settings, "pacs")
+        plain = system.echo_destination(settings, "plain")
+        callers = _calling_ae_titles(scp)
+    finally:
+        scp.stop()
+    assert (listed["pacs"].tls, listed["pacs"].calling_ae_title) == (True, "MEDNODE_OUT")
+    assert (listed["plain"].tls, listed["plain"].calling_ae_title) == (False, "MEDNODE")
+    assert ok is not None and ok.ok and ok.status == 0, ok
+    assert plain is not None and not plain.ok and plain.error, plain
+    assert callers == ["MEDNODE_OUT"], callers  # plain TCP never got as far as an A-ASSOCIATE-RQ
 
 
 def test_a_peer_certificate_from_another_ca_is_a_permanent_refusal(tmp_path: Path, pki: PKI, sr_file: Path,  # noqa: F811
@@ -266,7 +293,7 @@ rules:
     assert echoed.returncode == 0 and "success" in echoed.stdout, echoed.stdout + echoed.stderr
     assert refused.returncode == 1 and "certificate does not verify" in refused.stderr, refused.stdout + refused.stderr
     assert received == {"SEG", "SR"}
-    assert set(callers) == {"MEDNODE_OUT"}, callers  # the echo and both deliveries
+    assert callers == ["MEDNODE_OUT"] * 3, callers  # the echo and both deliveries
     by_destination: dict[str, list[Delivery]] = {}
     for d in deliveries:
         by_destination.setdefault(d.destination.split("@")[0], []).append(d)

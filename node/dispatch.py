@@ -32,9 +32,14 @@ def backoff_s(attempts: int, initial_s: float, max_s: float) -> float:
     return float(min(max_s, initial_s * 2 ** max(0, attempts - 1)))
 
 
-def _attempt(destination: Destination, path: Path, calling_ae_title: str,
+def attempt(destination: Destination, path: Path, calling_ae_title: str,
              timeouts: Timeouts) -> tuple[bool, bool, str | None]:
-    """Send one file; return (stored, refused for good, why not)."""
+    """Send one file to ``destination``; return (stored, refused for good, why not).
+
+    A refusal's reason starts ``refused by AET@host:port:`` (:data:`jobs.REFUSED_PREFIX`) and
+    carries the status with the standard's words and the peer's comment, e.g. ``refused by
+    PACS@10.0.0.5:104: status 0xA900 (data set does not match SOP class): <comment>``.
+    """
     try:
         [status] = send_files(destination, [path], calling_ae_title=calling_ae_title, timeouts=timeouts)
     except PermanentDeliveryError as exc:
@@ -72,7 +77,7 @@ def deliver(ctx: NodeContext, delivery_id: int) -> float | None:
     if not jobs.claim_delivery(ctx.sessions, delivery_id, lease_s=2 * sum(astuple(timeouts)) + 60):
         log.debug("delivery %d is being tried elsewhere or not due yet; skipped", delivery_id)
         return None
-    ok, permanent, error = _attempt(destination, path, ctx.settings.ae_title, timeouts)
+    ok, permanent, error = attempt(destination, path, ctx.settings.ae_title, timeouts)
     delay = None if ok or permanent else backoff_s(attempts + 1, settings.retry_initial_s, settings.retry_max_s)
     next_at = utcnow() + timedelta(seconds=delay) if delay is not None else None
     state = jobs.finish_delivery(

@@ -19,7 +19,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Destination, DestinationTLS
-from node.delivery import Outcome, PermanentDeliveryError, TransientDeliveryError, echo, send_files
+from node.delivery import (
+    Outcome,
+    PermanentDeliveryError,
+    Timeouts,
+    TransientDeliveryError,
+    echo,
+    send_files,
+)
 from storage.db import make_engine, make_session_factory
 from storage.models import Delivery, DeliveryState, Job, JobState
 from tests.integration.conftest import MednodeFactory
@@ -122,6 +129,57 @@ def test_an_abort_during_the_store_is_transient(tmp_path: Path, sr_file: Path, d
     finally:
         scp.stop()
     assert (status.ok, status.status, status.outcome) == (False, None, Outcome.TRANSIENT)
+
+
+@pytest.fixture(scope="module")
+def no_study_uid(tmp_path_factory: pytest.TempPathFactory, ct_files: list[Path]) -> Path:
+    """A CT image without StudyInstanceUID: what a broken sender might produce."""
+    ds = pydicom.dcmread(ct_files[0])
+    del ds.StudyInstanceUID
+    path = tmp_path_factory.mktemp("broken") / "no-study-uid.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_cannot_understand_status_is_a_permanent_refusal_with_the_status_in_the_reason(
+        tmp_path: Path, no_study_uid: Path) -> None:
+    """Another mednode as the peer: it answers 0xC000 for an instance without StudyInstanceUID."""
+    from node.dispatch import attempt
+    from node.ingest import Ingestor
+    from node.listener import start_listener
+    from storage.db import upgrade
+    from storage.store import InstanceStore
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'peer.db'}")
+    upgrade(engine)
+    port = free_port()
+    server = start_listener(Ingestor(InstanceStore(tmp_path / "store"), make_session_factory(engine)),
+                            ae_title="PEER", host=LOOPBACK, port=port)
+    try:
+        destination = Destination(ae_title="PEER", host=LOOPBACK, port=port)
+        [status] = send_files(destination, [no_study_uid], calling_ae_title="MEDNODE")
+        ok, permanent, reason = attempt(destination, no_study_uid, "MEDNODE", Timeouts())
+    finally:
+        server.shutdown()
+        engine.dispose()
+    assert (status.ok, status.status, status.outcome) == (False, 0xC000, Outcome.PERMANENT)
+    assert (ok, permanent) == (False, True)
+    assert reason == (f"refused by PEER@{LOOPBACK}:{port}: status 0xC000 (cannot understand): "
+                      "Cannot understand: StudyInstanceUID is missing or empty"), reason
+
+
+def test_orthanc_answers_out_of_resources_for_an_instance_it_cannot_index(
+        orthanc_factory, no_study_uid: Path) -> None:  # type: ignore[no-untyped-def]
+    """Orthanc 1.10 says 0xA700 (out of resources) for an instance without StudyInstanceUID: by the
+    standard's words that is transient, so a delivery of such an object would be retried until it
+    gives up. (mednode never writes one; this pins the peer's behaviour the docs describe.)"""
+    from node.dispatch import attempt
+
+    orthanc = orthanc_factory()
+    destination = Destination(ae_title=orthanc.aet, host=LOOPBACK, port=orthanc.dicom_port)
+    ok, permanent, reason = attempt(destination, no_study_uid, "MEDNODE", Timeouts())
+    assert (ok, permanent) == (False, False)
+    assert reason is not None and reason.startswith(f"{destination}: status 0xA700 (out of resources)"), reason
 
 
 def test_a_closed_port_is_transient(sr_file: Path) -> None:

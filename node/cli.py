@@ -159,8 +159,7 @@ def send(
             nonlocal failed
             if not result.ok:
                 failed += 1
-                status = f"0x{result.status:04X}" if result.status is not None else "no response"
-                line = f"{result.path}: {status} {result.comment or ''}"
+                line = f"{result.path}: {result.describe()} [{result.outcome}]"
                 progress.console.print(f"[red]{escape(line)}[/red]")
             progress.advance(bar)
 

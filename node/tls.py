@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ssl
 
-from node.config import ConfigError, DestinationTLS, TLSSettings
+from node.config import ConfigError, DestinationTLS, Settings, TLSSettings
 
 
 def server_context(tls: TLSSettings) -> ssl.SSLContext:
@@ -83,3 +83,18 @@ def client_context(tls: DestinationTLS, *, key: str = "tls") -> ssl.SSLContext:
                 f"(PEM certificate and its unencrypted private key expected): {exc}"
             ) from None
     return context
+
+
+def check_destination_tls(settings: Settings) -> None:
+    """Load the TLS files of every destination once, so ``serve`` refuses to start without them.
+
+    Raises
+    ------
+    ConfigError
+        If a destination's TLS file is missing or unreadable; the message names its key, e.g.
+        ``destinations.pacs.tls.ca_file``.
+    """
+    named = [("destination", settings.destination), *((f"destinations.{n}", d) for n, d in settings.destinations.items())]
+    for key, destination in named:
+        if destination is not None and destination.tls is not None:
+            client_context(destination.tls, key=f"{key}.tls")

@@ -363,3 +363,15 @@ rules:
     assert job.state is JobState.FAILED
     assert job.reason is not None and job.reason.startswith(f"delivery failed: refused by WRONGCA@{LOOPBACK}"), \
         job.reason
+
+
+def test_serve_refuses_to_start_without_a_destinations_tls_files(tmp_path: Path) -> None:
+    import json
+
+    from tests.integration.test_security import _serve
+
+    missing = tmp_path / "no-such-ca.pem"
+    destinations = {"pacs": {"ae_title": "PACS", "host": LOOPBACK, "port": 2762, "tls": {"ca_file": str(missing)}}}
+    done = _serve({"MEDNODE_DATA_DIR": str(tmp_path / "var"), "MEDNODE_DESTINATIONS": json.dumps(destinations)})
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"destinations.pacs.tls.ca_file: file not found: {missing}" in done.stderr, done.stderr[-2000:]

@@ -182,6 +182,40 @@ def test_orthanc_answers_out_of_resources_for_an_instance_it_cannot_index(
     assert reason is not None and reason.startswith(f"{destination}: status 0xA700 (out of resources)"), reason
 
 
+def test_an_association_rejected_transiently_is_retried(tmp_path: Path, sr_file: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another mednode with every association slot taken rejects with "Rejected Transient, local
+    limit exceeded" (pynetdicom's answer at ``maximum_associations``): worth retrying."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from node import listener
+    from node.ingest import Ingestor
+    from storage.db import upgrade
+    from storage.store import InstanceStore
+
+    monkeypatch.setattr(listener, "MAX_ASSOCIATIONS", 1)
+    engine = make_engine(f"sqlite:///{tmp_path / 'peer.db'}")
+    upgrade(engine)
+    port = free_port()
+    server = listener.start_listener(Ingestor(InstanceStore(tmp_path / "store"), make_session_factory(engine)),
+                                     ae_title="BUSY", host=LOOPBACK, port=port)
+    holder = AE(ae_title="HOLDER")
+    holder.add_requested_context(Verification)
+    held = holder.associate(LOOPBACK, port, ae_title="BUSY")
+    try:
+        assert held.is_established
+        with pytest.raises(TransientDeliveryError) as raised:
+            send_files(Destination(ae_title="BUSY", host=LOOPBACK, port=port), [sr_file], calling_ae_title="MEDNODE")
+    finally:
+        held.release()
+        server.shutdown()
+        engine.dispose()
+    assert raised.value.outcome is Outcome.TRANSIENT
+    assert "rejected (Rejected Transient" in str(raised.value) and "Local limit exceeded" in str(raised.value), \
+        raised.value
+
+
 def test_a_closed_port_is_transient(sr_file: Path) -> None:
     with pytest.raises(TransientDeliveryError, match="association with STORESCP@127.0.0.1"):
         send_files(Destination(ae_title="STORESCP", host=LOOPBACK, port=free_port()), [sr_file],

@@ -118,17 +118,25 @@ def status(
         out.print(table)
 
 
-def _destination(text: str) -> Destination:
+def _destination(text: str, settings: Settings | None = None) -> Destination:
+    """A destination by name (``default``, a key of ``destinations``) or ``AET@host:port``; a
+    configured one comes with its options (calling AE title, timeouts, TLS)."""
+    if settings is not None and text != "default" and text in settings.destinations:
+        return settings.destinations[text]
+    if settings is not None and text == "default" and settings.destination is not None:
+        return settings.destination
     try:
-        return Destination.parse(text)
+        parsed = Destination.parse(text)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc))
+        names = f" or one of {['default', *settings.destinations]}" if settings is not None else ""
+        raise typer.BadParameter(f"{exc}{names}")
+    return (settings.find_destination(str(parsed)) if settings is not None else None) or parsed
 
 
 @app.command()
 def send(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or directories.", exists=True)],
-    to: Annotated[str, typer.Option("--to", help="Destination AET@host:port.")],
+    to: Annotated[str, typer.Option("--to", help="Destination AET@host:port or a name in destinations.")],
     config: ConfigOpt = None,
     ae_title: Annotated[str | None, typer.Option("--ae-title", help="Calling AE title.")] = None,
 ) -> None:
@@ -138,7 +146,7 @@ def send(
     from node.delivery import DeliveryError, send_files
 
     settings = _settings(config)
-    destination = _destination(to)
+    destination = _destination(to, settings)
     files = sorted({f for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()})
     if not files:
         console.print("[red]no files to send[/red]")
@@ -151,8 +159,7 @@ def send(
             nonlocal failed
             if not result.ok:
                 failed += 1
-                status = f"0x{result.status:04X}" if result.status is not None else "no response"
-                line = f"{result.path}: {status} {result.comment or ''}"
+                line = f"{result.path}: {result.describe()} [{result.outcome}]"
                 progress.console.print(f"[red]{escape(line)}[/red]")
             progress.advance(bar)
 
@@ -160,8 +167,8 @@ def send(
             for start in range(0, len(files), 1000):
                 send_files(destination, files[start:start + 1000],
                            calling_ae_title=ae_title or settings.ae_title, progress=advance)
-        except (DeliveryError, ValueError) as exc:
-            console.print(f"[red]{escape(str(exc))}[/red]")
+        except (DeliveryError, ValueError) as exc:  # ConfigError (TLS files) is a ValueError
+            console.print(f"[red]{escape(f'{destination}: {exc}')}[/red]")
             raise typer.Exit(1)
     console.print(escape(f"sent {len(files) - failed} of {len(files)} file(s) to {destination}"))
     raise typer.Exit(1 if failed else 0)
@@ -169,14 +176,18 @@ def send(
 
 @app.command()
 def echo(
-    destination: Annotated[str, typer.Argument(help="AET@host:port")],
+    destination: Annotated[str, typer.Argument(help="AET@host:port or a name in destinations.")],
     config: ConfigOpt = None,
 ) -> None:
-    """C-ECHO a peer and show the round trip."""
+    """C-ECHO a peer and show the round trip (with its calling AE title, timeouts and TLS)."""
     from node.delivery import echo as do_echo
 
     settings = _settings(config)
-    result = do_echo(_destination(destination), calling_ae_title=settings.ae_title)
+    try:
+        result = do_echo(_destination(destination, settings), calling_ae_title=settings.ae_title)
+    except ConfigError as exc:
+        typer.echo(f"{destination}: {exc}", err=True)
+        raise typer.Exit(2)
     if result.ok:
         typer.echo(f"{result.destination}: success in {result.latency_s * 1000:.1f} ms")
         return
@@ -243,7 +254,7 @@ def jobs_send(
     from node.celery_app import configure_celery
 
     settings = _settings(config)
-    destination = _destination(to) if to else settings.destination
+    destination = _destination(to, settings) if to else settings.destination
     if destination is None:
         console.print("no destination: give --to AET@host:port or configure destination")
         raise typer.Exit(2)

@@ -53,14 +53,55 @@ AETitle = Annotated[str, BeforeValidator(_check_ae_title)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
-class Destination(BaseModel):
-    """A DICOM peer results are sent to, written ``AET@host:port``."""
+class DestinationTimeouts(BaseModel):
+    """A destination's own timeouts; each one left out is the node's ``delivery.*_timeout_s``."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    acse_s: float | None = Field(default=None, gt=0)
+    dimse_s: float | None = Field(default=None, gt=0)
+    network_s: float | None = Field(default=None, gt=0)
+
+
+class DestinationTLS(BaseModel):
+    """Outbound DICOM TLS (PS3.15 B.1) to one destination: TLS 1.2 or later, peer verified.
+
+    The peer's certificate must chain to ``ca_file`` and name the host (or ``server_hostname``
+    when the certificate names another host than the one connected to). ``cert_file`` and
+    ``key_file`` are this node's client certificate, for peers that require one.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_hostname: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> DestinationTLS:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls: give both cert_file and key_file (a client certificate and its key), or neither")
+        return self
+
+
+class Destination(BaseModel):
+    """A DICOM peer results are sent to, written ``AET@host:port`` or as a mapping with options.
+
+    ``str(destination)`` is always ``AET@host:port``: the form jobs and deliveries store, and the
+    key :meth:`Settings.find_destination` finds the options by at send time.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     ae_title: AETitle
     host: str = Field(min_length=1)
     port: Port
+    #: the calling AE title sent to this peer; the node's ``ae_title`` when None
+    calling_ae_title: AETitle | None = None
+    #: this peer's timeouts; the node's ``delivery.*_timeout_s`` for each one not given
+    timeouts: DestinationTimeouts = Field(default_factory=DestinationTimeouts)
+    tls: DestinationTLS | None = None
     #: send an IHE IOCM rejection note (KOS "Rejected for Quality Reasons") withdrawing the objects
     #: of a superseded result version from this peer (only where the peer supports IOCM)
     rejection_notes: bool = False
@@ -283,6 +324,19 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _one_destination_per_address(self) -> Settings:
+        seen: dict[str, tuple[str, Destination]] = {}
+        named = [("destination", self.destination)] if self.destination is not None else []
+        for key, dest in [*named, *((f"destinations.{n}", d) for n, d in self.destinations.items())]:
+            first = seen.setdefault(str(dest), (key, dest))
+            if first[1] != dest:
+                raise ValueError(
+                    f"{key}: {dest} is also {first[0]} with other options; deliveries are kept by "
+                    "AET@host:port, so give one address one set of options"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _apply_vlm_shortcut(self) -> Settings:
         vlm = self.models.vlm
         if self.vlm_path is not None or self.vlm_family is not None:
@@ -399,20 +453,25 @@ class Settings(BaseSettings):
         if ref in self.destinations:
             return self.destinations[ref]
         try:
-            return Destination.parse(ref)
+            parsed = Destination.parse(ref)
         except ValueError:
             raise ValueError(
                 f"rules.{rule}.destinations: {ref!r} is neither a name in destinations "
                 "nor AET@host:port"
             ) from None
+        return self.find_destination(str(parsed)) or parsed
 
     def find_destination(self, text: str) -> Destination | None:
-        """The configured destination written ``text`` (``AET@host:port``, as jobs store them),
-        with its options; None for a peer not in the configuration (e.g. one given to an API call)."""
-        for destination in [self.destination, *self.destinations.values()]:
-            if destination is not None and str(destination) == text:
-                return destination
-        return None
+        """The configured destination (with its options) whose ``AET@host:port`` is ``text``.
+
+        Jobs and deliveries store destinations as ``AET@host:port``; the calling AE title,
+        timeouts and TLS of a named destination are looked up here at send time, so a change of
+        options applies to deliveries already queued. None when no configured destination has
+        that address (an inline ``AET@host:port`` of a rule, or one given on the command line).
+        """
+        candidates = [self.destination, *self.destinations.values()]
+        return next((d for d in candidates if d is not None and str(d) == str(text).strip()), None)
+
 
     @classmethod
     def settings_customise_sources(

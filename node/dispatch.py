@@ -7,12 +7,21 @@ transformers): sending files needs only the index, the store and pynetdicom.
 from __future__ import annotations
 
 import logging
+from dataclasses import astuple
 from datetime import timedelta
+from pathlib import Path
 
 from node import audit, jobs, metrics
-from node.config import Destination
+from node.config import ConfigError, Destination
 from node.context import NodeContext
-from node.delivery import DeliveryError, Timeouts, send_files
+from node.delivery import (
+    DeliveryError,
+    Outcome,
+    PermanentDeliveryError,
+    Timeouts,
+    destination_timeouts,
+    send_files,
+)
 from storage.models import Delivery, DeliveryState, utcnow
 
 log = logging.getLogger(__name__)
@@ -23,13 +32,37 @@ def backoff_s(attempts: int, initial_s: float, max_s: float) -> float:
     return float(min(max_s, initial_s * 2 ** max(0, attempts - 1)))
 
 
+def attempt(destination: Destination, path: Path, calling_ae_title: str,
+             timeouts: Timeouts) -> tuple[bool, bool, str | None]:
+    """Send one file to ``destination``; return (stored, refused for good, why not).
+
+    A refusal's reason starts ``refused by AET@host:port:`` (:data:`jobs.REFUSED_PREFIX`) and
+    carries the status with the standard's words and the peer's comment, e.g. ``refused by
+    PACS@10.0.0.5:104: status 0xA900 (data set does not match SOP class): <comment>``.
+    """
+    try:
+        [status] = send_files(destination, [path], calling_ae_title=calling_ae_title, timeouts=timeouts)
+    except PermanentDeliveryError as exc:
+        return False, True, f"{jobs.REFUSED_PREFIX}{destination}: {exc}"
+    except ConfigError as exc:  # the destination's TLS files: nothing will change by itself
+        return False, True, f"{jobs.REFUSED_PREFIX}{destination}: configuration: {exc}"
+    except (DeliveryError, OSError, RuntimeError) as exc:
+        return False, False, f"{type(exc).__name__}: {exc}"
+    if status.ok:
+        return True, False, None
+    if status.outcome is Outcome.PERMANENT:
+        return False, True, f"{jobs.REFUSED_PREFIX}{destination}: {status.describe()}"
+    return False, False, f"{destination}: {status.describe()}"
+
+
 def deliver(ctx: NodeContext, delivery_id: int) -> float | None:
     """Try one delivery; return the delay before the next attempt, or None when done."""
     with ctx.sessions() as session:
         delivery = session.get(Delivery, delivery_id)
         if delivery is None or delivery.state != DeliveryState.PENDING:
             return None
-        destination = Destination.parse(delivery.destination)
+        # a configured destination's options (calling AE title, timeouts, TLS) as they are now
+        destination = ctx.settings.find_destination(delivery.destination) or Destination.parse(delivery.destination)
         path = ctx.store.absolute(delivery.result.path)
         sop_uid = delivery.result.sop_instance_uid
         attempts = delivery.attempts
@@ -37,20 +70,19 @@ def deliver(ctx: NodeContext, delivery_id: int) -> float | None:
         study_uid = delivery.result.job.study.study_instance_uid
         job_id = delivery.result.job_pk
     settings = ctx.settings.delivery
-    timeouts = Timeouts(settings.acse_timeout_s, settings.dimse_timeout_s, settings.network_timeout_s)
-    error: str | None = None
-    try:
-        [status] = send_files(destination, [path], calling_ae_title=ctx.settings.ae_title, timeouts=timeouts)
-        ok = status.ok
-        if not ok:
-            error = f"status 0x{status.status:04X} {status.comment or ''}".strip() if status.status is not None else (status.comment or "no response")
-    except (DeliveryError, OSError, RuntimeError) as exc:
-        ok, error = False, f"{type(exc).__name__}: {exc}"
-    delay = None if ok else backoff_s(attempts + 1, settings.retry_initial_s, settings.retry_max_s)
+    timeouts = destination_timeouts(destination, Timeouts(
+        settings.acse_timeout_s, settings.dimse_timeout_s, settings.network_timeout_s))
+    # one attempt at a time, however many messages name this delivery; the lease outlasts the
+    # longest an attempt can take (connect, associate, one C-STORE)
+    if not jobs.claim_delivery(ctx.sessions, delivery_id, lease_s=2 * sum(astuple(timeouts)) + 60):
+        log.debug("delivery %d is being tried elsewhere or not due yet; skipped", delivery_id)
+        return None
+    ok, permanent, error = attempt(destination, path, ctx.settings.ae_title, timeouts)
+    delay = None if ok or permanent else backoff_s(attempts + 1, settings.retry_initial_s, settings.retry_max_s)
     next_at = utcnow() + timedelta(seconds=delay) if delay is not None else None
     state = jobs.finish_delivery(
         ctx.sessions, delivery_id, ok=ok, error=error, give_up_after_s=settings.give_up_after_s,
-        next_attempt_at=next_at,
+        next_attempt_at=next_at, permanent=permanent,
     )
     if ok:
         log.info("delivered %s to %s", sop_uid, destination)

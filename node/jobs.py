@@ -435,7 +435,10 @@ def _roll_up(job: Job) -> None:
     elif DeliveryState.FAILED in states:
         job.state = JobState.FAILED
         failed = [d for d in deliveries if d.state == DeliveryState.FAILED]
-        job.reason = f"delivery gave up: {failed[0].destination}: {failed[0].last_error}"
+        # a refusal ("refused by AET@host:port: …") names its destination and says why
+        refused = [d for d in failed if (d.last_error or "").startswith(REFUSED_PREFIX)]
+        job.reason = (f"delivery failed: {refused[0].last_error}" if refused else
+                      f"delivery gave up: {failed[0].destination}: {failed[0].last_error}")[:2000]
     else:
         job.state = JobState.SUPERSEDED
         cancelled = [d for d in deliveries if d.state == DeliveryState.CANCELLED]
@@ -467,14 +470,47 @@ def release_for_retry(sessions: sessionmaker[Session], job_id: int, reason: str)
         return job.attempts
 
 
+def claim_delivery(sessions: sessionmaker[Session], delivery_id: int, *, lease_s: float,
+                   early_s: float = 1.0) -> bool:
+    """Take a pending delivery that is due for one attempt; False when it is not to be tried now.
+
+    The same delivery may reach two workers (a duplicated or swept message): the conditional
+    update lets one of them through and moves ``next_attempt_at`` ``lease_s`` ahead, so the other
+    skips it and the sweep leaves it alone while it is tried. A message that comes more than
+    ``early_s`` before the backoff ends is skipped too. :func:`finish_delivery` sets the real
+    ``next_attempt_at``; if the worker dies meanwhile, the sweep re-sends it after the lease.
+    """
+    now = utcnow()
+    with sessions() as session, session.begin():
+        claimed = session.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.PENDING,
+                   Delivery.next_attempt_at.is_(None)
+                   | (Delivery.next_attempt_at <= now + timedelta(seconds=early_s)))
+            .values(next_attempt_at=now + timedelta(seconds=lease_s))
+        )
+        return bool(claimed.rowcount)  # type: ignore[attr-defined]
+
+
+#: how the reason of a delivery the peer refused for good begins (see :mod:`node.dispatch`)
+REFUSED_PREFIX = "refused by "
+
+
 def finish_delivery(sessions: sessionmaker[Session], delivery_id: int, *, ok: bool, error: str | None,
-                    give_up_after_s: float, next_attempt_at: datetime | None) -> DeliveryState:
-    """Record one delivery attempt and roll the job's state up from its deliveries."""
+                    give_up_after_s: float, next_attempt_at: datetime | None,
+                    permanent: bool = False) -> DeliveryState:
+    """Record one delivery attempt and roll the job's state up from its deliveries.
+
+    A failed attempt leaves the delivery pending for ``next_attempt_at`` unless it was
+    ``permanent`` (the peer refused for good) or ``give_up_after_s`` has passed: then it fails.
+    """
     now = utcnow()
     with sessions() as session, session.begin():
         delivery = session.get(Delivery, delivery_id)
         if delivery is None:
             raise LookupError(f"delivery {delivery_id} does not exist")
+        if delivery.state in (DeliveryState.DELIVERED, DeliveryState.FAILED):  # finished meanwhile
+            return delivery.state
         delivery.attempts += 1
         delivery.last_attempt_at = now
         if delivery.state == DeliveryState.CANCELLED and not ok:
@@ -486,7 +522,7 @@ def finish_delivery(sessions: sessionmaker[Session], delivery_id: int, *, ok: bo
             delivery.next_attempt_at = None
         else:
             delivery.last_error = (error or "unknown error")[:2000]
-            if (now - delivery.created_at).total_seconds() >= give_up_after_s:
+            if permanent or (now - delivery.created_at).total_seconds() >= give_up_after_s:
                 delivery.state = DeliveryState.FAILED
                 delivery.next_attempt_at = None
             else:

@@ -164,10 +164,12 @@ def serve(settings: Settings, config_path: Path | None) -> None:
     import uvicorn
 
     from node.celery_app import configure_celery
+    from node.tls import check_destination_tls
     from node.web.app import create_app
 
     try:
         security = ListenerSecurity.from_settings(settings)
+        check_destination_tls(settings)  # outbound DICOM TLS files, before anything starts
     except ConfigError as exc:
         log.error("%s", exc)
         raise SystemExit(2) from None

@@ -275,6 +275,8 @@ class DestinationOut(BaseModel):
     host: str
     port: int
     used_by: list[str]
+    calling_ae_title: str | None = None  #: the AE title mednode calls it with
+    tls: bool = False
 
 
 class EchoOut(BaseModel):

@@ -106,7 +106,8 @@ def destinations_out(settings: Settings) -> list[DestinationOut]:
     for name, dest in destinations(settings).items():
         used_by = [r.name for r in settings.effective_rules if name in r.destinations]
         out.append(DestinationOut(name=name, ae_title=dest.ae_title, host=dest.host, port=dest.port,
-                                  used_by=used_by))
+                                  used_by=used_by, calling_ae_title=dest.calling_ae_title or settings.ae_title,
+                                  tls=dest.tls is not None))
     return out
 
 

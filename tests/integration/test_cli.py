@@ -136,7 +136,8 @@ def test_send_reports_refused_files(tmp_path: Path, shared_dicom: Path, data_env
         server.shutdown()
         engine.dispose()
     assert done.returncode == 1
-    assert f"{path}: 0xA700" in done.stderr
+    assert f"{path}: status 0xA700 (out of resources): Out of resources: storage full [transient]" in done.stderr, \
+        done.stderr
     assert "sent 0 of 1 file(s)" in done.stderr
 
 

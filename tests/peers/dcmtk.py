@@ -204,6 +204,9 @@ class StoreSCP(ManagedProcess):
         Its AE title.
     extra
         More storescp options, e.g. ``["--ignore"]`` to receive without writing.
+    accept_all
+        Accept every storage SOP class in every transfer syntax (``+xa``); False for
+        ``extra=["-xf", config, profile]``, which storescp allows only without it.
     """
 
     def __init__(
@@ -213,6 +216,7 @@ class StoreSCP(ManagedProcess):
         port: int | None = None,
         aet: str = "STORESCP",
         extra: Sequence[str] = (),
+        accept_all: bool = True,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.port = port or free_port()
@@ -225,7 +229,7 @@ class StoreSCP(ManagedProcess):
             aet,
             "-od",
             str(self.output_dir),
-            "+xa",
+            *(["+xa"] if accept_all else []),
             *extra,
             str(self.port),
         ]

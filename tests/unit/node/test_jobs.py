@@ -205,6 +205,41 @@ def test_job_fails_with_the_reason_once_a_delivery_gives_up(sessions, routed_job
     assert job.reason is not None and "delivery gave up" in job.reason and "connection refused" in job.reason
 
 
+def test_a_permanent_refusal_fails_the_delivery_and_the_job_at_once(sessions, routed_job: int) -> None:
+    ids = _deliver_all(sessions, routed_job)
+    for delivery_id in ids[1:]:
+        jobs.finish_delivery(sessions, delivery_id, ok=True, error=None, give_up_after_s=60, next_attempt_at=None)
+    refusal = "refused by PACS@127.0.0.1:104: status 0xA900 (data set does not match SOP class)"
+
+    state = jobs.finish_delivery(sessions, ids[0], ok=False, error=refusal, give_up_after_s=86400,
+                                 next_attempt_at=None, permanent=True)
+
+    assert state is DeliveryState.FAILED
+    with sessions() as session:
+        delivery = session.get(Delivery, ids[0])
+        assert delivery is not None and (delivery.attempts, delivery.next_attempt_at) == (1, None)
+    job = _job(sessions, routed_job)
+    assert (job.state, job.reason) == (JobState.FAILED, f"delivery failed: {refusal}")
+    # a late duplicate of the same attempt changes nothing
+    assert jobs.finish_delivery(sessions, ids[0], ok=True, error=None, give_up_after_s=60,
+                                next_attempt_at=None) is DeliveryState.FAILED
+    assert _job(sessions, routed_job).state is JobState.FAILED
+
+
+def test_a_delivery_is_claimed_by_one_attempt_at_a_time(sessions, routed_job: int) -> None:
+    [first, *_] = _deliver_all(sessions, routed_job)
+    assert jobs.claim_delivery(sessions, first, lease_s=300)
+    assert not jobs.claim_delivery(sessions, first, lease_s=300), "a second worker must skip it"
+    # after a failed attempt it is due again only when its backoff ends
+    jobs.finish_delivery(sessions, first, ok=False, error="down", give_up_after_s=3600,
+                         next_attempt_at=utcnow() + timedelta(seconds=30))
+    assert not jobs.claim_delivery(sessions, first, lease_s=300)
+    _set(sessions, Delivery, first, next_attempt_at=utcnow() - timedelta(seconds=1))
+    assert jobs.claim_delivery(sessions, first, lease_s=300)
+    jobs.finish_delivery(sessions, first, ok=True, error=None, give_up_after_s=60, next_attempt_at=None)
+    assert not jobs.claim_delivery(sessions, first, lease_s=300), "a delivered delivery is never tried again"
+
+
 # -- admin actions and recovery -------------------------------------------------------------------
 def test_retry_requeues_a_failed_job_and_its_failed_deliveries(sessions, routed_job: int, memory_celery) -> None:
     ids = _deliver_all(sessions, routed_job)

@@ -13,6 +13,7 @@ from pydicom.sr.codedict import codes
 
 from dicom_io.codes import ANATOMICAL_STRUCTURE, STRUCTURES, Structure
 from dicom_io.equipment import AlgorithmInfo, add_contributing_equipment
+from dicom_io.source_header import character_set_of, conform_copied_attributes
 
 logger = logging.getLogger(__name__)
 
@@ -165,9 +166,13 @@ def mednode_sr(
     coding_schemes: Sequence[hd.coding_schemes.CodingSchemeIdentificationItem],
 ) -> hd.sr.ComprehensiveSR:
     """A Comprehensive SR as mednode writes every result: complete, preliminary, UNVERIFIED,
-    the algorithm as manufacturer/model/version, and the IHE AIR Contributing Equipment item."""
+    the algorithm as manufacturer/model/version, and the IHE AIR Contributing Equipment item.
+
+    The patient and study attributes highdicom copies from the evidence are checked first: a
+    missing or invalid one is left empty (:func:`dicom_io.source_header.conform_copied_attributes`).
+    """
     sr = hd.sr.ComprehensiveSR(
-        evidence=list(evidence),
+        evidence=conform_copied_attributes(evidence, purpose=f"SR {sop_instance_uid}"),
         content=content,
         series_instance_uid=series_instance_uid,
         series_number=series_number,
@@ -239,8 +244,5 @@ def character_set_for_text(source: Dataset, texts: Sequence[str]) -> str | list[
     object to ``ISO_IR 192`` (UTF-8), which encodes every value (patient name included).
     """
     if all(text.isascii() for text in texts):
-        value = source.get("SpecificCharacterSet")
-        if value is None or value == "" or (isinstance(value, list) and not any(value)):
-            return None
-        return value  # type: ignore[no-any-return]
+        return character_set_of(source)
     return "ISO_IR 192"

@@ -23,6 +23,7 @@ from dicom_io.equipment import AlgorithmInfo
 from dicom_io.errors import DicomIOError
 from dicom_io.measurement_report import StructureMeasurement, build_volume_report
 from dicom_io.seg import build_segmentation
+from dicom_io.source_header import conform_copied_attributes
 from dicom_io.uids import derived_uid
 from dicom_io.volume import Volume, load_volume, read_dataset
 from inference.builtin.ct_analyzer import ANALYZER_NAME, ANALYZER_VERSION, analyze_ct
@@ -81,6 +82,8 @@ def load_series_volume(ctx: NodeContext, job: jobs.ClaimedJob, modalities: tuple
     _, series_uid = max(candidates)
     started = time.perf_counter()
     datasets = [read_dataset(ctx.store.absolute(p)) for p in job.instance_paths[series_uid]]
+    # once per job, so one warning names what is left empty in all its results
+    datasets = conform_copied_attributes(datasets, purpose=f"job {job.id}")
     volume = load_volume(datasets)
     _timed("load_volume", started, job.key)
     return volume
@@ -153,7 +156,8 @@ def run_tasks(ctx: NodeContext, job: jobs.ClaimedJob) -> list[Output]:
                 f"tasks {[s.kind for s in specs]} need a vision-language model and none is configured "
                 "(set models.vlm in the config, or MEDNODE_VLM_PATH and MEDNODE_VLM_FAMILY)"
             )
-        series = read_series(job.instance_paths, ctx.store.absolute)
+        series = {uid: conform_copied_attributes(datasets, purpose=f"job {job.id}")
+                  for uid, datasets in read_series(job.instance_paths, ctx.store.absolute).items()}
         for produced in run_vlm_tasks(vlm_settings, series, specs, job_key=job.key):
             outputs.append(Output(produced.kind, produced.dataset, produced.summary))
     return outputs

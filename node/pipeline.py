@@ -11,6 +11,7 @@ import logging
 import math
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -32,6 +33,7 @@ from inference.monai_bundle import MonaiBundle
 from node import jobs, metrics
 from node.config import plan_tasks
 from node.context import NodeContext
+from node.failures import failure_reason
 from node.vlm_stage import read_series, run_vlm_tasks
 from storage.errors import StorageError
 
@@ -301,7 +303,7 @@ def run_job(ctx: NodeContext, job_id: int) -> list[int]:
             outputs = run_tasks(ctx, job)
             results = store_outputs(ctx, job.id, outputs)
     except (InferenceError, DicomIOError, ValueError, KeyError) as exc:
-        jobs.fail_job(ctx.sessions, job.id, f"{type(exc).__name__}: {exc}")
+        jobs.fail_job(ctx.sessions, job.id, failure_reason(exc))
         return []
     except (OperationalError, StorageError, OSError) as exc:
         if job.attempt >= ctx.settings.job_max_attempts:
@@ -309,9 +311,11 @@ def run_job(ctx: NodeContext, job_id: int) -> list[int]:
             return []
         jobs.release_for_retry(ctx.sessions, job.id, f"{type(exc).__name__}: {exc}")
         raise TransientError(str(exc)) from exc
-    except Exception as exc:  # boundary: record why, never leave the job running
-        log.exception("job %d failed unexpectedly", job.id)
-        jobs.fail_job(ctx.sessions, job.id, f"internal error: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 (boundary: record why, never leave the job running)
+        # the stack, without the message (it may quote an attribute value); the reason has it redacted
+        log.error("job %d failed with %s:\n%s", job.id, type(exc).__name__,
+                  "".join(traceback.format_tb(exc.__traceback__)).rstrip())
+        jobs.fail_job(ctx.sessions, job.id, failure_reason(exc))
         return []
     metrics.JOB_DURATION.observe(time.perf_counter() - started)
     delivery_ids = jobs.record_results(ctx.sessions, job.id, results)

@@ -17,7 +17,6 @@ wrong, never their values (they are patient data).
 
 from __future__ import annotations
 
-import datetime
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,7 +32,8 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.valuerep import MAX_VALUE_LEN, VALIDATORS
+
+from dicom_io.values import value_problem
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,6 @@ _DEFAULT_MODULES = ("patient", "clinical-trial-subject", "general-study", "patie
 _MANDATORY_MODULES = ("patient", "general-study")
 #: Types whose attribute may be written empty (PS3.5 7.4): a bad value becomes "unknown".
 _MAY_BE_EMPTY = frozenset({"2", "2C", "3"})
-#: VRs whose values are parsed as dates and times by highdicom and pydicom.
-_DATE_FORMATS = {"DA": "%Y%m%d"}
 
 
 @dataclass(frozen=True)
@@ -102,34 +100,6 @@ def copied_attributes(sop_class_uid: str) -> tuple[CopiedAttribute, ...]:
     return tuple(found.values())
 
 
-def _value_problem(vr: str, value: object) -> str | None:
-    """Why ``value`` is not a valid value of ``vr``, without quoting it; ``None`` if it is."""
-    values = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
-    for item in values:
-        if item is None or item == "":
-            continue
-        if vr in _DATE_FORMATS:
-            try:
-                datetime.datetime.strptime(str(item).strip(), _DATE_FORMATS[vr])
-            except ValueError:
-                return f"not a valid {vr}"
-            continue
-        validator = VALIDATORS.get(vr)
-        if validator is None:
-            continue
-        try:  # pydicom does not validate a PersonName object, only its text
-            valid, _ = validator(vr, str(item) if vr == "PN" else item)
-        except (TypeError, ValueError):
-            valid = False
-        if not valid:
-            length = len(str(item))
-            limit = MAX_VALUE_LEN.get(vr)
-            if limit is not None and length > limit:
-                return f"{length} characters, {vr} allows {limit}"
-            return f"not a valid {vr}"
-    return None
-
-
 def check_copied_attributes(ds: Dataset) -> list[Repair]:
     """What :func:`conform_copied_attributes` would leave empty or add empty in ``ds``.
 
@@ -149,7 +119,7 @@ def check_copied_attributes(ds: Dataset) -> list[Repair]:
         if element is None:
             repairs.append(Repair(attribute.keyword, "unreadable", tag, attribute.vr))
             continue
-        problem = _value_problem(element.VR if element.VR != "UN" else attribute.vr, element.value)
+        problem = value_problem(element.VR if element.VR != "UN" else attribute.vr, element.value)
         if problem is not None:
             repairs.append(Repair(attribute.keyword, problem, attribute.tag, attribute.vr))
     return repairs

@@ -144,10 +144,13 @@ def test_storescu_phantom_volumes_and_no_patient_data_in_logs(tmp_path, orthanc_
         assert secret not in logs, f"patient data {secret!r} found in the node's logs"
 
 
-def test_deidentified_ct_gets_its_seg_and_sr(tmp_path, orthanc_factory, mednode_factory, shared_dicom, dcmtk):
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_deidentified_ct_gets_its_seg_and_sr(tmp_path, orthanc_factory, mednode_factory, shared_dicom, dcmtk,
+                                             request, database):
     """A de-identified CT — a hash in Patient's Birth Date, a 56-character Accession Number, no
-    Study ID — still gets its SEG and SR: those attributes empty in both, dciodvfy 0 errors, one
-    warning in the node's log naming them, and neither value in any log."""
+    Study ID — is stored (on PostgreSQL too, whose columns are as wide as the VRs) and still gets
+    its SEG and SR: those attributes empty in both, dciodvfy 0 errors, one warning in the node's
+    log naming them, and neither value in any log."""
     sources = sorted((shared_dicom / "ct" / "dcmqi_ct3slice").glob("*.dcm"))
     files = []
     for index, path in enumerate(sources):
@@ -155,7 +158,8 @@ def test_deidentified_ct_gets_its_seg_and_sr(tmp_path, orthanc_factory, mednode_
         files.append(tmp_path / f"deid{index}.dcm")
         changed.save_as(files[-1], enforce_file_format=True)
     study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
-    orthanc, node = _orthanc_with_node(orthanc_factory, mednode_factory)
+    extra = {"database_url": request.getfixturevalue("postgres_url")} if database == "postgres" else {}
+    orthanc, node = _orthanc_with_node(orthanc_factory, mednode_factory, **extra)
 
     sent = storescu("127.0.0.1", node.dicom_port, files, called=node.ae_title)
     assert sent.all_ok, sent.describe()

@@ -18,6 +18,7 @@ wrong, never their values (they are patient data).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -44,6 +45,7 @@ COPIED_ENTITIES = ("Patient", "Study")
 #: class highdicom does not know.
 _DEFAULT_MODULES = ("patient", "clinical-trial-subject", "general-study", "patient-study", "clinical-trial-study")
 _MANDATORY_MODULES = ("patient", "general-study")
+_VALIDATION_MODE_LOCK = threading.Lock()
 #: Types whose attribute may be written empty (PS3.5 7.4): a bad value becomes "unknown".
 _MAY_BE_EMPTY = frozenset({"2", "2C", "3"})
 
@@ -127,15 +129,20 @@ def check_copied_attributes(ds: Dataset) -> list[Repair]:
 
 def _quietly(ds: Dataset, tag: int) -> DataElement | None:
     """``ds[tag]``, converted from its raw bytes without pydicom's validation warnings (which
-    quote the value); ``None`` if it cannot be decoded at all."""
-    previous = config.settings.reading_validation_mode
-    config.settings.reading_validation_mode = config.IGNORE
-    try:
-        return ds[tag]
-    except (ValueError, TypeError, LookupError):
-        return None
-    finally:
-        config.settings.reading_validation_mode = previous
+    quote the value); ``None`` if it cannot be decoded at all.
+
+    pydicom's validation mode is a process-wide setting: the lock keeps two threads here from
+    restoring each other's value; another thread reading meanwhile only misses a warning.
+    """
+    with _VALIDATION_MODE_LOCK:
+        previous = config.settings.reading_validation_mode
+        config.settings.reading_validation_mode = config.IGNORE
+        try:
+            return ds[tag]
+        except (ValueError, TypeError, LookupError):
+            return None
+        finally:
+            config.settings.reading_validation_mode = previous
 
 
 def _repaired(ds: Dataset, repairs: Iterable[Repair]) -> Dataset:

@@ -166,3 +166,22 @@ def test_a_conformant_source_is_returned_as_it_is(caplog) -> None:
     caplog.set_level(logging.INFO)
     assert all(a is b for a, b in zip(conform_copied_attributes(sources, purpose="job 3"), sources, strict=True))
     assert warnings_of(caplog) == []
+
+
+@pytest.mark.parametrize("relative", ["charset/chrH31_japanese.dcm", "charset/chrX1_utf8_chinese.dcm"])
+def test_character_set_samples_de_identified_keep_their_names(relative, algorithm, validate, caplog) -> None:
+    """The shared ISO 2022 IR 87 and UTF-8 samples, de-identified: an ASCII report keeps the
+    source's character set (``\\ISO 2022 IR 87`` written as ``ISO 2022 IR 6\\ISO 2022 IR 87``)
+    and its names, the bad attributes empty."""
+    source = variant(read_dataset(sample(relative)), "hashed")
+    caplog.set_level(logging.INFO)
+    sr = build_narrative_report([source], findings="Clear lungs.", impression=None, language="en",
+                                series_instance_uid=derived_uid(relative, "series"),
+                                sop_instance_uid=derived_uid(relative, "sr"), series_number=78, algorithm=algorithm)
+    assert_one_clean_warning(caplog, EMPTIED["hashed"])
+    data = to_bytes(sr)
+    validate(data)
+    back = hd.sr.srread(BytesIO(data))
+    assert_emptied(back, EMPTIED["hashed"], source)
+    assert back.SpecificCharacterSet == character_set_of(source)
+    assert str(back.PatientName) == str(source.PatientName) and not str(back.PatientName).isascii()

@@ -9,6 +9,10 @@ Who may associate: with an allow-list (``allowed_calling_ae_titles``, entries ``
 recognised" (PS3.8 9.3.4, source service user, reason 3) before any data is exchanged. The same
 listener can also run on a DICOM TLS port (PS3.15 B.1, :mod:`node.tls`).
 
+Which transfer syntax a sender uses: of those it proposes in a context, its first lossless one,
+or its first if it proposes only lossy ones (:func:`follow_sender_order`): mednode never makes a
+sender compress lossily, and stores what it sends as sent, Deflated included.
+
 Each accepted association is set up by :class:`node.acceptor.StoreRequestHandler`: pynetdicom's
 own, except that C-STORE is served on the thread that reads the network as soon as the request is
 complete and neither of the association's threads polls (docs/BENCHMARKS.md, "Ingest").

@@ -16,6 +16,7 @@ from io import BytesIO
 from typing import TypeVar
 
 import pydicom
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import parse_basic_offsets, parse_fragments
@@ -25,6 +26,7 @@ from pydicom.fileutil import read_undefined_length_value
 from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.tag import SequenceDelimiterTag, Tag
 from pydicom.uid import UID
+from pydicom.valuerep import MAX_VALUE_LEN
 
 from dicom_io.errors import InvalidInstanceError
 
@@ -64,11 +66,20 @@ class InstanceHeader:
     patient_sex: str | None
 
 
+#: Longest text indexed per VR (PS3.5 6.2): a Person Name has up to three component groups of 64.
+_INDEXED_LENGTH = {**MAX_VALUE_LEN, "DA": 8, "AS": 4, "PN": 324}
+
+
 def _text(ds: Dataset, keyword: str) -> str | None:
     value = ds.get(keyword)
     if value is None or value == "":
         return None
-    return str(value).strip() or None
+    text = str(value).strip()
+    if len(text) > _INDEXED_LENGTH.get(dictionary_VR(keyword), len(text)):
+        # not indexed: each index column is as wide as its VR allows, and a de-identifier's hash
+        # in a DA or a 56-character SH would make the database refuse the instance
+        return None
+    return text or None
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:

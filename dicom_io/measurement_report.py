@@ -19,7 +19,8 @@ from dicom_io.codes import (
     procedure_for_modality,
 )
 from dicom_io.equipment import AlgorithmInfo
-from dicom_io.seg import character_set_of, ihe_coding_scheme
+from dicom_io.seg import ihe_coding_scheme
+from dicom_io.source_header import character_set_of
 from dicom_io.sr_common import (
     InstanceReference,
     device_observation_context,

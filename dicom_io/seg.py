@@ -7,10 +7,10 @@ from collections.abc import Mapping
 
 import highdicom as hd
 import numpy as np
-from pydicom.dataset import Dataset
 
 from dicom_io.codes import ARTIFICIAL_INTELLIGENCE
 from dicom_io.equipment import IHE_CODING_SCHEME, AlgorithmInfo, add_contributing_equipment
+from dicom_io.source_header import character_set_of, conform_copied_attributes
 from dicom_io.sr_common import structure_for
 from dicom_io.uids import derived_uid
 from dicom_io.volume import Volume
@@ -35,18 +35,6 @@ def ihe_coding_scheme() -> hd.coding_schemes.CodingSchemeIdentificationItem:
     return hd.coding_schemes.CodingSchemeIdentificationItem(
         designator=IHE_CODING_SCHEME, name="IHE Technical Frameworks"
     )
-
-
-def character_set_of(ds: Dataset) -> str | list[str] | None:
-    """Specific Character Set of a source, ``None`` where absent or empty.
-
-    highdicom refuses an empty Specific Character Set copied from a source (a real
-    CT does this); empty means the default repertoire, which is written by omission.
-    """
-    value = ds.get("SpecificCharacterSet")
-    if value is None or value == "" or (isinstance(value, list) and not any(value)):
-        return None
-    return value  # type: ignore[no-any-return]
 
 
 def build_segmentation(
@@ -80,7 +68,9 @@ def build_segmentation(
     highdicom.seg.Segmentation
         In the source study, Segment Algorithm Type AUTOMATIC, empty frames omitted
         (highdicom references each kept frame's source image and plane position, so
-        the omission is consistent), with an IHE AIR Contributing Equipment item.
+        the omission is consistent), with an IHE AIR Contributing Equipment item. A
+        patient or study attribute missing or invalid in the sources is left empty
+        (:func:`dicom_io.source_header.conform_copied_attributes`).
 
     Raises
     ------
@@ -117,8 +107,10 @@ def build_segmentation(
             )
         )
 
+    # patient and study attributes highdicom copies: a missing or invalid one is left empty
+    sources = conform_copied_attributes(volume.datasets, purpose=f"SEG {sop_instance_uid}")
     seg = hd.seg.Segmentation(
-        source_images=volume.datasets,
+        source_images=sources,
         pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
@@ -134,7 +126,7 @@ def build_segmentation(
         content_label="SEGMENTATION",
         content_description=f"{algorithm.name} {algorithm.version}"[:64],
         omit_empty_frames=True,
-        specific_character_set=character_set_of(volume.datasets[0]),
+        specific_character_set=character_set_of(sources[0]),
         coding_schemes=[ihe_coding_scheme()],
     )
     add_contributing_equipment(seg, algorithm)

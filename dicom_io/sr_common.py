@@ -14,6 +14,7 @@ from pydicom.sr.codedict import codes
 
 from dicom_io.codes import ANATOMICAL_STRUCTURE, STRUCTURES, Structure
 from dicom_io.equipment import AlgorithmInfo, add_contributing_equipment
+from dicom_io.source_header import character_set_of, conform_copied_attributes
 
 logger = logging.getLogger(__name__)
 
@@ -217,9 +218,12 @@ def mednode_sr(
     ``previous_versions`` are the SRs this one replaces, written in the Predecessor Documents
     Sequence (PS3.3 C.17.2.1: SR instances whose content this document includes, with or
     without modification), so a PACS or viewer can tell an amendment from a second finding.
+
+    The patient and study attributes highdicom copies from the evidence are checked first: a
+    missing or invalid one is left empty (:func:`dicom_io.source_header.conform_copied_attributes`).
     """
     sr = hd.sr.ComprehensiveSR(
-        evidence=list(evidence),
+        evidence=conform_copied_attributes(evidence, purpose=f"SR {sop_instance_uid}"),
         content=content,
         series_instance_uid=series_instance_uid,
         series_number=series_number,
@@ -292,8 +296,5 @@ def character_set_for_text(source: Dataset, texts: Sequence[str]) -> str | list[
     object to ``ISO_IR 192`` (UTF-8), which encodes every value (patient name included).
     """
     if all(text.isascii() for text in texts):
-        value = source.get("SpecificCharacterSet")
-        if value is None or value == "" or (isinstance(value, list) and not any(value)):
-            return None
-        return value  # type: ignore[no-any-return]
+        return character_set_of(source)
     return "ISO_IR 192"

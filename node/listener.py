@@ -9,6 +9,10 @@ Who may associate: with an allow-list (``allowed_calling_ae_titles``, entries ``
 recognised" (PS3.8 9.3.4, source service user, reason 3) before any data is exchanged. The same
 listener can also run on a DICOM TLS port (PS3.15 B.1, :mod:`node.tls`).
 
+Which transfer syntax a sender uses: of those it proposes in a context, its first lossless one,
+or its first if it proposes only lossy ones (:func:`follow_sender_order`): mednode never makes a
+sender compress lossily, and stores what it sends as sent, Deflated included.
+
 Each accepted association is set up by :class:`node.acceptor.StoreRequestHandler`: pynetdicom's
 own, except that C-STORE is served on the thread that reads the network as soon as the request is
 complete and neither of the association's threads polls (docs/BENCHMARKS.md, "Ingest").
@@ -27,6 +31,7 @@ from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -63,17 +68,93 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
-_UNCOMPRESSED = [
+#: Transfer syntaxes that keep every pixel value (PS3.5 8 and Annex A): uncompressed, deflated,
+#: RLE, JPEG lossless (processes 14), JPEG-LS lossless, JPEG 2000 / HTJ2K lossless only, JPEG XL
+#: lossless, SMPTE ST 2110 uncompressed video and audio, Deflated Image Frame. Every other one may be
+#: lossy (JPEG 2000 "Image Compression" may be either, hence lossy here).
+LOSSLESS_TRANSFER_SYNTAXES = frozenset({
+    ImplicitVRLittleEndian,
     ExplicitVRLittleEndian,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
-    ImplicitVRLittleEndian,
-]
-#: The acceptor's order decides which syntax a peer ends up using: compressed first, so files
-#: proposed in their own compressed syntax arrive (and are stored) exactly as sent.
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical (Process 14)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, Process 14, Selection Value 1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 (Lossless Only)
+    "1.2.840.10008.1.2.4.92",  # JPEG 2000 Part 2 Multi-component (Lossless Only)
+    "1.2.840.10008.1.2.4.110",  # JPEG XL Lossless
+    "1.2.840.10008.1.2.4.201",  # High-Throughput JPEG 2000 (Lossless Only)
+    "1.2.840.10008.1.2.4.202",  # High-Throughput JPEG 2000 with RPCL Options (Lossless Only)
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.7.1",  # SMPTE ST 2110-20 Uncompressed Progressive Active Video
+    "1.2.840.10008.1.2.7.2",  # SMPTE ST 2110-20 Uncompressed Interlaced Active Video
+    "1.2.840.10008.1.2.7.3",  # SMPTE ST 2110-30 PCM Digital Audio
+    "1.2.840.10008.1.2.8.1",  # Deflated Image Frame Compression
+})
+#: Every syntax pynetdicom knows, lossless ones first. Which one a peer ends up using is decided
+#: per association by :func:`follow_sender_order`; this order only matters where that is skipped.
 ACCEPTED_TRANSFER_SYNTAXES: list[str] = [
-    ts for ts in ALL_TRANSFER_SYNTAXES if ts not in _UNCOMPRESSED
-] + _UNCOMPRESSED
+    ts for ts in ALL_TRANSFER_SYNTAXES if ts in LOSSLESS_TRANSFER_SYNTAXES
+] + [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in LOSSLESS_TRANSFER_SYNTAXES]
+
+
+def sender_order(proposals: Sequence[Sequence[str]], supported: Sequence[UID]) -> list[UID]:
+    """The proposed transfer syntaxes that mednode supports, in the order to accept them.
+
+    ``proposals`` are the transfer syntax lists of the contexts a sender proposed for one
+    abstract syntax. Within one context: the sender's own order, except that every lossless
+    syntax comes before any lossy one, so a sender that proposes JPEG Baseline before JPEG
+    Lossless or Explicit VR LE is asked for a lossless one (a transcoding sender never degrades
+    an image for mednode), and a sender that proposes only lossy syntaxes (it holds the image
+    that way) gets its first. A sender's first proposal is usually how it holds the file, so
+    files arrive, and are stored, as it holds them. (PS3.8 9.3.2.2 leaves the choice to the
+    acceptor; pynetdicom takes the first of the acceptor's list that a context proposes.)
+
+    pynetdicom keeps one list per abstract syntax, so contexts proposed for the same one share it.
+    dcmsend, for one, proposes a context per file syntax, each with the uncompressed ones as
+    fallback: [JPEG Lossless, Explicit LE, …], [RLE, Explicit LE, …], [Explicit LE, …]. Syntaxes
+    rank by their best place in any context, then the fewer contexts propose one the earlier it
+    comes (a file's own syntax before everyone's fallback), so each such context gets its own
+    first; for one context this is exactly the order above.
+    """
+    best_place: dict[UID, tuple[bool, int]] = {}
+    contexts: dict[UID, int] = {}
+    for proposal in proposals:
+        mine = [ts if isinstance(ts, UID) else UID(ts) for ts in dict.fromkeys(proposal) if ts in supported]
+        ranked = [ts for ts in mine if ts in LOSSLESS_TRANSFER_SYNTAXES] + [
+            ts for ts in mine if ts not in LOSSLESS_TRANSFER_SYNTAXES
+        ]
+        for place, ts in enumerate(ranked):
+            key = (ts not in LOSSLESS_TRANSFER_SYNTAXES, place)
+            best_place[ts] = min(best_place.get(ts, key), key)
+            contexts[ts] = contexts.get(ts, 0) + 1
+    first_seen = {ts: index for index, ts in enumerate(best_place)}
+    return sorted(best_place, key=lambda ts: (*best_place[ts], contexts[ts], first_seen[ts]))
+
+
+def follow_sender_order(event: Any) -> None:
+    """``EVT_REQUESTED`` handler: rank this association's transfer syntaxes as :func:`sender_order`.
+
+    Runs before pynetdicom negotiates, on the association's own copy of the supported contexts
+    (``assoc.acceptor.supported_contexts``, writable until the A-ASSOCIATE-AC is sent): each
+    proposed abstract syntax's list becomes the proposed syntaxes mednode supports, ranked. The
+    list is rewritten in place (the ``transfer_syntax`` setter validates each UID again: 3-6 ms
+    more for a peer proposing 127 contexts); this handler takes about 1 ms for such a peer.
+    """
+    assoc = event.assoc
+    if assoc.is_rejected or assoc.is_aborted:
+        return
+    proposed: dict[str, list[list[str]]] = {}
+    for item in assoc.requestor.primitive.presentation_context_definition_list:
+        proposed.setdefault(item.abstract_syntax, []).append(item.transfer_syntax)
+    for context in assoc.acceptor.supported_contexts:
+        proposals = proposed.get(context.abstract_syntax)
+        if proposals:
+            syntaxes = context.transfer_syntax
+            ranked = sender_order(proposals, syntaxes)
+            if ranked:
+                syntaxes[:] = ranked
 
 
 def quiet_pynetdicom() -> None:
@@ -337,6 +418,7 @@ def start_listener(
             else CallingAEAllowList.parse(allowed_calling_ae_titles)
         )
         handlers.append((evt.EVT_REQUESTED, check_calling_peer, [allowed]))
+    handlers.append((evt.EVT_REQUESTED, follow_sender_order))  # after the allow-list: skipped if it rejects
     server_class = ThreadedAssociationServer if ssl_context is None else TLSAssociationServer
     server = cast(ThreadedAssociationServer, ae.make_server(
         (host, port), evt_handlers=handlers, ssl_context=ssl_context, server_class=server_class,

@@ -6,7 +6,26 @@ import logging
 import sys
 import warnings
 
+from node.failures import redact
+
 FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
+#: Libraries that quote attribute values in their log messages.
+VALUE_QUOTING_LOGGERS = ("pydicom", "highdicom")
+
+
+class RedactLibraryValues(logging.Filter):
+    """Replace the values pydicom and highdicom quote in their log records by ``'…'``.
+
+    pydicom validates each value it reads and logs a bad one with the value itself
+    (``Invalid value for VR DA: '<a de-identifier's hash>'``) at WARNING, whatever
+    warnings filter is set: that value may be patient data (:func:`node.failures.redact`).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".", 1)[0] in VALUE_QUOTING_LOGGERS:
+            record.msg = redact(record.getMessage())
+            record.args = None
+        return True
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -15,6 +34,7 @@ def configure_logging(level: str = "INFO") -> None:
     if not any(getattr(h, "_mednode", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(FORMAT))
+        handler.addFilter(RedactLibraryValues())
         handler._mednode = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)

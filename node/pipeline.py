@@ -11,6 +11,7 @@ import logging
 import math
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -24,6 +25,7 @@ from dicom_io.errors import DicomIOError
 from dicom_io.measurement_report import StructureMeasurement, build_volume_report
 from dicom_io.rejection_note import build_rejection_note
 from dicom_io.seg import build_segmentation
+from dicom_io.source_header import conform_copied_attributes
 from dicom_io.sr_common import InstanceReference, versioned_description
 from dicom_io.uids import derived_uid
 from dicom_io.volume import Volume, load_volume, read_dataset
@@ -33,6 +35,7 @@ from inference.monai_bundle import MonaiBundle
 from node import jobs, metrics
 from node.config import plan_tasks
 from node.context import NodeContext
+from node.failures import failure_reason
 from node.vlm_stage import read_series, run_vlm_tasks
 from storage.errors import StorageError
 
@@ -94,6 +97,8 @@ def load_series_volume(ctx: NodeContext, job: jobs.ClaimedJob, modalities: tuple
     _, series_uid = max(candidates)
     started = time.perf_counter()
     datasets = [read_dataset(ctx.store.absolute(p)) for p in job.instance_paths[series_uid]]
+    # once per job, so one warning names what is left empty in all its results
+    datasets = conform_copied_attributes(datasets, purpose=f"job {job.id}")
     volume = load_volume(datasets)
     _timed("load_volume", started, job.key)
     return volume
@@ -170,7 +175,8 @@ def run_tasks(ctx: NodeContext, job: jobs.ClaimedJob) -> list[Output]:
                 f"tasks {[s.kind for s in specs]} need a vision-language model and none is configured "
                 "(set models.vlm in the config, or MEDNODE_VLM_PATH and MEDNODE_VLM_FAMILY)"
             )
-        series = read_series(job.instance_paths, ctx.store.absolute)
+        series = {uid: conform_copied_attributes(datasets, purpose=f"job {job.id}")
+                  for uid, datasets in read_series(job.instance_paths, ctx.store.absolute).items()}
         for produced in run_vlm_tasks(vlm_settings, series, specs, job_key=job.key, amendment=job.amendment):
             outputs.append(Output(produced.kind, produced.dataset, produced.summary))
     outputs.extend(rejection_notes(ctx, job))
@@ -363,7 +369,7 @@ def run_job(ctx: NodeContext, job_id: int) -> list[int]:
             outputs = run_tasks(ctx, job)
             results = store_outputs(ctx, job.id, outputs)
     except (InferenceError, DicomIOError, ValueError, KeyError) as exc:
-        jobs.fail_job(ctx.sessions, job.id, f"{type(exc).__name__}: {exc}")
+        jobs.fail_job(ctx.sessions, job.id, failure_reason(exc))
         return []
     except (OperationalError, StorageError, OSError) as exc:
         if job.attempt >= ctx.settings.job_max_attempts:
@@ -371,9 +377,11 @@ def run_job(ctx: NodeContext, job_id: int) -> list[int]:
             return []
         jobs.release_for_retry(ctx.sessions, job.id, f"{type(exc).__name__}: {exc}")
         raise TransientError(str(exc)) from exc
-    except Exception as exc:  # boundary: record why, never leave the job running
-        log.exception("job %d failed unexpectedly", job.id)
-        jobs.fail_job(ctx.sessions, job.id, f"internal error: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 (boundary: record why, never leave the job running)
+        # the stack, without the message (it may quote an attribute value); the reason has it redacted
+        log.error("job %d failed with %s:\n%s", job.id, type(exc).__name__,
+                  "".join(traceback.format_tb(exc.__traceback__)).rstrip())
+        jobs.fail_job(ctx.sessions, job.id, failure_reason(exc))
         return []
     metrics.JOB_DURATION.observe(time.perf_counter() - started)
     delivery_ids = jobs.record_results(ctx.sessions, job.id, results)

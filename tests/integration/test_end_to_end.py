@@ -14,6 +14,7 @@ from dicom_io.codes import STRUCTURES
 from dicom_io.measurement_report import ATTENUATION_COEFFICIENT, VOLUME
 from dicom_io.volume import load_volume
 from inference.builtin.ct_analyzer import analyze_ct
+from tests.deidentified import HASHED_BIRTH_DATE, LONG_ACCESSION, variant
 from tests.integration.conftest import MednodeFactory, MednodeNode
 from tests.integration.e2e import (
     assert_valid,
@@ -141,3 +142,40 @@ def test_storescu_phantom_volumes_and_no_patient_data_in_logs(tmp_path, orthanc_
     assert "job 1" in logs and datasets[0].StudyInstanceUID in logs  # logs are there, by UID
     for secret in (CANARY, "Zebediah7Q", CANARY_ID):
         assert secret not in logs, f"patient data {secret!r} found in the node's logs"
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_deidentified_ct_gets_its_seg_and_sr(tmp_path, orthanc_factory, mednode_factory, shared_dicom, dcmtk,
+                                             request, database):
+    """A de-identified CT — a hash in Patient's Birth Date, a 56-character Accession Number, no
+    Study ID — is stored (on PostgreSQL too, whose columns are as wide as the VRs) and still gets
+    its SEG and SR: those attributes empty in both, dciodvfy 0 errors, one warning in the node's
+    log naming them, and neither value in any log."""
+    sources = sorted((shared_dicom / "ct" / "dcmqi_ct3slice").glob("*.dcm"))
+    files = []
+    for index, path in enumerate(sources):
+        changed = variant(pydicom.dcmread(path), "hashed")
+        files.append(tmp_path / f"deid{index}.dcm")
+        changed.save_as(files[-1], enforce_file_format=True)
+    study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    extra = {"database_url": request.getfixturevalue("postgres_url")} if database == "postgres" else {}
+    orthanc, node = _orthanc_with_node(orthanc_factory, mednode_factory, **extra)
+
+    sent = storescu("127.0.0.1", node.dicom_port, files, called=node.ae_title)
+    assert sent.all_ok, sent.describe()
+    returned = wait_for_results(orthanc, study_uid)
+    assert_valid(tmp_path, "seg", returned.seg_bytes)
+    assert_valid(tmp_path, "sr", returned.sr_bytes)
+    for result in (returned.seg, returned.sr):
+        for keyword in ("PatientBirthDate", "AccessionNumber", "StudyID"):
+            assert keyword in result and result[keyword].value in (None, ""), keyword
+        assert result.StudyInstanceUID == study_uid
+
+    poll(lambda: node.status()["jobs"]["delivered"] == 1, 30, what="job delivered")
+    logs = node.logs()
+    [warning] = [line for line in logs.splitlines() if "left empty in the results" in line]
+    assert "WARNING" in warning and "job 1" in warning
+    for keyword in ("PatientBirthDate", "AccessionNumber", "StudyID"):
+        assert keyword in warning
+    for secret in (HASHED_BIRTH_DATE, LONG_ACCESSION, HASHED_BIRTH_DATE[:16]):
+        assert secret not in logs, "a de-identified value reached the node's logs"

@@ -260,17 +260,9 @@ def test_malformed_bytes_sent_unparsed_get_a_failure_status(
 
 
 # -- transfer syntaxes as sent ----------------------------------------------------------------------
-def _compressed_params() -> list[object]:
+def _compressed_params() -> list[str]:
     root = SHARED_DICOM / "compressed"
-    names = sorted(str(p.relative_to(root)) for p in root.rglob("*.dcm")) if root.is_dir() else []
-    return [
-        pytest.param(name, marks=pytest.mark.xfail(
-            strict=True,
-            reason="Deflated arrives as Explicit VR LE: the acceptor's list puts Explicit LE before Deflated "
-                   "(so pynetdicom senders, which propose Deflated by default, are not made to deflate)",
-        )) if "dfl" in name else name
-        for name in names
-    ]
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.dcm")) if root.is_dir() else []
 
 
 @pytest.fixture(scope="module")
@@ -322,12 +314,146 @@ def test_compressed_file_is_stored_as_sent(name: str, compressed_received, share
 
 
 def test_deflated_file_keeps_its_content(compressed_received, shared_dicom: Path) -> None:  # type: ignore[no-untyped-def]
-    """Whatever syntax the deflated sample arrives in, nothing in it changes."""
+    """The deflated sample is stored deflated, as dcmsend sent it, and nothing in it changes."""
     node, _, _ = compressed_received
     source = pydicom.dcmread(shared_dicom / "compressed" / "image_dfl_deflated.dcm")
     assert source.file_meta.TransferSyntaxUID == DEFLATED
     stored = pydicom.dcmread(node.stored_path(source.SOPInstanceUID))
+    assert stored.file_meta.TransferSyntaxUID == DEFLATED
     assert {e.tag: e.value for e in stored} == {e.tag: e.value for e in source}
+
+
+# -- negotiation: the sender's order, lossless before lossy -----------------------------------------
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
+JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
+J2K_LOSSLESS = "1.2.840.10008.1.2.4.90"
+J2K = "1.2.840.10008.1.2.4.91"
+RLE = "1.2.840.10008.1.2.5"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+EXPLICIT_BE = "1.2.840.10008.1.2.2"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+#: The same NEMA WG04 CT image in each syntax (compressed/*.dcm), by transfer syntax.
+CT1_BY_SYNTAX = {
+    EXPLICIT_LE: "CT1_UNC.explicit_little_endian.dcm",
+    JPEG_LOSSLESS_SV1: "CT1_JPLL.dcm",
+    JPEG_LS_LOSSLESS: "CT1_JLSL.dcm",
+    J2K_LOSSLESS: "CT1_J2KR.dcm",
+    J2K: "CT1_J2KI.dcm",
+    RLE: "CT1_RLE.dcm",
+}
+
+
+@pytest.mark.parametrize(("proposed", "expected"), [
+    # the issue's sender: lossy JPEG Baseline first, yet a lossless syntax is chosen (its first)
+    ([JPEG_BASELINE, J2K, JPEG_LOSSLESS_SV1, EXPLICIT_LE, IMPLICIT_LE], JPEG_LOSSLESS_SV1),
+    ([JPEG_BASELINE, J2K, EXPLICIT_LE, JPEG_LOSSLESS_SV1, IMPLICIT_LE], EXPLICIT_LE),
+    ([J2K, J2K_LOSSLESS, EXPLICIT_LE], J2K_LOSSLESS),
+    ([EXPLICIT_LE, JPEG_LOSSLESS_SV1, RLE], EXPLICIT_LE),
+    ([RLE, EXPLICIT_LE, IMPLICIT_LE], RLE),
+    ([JPEG_LS_LOSSLESS, IMPLICIT_LE, JPEG_BASELINE], JPEG_LS_LOSSLESS),
+    # only lossy syntaxes proposed: the sender holds the image that way; its first is taken
+    ([J2K, JPEG_BASELINE], J2K),
+], ids=["issue-order", "uncompressed-before-lossless", "j2k-lossless", "explicit-first", "rle-first",
+        "jpeg-ls", "lossy-only"])
+def test_one_context_with_several_syntaxes_gets_the_senders_first_lossless(
+    listener: Listener, shared_dicom: Path, monkeypatch: pytest.MonkeyPatch, proposed: list[str], expected: str
+) -> None:
+    """A pynetdicom sender proposing several syntaxes in ONE context for CT Image Storage is asked
+    for its first lossless one (its first at all if it proposes only lossy ones); the file it then
+    sends, streamed from disk unparsed, is stored byte for byte with that syntax in its File Meta."""
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+    path = shared_dicom / "compressed" / CT1_BY_SYNTAX[expected]
+    ae = AE(ae_title="MULTISCU")
+    ae.add_requested_context(CT_IMAGE_STORAGE, proposed)
+    assoc = ae.associate(LOOPBACK, listener.port, ae_title=AE_TITLE)
+    assert assoc.is_established
+    try:
+        [context] = assoc.accepted_contexts
+        assert context.transfer_syntax[0] == expected, context.transfer_syntax[0].name
+        response = assoc.send_c_store(path)
+    finally:
+        assoc.release()
+    assert response.Status == 0x0000
+    uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+    stored = listener.stored_path(uid)
+    assert pydicom.dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID == expected
+    assert _dataset_bytes(stored) == _dataset_bytes(path)
+
+
+def test_pynetdicom_default_proposal_and_deflated_first(listener: Listener, shared_dicom: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom's default proposal (Implicit, Explicit, Deflated, Big Endian) gets Implicit VR LE,
+    its first: a sender is never made to deflate; one that proposes Deflated first (it holds the
+    file deflated) sends it deflated, stored as sent."""
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+    path = shared_dicom / "compressed" / "image_dfl_deflated.dcm"
+    sop_class = pydicom.dcmread(path, stop_before_pixels=True).SOPClassUID
+    ae = AE(ae_title="MULTISCU")
+    ae.add_requested_context(sop_class)  # pynetdicom's default transfer syntaxes
+    ae.add_requested_context(CT_IMAGE_STORAGE, [DEFLATED, EXPLICIT_LE, IMPLICIT_LE])
+    assoc = ae.associate(LOOPBACK, listener.port, ae_title=AE_TITLE)
+    assert assoc.is_established
+    try:
+        accepted = {str(cx.abstract_syntax): str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+    finally:
+        assoc.release()
+    assert accepted == {str(sop_class): IMPLICIT_LE, CT_IMAGE_STORAGE: DEFLATED}
+
+    ae = AE(ae_title="MULTISCU")
+    ae.add_requested_context(sop_class, [DEFLATED, EXPLICIT_LE, IMPLICIT_LE])
+    assoc = ae.associate(LOOPBACK, listener.port, ae_title=AE_TITLE)
+    assert assoc.is_established
+    try:
+        assert str(assoc.accepted_contexts[0].transfer_syntax[0]) == DEFLATED
+        assert assoc.send_c_store(path).Status == 0x0000
+    finally:
+        assoc.release()
+    stored = listener.stored_path(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    assert pydicom.dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID == DEFLATED
+    assert _dataset_bytes(stored) == _dataset_bytes(path)
+
+
+_STORESCP_PREFERS = {EXPLICIT_LE: "+xe", EXPLICIT_BE: "+xb", IMPLICIT_LE: "+xi", DEFLATED: "+xd",
+                     JPEG_LOSSLESS_SV1: "+xs", RLE: "+xr", JPEG_LS_LOSSLESS: "+xt"}
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    ([], EXPLICIT_LE),  # -x= : uncompressed, explicit VR in local byte order first
+    (["-xe"], EXPLICIT_LE),
+    (["-xb"], EXPLICIT_BE),
+    (["-xi"], IMPLICIT_LE),
+    (["-xd"], DEFLATED),
+    # storescu here cannot compress: each of these sends the CT already in that syntax
+    (["-xs"], JPEG_LOSSLESS_SV1),
+    (["-xr"], RLE),
+    (["-xt"], JPEG_LS_LOSSLESS),
+    # JPEG Baseline (lossy) first, then the uncompressed ones: never the lossy one
+    (["-xy"], EXPLICIT_LE),
+    (["-xw"], EXPLICIT_LE),  # JPEG 2000 lossy first
+], ids=lambda v: "".join(v) if isinstance(v, list) else None)
+def test_storescu_proposals_in_one_context(listener: Listener, shared_dicom: Path, tmp_path: Path,
+                                           dcmtk, options: list[str], expected: str) -> None:  # type: ignore[no-untyped-def]
+    """dcmtk storescu with each ``-x…`` proposal, combined in one context (``+C``), sending the CT
+    (uncompressed, or already in the compressed syntax proposed): the node picks the first
+    lossless syntax of storescu's order, storescu converts the file to it where needed, and the
+    node stores exactly what a bit-preserving dcmtk storescp receives from the same command,
+    with that syntax in the File Meta."""
+    path = shared_dicom / "compressed" / CT1_BY_SYNTAX.get(expected, CT1_BY_SYNTAX[EXPLICIT_LE])
+    argv = ["+C", *options]
+    sent = storescu(LOOPBACK, listener.port, [path], called=AE_TITLE, extra=argv)
+    assert sent.all_ok, sent.describe()
+    uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+    stored = listener.stored_path(uid)
+    assert pydicom.dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID == expected
+    # storescp made to choose the same syntax (its own preference option) as the reference
+    with StoreSCP(tmp_path / "storescp", extra=["--bit-preserving", _STORESCP_PREFERS[expected]]) as scp:
+        to_scp = storescu(LOOPBACK, scp.port, [path], called=scp.aet, extra=argv)
+        assert to_scp.all_ok, to_scp.describe()
+        [received] = scp.received()
+        assert pydicom.dcmread(received, stop_before_pixels=True).file_meta.TransferSyntaxUID == expected
+        assert _dataset_bytes(stored) == _dataset_bytes(received)
 
 
 # -- re-sends and reopening -------------------------------------------------------------------------

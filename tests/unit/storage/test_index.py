@@ -4,16 +4,21 @@ SQLite and PostgreSQL (each has its own form of the one-statement insert of a ne
 from __future__ import annotations
 
 from datetime import timedelta
+from io import BytesIO
 from pathlib import Path
 
+import pydicom
 import pytest
 from sqlalchemy import Engine, event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_io.header import parse_header
 from storage.db import make_session_factory, upgrade
 from storage.index import IndexOutcome, index_instance, patient_key
 from storage.models import Instance, Patient, Series, Study, StudyState, utcnow
 from storage.store import InstanceStore, StoredFile
+from tests.deidentified import HASHED_BIRTH_DATE, LONG_ACCESSION, variant
+from tests.shared_data import SHARED_DICOM
 from tests.unit.storage.conftest import STUDY_UID, HeaderFactory
 
 
@@ -204,3 +209,23 @@ def test_a_new_instance_of_a_known_series_takes_two_statements(sessions, store, 
         row = session.scalars(select(Instance).where(Instance.sop_instance_uid == make_header(2).sop_instance_uid)).one()
         assert (row.series.series_instance_uid, row.instance_number, row.size_bytes) == (make_header(2).series_instance_uid, 2, 1)
         assert _study(session).last_received_at is not None
+
+
+@pytest.mark.parametrize("name", ["hashed", "garbled", "latin1", "gb18030", "iso2022-ir87"])
+def test_deidentified_and_non_conformant_headers_are_indexed(sessions, store, name: str) -> None:
+    """A hash in Patient's Birth Date or a 56-character Accession Number is not indexed (each
+    column is as wide as its VR allows: PostgreSQL refused the whole instance); the rest is."""
+    path = SHARED_DICOM / "ct" / "dcmqi_ct3slice" / "01.dcm"
+    if not path.exists():
+        pytest.skip(f"sample {path} is missing")
+    source = variant(pydicom.dcmread(path), name)
+    buffer = BytesIO()
+    source.save_as(buffer, enforce_file_format=True)
+    header, _ = parse_header(buffer.getvalue())
+    assert HASHED_BIRTH_DATE not in (header.patient_birth_date or "")
+    assert header.accession_number != LONG_ACCESSION
+    assert _index(sessions, store, header, buffer.getvalue()) is IndexOutcome.NEW
+    with sessions() as session:
+        study = session.scalars(select(Study).where(Study.study_instance_uid == header.study_instance_uid)).one()
+        assert study.accession_number == (None if name in ("hashed", "latin1") else header.accession_number)
+        assert _count(session, Instance) == 1

@@ -7,6 +7,7 @@ transformers): sending files needs only the index, the store and pynetdicom.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 
 from node import audit, jobs, metrics
@@ -39,6 +40,7 @@ def deliver(ctx: NodeContext, delivery_id: int) -> float | None:
     settings = ctx.settings.delivery
     timeouts = Timeouts(settings.acse_timeout_s, settings.dimse_timeout_s, settings.network_timeout_s)
     error: str | None = None
+    started = time.perf_counter()
     try:
         [status] = send_files(destination, [path], calling_ae_title=ctx.settings.ae_title, timeouts=timeouts)
         ok = status.ok
@@ -48,10 +50,13 @@ def deliver(ctx: NodeContext, delivery_id: int) -> float | None:
         ok, error = False, f"{type(exc).__name__}: {exc}"
     delay = None if ok else backoff_s(attempts + 1, settings.retry_initial_s, settings.retry_max_s)
     next_at = utcnow() + timedelta(seconds=delay) if delay is not None else None
+    elapsed = time.perf_counter() - started
     state = jobs.finish_delivery(
         ctx.sessions, delivery_id, ok=ok, error=error, give_up_after_s=settings.give_up_after_s,
         next_attempt_at=next_at,
     )
+    outcome = "delivered" if ok else "retry" if state == DeliveryState.PENDING else "failed"
+    metrics.DELIVERY_DURATION.labels(outcome=outcome).observe(elapsed)
     if ok:
         log.info("delivered %s to %s", sop_uid, destination)
         audit.record(ctx.sessions, audit.SYSTEM_ACTOR, audit.SENT, study_uid,

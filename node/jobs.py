@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.celery_app import DELIVERY_QUEUE, INFERENCE_QUEUE, app
+from node.celery_app import DELIVERY_QUEUE, app, inference_queue
 from storage.models import (
     TERMINAL_JOB_STATES,
     Delivery,
@@ -61,9 +61,14 @@ def _priority_kwargs(priority: int) -> dict[str, Any]:
 
 
 def enqueue_job(sessions: sessionmaker[Session], job_id: int, priority: int = 5) -> None:
-    """Send ``mednode.run_job`` for ``job_id`` and note when; a failure leaves it for the sweep."""
+    """Send ``mednode.run_job`` for ``job_id`` and note when; a failure leaves it for the sweep.
+
+    Jobs at :data:`~node.celery_app.URGENT_PRIORITY` or above go to the urgent queue, which a
+    worker of its own consumes (:func:`~node.celery_app.inference_queue`).
+    """
     try:
-        app.send_task("mednode.run_job", args=[job_id], queue=INFERENCE_QUEUE, **_priority_kwargs(priority))
+        app.send_task("mednode.run_job", args=[job_id], queue=inference_queue(priority),
+                      **_priority_kwargs(priority))
     except Exception as exc:  # noqa: BLE001 (broker down, any transport error: the job stays queued, the sweep enqueues it again)
         log.warning("could not enqueue job %d (%s); the sweep will retry", job_id, type(exc).__name__)
         return

@@ -256,6 +256,33 @@ def test_enqueue_job_sends_the_id_and_notes_when(sessions, routed_job: int, memo
     assert drain(memory_celery, "delivery") == [("mednode.deliver", [42])]
 
 
+@pytest.mark.parametrize("priority, queue", [(0, "inference"), (7, "inference"), (8, "inference.urgent"),
+                                             (9, "inference.urgent")])
+def test_urgent_jobs_go_to_the_urgent_queue(sessions, routed_job: int, memory_celery, priority: int,
+                                            queue: str) -> None:
+    jobs.enqueue_job(sessions, routed_job, priority)
+    other = "inference" if queue == "inference.urgent" else "inference.urgent"
+    assert drain(memory_celery, queue) == [("mednode.run_job", [routed_job])]
+    assert drain(memory_celery, other) == []
+
+
+def test_a_job_raised_to_priority_9_and_its_sweep_use_the_urgent_queue(
+    sessions, routed_job: int, memory_celery, settings_for, store
+) -> None:
+    from node.context import NodeContext
+    from node.scheduler import Scheduler
+
+    jobs.set_priority(sessions, routed_job, 9)
+    assert drain(memory_celery, "inference.urgent") == [("mednode.run_job", [routed_job])]
+    # its message was lost: the sweep (as the scheduler runs it) sends it to the same queue
+    _set(sessions, Job, routed_job, enqueued_at=utcnow() - timedelta(hours=1))
+    ctx = NodeContext(settings=settings_for(quiet_period_s=1), engine=sessions.kw["bind"], sessions=sessions,
+                      store=store)
+    Scheduler(ctx).tick()
+    assert drain(memory_celery, "inference.urgent") == [("mednode.run_job", [routed_job])]
+    assert drain(memory_celery, "inference") == []
+
+
 def test_sweep_finds_lost_jobs_and_overdue_deliveries(sessions, routed_job: int, index: IndexFn,
                                                       settings_for) -> None:
     # a second study whose job is running on a worker that died

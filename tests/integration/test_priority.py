@@ -1,0 +1,133 @@
+"""Urgent work starts while a long job holds the inference worker (embedded default: SQLite and
+kombu's SQLAlchemy transport, which ignores message priorities).
+
+A large synthetic CT keeps the built-in CT analyzer busy on the inference worker. While it runs, a
+queued job raised to priority 9 and then an on-demand ask (a question to a tiny real-architecture
+VLM, loaded by the product's loader) must each start within 2 s: both go to ``inference.urgent``,
+which the embedded node's urgent worker consumes.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from pydicom.uid import generate_uid
+
+from tests.integration.conftest import MednodeFactory, MednodeNode
+from tests.integration.e2e import poll
+from tests.models import build_tiny_qwen2_vl
+from tests.peers import storescu
+from tests.phantom import PhantomGeometry, make_ct_phantom, write_series
+
+TOKEN = "priority-test-token-5521"
+START_WITHIN_S = 2.0
+#: ~170 MB of CT: reading it, the analyzer and the SEG writer take ~30 s on a 2-core machine
+LONG_CT = PhantomGeometry(rows=512, columns=512, pixel_spacing_mm=(0.8, 0.8), slice_spacing_mm=0.9,
+                          num_slices=320)
+SMALL_CT = PhantomGeometry(rows=128, columns=128, pixel_spacing_mm=(3.2, 3.2), slice_spacing_mm=10.0,
+                           num_slices=20)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"))
+
+
+def node_config(tmp_path: Path, model_dir: Path, destinations: list[str] | None = None) -> Path:
+    """A CT analyzer rule on every CT, and a tiny VLM for asks."""
+    rule = {"name": "ct", "match": {"modality": "CT"}, "tasks": ["ct_analysis"], "destinations": destinations or []}
+    config = {
+        "models": {"vlm": {"path": str(model_dir), "family": "qwen2_vl", "max_new_tokens": 8,
+                           "slices_per_series": 1, "device": "cpu"}},
+        "rules": [rule],
+    }
+    path = tmp_path / "mednode.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def api(node: MednodeNode) -> httpx.Client:
+    return httpx.Client(base_url=node.web_url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+
+
+def when(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    moment = datetime.fromisoformat(value)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def study_job(client: httpx.Client, study_uid: str, state: str | None = None) -> dict[str, Any] | None:
+    """The study's routed job (not an ask), when it is in ``state`` (any state when None)."""
+    rows = [j for j in client.get("/api/v1/jobs", params={"study": study_uid}).json() if not j["on_demand"]]
+    if len(rows) == 1 and (state is None or rows[0]["state"] == state):
+        return dict(rows[0])
+    return None
+
+
+def job(client: httpx.Client, job_id: int) -> dict[str, Any]:
+    answer = client.get(f"/api/v1/jobs/{job_id}")
+    assert answer.status_code == 200, answer.text
+    return dict(answer.json())
+
+
+def send_phantom(tmp_path: Path, node: MednodeNode, geometry: PhantomGeometry, name: str) -> str:
+    study_uid = generate_uid()
+    files = write_series(make_ct_phantom(geometry=geometry, study_instance_uid=study_uid), tmp_path / name)
+    sent = storescu("127.0.0.1", node.dicom_port, [tmp_path / name], called=node.ae_title, extra=["+sd"])
+    assert sent.all_ok and len(sent.statuses) == len(files), sent.describe()
+    return study_uid
+
+
+def test_priority_9_job_and_ask_start_within_2_s_while_a_long_job_runs(
+    tmp_path: Path, mednode_factory: MednodeFactory, tiny_qwen2_vl: Path
+) -> None:
+    node = mednode_factory(quiet_period_s=1.0, config=node_config(tmp_path, tiny_qwen2_vl),
+                           extra_env={"MEDNODE_WEB_API_TOKENS": json.dumps([TOKEN])})
+    with api(node) as client:
+        long_uid = send_phantom(tmp_path, node, LONG_CT, "long")
+        long_job = poll(lambda: study_job(client, long_uid, "running"), 120, what="the long job running")
+
+        # a routine job queued behind the long one, then raised to 9 (the queue page's button)
+        small_uid = send_phantom(tmp_path, node, SMALL_CT, "small")
+        queued = poll(lambda: study_job(client, small_uid, "queued"), 60, what="the small study's job queued")
+        raised_at = datetime.now(UTC)
+        answer = client.post(f"/api/v1/jobs/{queued['id']}/priority", json={"priority": 9})
+        assert answer.status_code == 200, answer.text
+        raised = poll(lambda: (j := job(client, queued["id"]))["started_at"] and j, 30, interval_s=0.05,
+                      what="the raised job started")
+        waited_s = (when(raised["started_at"]) - raised_at).total_seconds()  # type: ignore[operator]
+        print(f"priority-9 job started {waited_s:.2f} s after it was raised")
+        assert waited_s <= START_WITHIN_S
+        poll(lambda: job(client, queued["id"])["state"] == "succeeded", 120, what="the raised job done")
+
+        # an on-demand question on the small study
+        answer = client.post(f"/api/v1/studies/{small_uid}/ask",
+                             json={"kind": "vqa", "text": "Is there a pleural effusion?"})
+        assert answer.status_code == 202, answer.text
+        ask_id = answer.json()["job"]["id"]
+        asked = poll(lambda: (j := job(client, ask_id))["started_at"] and j, 30, interval_s=0.05,
+                     what="the ask started")
+        waited_s = (when(asked["started_at"]) - when(asked["created_at"])).total_seconds()  # type: ignore[operator]
+        print(f"ask started {waited_s:.2f} s after it was asked")
+        assert waited_s <= START_WITHIN_S
+        done = poll(lambda: (j := job(client, ask_id))["state"] in ("succeeded", "failed") and j, 180,
+                    what="the ask answered")
+        assert done["state"] == "succeeded", done["reason"]
+        assert [r["kind"] for r in done["results"]], "the ask wrote no answer"
+
+        # all of that happened while the long job ran, on another worker process
+        long_done = poll(lambda: (j := job(client, long_job["id"]))["finished_at"] and j, 300,
+                         what="the long job finished")
+        assert long_done["state"] == "succeeded", long_done["reason"]
+        long_start, long_end = when(long_done["started_at"]), when(long_done["finished_at"])
+        for urgent in (raised, asked):
+            assert long_start < when(urgent["started_at"]) < long_end  # type: ignore[operator]
+            assert urgent["worker"] != long_done["worker"]
+        print(f"long job ran {(long_end - long_start).total_seconds():.1f} s")  # type: ignore[operator]

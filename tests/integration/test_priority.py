@@ -1,5 +1,5 @@
-"""Urgent work starts while a long job holds the inference worker (embedded default: SQLite and
-kombu's SQLAlchemy transport, which ignores message priorities).
+"""Urgent work starts while a long job holds the inference worker, on the embedded default (SQLite
+and kombu's SQLAlchemy transport, which ignores message priorities) and on RabbitMQ.
 
 A large synthetic CT keeps the built-in CT analyzer busy on the inference worker. While it runs, a
 queued job raised to priority 9 and then an on-demand ask (a question to a tiny real-architecture
@@ -12,83 +12,39 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
-import yaml
-from pydicom.uid import generate_uid
 
-from tests.integration.conftest import MednodeFactory, MednodeNode
+from tests.integration.conftest import MednodeFactory
 from tests.integration.e2e import poll
-from tests.models import build_tiny_qwen2_vl
-from tests.peers import storescu
-from tests.phantom import PhantomGeometry, make_ct_phantom, write_series
+from tests.integration.node_jobs import (  # noqa: F401  (tiny_qwen2_vl: a fixture)
+    SMALL_CT,
+    TOKEN,
+    api,
+    job,
+    node_config,
+    send_phantom,
+    study_job,
+    tiny_qwen2_vl,
+    when,
+)
+from tests.phantom import PhantomGeometry
 
-TOKEN = "priority-test-token-5521"
 START_WITHIN_S = 2.0
 #: ~170 MB of CT: reading it, the analyzer and the SEG writer take ~30 s on a 2-core machine
 LONG_CT = PhantomGeometry(rows=512, columns=512, pixel_spacing_mm=(0.8, 0.8), slice_spacing_mm=0.9,
                           num_slices=320)
-SMALL_CT = PhantomGeometry(rows=128, columns=128, pixel_spacing_mm=(3.2, 3.2), slice_spacing_mm=10.0,
-                           num_slices=20)
 
 
-@pytest.fixture(scope="module")
-def tiny_qwen2_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"))
-
-
-def node_config(tmp_path: Path, model_dir: Path, destinations: list[str] | None = None) -> Path:
-    """A CT analyzer rule on every CT, and a tiny VLM for asks."""
-    rule = {"name": "ct", "match": {"modality": "CT"}, "tasks": ["ct_analysis"], "destinations": destinations or []}
-    config = {
-        "models": {"vlm": {"path": str(model_dir), "family": "qwen2_vl", "max_new_tokens": 8,
-                           "slices_per_series": 1, "device": "cpu"}},
-        "rules": [rule],
-    }
-    path = tmp_path / "mednode.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def api(node: MednodeNode) -> httpx.Client:
-    return httpx.Client(base_url=node.web_url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
-
-
-def when(value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    moment = datetime.fromisoformat(value)
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
-def study_job(client: httpx.Client, study_uid: str, state: str | None = None) -> dict[str, Any] | None:
-    """The study's routed job (not an ask), when it is in ``state`` (any state when None)."""
-    rows = [j for j in client.get("/api/v1/jobs", params={"study": study_uid}).json() if not j["on_demand"]]
-    if len(rows) == 1 and (state is None or rows[0]["state"] == state):
-        return dict(rows[0])
-    return None
-
-
-def job(client: httpx.Client, job_id: int) -> dict[str, Any]:
-    answer = client.get(f"/api/v1/jobs/{job_id}")
-    assert answer.status_code == 200, answer.text
-    return dict(answer.json())
-
-
-def send_phantom(tmp_path: Path, node: MednodeNode, geometry: PhantomGeometry, name: str) -> str:
-    study_uid = generate_uid()
-    files = write_series(make_ct_phantom(geometry=geometry, study_instance_uid=study_uid), tmp_path / name)
-    sent = storescu("127.0.0.1", node.dicom_port, [tmp_path / name], called=node.ae_title, extra=["+sd"])
-    assert sent.all_ok and len(sent.statuses) == len(files), sent.describe()
-    return study_uid
-
-
+@pytest.mark.parametrize("broker", ["embedded", "rabbitmq"])
 def test_priority_9_job_and_ask_start_within_2_s_while_a_long_job_runs(
-    tmp_path: Path, mednode_factory: MednodeFactory, tiny_qwen2_vl: Path
+    tmp_path: Path, mednode_factory: MednodeFactory, tiny_qwen2_vl: Path, broker: str,  # noqa: F811
+    request: pytest.FixtureRequest,
 ) -> None:
-    node = mednode_factory(quiet_period_s=1.0, config=node_config(tmp_path, tiny_qwen2_vl),
+    """``embedded``: kombu's SQLAlchemy transport, no message priorities at all; ``rabbitmq``:
+    priorities exist, but a busy single worker could not start a second job with them alone."""
+    broker_url = request.getfixturevalue("rabbitmq_url") if broker == "rabbitmq" else None
+    node = mednode_factory(quiet_period_s=1.0, config=node_config(tmp_path, tiny_qwen2_vl), broker_url=broker_url,
                            extra_env={"MEDNODE_WEB_API_TOKENS": json.dumps([TOKEN])})
     with api(node) as client:
         long_uid = send_phantom(tmp_path, node, LONG_CT, "long")

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.celery_app import DELIVERY_QUEUE, app, inference_queue
+from node.celery_app import DELIVERY_QUEUE, URGENT_PRIORITY, app, inference_queue
 from storage.models import (
     TERMINAL_JOB_STATES,
     Delivery,
@@ -86,6 +86,17 @@ def enqueue_delivery(sessions: sessionmaker[Session], delivery_id: int, countdow
 
 
 # -- worker side -------------------------------------------------------------------------------
+def lowered_below_urgent(sessions: sessionmaker[Session], job_id: int) -> bool:
+    """True when a queued job's priority is now below the urgent threshold.
+
+    A message on the urgent queue for such a job is stale: :func:`set_priority` sent another to
+    the inference queue, which runs it, so the urgent worker stays free for urgent work.
+    """
+    with sessions() as session:
+        row = session.execute(select(Job.state, Job.priority).where(Job.id == job_id)).one_or_none()
+    return row is not None and row.state == JobState.QUEUED and row.priority < URGENT_PRIORITY
+
+
 @dataclass(frozen=True)
 class ClaimedJob:
     id: int

@@ -67,16 +67,18 @@ class WorkerSupervisor:
     restarts a child that exits unexpectedly.
 
     The urgent worker imports the model runtime at start but loads a model only when an urgent
-    job needs it, and then keeps it: with VLM asks, plan memory for a second copy of the model.
+    job needs it, and then keeps it: with VLM asks, plan memory for a second copy of the model, or
+    set ``embedded_urgent_worker: false`` to have the inference worker take urgent jobs too.
     """
 
-    def __init__(self, config_path: Path | None, concurrency: int) -> None:
+    def __init__(self, config_path: Path | None, concurrency: int, *, urgent_worker: bool = True) -> None:
         base = [sys.executable, "-m", "node.cli", "worker"]
         if config_path is not None:
             base += ["--config", str(config_path)]
+        inference = INFERENCE_QUEUE if urgent_worker else f"{URGENT_QUEUE},{INFERENCE_QUEUE}"
         self.commands = [
-            [*base, "--queues", INFERENCE_QUEUE, "--concurrency", str(concurrency)],
-            [*base, "--queues", URGENT_QUEUE, "--concurrency", "1"],
+            [*base, "--queues", inference, "--concurrency", str(concurrency)],
+            *([[*base, "--queues", URGENT_QUEUE, "--concurrency", "1"]] if urgent_worker else []),
             [*base, "--queues", DELIVERY_QUEUE, "--concurrency", "1"],
         ]
         self.processes: list[subprocess.Popen[bytes] | None] = [None] * len(self.commands)
@@ -186,7 +188,8 @@ def serve(settings: Settings, config_path: Path | None) -> None:
     scheduler.start()
     supervisor = None
     if settings.embedded_worker:
-        supervisor = WorkerSupervisor(config_path, settings.worker_concurrency)
+        supervisor = WorkerSupervisor(config_path, settings.worker_concurrency,
+                                      urgent_worker=settings.embedded_urgent_worker)
         supervisor.start()
     web = uvicorn.Server(
         uvicorn.Config(

@@ -87,3 +87,25 @@ def test_priority_9_job_and_ask_start_within_2_s_while_a_long_job_runs(
             assert long_start < when(urgent["started_at"]) < long_end  # type: ignore[operator]
             assert urgent["worker"] != long_done["worker"]
         print(f"long job ran {(long_end - long_start).total_seconds():.1f} s")  # type: ignore[operator]
+
+
+def test_without_the_urgent_worker_the_inference_worker_answers_asks(
+    tmp_path: Path, mednode_factory: MednodeFactory, tiny_qwen2_vl: Path,  # noqa: F811
+) -> None:
+    """``embedded_urgent_worker: false`` (no second model copy): urgent jobs are still consumed."""
+    node = mednode_factory(quiet_period_s=1.0, config=node_config(tmp_path, tiny_qwen2_vl),
+                           extra_env={"MEDNODE_WEB_API_TOKENS": json.dumps([TOKEN]),
+                                      "MEDNODE_EMBEDDED_URGENT_WORKER": "false"})
+    with api(node) as client:
+        study_uid = send_phantom(tmp_path, node, SMALL_CT, "small")
+        routed = poll(lambda: study_job(client, study_uid, "succeeded"), 120, what="the CT job done")
+        answer = client.post(f"/api/v1/studies/{study_uid}/ask", json={"kind": "vqa", "text": "Any effusion?"})
+        assert answer.status_code == 202, answer.text
+        ask_id = answer.json()["job"]["id"]
+        done = poll(lambda: (j := job(client, ask_id))["state"] in ("succeeded", "failed") and j, 180,
+                    what="the ask answered")
+        assert done["state"] == "succeeded", done["reason"]
+        assert done["worker"] == routed["worker"]  # the one inference worker ran both
+    logs = node.logs()
+    assert "started embedded worker for inference.urgent,inference (pid" in logs
+    assert "started embedded worker for inference.urgent (pid" not in logs

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
 import sys
 from pathlib import Path
@@ -44,7 +43,7 @@ def enable(data_dir: Path, *, clean: bool) -> Path | None:
     data_dir
         The node's data directory, shared by the listener and every worker.
     clean
-        Empty the directory first. Only a process that starts every other writer after this
+        Delete the metric files there first. Only a process that starts every other writer after this
         call may do so (``mednode serve`` with its embedded workers): files of processes still
         running elsewhere would be lost. Files of exited processes are otherwise kept, and their
         counts stay in the totals (counters and histograms never go backwards).
@@ -61,9 +60,10 @@ def enable(data_dir: Path, *, clean: bool) -> Path | None:
                     "/metrics shows this process only")
         return None
     directory = Path(os.environ.get(ENV) or data_dir / DIRNAME)
-    if clean and directory.exists():
-        shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if clean:  # the metric files only: the directory may be one an administrator named
+        for stale in directory.glob("*.db"):
+            stale.unlink(missing_ok=True)
     os.environ[ENV] = str(directory)
     from prometheus_client import values
 

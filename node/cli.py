@@ -50,23 +50,34 @@ def _context(settings: Settings):  # type: ignore[no-untyped-def]
 
 @app.command()
 def serve(config: ConfigOpt = None) -> None:
-    """Run the node: DICOM listener, completion and routing, web, and (embedded) a worker."""
+    """Run the node: DICOM listener, completion and routing, web, and (embedded) workers."""
+    from node import multiprocess_metrics
+
+    settings = _settings(config)
+    # before anything creates a metric; the embedded workers start after this, so their
+    # directory can be emptied of a previous run's files
+    multiprocess_metrics.enable(settings.data_dir, clean=settings.embedded_worker)
     from node.service import serve as run
 
-    run(_settings(config), config)
+    run(settings, config)
 
 
 @app.command()
 def worker(
     config: ConfigOpt = None,
-    queues: Annotated[str, typer.Option(help="Comma-separated queues to consume.")] = "inference,delivery",
+    queues: Annotated[str, typer.Option(help=(
+        "Comma-separated queues to consume: inference.urgent (priority 8-9: asks, STAT rules), "
+        "inference, delivery. Run one worker with --queues inference.urgent beside the others so "
+        "an urgent job starts while a long one runs."))] = "inference.urgent,inference,delivery",
     concurrency: Annotated[int | None, typer.Option(help="Worker processes.")] = None,
 ) -> None:
     """Run a Celery worker (one per GPU host for scale-out)."""
-    from node import context
-    from node.celery_app import configure_celery
+    from node import multiprocess_metrics
 
     settings = _settings(config)
+    multiprocess_metrics.enable(settings.data_dir, clean=False)  # before any metric is created
+    from node import context
+    from node.celery_app import configure_celery
     from node.service import PARENT_PID_ENV, die_with_parent
 
     parent = os.environ.pop(PARENT_PID_ENV, None)
@@ -78,6 +89,11 @@ def worker(
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     context.configure(settings)
     celery = configure_celery(settings)
+    if any(q.strip().startswith("inference") for q in queues.split(",")):
+        # import the model runtime (torch, transformers) now, not in the first job: an urgent
+        # job must start within a second or two of being asked. Model weights still load lazily,
+        # on first use, so an idle urgent worker holds no second copy of a model.
+        import node.pipeline  # noqa: F401
     argv = [
         "worker",
         "--queues", queues,

@@ -286,6 +286,10 @@ class Settings(BaseSettings):
     #: ``mednode serve`` starts a worker process itself (the embedded default)
     embedded_worker: bool = True
     worker_concurrency: int = Field(default=1, ge=1)
+    #: the embedded workers include one for ``inference.urgent`` (asks, priority 8-9), which
+    #: starts them while a long job runs but holds its own copy of a model once it has run one;
+    #: false: the inference worker takes urgent jobs too, after the job it is running
+    embedded_urgent_worker: bool = True
     #: new instances are refused (0xA700) when less than this is free on the data volume
     min_free_disk_mb: int = Field(default=200, ge=0)
     #: calling AE titles allowed to associate, each ``AET`` or ``AET@host``; None allows any peer

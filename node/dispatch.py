@@ -7,6 +7,7 @@ transformers): sending files needs only the index, the store and pynetdicom.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import astuple
 from datetime import timedelta
 from pathlib import Path
@@ -77,13 +78,17 @@ def deliver(ctx: NodeContext, delivery_id: int) -> float | None:
     if not jobs.claim_delivery(ctx.sessions, delivery_id, lease_s=2 * sum(astuple(timeouts)) + 60):
         log.debug("delivery %d is being tried elsewhere or not due yet; skipped", delivery_id)
         return None
+    started = time.perf_counter()
     ok, permanent, error = attempt(destination, path, ctx.settings.ae_title, timeouts)
     delay = None if ok or permanent else backoff_s(attempts + 1, settings.retry_initial_s, settings.retry_max_s)
     next_at = utcnow() + timedelta(seconds=delay) if delay is not None else None
+    elapsed = time.perf_counter() - started
     state = jobs.finish_delivery(
         ctx.sessions, delivery_id, ok=ok, error=error, give_up_after_s=settings.give_up_after_s,
         next_attempt_at=next_at, permanent=permanent,
     )
+    outcome = "delivered" if ok else "retry" if state == DeliveryState.PENDING else "failed"
+    metrics.DELIVERY_DURATION.labels(outcome=outcome).observe(elapsed)
     if ok:
         log.info("delivered %s to %s", sop_uid, destination)
         audit.record(ctx.sessions, audit.SYSTEM_ACTOR, audit.SENT, study_uid,

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_io.sr_common import InstanceReference
 from dicom_io.uids import derived_uid
-from node.celery_app import DELIVERY_QUEUE, INFERENCE_QUEUE, app
+from node.celery_app import DELIVERY_QUEUE, URGENT_PRIORITY, app, inference_queue
 from storage.models import (
     TERMINAL_JOB_STATES,
     Delivery,
@@ -63,9 +63,14 @@ def _priority_kwargs(priority: int) -> dict[str, Any]:
 
 
 def enqueue_job(sessions: sessionmaker[Session], job_id: int, priority: int = 5) -> None:
-    """Send ``mednode.run_job`` for ``job_id`` and note when; a failure leaves it for the sweep."""
+    """Send ``mednode.run_job`` for ``job_id`` and note when; a failure leaves it for the sweep.
+
+    Jobs at :data:`~node.celery_app.URGENT_PRIORITY` or above go to the urgent queue, which a
+    worker of its own consumes (:func:`~node.celery_app.inference_queue`).
+    """
     try:
-        app.send_task("mednode.run_job", args=[job_id], queue=INFERENCE_QUEUE, **_priority_kwargs(priority))
+        app.send_task("mednode.run_job", args=[job_id], queue=inference_queue(priority),
+                      **_priority_kwargs(priority))
     except Exception as exc:  # noqa: BLE001 (broker down, any transport error: the job stays queued, the sweep enqueues it again)
         log.warning("could not enqueue job %d (%s); the sweep will retry", job_id, type(exc).__name__)
         return
@@ -83,6 +88,17 @@ def enqueue_delivery(sessions: sessionmaker[Session], delivery_id: int, countdow
 
 
 # -- worker side -------------------------------------------------------------------------------
+def lowered_below_urgent(sessions: sessionmaker[Session], job_id: int) -> bool:
+    """True when a queued job's priority is now below the urgent threshold.
+
+    A message on the urgent queue for such a job is stale: :func:`set_priority` sent another to
+    the inference queue, which runs it, so the urgent worker stays free for urgent work.
+    """
+    with sessions() as session:
+        row = session.execute(select(Job.state, Job.priority).where(Job.id == job_id)).one_or_none()
+    return row is not None and row.state == JobState.QUEUED and row.priority < URGENT_PRIORITY
+
+
 @dataclass(frozen=True)
 class PreviousResult:
     """An object the previous version of the same study and rule wrote (what a new job amends)."""

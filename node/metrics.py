@@ -1,8 +1,11 @@
 """Prometheus metrics of the node (served at ``/metrics``).
 
-Metrics are process-local; the worker processes expose theirs through the multiprocess directory
-when ``PROMETHEUS_MULTIPROC_DIR`` is set, otherwise the web process reports what it sees itself plus
-the job and queue gauges it reads from the database on each scrape.
+``mednode serve`` and ``mednode worker`` write these to the shared multiprocess directory
+(:mod:`node.multiprocess_metrics`), so the web process serves the workers' job, stage, delivery and
+model-load observations too; a process that imports this module before that is set up (tests in
+one process) reports its own. The job and queue gauges are read from the database on each scrape
+(:mod:`node.web.collector`). A Gauge added here needs a ``multiprocess_mode`` (e.g.
+``"livesum"``): the web process sums every process's file.
 """
 
 from __future__ import annotations
@@ -33,4 +36,10 @@ DELIVERY_FAILURES = Counter(
 )
 MODEL_LOAD_SECONDS = Histogram(
     "mednode_model_load_seconds", "Time to load a model into a worker", ["model"]
+)
+DELIVERY_DURATION = Histogram(
+    "mednode_delivery_duration_seconds",
+    "Wall time of one delivery attempt (association, C-STORE, release) by outcome",
+    ["outcome"],  # delivered, retry (a transient failure), failed (given up)
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
 )

@@ -1,7 +1,7 @@
-"""``mednode serve``: listener, scheduler, web and (embedded default) a worker, as one service.
+"""``mednode serve``: listener, scheduler, web and (embedded default) workers, as one service.
 
-The worker runs as a child process (``mednode worker``), never inside the listener's process: a
-model crash or a GPU out-of-memory must not take the DICOM listener down. The child is restarted
+The workers run as child processes (``mednode worker``), never inside the listener's process: a
+model crash or a GPU out-of-memory must not take the DICOM listener down. A child is restarted
 if it dies.
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node import context
-from node.celery_app import DELIVERY_QUEUE, INFERENCE_QUEUE
+from node import context, multiprocess_metrics
+from node.celery_app import DELIVERY_QUEUE, INFERENCE_QUEUE, URGENT_QUEUE
 from node.config import ConfigError, Settings
 from node.context import NodeContext
 from node.ingest import Ingestor
@@ -61,16 +61,24 @@ PARENT_PID_ENV = "MEDNODE_PARENT_PID"
 
 
 class WorkerSupervisor:
-    """Keeps the embedded ``mednode worker`` children running, one per queue — inference and
-    delivery — so a slow PACS never waits behind the model and a long job never holds up sending
-    finished results; restarts a child that exits unexpectedly."""
+    """Keeps the embedded ``mednode worker`` children running, one per queue — inference, urgent
+    inference and delivery — so a slow PACS never waits behind the model, a long job never holds
+    up sending finished results, and an ask or a priority 8–9 job starts while a long job runs;
+    restarts a child that exits unexpectedly.
 
-    def __init__(self, config_path: Path | None, concurrency: int) -> None:
+    The urgent worker imports the model runtime at start but loads a model only when an urgent
+    job needs it, and then keeps it: with VLM asks, plan memory for a second copy of the model, or
+    set ``embedded_urgent_worker: false`` to have the inference worker take urgent jobs too.
+    """
+
+    def __init__(self, config_path: Path | None, concurrency: int, *, urgent_worker: bool = True) -> None:
         base = [sys.executable, "-m", "node.cli", "worker"]
         if config_path is not None:
             base += ["--config", str(config_path)]
+        inference = INFERENCE_QUEUE if urgent_worker else f"{URGENT_QUEUE},{INFERENCE_QUEUE}"
         self.commands = [
-            [*base, "--queues", INFERENCE_QUEUE, "--concurrency", str(concurrency)],
+            [*base, "--queues", inference, "--concurrency", str(concurrency)],
+            *([[*base, "--queues", URGENT_QUEUE, "--concurrency", "1"]] if urgent_worker else []),
             [*base, "--queues", DELIVERY_QUEUE, "--concurrency", "1"],
         ]
         self.processes: list[subprocess.Popen[bytes] | None] = [None] * len(self.commands)
@@ -93,6 +101,7 @@ class WorkerSupervisor:
             for index, process in enumerate(self.processes):
                 if process is not None and process.poll() is not None:
                     log.error("embedded worker %d exited with %s; restarting it", process.pid, process.returncode)
+                    multiprocess_metrics.mark_process_dead(process.pid)
                     self._spawn(index)
 
     def stop(self) -> None:
@@ -106,6 +115,7 @@ class WorkerSupervisor:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+            multiprocess_metrics.mark_process_dead(process.pid)
 
 
 @dataclass(frozen=True)
@@ -180,7 +190,8 @@ def serve(settings: Settings, config_path: Path | None) -> None:
     scheduler.start()
     supervisor = None
     if settings.embedded_worker:
-        supervisor = WorkerSupervisor(config_path, settings.worker_concurrency)
+        supervisor = WorkerSupervisor(config_path, settings.worker_concurrency,
+                                      urgent_worker=settings.embedded_urgent_worker)
         supervisor.start()
     web = uvicorn.Server(
         uvicorn.Config(

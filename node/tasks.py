@@ -12,7 +12,7 @@ from typing import Any
 from celery.worker.control import inspect_command
 
 from node import context, dispatch, jobs
-from node.celery_app import app
+from node.celery_app import URGENT_QUEUE, app
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,10 @@ def run_job(self, job_id: int) -> None:  # type: ignore[no-untyped-def]
     from node import pipeline  # the model runtime: imported where jobs run, not in delivery workers
 
     ctx = context.current()
+    queue = (self.request.delivery_info or {}).get("routing_key")
+    if queue == URGENT_QUEUE and jobs.lowered_below_urgent(ctx.sessions, job_id):
+        log.info("job %d is no longer urgent; its message on the inference queue runs it", job_id)
+        return
     try:
         delivery_ids = pipeline.run_job(ctx, job_id)
     except pipeline.TransientError as exc:

@@ -38,6 +38,7 @@ from inference.results import (
 )
 from inference.tasks import TaskSpec
 from inference.vlm import VLMConfig, get_vlm
+from inference.vlm.loader import loaded_models
 from inference.vlm.runtime import VLM
 from node import jobs, metrics
 from node.config import VLMSettings
@@ -96,9 +97,10 @@ def load_model(settings: VLMSettings | None) -> VLM:
             "(set models.vlm in the config, or MEDNODE_VLM_PATH and MEDNODE_VLM_FAMILY)"
         )
     started = time.perf_counter()
+    loaded_before = len(loaded_models())
     vlm = get_vlm(vlm_config(settings))
     elapsed = time.perf_counter() - started
-    if elapsed > 0.5:  # a real load, not a cache hit
+    if len(loaded_models()) > loaded_before:  # a real load, not a cache hit
         metrics.MODEL_LOAD_SECONDS.labels(model=vlm.info.name).observe(elapsed)
         log.info("loaded model %s (%s) in %.1f s", vlm.info.name, vlm.info.family, elapsed)
     return vlm

@@ -22,7 +22,8 @@ from tests.peers.processes import ToolMissingError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
-SERVICES = {"postgres", "rabbitmq", "node", "worker", "orthanc"}
+SERVICES = {"postgres", "rabbitmq", "node", "worker", "worker-urgent", "orthanc"}
+MEDNODE_SERVICES = ("node", "worker", "worker-urgent")
 SECRET = "s" * 40
 
 
@@ -84,13 +85,14 @@ def test_services_and_healthchecks(config: dict[str, Any]) -> None:
     assert set(services) == SERVICES
     for name, service in services.items():
         assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
-    for name in ("node", "worker"):
+    for name in MEDNODE_SERVICES:
         deps = services[name]["depends_on"]
         assert deps["postgres"]["condition"] == "service_healthy"
         assert deps["rabbitmq"]["condition"] == "service_healthy"
 
 
-@pytest.mark.parametrize("name, command", [("node", ["serve"]), ("worker", ["worker"])])
+@pytest.mark.parametrize("name, command", [("node", ["serve"]), ("worker", ["worker"]),
+                                           ("worker-urgent", ["worker", "--queues", "inference.urgent"])])
 def test_node_and_worker_env(config: dict[str, Any], name: str, command: list[str]) -> None:
     service = config["services"][name]
     assert service["command"] == command
@@ -138,9 +140,13 @@ def test_listener_and_worker_share_the_instance_volume(config: dict[str, Any]) -
         return mounts
 
     data_dir = env_of(config["services"]["node"])["MEDNODE_DATA_DIR"]
-    shared = data_mounts("node") & data_mounts("worker")
-    assert any(target == data_dir for _, target in shared), shared
-    assert {source for source, _ in shared} <= set(config["volumes"])
+    for worker in ("worker", "worker-urgent"):
+        shared = data_mounts("node") & data_mounts(worker)
+        assert any(target == data_dir for _, target in shared), shared
+        assert {source for source, _ in shared} <= set(config["volumes"])
+        # the workers' metrics reach the node's /metrics through <data_dir>/metrics on that volume
+        assert env_of(config["services"][worker])["MEDNODE_DATA_DIR"] == data_dir
+        assert "PROMETHEUS_MULTIPROC_DIR" not in env_of(config["services"][worker])
 
 
 def test_orthanc_knows_the_node_as_a_modality(config: dict[str, Any]) -> None:
@@ -168,7 +174,7 @@ def test_passwords_come_from_the_environment() -> None:
     services = config["services"]
     assert env_of(services["postgres"])["POSTGRES_PASSWORD"] == "pg-from-env"
     assert env_of(services["rabbitmq"])["RABBITMQ_DEFAULT_PASS"] == "mq-from-env"
-    for name in ("node", "worker"):
+    for name in MEDNODE_SERVICES:
         env = env_of(services[name])
         assert urlsplit(env["MEDNODE_DATABASE_URL"]).password == "pg-from-env"
         assert urlsplit(env["MEDNODE_BROKER_URL"]).password == "mq-from-env"

@@ -120,7 +120,7 @@ def memory_celery(tmp_path: Path) -> Iterator[object]:
     from node.celery_app import app, configure_celery
 
     configure_celery(load_settings(data_dir=tmp_path / "var", broker_url="memory://"))
-    for queue in ("inference", "delivery"):
+    for queue in ("inference.urgent", "inference", "delivery"):
         drain(app, queue)  # the in-memory broker is shared by every test of the process
     yield app
 

@@ -291,6 +291,56 @@ def test_enqueue_job_sends_the_id_and_notes_when(sessions, routed_job: int, memo
     assert drain(memory_celery, "delivery") == [("mednode.deliver", [42])]
 
 
+@pytest.mark.parametrize("priority, queue", [(0, "inference"), (7, "inference"), (8, "inference.urgent"),
+                                             (9, "inference.urgent")])
+def test_urgent_jobs_go_to_the_urgent_queue(sessions, routed_job: int, memory_celery, priority: int,
+                                            queue: str) -> None:
+    jobs.enqueue_job(sessions, routed_job, priority)
+    other = "inference" if queue == "inference.urgent" else "inference.urgent"
+    assert drain(memory_celery, queue) == [("mednode.run_job", [routed_job])]
+    assert drain(memory_celery, other) == []
+
+
+def test_a_job_raised_to_priority_9_and_its_sweep_use_the_urgent_queue(
+    sessions, routed_job: int, memory_celery, settings_for, store
+) -> None:
+    from node.context import NodeContext
+    from node.scheduler import Scheduler
+
+    jobs.set_priority(sessions, routed_job, 9)
+    assert drain(memory_celery, "inference.urgent") == [("mednode.run_job", [routed_job])]
+    # its message was lost: the sweep (as the scheduler runs it) sends it to the same queue
+    _set(sessions, Job, routed_job, enqueued_at=utcnow() - timedelta(hours=1))
+    ctx = NodeContext(settings=settings_for(quiet_period_s=1), engine=sessions.kw["bind"], sessions=sessions,
+                      store=store)
+    Scheduler(ctx).tick()
+    assert drain(memory_celery, "inference.urgent") == [("mednode.run_job", [routed_job])]
+    assert drain(memory_celery, "inference") == []
+
+
+def test_the_urgent_message_of_a_job_lowered_since_leaves_it_queued(
+    sessions, routed_job: int, memory_celery, settings_for
+) -> None:
+    from node import context, tasks
+
+    jobs.set_priority(sessions, routed_job, 9)
+    jobs.set_priority(sessions, routed_job, 3)  # an administrator changed their mind
+    assert drain(memory_celery, "inference.urgent") == [("mednode.run_job", [routed_job])]
+    assert drain(memory_celery, "inference") == [("mednode.run_job", [routed_job])]
+    assert jobs.lowered_below_urgent(sessions, routed_job)
+
+    context.configure(settings_for(quiet_period_s=1))  # the same index as ``sessions``
+    tasks.run_job.push_request(delivery_info={"routing_key": "inference.urgent"}, retries=0)
+    try:
+        tasks.run_job.run(routed_job)
+    finally:
+        tasks.run_job.pop_request()
+        context.current().close()
+    assert _job(sessions, routed_job).state is JobState.QUEUED  # left for the inference worker
+    jobs.claim(sessions, routed_job)
+    assert not jobs.lowered_below_urgent(sessions, routed_job)  # running: nothing to leave
+
+
 def test_sweep_finds_lost_jobs_and_overdue_deliveries(sessions, routed_job: int, index: IndexFn,
                                                       settings_for) -> None:
     # a second study whose job is running on a worker that died

@@ -62,6 +62,8 @@ class InstanceHeader:
     patient_name: str | None
     patient_birth_date: str | None
     patient_sex: str | None
+    #: of the equipment that made the instance: mednode's own results name mednode here
+    manufacturer: str | None = None
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -415,6 +417,7 @@ def _checked_header(ds: Dataset, buffer: bytes, transfer_syntax: str | None) -> 
         patient_name=_text(ds, "PatientName"),
         patient_birth_date=_text(ds, "PatientBirthDate"),
         patient_sex=_text(ds, "PatientSex"),
+        manufacturer=_text(ds, "Manufacturer"),
     )
     value = _pixel_data_value(ds, buffer)
     if value is None and "Rows" in ds and "Columns" in ds and not _has_other_pixel_data(ds):

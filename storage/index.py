@@ -13,7 +13,16 @@ from sqlalchemy.orm import Session
 from dicom_io.equipment import names_mednode
 from dicom_io.header import InstanceHeader
 from dicom_io.sop_classes import is_derived_object
-from storage.models import Instance, Patient, Result, Series, SeriesOrigin, Study, StudyState, utcnow
+from storage.models import (
+    Instance,
+    Patient,
+    Result,
+    Series,
+    SeriesOrigin,
+    Study,
+    StudyState,
+    utcnow,
+)
 from storage.store import StoredFile
 
 

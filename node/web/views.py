@@ -55,6 +55,7 @@ def study_detail(session: Session, study: Study, principal: Principal, now: date
     return StudyOut(
         **summary.model_dump(),
         route_reason=study.route_reason,
+        completion_reason=study.completion_reason,
         series=[SeriesOut.of(s, counts.get(s.series_instance_uid, 0)) for s in study.series],
         timeline=[TimelineEventOut(**vars(e)) for e in queries.study_timeline(study)],
         jobs=[JobOut.of(j, now) for j in sorted(study.jobs, key=lambda j: j.id, reverse=True)],

@@ -99,7 +99,7 @@ def _complete(session: Session, settings: Settings, study: Study, facts: StudyFa
     audit.add(session, audit.dicom_actor(study.calling_ae_title), audit.RECEIVED,
               study.study_instance_uid,
               f"version {study.version}: {sum(f.instance_count for f in facts.series)} instance(s) "
-              f"in {len(facts.series)} series; {reason}", at=now)
+              f"in {len(facts.series)} series", at=now)
     # every unfinished job of an earlier version works on an outdated study
     session.execute(
         update(Job)

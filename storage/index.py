@@ -88,8 +88,10 @@ def _get_or_create_study(session: Session, header: InstanceHeader, now: datetime
 
 def is_returned_result(session: Session, header: InstanceHeader) -> bool:
     """Whether mednode wrote this instance: its SOP Instance or Series Instance UID is a result's,
-    or its Manufacturer names mednode (results of an index since wiped, or of another mednode)."""
-    if names_mednode(header.manufacturer):
+    or it is a derived object (mednode writes only SR and SEG) whose Manufacturer names mednode:
+    results of an index since wiped, or of another mednode. Images are never taken for results
+    by their Manufacturer alone (a test phantom, or a scanner, may name anything there)."""
+    if names_mednode(header.manufacturer) and is_derived_object(header.sop_class_uid):
         return True
     found = session.connection().execute(_FIND_RESULT, {
         "sop_uid": header.sop_instance_uid, "series_uid": header.series_instance_uid,

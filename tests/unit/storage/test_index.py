@@ -378,3 +378,12 @@ def test_derived_objects_take_the_full_path(sessions, store, make_header: Header
     finally:
         event.remove(engine, "before_cursor_execute", count)
     assert statements[:2] == ["SELECT", "SELECT"] and "INSERT" in statements
+
+
+def test_an_image_naming_mednode_as_manufacturer_is_not_taken_for_a_result(
+    sessions, store, make_header: HeaderFactory
+) -> None:
+    _index(sessions, store, make_header(1, manufacturer="mednode"), b"a phantom made by mednode's tests")
+
+    with sessions() as session:
+        assert _series(session, make_header(1).series_instance_uid).origin is SeriesOrigin.ACQUIRED

@@ -16,6 +16,7 @@ from node.completion import (
     late_series_check,
     study_facts,
 )
+from node import queries
 from node.config import Settings
 from storage.index import IndexOutcome
 from storage.models import Job, JobState, Study, StudyState, utcnow
@@ -274,5 +275,9 @@ def test_a_late_series_reopens_only_if_a_rule_runs_on_it(sessions, settings, ind
     assert bool(created) is reopens
     study = _study(sessions)
     assert study.version == (2 if reopens else 1)
+    with sessions() as session:  # what /metrics reports
+        counts = queries.arrival_counts(session)
+    assert (counts.split_studies, counts.late_studies) == (1 if reopens else 0, 1)
+    assert counts.held_series == {"acquired": 0 if reopens else 1, "mednode_result": 0, "derived": 0}
     if reopens:
         assert sorted(_jobs(sessions)[-1].series_uids) == sorted([SERIES, f"{STUDY}.3"])

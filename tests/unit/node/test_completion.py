@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from node import queries
 from node.completion import (
     StudyNotReceivingError,
     complete_due_studies,
@@ -16,7 +17,6 @@ from node.completion import (
     late_series_check,
     study_facts,
 )
-from node import queries
 from node.config import Settings
 from storage.index import IndexOutcome
 from storage.models import Job, JobState, Study, StudyState, utcnow

@@ -1,7 +1,9 @@
 """A PACS that forwards every stable study back to mednode (issue 12's echo loop), with real
 Orthanc: an ``OnStableStudy`` Lua script posts each stable study to ``/modalities/mednode/store``,
 so mednode's own SEG and SR come back inside the study. Exactly one job and one result set must
-come of it, whatever the PACS sends back, and a hand re-send in other transfer syntaxes too."""
+come of it, whatever the PACS sends back, and a hand re-send in other transfer syntaxes too.
+And a late series, sent over the network to a running node, reopens a complete study only if a
+rule would run on it."""
 
 from __future__ import annotations
 
@@ -11,13 +13,15 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from tests.integration.conftest import MednodeFactory, MednodeNode
 from tests.integration.e2e import poll, wait_for_results
-from tests.peers import LOOPBACK, Orthanc
+from tests.peers import LOOPBACK, Orthanc, StoreSCP, storescu
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 #: how long the PACS forwards every stable study to mednode while mednode sends it results
 FORWARDING_S = 120.0
@@ -111,3 +115,55 @@ def test_a_pacs_forwarding_every_stable_study_gets_one_result_set(
     forwarded = orthanc.log_tail(200_000).count("forwarded stable study")
     print(f"Orthanc forwarded the stable study {forwarded} time(s) in {FORWARDING_S:.0f} s")
     assert forwarded >= 2
+
+
+def _late_series(files: list[Path], out: Path, **changes: str) -> list[Path]:
+    """``files`` as a new series of the same study (new Series and SOP Instance UIDs)."""
+    out.mkdir()
+    series_uid = generate_uid()
+    paths = []
+    for i, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series_uid, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        for keyword, value in changes.items():
+            setattr(ds, keyword, value)
+        if "SOPClassUID" in changes:
+            ds.file_meta.MediaStorageSOPClassUID = changes["SOPClassUID"]
+        paths.append(out / f"{i}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths
+
+
+@pytest.mark.slow
+def test_a_late_series_reopens_a_complete_study_only_if_a_rule_runs_on_it(
+    tmp_path: Path, mednode_factory: MednodeFactory, shared_dicom: Path, dcmtk,  # type: ignore[no-untyped-def]
+) -> None:
+    files = sorted((shared_dicom / "ct" / "dcmqi_ct3slice").glob("*.dcm"))
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    with StoreSCP(tmp_path / "pacs") as pacs:
+        node = mednode_factory(destination=f"{pacs.aet}@{LOOPBACK}:{pacs.port}", quiet_period_s=1.0)
+
+        def study() -> dict:
+            return httpx.get(f"{node.web_url}/api/v1/studies/{study_uid}", timeout=10).json()
+
+        assert storescu(LOOPBACK, node.dicom_port, files, called=node.ae_title).all_ok
+        poll(lambda: node.status()["jobs"]["delivered"] == 1, 120, what="job of version 1 delivered")
+
+        # a dose screen captured after the study was read: the CT rule does not run on it
+        capture = _late_series(files, tmp_path / "capture", Modality="OT", SOPClassUID=SECONDARY_CAPTURE)
+        assert storescu(LOOPBACK, node.dicom_port, capture, called=node.ae_title).all_ok
+        time.sleep(3)  # three quiet periods: a reopened study would have completed again
+        held = study()
+        assert (held["state"], held["version"]) == ("routed", 1)
+        [late] = [s for s in held["series"] if s["modality"] == "OT"]
+        assert late["late_at"] is not None and late["held_reason"] == "late series: no rule would run on it"
+        assert late["instance_count"] == len(files)  # stored all the same
+
+        # a late CT series: the rule runs on it, so the study reopens and gets version 2
+        ct = _late_series(files, tmp_path / "ct")
+        assert storescu(LOOPBACK, node.dicom_port, ct, called=node.ae_title).all_ok
+        poll(lambda: node.status()["jobs"]["delivered"] == 2, 120, what="job of version 2 delivered")
+        reopened = study()
+        assert (reopened["state"], reopened["version"]) == ("routed", 2)
+        assert _metric(node, "mednode_studies_split") == 1 and _metric(node, "mednode_studies_late") == 1

@@ -137,8 +137,20 @@ class SeriesPattern(BaseModel):
     series_description: str | None = None
     sop_class_uid: list[str] | None = None
 
-    _listify = field_validator("modality", "sop_class_uid", mode="before")(RuleMatch._listify.__func__)  # type: ignore[attr-defined]
-    _compiles = field_validator("body_part_examined", "series_description")(RuleMatch._compiles.__func__)  # type: ignore[attr-defined]
+    @field_validator("modality", "sop_class_uid", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("body_part_examined", "series_description")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return value
 
     @model_validator(mode="after")
     def _not_empty(self) -> SeriesPattern:

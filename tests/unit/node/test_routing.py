@@ -245,3 +245,13 @@ def test_completion_options_are_validated(completion_options: dict[str, Any], me
 def test_max_wait_shorter_than_the_quiet_period_is_refused() -> None:
     with pytest.raises(ValueError, match=r"completion.max_wait_s \(10\) is shorter than quiet_period_s \(30\)"):
         rule("chest", quiet_period_s=30, completion={"max_wait_s": 10})
+
+
+def test_a_completion_error_in_the_settings_names_the_key(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from node.config import ConfigError, load_settings
+
+    rules = [{"name": "chest", "tasks": ["ct_analysis"], "destinations": [],
+              "completion": {"required_series": [{"modality": "DX", "series_description": "(PA"}],
+                             "max_wait_s": 600}}]
+    with pytest.raises(ConfigError, match=r"rules\.0\.completion\.required_series\.0\.series_description"):
+        load_settings(data_dir=tmp_path, rules=rules)

@@ -9,6 +9,9 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from dicom_io.uids import derived_uid
 
+#: Manufacturer of every object mednode writes (General Equipment, Contributing Equipment)
+MEDNODE_MANUFACTURER = "mednode"
+
 #: Coding scheme of the IHE AIR purpose code; declare it in CodingSchemeIdentificationSequence.
 IHE_CODING_SCHEME = "99IHE"
 
@@ -34,7 +37,7 @@ class AlgorithmInfo:
     name: str
     version: str
     family: str | None = None
-    manufacturer: str = "mednode"
+    manufacturer: str = MEDNODE_MANUFACTURER
 
     @property
     def device_uid(self) -> str:
@@ -74,3 +77,8 @@ def add_contributing_equipment(ds: Dataset, algorithm: AlgorithmInfo) -> None:
         ds.ContributingEquipmentSequence.append(item)
     else:
         ds.ContributingEquipmentSequence = DicomSequence([item])
+
+
+def names_mednode(manufacturer: str | None) -> bool:
+    """Whether an instance's Manufacturer says mednode made it (see :class:`AlgorithmInfo`)."""
+    return (manufacturer or "").strip().casefold() == MEDNODE_MANUFACTURER

@@ -64,6 +64,8 @@ class InstanceHeader:
     patient_name: str | None
     patient_birth_date: str | None
     patient_sex: str | None
+    #: of the equipment that made the instance: mednode's own results name mednode here
+    manufacturer: str | None = None
 
 
 #: Longest text indexed per VR (PS3.5 6.2): a Person Name has up to three component groups of 64.
@@ -426,6 +428,7 @@ def _checked_header(ds: Dataset, buffer: bytes, transfer_syntax: str | None) -> 
         patient_name=_text(ds, "PatientName"),
         patient_birth_date=_text(ds, "PatientBirthDate"),
         patient_sex=_text(ds, "PatientSex"),
+        manufacturer=_text(ds, "Manufacturer"),
     )
     value = _pixel_data_value(ds, buffer)
     if value is None and "Rows" in ds and "Columns" in ds and not _has_other_pixel_data(ds):

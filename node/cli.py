@@ -1,4 +1,4 @@
-"""The ``mednode`` command line: serve, worker, status, send, echo, jobs."""
+"""The ``mednode`` command line: serve, worker, status, send, echo, jobs, studies."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ app = typer.Typer(help="mednode: a DICOM node that runs a medical imaging model 
                   no_args_is_help=True, add_completion=False)
 jobs_app = typer.Typer(help="Act on jobs (the same functions as the API).", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
+studies_app = typer.Typer(help="Act on studies (the same functions as the API).", no_args_is_help=True)
+app.add_typer(studies_app, name="studies")
 models_app = typer.Typer(help="Model weights on local disk.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 console = Console(stderr=True)
@@ -284,6 +286,28 @@ def jobs_send(
     for delivery_id in created:
         jobs.enqueue_delivery(ctx.sessions, delivery_id)
     typer.echo(f"job {job_id}: {len(created)} object(s) queued for {destination}")
+
+
+@studies_app.command("complete")
+def studies_complete(
+    study_uid: Annotated[str, typer.Argument(help="Study Instance UID of a study still receiving.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Complete a receiving study now (no more waiting for its quiet period, required series or
+    maximum wait) and queue the jobs its rules make."""
+    from node.celery_app import configure_celery
+    from node.web import actions
+
+    settings = _settings(config)
+    ctx = _context(settings)
+    configure_celery(settings)
+    try:
+        job_ids = actions.complete_now(ctx.sessions, settings, study_uid, "cli")
+    except (actions.StudyNotFoundError, actions.ActionRefusedError) as exc:
+        console.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(1)
+    typer.echo(f"study {study_uid} complete: " + (f"job(s) {', '.join(map(str, job_ids))} queued"
+                                                  if job_ids else "no rule matched"))
 
 
 @models_app.command("pull")

@@ -167,6 +167,74 @@ class RuleMatch(BaseModel):
         return value
 
 
+class SeriesPattern(BaseModel):
+    """A series a study must hold (``completion.required_series``): all given conditions hold.
+
+    ``modality`` and ``sop_class_uid`` list accepted values; the text keys are regular expressions
+    matched case-insensitively against the whole value, as in :class:`RuleMatch`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    modality: list[str] | None = None
+    body_part_examined: str | None = None
+    series_description: str | None = None
+    sop_class_uid: list[str] | None = None
+
+    @field_validator("modality", "sop_class_uid", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("body_part_examined", "series_description")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> SeriesPattern:
+        if not any(v is not None for v in (self.modality, self.body_part_examined, self.series_description,
+                                           self.sop_class_uid)):
+            raise ValueError("a required series names at least one of modality, body_part_examined, "
+                             "series_description, sop_class_uid")
+        return self
+
+    def describe(self) -> str:
+        """The pattern as a person reads it, e.g. ``modality DX, series_description 'LAT'``."""
+        parts = [f"modality {'/'.join(self.modality)}" if self.modality else None,
+                 f"body_part_examined {self.body_part_examined!r}" if self.body_part_examined else None,
+                 f"series_description {self.series_description!r}" if self.series_description else None,
+                 f"sop_class_uid {'/'.join(self.sop_class_uid)}" if self.sop_class_uid else None]
+        return ", ".join(p for p in parts if p)
+
+
+class RuleCompletion(BaseModel):
+    """When a study this rule matches counts as complete, beyond the quiet period.
+
+    A study waits until each ``required_series`` is present (e.g. a PA and a lateral chest
+    view), but never longer than ``max_wait_s`` after it began receiving: then it completes with
+    what it has, and its completion reason says which series were missing. ``max_wait_s`` alone
+    bounds the wait of a study whose instances keep trickling in.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    required_series: list[SeriesPattern] = Field(default_factory=list)
+    max_wait_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> RuleCompletion:
+        if self.required_series and self.max_wait_s is None:
+            raise ValueError("max_wait_s: required with required_series, or a study that never receives "
+                             "one of them would wait for ever")
+        return self
+
+
 class Rule(BaseModel):
     """A routing rule: which studies, which tasks, how urgent, where the results go."""
 
@@ -184,6 +252,17 @@ class Rule(BaseModel):
     continue_matching: bool = Field(default=False, alias="continue")
     #: the rule is active only when this model is configured (``vlm``)
     requires_model: Literal["vlm"] | None = None
+    #: required series and a maximum wait (:class:`RuleCompletion`); none: the quiet period alone
+    completion: RuleCompletion | None = None
+
+    @model_validator(mode="after")
+    def _wait_beyond_quiet(self) -> Rule:
+        c = self.completion
+        if c is not None and c.max_wait_s is not None and self.quiet_period_s is not None \
+                and c.max_wait_s < self.quiet_period_s:
+            raise ValueError(f"completion.max_wait_s ({c.max_wait_s:g}) is shorter than quiet_period_s "
+                             f"({self.quiet_period_s:g}): raise it or drop it")
+        return self
 
 
 class DeliverySettings(BaseModel):

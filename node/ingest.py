@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_io.errors import InvalidInstanceError
 from dicom_io.header import InstanceHeader, Part10Prefixes, ReadInstance, read_part10, read_received
 from node import metrics
-from storage.index import IndexOutcome, index_instance
+from storage.index import IndexOutcome, LateSeriesCheck, index_instance
 from storage.store import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,16 @@ class Ingestor:
     the wait for the file's sync, since the commit waits for it.
     """
 
-    def __init__(self, store: InstanceStore, session_factory: sessionmaker[Session]) -> None:
+    def __init__(
+        self,
+        store: InstanceStore,
+        session_factory: sessionmaker[Session],
+        late_series_check: LateSeriesCheck | None = None,
+    ) -> None:
         self.store = store
         self.session_factory = session_factory
+        #: decides whether a late image series reopens its study (:func:`node.completion.late_series_check`)
+        self.late_series_check = late_series_check
         self._lock = threading.Lock()
         # the File Meta names the implementation that wrote the file: pynetdicom's SCP, as the
         # File Meta pynetdicom itself builds for a received data set does
@@ -132,19 +139,21 @@ class Ingestor:
         try:
             header = instance.header()  # a refusal here removes the file (abort below)
             with self._lock, self.session_factory() as session, session.begin():
-                outcome, replaced_path = index_instance(
+                outcome, obsolete_path = index_instance(
                     session,
                     header,
                     pending.stored,
                     calling_ae_title=calling_ae_title,
                     called_ae_title=called_ae_title,
+                    late_series_check=self.late_series_check,
                 )
                 # the row commits only once the file is on disk; if that fails, it rolls back
                 stored = pending.finish()
         finally:
             pending.abort()  # removes the file only if it was never made durable
-        if replaced_path is not None and replaced_path != stored.relative_path:
-            self.store.delete(replaced_path)  # the row points at the new bytes now
+        if obsolete_path is not None and (obsolete_path != stored.relative_path or outcome is IndexOutcome.DUPLICATE):
+            # the row points at the new bytes now, or (a duplicate) still at the file held
+            self.store.delete(obsolete_path)
         metrics.INSTANCES_RECEIVED.labels(outcome=outcome.value).inc()
         metrics.BYTES_RECEIVED.inc(stored.size_bytes)
         log.debug(

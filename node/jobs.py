@@ -29,6 +29,7 @@ from storage.models import (
     Job,
     JobState,
     Result,
+    SeriesOrigin,
     Study,
     StudyState,
     utcnow,
@@ -230,7 +231,8 @@ def claim(sessions: sessionmaker[Session], job_id: int, *, lease_s: float = LEAS
         session.refresh(job)
         paths: dict[str, list[str]] = {}
         for series in study.series:
-            if series.series_instance_uid in job.series_uids:
+            # mednode's own results returned by a PACS are never a job's input
+            if series.series_instance_uid in job.series_uids and series.origin != SeriesOrigin.MEDNODE_RESULT:
                 rows = session.scalars(
                     select(Instance.path).where(Instance.series_pk == series.id).order_by(Instance.id)
                 )

@@ -23,6 +23,7 @@ from storage.models import (
     JobState,
     Result,
     Series,
+    SeriesOrigin,
     Study,
     StudyState,
 )
@@ -288,3 +289,27 @@ def oldest_queued_age_s(session: Session, now: datetime) -> float | None:
 
         oldest = oldest.replace(tzinfo=UTC)
     return max(0.0, (now - oldest).total_seconds())
+
+
+@dataclass(frozen=True)
+class ArrivalCounts:
+    """How studies arrived, for ``/metrics``: split and late studies, held series by origin."""
+
+    #: studies completed more than once: reopened by late instances or a late series a rule ran on
+    split_studies: int
+    #: studies that received an image series after they were complete (whether it reopened them)
+    late_studies: int
+    #: series stored without reopening their study, by origin (``mednode_result``, ``derived``,
+    #: ``acquired`` for late series no rule runs on)
+    held_series: dict[str, int]
+
+
+def arrival_counts(session: Session) -> ArrivalCounts:
+    split = session.scalar(select(func.count(Study.id)).where(Study.version > 1)) or 0
+    late = session.scalar(select(func.count(func.distinct(Series.study_pk))).where(Series.late_at.is_not(None))) or 0
+    held = {o.value: 0 for o in SeriesOrigin}
+    for origin, count in session.execute(
+        select(Series.origin, func.count()).where(Series.held_reason.is_not(None)).group_by(Series.origin)
+    ):
+        held[SeriesOrigin(origin).value] = count
+    return ArrivalCounts(split_studies=split, late_studies=late, held_series=held)

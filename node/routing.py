@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from node.config import Rule
+from node.config import Rule, SeriesPattern
 
 
 @dataclass(frozen=True)
@@ -121,3 +121,75 @@ def quiet_period_for(study: StudyFacts, rules: Iterable[Rule], default_s: float)
         if check.rule.quiet_period_s is not None:
             return check.rule.quiet_period_s
     return default_s
+
+
+def series_matches(pattern: SeriesPattern, series: SeriesFacts) -> bool:
+    """Whether ``series`` is one ``pattern`` (a rule's ``completion.required_series`` item) asks for."""
+    return (
+        _in(pattern.modality, series.modality)
+        and _text_matches(pattern.body_part_examined, series.body_part_examined)
+        and _text_matches(pattern.series_description, series.series_description)
+        and (pattern.sop_class_uid is None or bool(series.sop_class_uids & set(pattern.sop_class_uid)))
+    )
+
+
+def missing_series(rule: Rule, study: StudyFacts) -> list[SeriesPattern]:
+    """The required series of ``rule`` that ``study`` does not hold yet (none without a
+    ``completion``)."""
+    if rule.completion is None:
+        return []
+    return [p for p in rule.completion.required_series
+            if not any(series_matches(p, s) for s in study.series)]
+
+
+@dataclass(frozen=True)
+class CompletionCheck:
+    """Whether a study counts as complete now, and why (or what it waits for)."""
+
+    due: bool
+    reason: str
+
+
+def check_completion(
+    study: StudyFacts,
+    rules: Iterable[Rule],
+    *,
+    default_quiet_s: float,
+    quiet_for_s: float,
+    receiving_for_s: float,
+) -> CompletionCheck:
+    """Decide whether ``study`` is complete, from how long it has been quiet and receiving.
+
+    The rules that match the study so far decide: it needs its quiet period
+    (:func:`quiet_period_for`) and every required series of those rules; but once it has been
+    receiving for the shortest ``completion.max_wait_s`` among them, it is complete with what it
+    has, and the reason names what was missing.
+    """
+    rules = list(rules)
+    quiet_s = quiet_period_for(study, rules, default_quiet_s)
+    selected = route(study, rules)
+    waits = [c.rule.completion.max_wait_s for c in selected
+             if c.rule.completion is not None and c.rule.completion.max_wait_s is not None]
+    missing = [(c.rule.name, p) for c in selected for p in missing_series(c.rule, study)]
+    missing_text = "; ".join(f"{name}: {p.describe()}" for name, p in missing)
+    max_wait_s = min(waits) if waits else None
+    if max_wait_s is not None and receiving_for_s >= max_wait_s:
+        if missing:
+            return CompletionCheck(True, f"max wait {max_wait_s:g} s reached without required series ({missing_text})")
+        if quiet_for_s < quiet_s:
+            return CompletionCheck(True, f"max wait {max_wait_s:g} s reached while instances still arrived")
+    if quiet_for_s < quiet_s:
+        return CompletionCheck(False, f"waiting for the quiet period of {quiet_s:g} s")
+    if missing:
+        return CompletionCheck(False, f"waiting for required series ({missing_text})")
+    return CompletionCheck(True, f"quiet for {quiet_s:g} s" + (" with every required series" if waits else ""))
+
+
+def late_series_hold(study: StudyFacts, series_uid: str, rules: Iterable[Rule]) -> str | None:
+    """For a series that arrived after ``study`` was complete (``study`` includes it): None when
+    a rule would run on it — routing the study now selects a rule whose job reads this series —
+    else why it does not reopen the study."""
+    for check in route(study, rules):
+        if series_uid in check.series_uids:
+            return None
+    return "late series: no rule would run on it"

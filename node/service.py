@@ -21,6 +21,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node import context, multiprocess_metrics
 from node.celery_app import DELIVERY_QUEUE, INFERENCE_QUEUE, URGENT_QUEUE
+from node.completion import late_series_check
 from node.config import ConfigError, Settings
 from node.context import NodeContext
 from node.ingest import Ingestor
@@ -185,7 +186,7 @@ def serve(settings: Settings, config_path: Path | None) -> None:
         raise SystemExit(2) from None
     ctx = prepare(settings)
     configure_celery(settings)
-    servers = start_listeners(settings, Ingestor(ctx.store, ctx.sessions), security)
+    servers = start_listeners(settings, Ingestor(ctx.store, ctx.sessions, late_series_check(settings.effective_rules)), security)
     scheduler = Scheduler(ctx)
     scheduler.start()
     supervisor = None

@@ -6,19 +6,45 @@ import enum
 from collections.abc import Callable
 from datetime import datetime
 
-from sqlalchemy import Insert, bindparam, insert, select, update
+from sqlalchemy import Insert, bindparam, case, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from dicom_io.equipment import names_mednode
 from dicom_io.header import InstanceHeader
-from storage.models import Instance, Patient, Series, Study, StudyState, utcnow
+from dicom_io.sop_classes import is_derived_object
+from storage.models import (
+    Instance,
+    Patient,
+    Result,
+    Series,
+    SeriesOrigin,
+    Study,
+    StudyState,
+    utcnow,
+)
 from storage.store import StoredFile
 
 
 class IndexOutcome(str, enum.Enum):
     NEW = "new"  #: first time this SOP Instance UID was seen
     UNCHANGED = "unchanged"  #: re-sent with identical bytes: nothing changes, the study stays as it is
-    REPLACED = "replaced"  #: re-sent with other bytes: the row points at the new file
+    REPLACED = "replaced"  #: re-sent with other bytes while its study receives: the row points at the new file
+    #: re-sent with other bytes (another transfer syntax, say) after its study completed: the file
+    #: held stays and the study stays complete, as a SOP Instance UID names one content (PS3.3
+    #: C.12.1.1.1) and a PACS re-sending what it holds must not make a second set of results
+    DUPLICATE = "duplicate"
+
+
+#: ``Series.held_reason`` of mednode's own results returned by a PACS (the dashboard shows it)
+RETURNED_RESULT = "mednode result, returned by PACS"
+DERIVED_AFTER_COMPLETION = "derived object received after the study was complete"
+
+#: For the first instance of an image series that arrives after its study was complete: given the
+#: session, the study's primary key and that instance's header, return None when some rule would
+#: run on the series (it reopens the study), else why not (it is stored and the study stays
+#: complete). The node passes one built from its routing rules; storage knows no rules.
+LateSeriesCheck = Callable[[Session, int, InstanceHeader], str | None]
 
 
 def patient_key(header: InstanceHeader) -> str:
@@ -53,19 +79,48 @@ def _get_or_create_study(session: Session, header: InstanceHeader, now: datetime
         version=0,
         first_received_at=now,
         last_received_at=now,
+        receiving_since=now,
     )
     session.add(study)
     session.flush()
     return study
 
 
-def _get_or_create_series(session: Session, header: InstanceHeader, now: datetime) -> Series:
-    series = session.scalar(
-        select(Series).where(Series.series_instance_uid == header.series_instance_uid)
-    )
-    if series is not None:
-        return series
+def is_returned_result(session: Session, header: InstanceHeader) -> bool:
+    """Whether mednode wrote this instance: its SOP Instance or Series Instance UID is a result's,
+    or it is a derived object (mednode writes only SR and SEG) whose Manufacturer names mednode:
+    results of an index since wiped, or of another mednode. Images are never taken for results
+    by their Manufacturer alone (a test phantom, or a scanner, may name anything there)."""
+    if names_mednode(header.manufacturer) and is_derived_object(header.sop_class_uid):
+        return True
+    found = session.connection().execute(_FIND_RESULT, {
+        "sop_uid": header.sop_instance_uid, "series_uid": header.series_instance_uid,
+    }).first()
+    return found is not None
+
+
+def _classify_series(
+    session: Session, header: InstanceHeader, study: Study, now: datetime, late_series_check: LateSeriesCheck | None
+) -> tuple[SeriesOrigin, datetime | None, str | None]:
+    """Origin, late time and held reason of a series whose first instance is ``header``."""
+    if is_returned_result(session, header):
+        return SeriesOrigin.MEDNODE_RESULT, None, RETURNED_RESULT
+    complete = study.state != StudyState.RECEIVING
+    if is_derived_object(header.sop_class_uid):
+        return SeriesOrigin.DERIVED, None, DERIVED_AFTER_COMPLETION if complete else None
+    if not complete:
+        return SeriesOrigin.ACQUIRED, None, None
+    held = late_series_check(session, study.id, header) if late_series_check is not None else None
+    return SeriesOrigin.ACQUIRED, now, held
+
+
+def _create_series(
+    session: Session, header: InstanceHeader, now: datetime, late_series_check: LateSeriesCheck | None
+) -> tuple[Series, bool]:
+    """Create the series of ``header`` (and its study and patient when new); also return
+    whether its study was complete before."""
     study = _get_or_create_study(session, header, now)
+    origin, late_at, held_reason = _classify_series(session, header, study, now, late_series_check)
     series = Series(
         series_instance_uid=header.series_instance_uid,
         study_pk=study.id,
@@ -73,10 +128,13 @@ def _get_or_create_series(session: Session, header: InstanceHeader, now: datetim
         body_part_examined=header.body_part_examined,
         series_description=header.series_description,
         series_number=header.series_number,
+        origin=origin,
+        late_at=late_at,
+        held_reason=held_reason,
     )
     session.add(series)
     session.flush()
-    return series
+    return series, study.state != StudyState.RECEIVING
 
 
 _INSTANCE_COLUMNS = (
@@ -90,7 +148,16 @@ _INSTANCE_COLUMNS = (
 _FIND_INSTANCE = select(Instance.id, Instance.sha256, Instance.path).where(
     Instance.sop_instance_uid == bindparam("uid")
 )
-_FIND_SERIES = select(Series.id, Series.study_pk).where(Series.series_instance_uid == bindparam("uid"))
+_FIND_SERIES = (
+    select(Series.id, Series.study_pk, Series.held_reason, Study.state)
+    .join(Study, Study.id == Series.study_pk)
+    .where(Series.series_instance_uid == bindparam("uid"))
+)
+_FIND_RESULT = (
+    select(Result.id)
+    .where(or_(Result.sop_instance_uid == bindparam("sop_uid"), Result.series_instance_uid == bindparam("series_uid")))
+    .limit(1)
+)
 _INSERT_INSTANCE = insert(Instance)
 _UPDATE_INSTANCE = (
     update(Instance)
@@ -121,29 +188,28 @@ def _insert_if_new(dialect_insert: Callable[..., sqlite.Insert | postgresql.Inse
 
 #: by dialect name; another dialect takes the full path every time
 _INSERT_IF_NEW = {"sqlite": _insert_if_new(sqlite.insert), "postgresql": _insert_if_new(postgresql.insert)}
+# what a new instance does to its study: receiving (again), since when, and from whom; the CASE
+# sees the row as it was before the UPDATE (both SQLite and PostgreSQL evaluate SET so)
+_TOUCH_VALUES = {
+    "last_received_at": bindparam("now"),
+    "receiving_since": case((Study.state == StudyState.RECEIVING, Study.receiving_since), else_=bindparam("now")),
+    "state": StudyState.RECEIVING,
+    "calling_ae_title": bindparam("calling"),
+    "called_ae_title": bindparam("called"),
+}
+# a held series (a returned result, a late series no rule runs on…) touches nothing: the
+# condition rides in the subquery, so the hot path stays one statement
 _TOUCH_STUDY_OF_SERIES = (
     update(Study)
     .where(
         Study.id
-        == select(Series.study_pk).where(Series.series_instance_uid == bindparam("series_uid")).scalar_subquery()
+        == select(Series.study_pk)
+        .where(Series.series_instance_uid == bindparam("series_uid"), Series.held_reason.is_(None))
+        .scalar_subquery()
     )
-    .values(
-        last_received_at=bindparam("now"),
-        state=StudyState.RECEIVING,
-        calling_ae_title=bindparam("calling"),
-        called_ae_title=bindparam("called"),
-    )
+    .values(_TOUCH_VALUES)
 )
-_TOUCH_STUDY = (
-    update(Study)
-    .where(Study.id == bindparam("study_pk"))
-    .values(
-        last_received_at=bindparam("now"),
-        state=StudyState.RECEIVING,
-        calling_ae_title=bindparam("calling"),
-        called_ae_title=bindparam("called"),
-    )
-)
+_TOUCH_STUDY = update(Study).where(Study.id == bindparam("study_pk")).values(_TOUCH_VALUES)
 
 
 def index_instance(
@@ -154,17 +220,27 @@ def index_instance(
     calling_ae_title: str | None,
     called_ae_title: str | None,
     now: datetime | None = None,
+    late_series_check: LateSeriesCheck | None = None,
 ) -> tuple[IndexOutcome, str | None]:
     """Record one stored instance; the caller commits.
 
-    A new or changed instance marks its study as receiving again (which reopens a study that was
-    already complete, so a new job version follows); an identical re-send changes nothing.
+    A new instance marks its study as receiving (which reopens a study that was already complete,
+    so a new job version follows) — unless its series is held: mednode's own results returned by
+    a PACS, derived objects (SR, KO, PR, SEG…) that arrive after completion, and late image series
+    that ``late_series_check`` says no rule would run on are stored and indexed, and leave the
+    study as it is. Which of these a series is, is decided once, at its first instance
+    (:attr:`Series.origin`, :attr:`Series.held_reason`); instances of derived SOP Classes are also
+    looked up among the results one by one. Images of a series already indexed take one
+    statement plus the study's touch, as before.
+
+    An identical re-send changes nothing; a re-send with other bytes replaces the file while the
+    study receives, and is dropped (:attr:`IndexOutcome.DUPLICATE`) once it is complete.
 
     Returns
     -------
     tuple
-        The outcome, and for a replaced instance the path of the file it replaced (for the
-        caller to delete once the transaction committed).
+        The outcome, and the path of a file no row points at any more (the one replaced, or the
+        duplicate just written), for the caller to delete once the transaction committed.
     """
     now = now or utcnow()
     connection = session.connection()
@@ -177,36 +253,39 @@ def index_instance(
         "sha256": stored.sha256,
         "received_at": now,
     }
+    derived = is_derived_object(header.sop_class_uid)
     insert_if_new = _INSERT_IF_NEW.get(connection.dialect.name)
-    if insert_if_new is not None:
+    touch = {"now": now, "calling": calling_ae_title, "called": called_ae_title}
+    if insert_if_new is not None and not derived:
         inserted = connection.execute(insert_if_new, {
             **values, "sop_instance_uid": header.sop_instance_uid, "series_uid": header.series_instance_uid,
         })
         if inserted.rowcount == 1:
-            connection.execute(_TOUCH_STUDY_OF_SERIES, {
-                "series_uid": header.series_instance_uid, "now": now,
-                "calling": calling_ae_title, "called": called_ae_title,
-            })
+            connection.execute(_TOUCH_STUDY_OF_SERIES, {"series_uid": header.series_instance_uid, **touch})
             return IndexOutcome.NEW, None
-    # seen before, or the first instance of a new series
+    # seen before, the first instance of a new series, or a derived object
     existing = connection.execute(_FIND_INSTANCE, {"uid": header.sop_instance_uid}).first()
     if existing is not None and existing.sha256 == stored.sha256 and existing.path == stored.relative_path:
         return IndexOutcome.UNCHANGED, None
     keys = connection.execute(_FIND_SERIES, {"uid": header.series_instance_uid}).first()
     if keys is None:
-        created = _get_or_create_series(session, header, now)
-        series_pk, study_pk = created.id, created.study_pk
+        created, complete = _create_series(session, header, now, late_series_check)
+        series_pk, study_pk, wakes = created.id, created.study_pk, created.held_reason is None
     else:
         series_pk, study_pk = keys.id, keys.study_pk
+        complete = keys.state != StudyState.RECEIVING
+        wakes = keys.held_reason is None and not (derived and complete)
+        if wakes and derived and existing is None and is_returned_result(session, header):
+            wakes = False
+    if existing is not None and complete:
+        return IndexOutcome.DUPLICATE, stored.relative_path
     values["series_pk"] = series_pk
     if existing is None:
         connection.execute(_INSERT_INSTANCE, {**values, "sop_instance_uid": header.sop_instance_uid})
-        outcome, replaced = IndexOutcome.NEW, None
+        outcome, obsolete = IndexOutcome.NEW, None
     else:
         connection.execute(_UPDATE_INSTANCE, {**values, "instance_pk": existing.id})
-        outcome, replaced = IndexOutcome.REPLACED, existing.path
-    connection.execute(
-        _TOUCH_STUDY,
-        {"study_pk": study_pk, "now": now, "calling": calling_ae_title, "called": called_ae_title},
-    )
-    return outcome, replaced
+        outcome, obsolete = IndexOutcome.REPLACED, existing.path
+    if wakes:
+        connection.execute(_TOUCH_STUDY, {"study_pk": study_pk, **touch})
+    return outcome, obsolete

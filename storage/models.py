@@ -64,6 +64,14 @@ class StudyState(str, enum.Enum):
     NO_RULE = "no_rule"  #: complete, and no rule matched: recorded and visible, never dropped
 
 
+class SeriesOrigin(str, enum.Enum):
+    """Where a series came from, decided when its first instance arrives (``storage.index``)."""
+
+    ACQUIRED = "acquired"  #: images (or anything else) from a modality or PACS: input for rules
+    MEDNODE_RESULT = "mednode_result"  #: an object mednode wrote, returned by the PACS: never input
+    DERIVED = "derived"  #: SR, KO, PR, SEG… of another node or a radiologist, after completion
+
+
 class JobState(str, enum.Enum):
     """Explicit states of a job; transitions are made only by ``node.jobs``."""
 
@@ -127,6 +135,11 @@ class Study(Base):
     last_received_at: Mapped[datetime] = mapped_column(_UTCDateTime(), default=utcnow, index=True)
     completed_at: Mapped[datetime | None] = mapped_column(_UTCDateTime())
     route_reason: Mapped[str | None] = mapped_column(Text)
+    #: when the study last became receiving (created, or reopened): the clock of a rule's
+    #: ``completion.max_wait_s``; None on rows older than migration 0002 (then first_received_at)
+    receiving_since: Mapped[datetime | None] = mapped_column(_UTCDateTime())
+    #: why the study counted as complete at its last completion (quiet, max wait, forced)
+    completion_reason: Mapped[str | None] = mapped_column(Text)
 
     patient: Mapped[Patient | None] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
@@ -145,6 +158,13 @@ class Series(Base):
     body_part_examined: Mapped[str | None] = mapped_column(String(64))
     series_description: Mapped[str | None] = mapped_column(String(64))
     series_number: Mapped[int | None] = mapped_column(Integer)
+    origin: Mapped[SeriesOrigin] = mapped_column(
+        _enum(SeriesOrigin), default=SeriesOrigin.ACQUIRED, server_default=SeriesOrigin.ACQUIRED.value
+    )
+    #: set when the series' first instance arrived after its study was complete
+    late_at: Mapped[datetime | None] = mapped_column(_UTCDateTime())
+    #: why new instances of this series do not reopen (or keep receiving) its study; None: they do
+    held_reason: Mapped[str | None] = mapped_column(Text)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -212,7 +232,8 @@ class Result(Base):
     kind: Mapped[str] = mapped_column(String(32))
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    #: indexed: a returned result is recognised by its series too (``storage.index``)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     path: Mapped[str] = mapped_column(String(400))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     #: a JSON summary of what the object says (numbers, labels), for the dashboard and API

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_io.errors import InvalidInstanceError
 from dicom_io.header import parse_header
-from storage.index import index_instance
+from storage.index import IndexOutcome, index_instance
 from storage.models import Instance
 from storage.store import InstanceStore, StoredFile
 
@@ -69,9 +69,9 @@ def reindex_orphans(store: InstanceStore, sessions: sessionmaker[Session]) -> in
             continue
         stored = StoredFile(relative, len(data), hashlib.sha256(data).hexdigest())
         with sessions() as session, session.begin():
-            _, replaced = index_instance(session, header, stored, calling_ae_title=None, called_ae_title=None)
-        if replaced is not None and replaced != relative:
-            store.delete(replaced)
+            outcome, obsolete = index_instance(session, header, stored, calling_ae_title=None, called_ae_title=None)
+        if obsolete is not None and (obsolete != relative or outcome is IndexOutcome.DUPLICATE):
+            store.delete(obsolete)  # the file replaced, or this one: its study holds the instance already
         repaired += 1
     if repaired:
         log.warning("re-indexed %d instance file(s) written before an interruption", repaired)

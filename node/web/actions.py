@@ -158,6 +158,30 @@ def rerun_with_rule(sessions: sessionmaker[Session], settings: Settings, study_u
     return job_id
 
 
+def complete_now(sessions: sessionmaker[Session], settings: Settings, study_uid: str, actor: str) -> list[int]:
+    """Complete a receiving study now, whatever its quiet period or required series (routing it
+    as usual); return the ids of the jobs enqueued.
+
+    Raises
+    ------
+    StudyNotFoundError, ActionRefusedError
+        If the study is unknown, or complete already.
+    """
+    from node.completion import StudyNotReceivingError, force_complete
+
+    try:
+        created = force_complete(sessions, settings, study_uid, actor=actor)
+    except StudyNotReceivingError as exc:
+        raise ActionRefusedError(str(exc)) from None
+    except LookupError as exc:
+        raise StudyNotFoundError(str(exc)) from None
+    for job_id, priority in created:
+        jobs.enqueue_job(sessions, job_id, priority)
+    audit(sessions, actor, "complete", study_uid, f"{len(created)} job(s)")
+    log.info("study %s completed by hand: %d job(s)", study_uid, len(created))
+    return [job_id for job_id, _ in created]
+
+
 def ask_task(kind: str, text: str | None, language: str) -> dict[str, Any]:
     """The task (as data, like a rule's ``tasks:`` item) for one on-demand request.
 

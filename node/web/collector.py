@@ -34,6 +34,7 @@ class IndexCollector(Collector):
                 counts = jobs.status_counts(session)
                 depth = queries.queue_depth(session)
                 oldest = queries.oldest_queued_age_s(session, utcnow())
+                arrivals = queries.arrival_counts(session)
         except SQLAlchemyError as exc:
             log.warning("metrics: the index did not answer (%s)", type(exc).__name__)
             up.add_metric([], 0)
@@ -63,3 +64,16 @@ class IndexCollector(Collector):
                                 "Seconds the oldest queued job has waited (0 when none)")
         age.add_metric([], oldest or 0.0)
         yield age
+        split = GaugeMetricFamily("mednode_studies_split",
+                                  "Studies completed more than once (reopened by late instances or series)")
+        split.add_metric([], arrivals.split_studies)
+        yield split
+        late = GaugeMetricFamily("mednode_studies_late", "Studies that received an image series after completion")
+        late.add_metric([], arrivals.late_studies)
+        yield late
+        held = GaugeMetricFamily("mednode_series_held",
+                                 "Series stored without reopening their study (returned results, derived "
+                                 "objects, late series no rule runs on), by origin", labels=["origin"])
+        for origin, count in sorted(arrivals.held_series.items()):
+            held.add_metric([origin], count)
+        yield held

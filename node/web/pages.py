@@ -382,6 +382,13 @@ def ui_rerun(ctx: ContextDep, settings: SettingsDep, study_uid: str, principal: 
     return _back(None, f"/studies/{quote(study_uid)}", f"job {job_id} queued with rule {rule}")
 
 
+@router.post("/ui/studies/{study_uid}/complete")
+def ui_complete(ctx: ContextDep, settings: SettingsDep, study_uid: str, principal: AdminDep) -> Response:
+    job_ids = actions.complete_now(ctx.sessions, settings, study_uid, principal.user or "?")
+    return _back(None, f"/studies/{quote(study_uid)}",
+                 f"study completed: {len(job_ids)} job(s) queued" if job_ids else "study completed: no rule matched")
+
+
 @router.post("/ui/studies/{study_uid}/ask")
 def ui_ask(ctx: ContextDep, settings: SettingsDep, study_uid: str, principal: AdminDep,
            kind: Annotated[str, Form()] = "vqa", text: Annotated[str, Form()] = "",

@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from storage.models import Delivery, Job, Patient, Result, Series, Study
+from storage.index import RETURNED_RESULT
+from storage.models import Delivery, Job, Patient, Result, Series, SeriesOrigin, Study
 
 
 class _Out(BaseModel):
@@ -148,14 +149,29 @@ class SeriesOut(_Out):
     series_description: str | None
     series_number: int | None
     instance_count: int
+    #: ``acquired``, ``mednode_result`` (returned by a PACS), ``derived`` (another node's, a reader's)
+    origin: str = "acquired"
+    #: what the dashboard shows for the origin, e.g. "mednode result, returned by PACS"
+    origin_label: str = "acquired"
+    #: set when the series arrived after its study was complete
+    late_at: datetime | None = None
+    #: why the series did not reopen (or keep receiving) its study; None when it did
+    held_reason: str | None = None
 
     @classmethod
     def of(cls, series: Series, instance_count: int, *, patient_data: bool = True) -> SeriesOut:
+        origin = SeriesOrigin(series.origin)
+        label = {SeriesOrigin.ACQUIRED: "late series" if series.late_at else "acquired",
+                 SeriesOrigin.MEDNODE_RESULT: RETURNED_RESULT,
+                 SeriesOrigin.DERIVED: "derived object"}[origin]
         return cls(
             series_instance_uid=series.series_instance_uid, modality=series.modality,
             body_part_examined=series.body_part_examined if patient_data else None,
             series_description=series.series_description if patient_data else None,
             series_number=series.series_number, instance_count=instance_count,
+            origin=origin.value, origin_label=label, late_at=series.late_at,
+            # the reason quotes routing's view of the series (its body part, say): patient-derived
+            held_reason=series.held_reason if patient_data else None,
         )
 
 
@@ -199,6 +215,8 @@ class TimelineEventOut(BaseModel):
 
 class StudyOut(StudySummaryOut):
     route_reason: str | None
+    #: why the study counted as complete (quiet period, required series, max wait, by hand)
+    completion_reason: str | None = None
     series: list[SeriesOut]
     timeline: list[TimelineEventOut]
     jobs: list[JobOut]
@@ -216,6 +234,17 @@ class StatusOut(BaseModel):
 class ActionOut(BaseModel):
     ok: bool = True
     job: JobOut
+
+
+class CompletedOut(BaseModel):
+    """A study completed by hand: its new version, state, why, and the jobs routing made."""
+
+    ok: bool = True
+    study_instance_uid: str
+    version: int
+    state: str
+    completion_reason: str | None
+    jobs: list[int]
 
 
 class PriorityIn(BaseModel):

@@ -63,6 +63,7 @@ def study_detail(session: Session, study: Study, access: Access, now: datetime) 
     return StudyOut(
         **summary.model_dump(),
         route_reason=study.route_reason,
+        completion_reason=study.completion_reason,
         series=[SeriesOut.of(s, counts.get(s.series_instance_uid, 0), patient_data=shown) for s in study.series],
         timeline=timeline,
         jobs=[JobOut.of(j, now, patient_data=shown) for j in sorted(study.jobs, key=lambda j: j.id, reverse=True)],

@@ -174,6 +174,37 @@ def test_status_json_counts_what_is_indexed(tmp_path: Path, shared_dicom: Path, 
     assert counts["studies"]["receiving"] == 1 and sum(counts["studies"].values()) == 1
     assert sum(counts["jobs"].values()) == 0
 
+
+# -- studies complete ---------------------------------------------------------------------------
+def test_studies_complete_routes_a_receiving_study_now(shared_dicom: Path, data_env: dict[str, str]) -> None:
+    data_dir = Path(data_env["MEDNODE_DATA_DIR"])
+    engine = make_engine(f"sqlite:///{data_dir / 'mednode.db'}")
+    upgrade(engine)
+    store = InstanceStore(data_dir / "store")
+    sessions = make_session_factory(engine)
+    study_uid = ""
+    for path in sorted((shared_dicom / "ct" / "pydicom_head_ct2").glob("*.dcm")):
+        data = path.read_bytes()
+        header, _ = parse_header(data)
+        study_uid = header.study_instance_uid
+        stored = store.write_instance(header.study_instance_uid, header.series_instance_uid,
+                                      header.sop_instance_uid, data)
+        with sessions() as session, session.begin():
+            index_instance(session, header, stored, calling_ae_title="X", called_ae_title="MEDNODE")
+    engine.dispose()
+    env = {**data_env, "MEDNODE_DESTINATION": "PACS@127.0.0.1:104"}
+
+    done = mednode("studies", "complete", study_uid, env=env)
+
+    assert done.returncode == 0, done.stderr
+    assert f"study {study_uid} complete: job(s) 1 queued" in done.stdout
+    counts = json.loads(mednode("status", "--json", env=env).stdout)
+    assert counts["studies"]["routed"] == 1 and counts["jobs"]["queued"] == 1
+    again = mednode("studies", "complete", study_uid, env=env)
+    assert again.returncode == 1 and "complete already" in again.stdout + again.stderr
+    unknown = mednode("studies", "complete", "1.2.3.404", env=env)
+    assert unknown.returncode == 1 and "not stored" in unknown.stdout + unknown.stderr
+
     table = mednode("status", env=data_env)
     assert table.returncode == 0 and "instances stored: 4" in table.stdout
 

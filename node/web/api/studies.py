@@ -9,7 +9,7 @@ from node.web import actions, views
 from node.web.access import AccessDep
 from node.web.auth import AdminDep
 from node.web.deps import ContextDep, SessionDep, SettingsDep
-from node.web.schemas import ActionOut, AskIn, JobOut, RerunIn, StudyListOut, StudyOut
+from node.web.schemas import ActionOut, AskIn, CompletedOut, JobOut, RerunIn, StudyListOut, StudyOut
 from storage.models import StudyState, utcnow
 
 router = APIRouter(prefix="/studies", tags=["studies"])
@@ -83,3 +83,15 @@ def rerun(session: SessionDep, ctx: ContextDep, settings: SettingsDep, study_uid
     """Run another configured rule on the study's current version."""
     job_id = actions.rerun_with_rule(ctx.sessions, settings, study_uid, body.rule, principal.user or "?")
     return _job_out(session, job_id)
+
+
+@router.post("/{study_uid}/complete", response_model=CompletedOut)
+def complete(session: SessionDep, ctx: ContextDep, settings: SettingsDep, study_uid: str,
+             principal: AdminDep) -> CompletedOut:
+    """Complete a receiving study now, without waiting for its quiet period, required series or
+    maximum wait, and route it; 409 when it is complete already."""
+    job_ids = actions.complete_now(ctx.sessions, settings, study_uid, principal.user or "?")
+    study = queries.get_study(session, study_uid)
+    assert study is not None
+    return CompletedOut(study_instance_uid=study_uid, version=study.version, state=study.state.value,
+                        completion_reason=study.completion_reason, jobs=job_ids)

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_io.header import parse_header
 from node.config import ENV_PREFIX, Settings, load_settings
 from storage.db import make_engine, make_session_factory, upgrade
-from storage.index import IndexOutcome, index_instance
+from storage.index import IndexOutcome, LateSeriesCheck, index_instance
 from storage.store import InstanceStore
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -101,14 +101,15 @@ def index(sessions: sessionmaker[Session], store: InstanceStore) -> IndexFn:
     listener's ingest does (real bytes, parsed header)."""
 
     def run(study: str, series: str, number: int, *, now: datetime | None = None,
-            calling: str | None = "MODALITY", called: str | None = "MEDNODE", **attrs: object) -> IndexOutcome:
+            calling: str | None = "MODALITY", called: str | None = "MEDNODE",
+            late_series_check: LateSeriesCheck | None = None, **attrs: object) -> IndexOutcome:
         data = to_bytes(make_dataset(study, series, number, **attrs))
         header, _ = parse_header(data)
         stored = store.write_instance(header.study_instance_uid, header.series_instance_uid,
                                       header.sop_instance_uid, data)
         with sessions() as session, session.begin():
             outcome, _ = index_instance(session, header, stored, calling_ae_title=calling, called_ae_title=called,
-                                        now=now)
+                                        now=now, late_series_check=late_series_check)
         return outcome
 
     return run

@@ -9,7 +9,14 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.completion import complete_due_studies
+from node import queries
+from node.completion import (
+    StudyNotReceivingError,
+    complete_due_studies,
+    force_complete,
+    late_series_check,
+    study_facts,
+)
 from node.config import Settings
 from storage.index import IndexOutcome
 from storage.models import Job, JobState, Study, StudyState, utcnow
@@ -160,3 +167,117 @@ def test_continue_makes_one_job_per_matching_rule(settings_for, sessions, index:
         ("a", ["PACS@127.0.0.1:104"]), ("b", ["ARCHIVE@127.0.0.1:105"])
     ]
     assert _study(sessions).route_reason == "a, b"
+
+
+# -- completion per rule, force-complete, returned results and late series (issue 12) ----------
+CHEST_RULES = [{
+    "name": "chest", "match": {"modality": "DX"}, "tasks": ["ct_analysis"], "destinations": [],
+    "completion": {"required_series": [{"modality": "DX", "series_description": "PA"},
+                                       {"modality": "DX", "series_description": "LAT"}],
+                   "max_wait_s": 600},
+}]
+DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
+
+
+def _dx(index: IndexFn, series: str, description: str, now: datetime) -> None:
+    index(STUDY, series, 1, now=now, modality="DX", sop_class=DX_STORAGE, SeriesDescription=description)
+
+
+def test_a_study_waits_for_its_required_series(settings_for, sessions, index: IndexFn, t0) -> None:
+    settings = settings_for(quiet_period_s=10, rules=CHEST_RULES)
+    _dx(index, f"{STUDY}.1", "PA", t0)
+
+    assert complete_due_studies(sessions, settings, now=t0 + timedelta(seconds=300)) == []
+    assert _study(sessions).state is StudyState.RECEIVING
+
+    _dx(index, f"{STUDY}.2", "LAT", t0 + timedelta(seconds=301))
+    assert complete_due_studies(sessions, settings, now=t0 + timedelta(seconds=305)) == []  # quiet still counts
+    assert len(complete_due_studies(sessions, settings, now=t0 + timedelta(seconds=312))) == 1
+
+    study = _study(sessions)
+    assert study.completion_reason == "quiet for 10 s with every required series"
+    assert sorted(_jobs(sessions)[0].series_uids) == [f"{STUDY}.1", f"{STUDY}.2"]
+
+
+def test_max_wait_completes_without_the_missing_series_and_says_so(settings_for, sessions, index: IndexFn,
+                                                                   t0) -> None:
+    settings = settings_for(quiet_period_s=10, rules=CHEST_RULES)
+    _dx(index, f"{STUDY}.1", "PA", t0)
+
+    assert complete_due_studies(sessions, settings, now=t0 + timedelta(seconds=599)) == []
+    assert len(complete_due_studies(sessions, settings, now=t0 + timedelta(seconds=600))) == 1
+
+    study = _study(sessions)
+    assert study.state is StudyState.ROUTED
+    assert study.completion_reason is not None and "max wait 600 s" in study.completion_reason
+    assert "'LAT'" in study.completion_reason
+
+
+def test_the_max_wait_clock_restarts_when_a_study_reopens(settings_for, sessions, index: IndexFn, t0) -> None:
+    settings = settings_for(quiet_period_s=10, rules=CHEST_RULES)
+    _dx(index, f"{STUDY}.1", "PA", t0)
+    _dx(index, f"{STUDY}.2", "LAT", t0)
+    assert len(complete_due_studies(sessions, settings, now=t0 + timedelta(seconds=11))) == 1
+    later = t0 + timedelta(seconds=2000)
+    index(STUDY, f"{STUDY}.1", 2, now=later, modality="DX", sop_class=DX_STORAGE, SeriesDescription="PA")
+
+    # long past the first instance's max wait, but the study only began receiving again now
+    assert complete_due_studies(sessions, settings, now=later + timedelta(seconds=5)) == []
+    assert len(complete_due_studies(sessions, settings, now=later + timedelta(seconds=11))) == 1
+    assert _study(sessions).version == 2
+
+
+def test_force_complete_routes_a_receiving_study_now(sessions, settings, index: IndexFn, t0) -> None:
+    index(STUDY, SERIES, 1, now=t0)
+
+    created = force_complete(sessions, settings, STUDY, actor="admin", now=t0 + timedelta(seconds=1))
+
+    [job] = _jobs(sessions)
+    assert created == [(job.id, job.priority)]
+    study = _study(sessions)
+    assert (study.state, study.version, study.completion_reason) == (StudyState.ROUTED, 1, "completed by admin")
+    with pytest.raises(StudyNotReceivingError, match="complete already"):
+        force_complete(sessions, settings, STUDY, actor="admin")
+    with pytest.raises(LookupError, match="not stored"):
+        force_complete(sessions, settings, "1.2.3.404", actor="admin")
+
+
+def test_returned_results_are_never_input_to_a_job(sessions, settings, index: IndexFn, t0) -> None:
+    index(STUDY, SERIES, 1, now=t0)
+    # mednode's SR of an earlier install, forwarded by the PACS inside the study while it receives
+    index(STUDY, f"{STUDY}.9", 1, now=t0, modality="CT", sop_class="1.2.840.10008.5.1.4.1.1.88.33",
+          Manufacturer="mednode")
+
+    complete_due_studies(sessions, settings, now=t0 + timedelta(seconds=11))
+
+    [job] = _jobs(sessions)
+    assert job.series_uids == [SERIES]
+    with sessions() as session:
+        facts = study_facts(session, session.scalars(select(Study)).one())
+    assert [s.series_instance_uid for s in facts.series] == [SERIES]
+
+
+@pytest.mark.parametrize(("modality", "sop_class", "reopens"), [
+    ("CT", "1.2.840.10008.5.1.4.1.1.2", True),
+    ("MR", MR_IMAGE_STORAGE, False),
+])
+def test_a_late_series_reopens_only_if_a_rule_runs_on_it(sessions, settings, index: IndexFn, t0,
+                                                         modality: str, sop_class: str, reopens: bool) -> None:
+    index(STUDY, SERIES, 1, now=t0)
+    complete_due_studies(sessions, settings, now=t0 + timedelta(seconds=11))
+    check = late_series_check(settings.effective_rules)
+    at = t0 + timedelta(seconds=100)
+
+    index(STUDY, f"{STUDY}.3", 1, now=at, modality=modality, sop_class=sop_class, late_series_check=check)
+    index(STUDY, f"{STUDY}.3", 2, now=at, modality=modality, sop_class=sop_class, late_series_check=check)
+    created = complete_due_studies(sessions, settings, now=at + timedelta(seconds=11))
+
+    assert bool(created) is reopens
+    study = _study(sessions)
+    assert study.version == (2 if reopens else 1)
+    with sessions() as session:  # what /metrics reports
+        counts = queries.arrival_counts(session)
+    assert (counts.split_studies, counts.late_studies) == (1 if reopens else 0, 1)
+    assert counts.held_series == {"acquired": 0 if reopens else 1, "mednode_result": 0, "derived": 0}
+    if reopens:
+        assert sorted(_jobs(sessions)[-1].series_uids) == sorted([SERIES, f"{STUDY}.3"])

@@ -102,3 +102,29 @@ def test_replaced_instance_points_at_the_new_file_and_the_old_one_goes(
         path = session.scalar(select(Instance.path))
     assert path is not None and store.read(path) == changed
     assert len(_files(store)) == 1 and _rows(sessions) == 1
+
+
+def test_a_resend_in_another_syntax_after_completion_keeps_the_held_file(
+    store: InstanceStore, sessions: sessionmaker[Session]
+) -> None:
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from storage.models import Study, StudyState
+
+    ingestor = Ingestor(store, sessions)
+    first = to_bytes(make_dataset(STUDY, SERIES, 1))
+    ingestor.ingest(first, calling_ae_title=None, called_ae_title=None)
+    with sessions() as session, session.begin():
+        session.scalars(select(Study)).one().state = StudyState.ROUTED  # as completion leaves it
+    ds = make_dataset(STUDY, SERIES, 1)
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    resent = to_bytes(ds)
+    assert resent != first
+
+    result = ingestor.ingest(resent, calling_ae_title=None, called_ae_title=None)
+
+    assert result.outcome == IndexOutcome.DUPLICATE
+    [held] = _files(store)
+    assert held.read_bytes() == first  # the duplicate's file is gone, the held one stays
+    with sessions() as session:
+        assert session.scalars(select(Study)).one().state is StudyState.ROUTED

@@ -78,6 +78,19 @@ def test_claim_runs_a_queued_job_once(sessions, routed_job: int) -> None:
     assert _job(sessions, routed_job).attempts == 1
 
 
+def test_claim_never_reads_a_returned_result_series(sessions, routed_job: int, index: IndexFn) -> None:
+    # mednode's SR, back from the PACS while the job waited; a job that names its series (an
+    # older rerun, say) still reads only the images
+    returned = f"{STUDY}.77"
+    index(STUDY, returned, 1, modality="SR", sop_class="1.2.840.10008.5.1.4.1.1.88.33", Manufacturer="mednode")
+    job = _job(sessions, routed_job)
+    _set(sessions, Job, routed_job, series_uids=[*job.series_uids, returned])
+
+    claimed = jobs.claim(sessions, routed_job)
+
+    assert claimed is not None and list(claimed.instance_paths) == [SERIES]
+
+
 def test_running_job_with_an_expired_lease_is_claimed_again(sessions, routed_job: int) -> None:
     jobs.claim(sessions, routed_job, lease_s=60)
     _set(sessions, Job, routed_job, lease_expires_at=utcnow() - timedelta(seconds=1))

@@ -7,7 +7,17 @@ from typing import Any
 import pytest
 
 from node.config import Rule
-from node.routing import SeriesFacts, StudyFacts, check_rule, quiet_period_for, route
+from node.routing import (
+    CompletionCheck,
+    SeriesFacts,
+    StudyFacts,
+    check_completion,
+    check_rule,
+    late_series_hold,
+    missing_series,
+    quiet_period_for,
+    route,
+)
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -146,3 +156,102 @@ def test_quiet_period_is_that_of_the_first_matching_rule_that_sets_one() -> None
     assert quiet_period_for(study(ct_series(body_part_examined="HEAD")), rules, default_s=15) == 15
     assert quiet_period_for(study(ct_series(modality="MR")), rules, default_s=15) == 1
     assert quiet_period_for(study(), [], default_s=15) == 15
+
+
+# -- completion per rule and late series (issue 12) --------------------------------------------
+def chest_rule(**completion: Any) -> Rule:
+    completion.setdefault("required_series", [{"modality": "DX", "series_description": "PA"},
+                                              {"modality": ["DX"], "series_description": "LAT"}])
+    completion.setdefault("max_wait_s", 600)
+    return rule("chest", match={"modality": "DX"}, completion=completion)
+
+
+def dx(uid: str, description: str) -> SeriesFacts:
+    return SeriesFacts(uid, modality="DX", series_description=description, instance_count=1)
+
+
+def completion(facts: StudyFacts, rules: list[Rule], *, quiet_for_s: float, receiving_for_s: float) -> CompletionCheck:
+    return check_completion(facts, rules, default_quiet_s=30, quiet_for_s=quiet_for_s,
+                            receiving_for_s=receiving_for_s)
+
+
+def test_a_study_waits_for_every_required_series_beyond_the_quiet_period() -> None:
+    pa_only = study(dx("1", "PA"))
+    assert missing_series(chest_rule(), pa_only)[0].series_description == "LAT"
+
+    waiting = completion(pa_only, [chest_rule()], quiet_for_s=300, receiving_for_s=310)
+    assert not waiting.due
+    assert "chest: modality DX, series_description 'LAT'" in waiting.reason
+
+    both = study(dx("1", "PA"), dx("2", "lat"))  # case-insensitive, as match patterns
+    assert missing_series(chest_rule(), both) == []
+    assert not completion(both, [chest_rule()], quiet_for_s=29, receiving_for_s=40).due  # quiet first
+    done = completion(both, [chest_rule()], quiet_for_s=30, receiving_for_s=40)
+    assert done.due and done.reason == "quiet for 30 s with every required series"
+
+
+def test_max_wait_completes_with_what_the_study_has_and_says_what_was_missing() -> None:
+    pa_only = study(dx("1", "PA"))
+    assert not completion(pa_only, [chest_rule()], quiet_for_s=500, receiving_for_s=599).due
+    late = completion(pa_only, [chest_rule()], quiet_for_s=500, receiving_for_s=600)
+    assert late.due
+    assert late.reason == "max wait 600 s reached without required series (chest: modality DX, series_description 'LAT')"
+
+
+def test_max_wait_alone_bounds_a_study_that_keeps_receiving() -> None:
+    trickle = rule("ct", match={"modality": "CT"}, completion={"max_wait_s": 120})
+    assert not completion(study(), [trickle], quiet_for_s=1, receiving_for_s=119).due
+    check = completion(study(), [trickle], quiet_for_s=1, receiving_for_s=120)
+    assert check.due and "instances still arrived" in check.reason
+
+
+def test_without_completion_options_the_quiet_period_alone_decides() -> None:
+    assert not completion(study(), [rule()], quiet_for_s=29, receiving_for_s=10_000).due
+    assert completion(study(), [rule()], quiet_for_s=30, receiving_for_s=30).due
+    # a rule that does not match the study does not make it wait
+    assert completion(study(ct_series(modality="MR")), [chest_rule()], quiet_for_s=30, receiving_for_s=30).due
+
+
+def test_a_late_series_reopens_only_if_routing_would_run_a_rule_on_it() -> None:
+    rules = [rule("ct", match={"modality": "CT"})]
+    assert late_series_hold(study(ct_series("1"), ct_series("2")), "2", rules) is None
+    assert late_series_hold(study(ct_series("1"), ct_series("2", modality="MR")), "2", rules) == (
+        "late series: no rule would run on it")
+    assert late_series_hold(study(ct_series("2", modality="MR")), "2", rules) is not None
+
+
+def test_a_late_series_another_rule_would_match_is_held_when_the_first_rule_wins() -> None:
+    # the first matching rule wins: routing the study again would run "axial" only, not on a scout
+    rules = [rule("axial", match={"modality": "CT", "series_description": "axial.*"}),
+             rule("any-ct", match={"modality": "CT"})]
+    facts = study(ct_series("1", series_description="axial 1mm"), ct_series("2", series_description="scout"))
+    assert late_series_hold(facts, "2", rules) is not None
+    rules[0] = rule("axial", match={"modality": "CT", "series_description": "axial.*"}, **{"continue": True})
+    assert late_series_hold(facts, "2", rules) is None
+
+
+@pytest.mark.parametrize(("completion_options", "message"), [
+    ({"required_series": [{"modality": "DX"}]}, "max_wait_s: required with required_series"),
+    ({"required_series": [{}], "max_wait_s": 60}, "names at least one of modality"),
+    ({"required_series": [{"series_description": "(PA"}], "max_wait_s": 60}, "not a valid regular expression"),
+    ({"max_wait_s": 0}, "greater than 0"),
+    ({"max_wait": 60}, "Extra inputs are not permitted"),
+])
+def test_completion_options_are_validated(completion_options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        rule("chest", completion=completion_options)
+
+
+def test_max_wait_shorter_than_the_quiet_period_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"completion.max_wait_s \(10\) is shorter than quiet_period_s \(30\)"):
+        rule("chest", quiet_period_s=30, completion={"max_wait_s": 10})
+
+
+def test_a_completion_error_in_the_settings_names_the_key(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from node.config import ConfigError, load_settings
+
+    rules = [{"name": "chest", "tasks": ["ct_analysis"], "destinations": [],
+              "completion": {"required_series": [{"modality": "DX", "series_description": "(PA"}],
+                             "max_wait_s": 600}}]
+    with pytest.raises(ConfigError, match=r"rules\.0\.completion\.required_series\.0\.series_description"):
+        load_settings(data_dir=tmp_path, rules=rules)

@@ -56,3 +56,44 @@ def test_the_diff_check_notices_a_missing_migration(tmp_path: Path) -> None:
 
 def test_migrations_match_models_on_postgresql(postgres_engine: Engine) -> None:
     _check_schema(postgres_engine)
+
+
+def _upgrade_from_0001_with_rows(engine: Engine) -> None:
+    """An index of the first schema with a study in it moves to 0002: its series count as
+    acquired, nothing is late or held, and the new columns are there."""
+    from alembic import command
+
+    from storage.db import _alembic_config
+
+    cfg = _alembic_config(engine)
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "0001")
+    with engine.begin() as connection:
+        connection.execute(sqlalchemy.text(
+            "INSERT INTO study (id, study_instance_uid, state, version, first_received_at, last_received_at) "
+            "VALUES (1, '1.2.3', 'routed', 1, '2026-01-01 00:00:00+00:00', '2026-01-01 00:00:00+00:00')"))
+        connection.execute(sqlalchemy.text(
+            "INSERT INTO series (id, series_instance_uid, study_pk) VALUES (1, '1.2.3.1', 1)"))
+    upgrade(engine)
+    with engine.connect() as connection:
+        row = connection.execute(sqlalchemy.text(
+            "SELECT origin, late_at, held_reason FROM series WHERE id = 1")).one()
+        study = connection.execute(sqlalchemy.text(
+            "SELECT receiving_since, completion_reason FROM study WHERE id = 1")).one()
+    assert tuple(row) == ("acquired", None, None)
+    assert tuple(study) == (None, None)
+    assert _diff(engine) == []
+    assert "ix_result_series_instance_uid" in {i["name"] for i in inspect(engine).get_indexes("result")}
+
+
+def test_0002_keeps_existing_rows_on_sqlite(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'mednode.db'}")
+    try:
+        _upgrade_from_0001_with_rows(engine)
+    finally:
+        engine.dispose()
+
+
+def test_0002_keeps_existing_rows_on_postgresql(postgres_engine: Engine) -> None:
+    _upgrade_from_0001_with_rows(postgres_engine)

@@ -16,6 +16,7 @@ from tests.unit.web.conftest import (
     CANARY_NAME,
     TOKEN,
     WebNode,
+    csrf_of,
 )
 
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -342,3 +343,63 @@ def test_ask_form_on_the_study_page(processed: tuple[WebNode, str, int]) -> None
     assert job["on_demand"] and job["tasks"] == [{"report": {"language": "zh"}}]
     shown = node.client.get(f"/studies/{study_uid}").text
     assert f'id="job-{job_id}"' in shown and 'data-refresh="' in shown  # refreshes until it is done
+
+
+def test_complete_now_from_the_api_and_the_study_page(web_node_factory, ct_files: list[Path]) -> None:  # type: ignore[no-untyped-def]
+    node = web_node_factory(quiet_period_s=3600)  # nothing would complete by itself during the test
+    study_uid = node.ingest(ct_files)
+    url = f"/api/v1/studies/{study_uid}/complete"
+    assert node.client.post(url).status_code == 401  # an administrator's action
+    assert node.client.get(f"/api/v1/studies/{study_uid}").json()["state"] == "receiving"
+
+    done = node.client.post(url, headers=BEARER)
+
+    assert done.status_code == 200, done.text
+    body = done.json()
+    assert (body["state"], body["version"]) == ("routed", 1)
+    assert body["completion_reason"].startswith("completed by ") and len(body["jobs"]) == 1
+    assert node.client.get(f"/api/v1/jobs/{body['jobs'][0]}").json()["rule_name"] == "ct-analysis"
+    again = node.client.post(url, headers=BEARER)
+    assert again.status_code == 409 and "complete already" in again.text
+    assert node.client.post("/api/v1/studies/1.2.3.404/complete", headers=BEARER).status_code == 404
+
+    # the study page's button: shown while receiving, CSRF-protected
+    node._ct_files = ct_files  # type: ignore[attr-defined]
+    second = node.ingest(*_second_study(node))
+    node.login()
+    page = node.client.get(f"/studies/{second}").text
+    assert f'action="/ui/studies/{second}/complete"' in page
+    forged = node.client.post(f"/ui/studies/{second}/complete", data={"csrf_token": "forged"})
+    assert forged.status_code == 403
+    clicked = node.client.post(f"/ui/studies/{second}/complete", data={"csrf_token": csrf_of(page)},
+                               follow_redirects=False)
+    assert clicked.status_code == 303 and "msg=" in clicked.headers["location"]
+    assert node.client.get(f"/api/v1/studies/{second}").json()["state"] == "routed"
+    assert f'action="/ui/studies/{second}/complete"' not in node.client.get(f"/studies/{second}").text
+
+
+def test_results_returned_by_the_pacs_are_shown_as_such_and_reopen_nothing(
+    processed: tuple[WebNode, str, int],
+) -> None:
+    from sqlalchemy import select
+
+    from storage.models import Result
+
+    node, study_uid, job_id = processed
+    with node.ctx.sessions() as session:
+        paths = [node.ctx.store.absolute(p) for p in session.scalars(select(Result.path).where(Result.job_pk == job_id))]
+    assert len(paths) == 2  # SEG and SR
+    before = node.client.get(f"/api/v1/studies/{study_uid}").json()
+
+    node.ingest(paths)  # the PACS forwards the study back, with mednode's results in it
+
+    after = node.client.get(f"/api/v1/studies/{study_uid}", headers=BEARER).json()
+    assert (after["state"], after["version"]) == (before["state"], before["version"])
+    returned = [s for s in after["series"] if s["origin"] == "mednode_result"]
+    assert len(returned) == 2 and all(s["origin_label"] == "mednode result, returned by PACS" for s in returned)
+    assert node.complete() == []  # nothing to complete: no new job
+    node.login()
+    assert node.client.get(f"/studies/{study_uid}").text.count("mednode result, returned by PACS") == 2
+    metrics = node.client.get("/metrics").text
+    assert 'mednode_series_held{origin="mednode_result"} 2.0' in metrics
+    assert "mednode_studies_split 0.0" in metrics and "mednode_studies_late 0.0" in metrics

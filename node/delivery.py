@@ -26,6 +26,7 @@ from pydicom import dcmread
 from pydicom.uid import UID
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.config import Destination
@@ -191,17 +192,32 @@ def _tls_args(destination: Destination) -> tuple[ssl.SSLContext, str] | None:
     return client_context(destination.tls), destination.tls.server_hostname or destination.host
 
 
+def _unread_rejection(assoc: Association) -> A_ASSOCIATE | None:
+    """The A-ASSOCIATE-RJ a peer sent, when pynetdicom reported an abort instead.
+
+    A peer that rejects and closes at once (dcmtk ``storescp --refuse``) can have its rejection
+    read and the transport closed before pynetdicom's association thread checks that the socket
+    is connected; it then aborts and leaves the rejection unread in the DUL's queue (seen in about
+    one association in three on loopback, pynetdicom 3.0). The rejection decides whether a retry
+    can help, so look for it there.
+    """
+    queue = getattr(getattr(assoc, "dul", None), "to_user_queue", None)
+    for primitive in list(getattr(queue, "queue", ())):
+        if isinstance(primitive, A_ASSOCIATE) and getattr(primitive, "result", None) in (0x01, 0x02):
+            return primitive
+    return None
+
+
 def _associate(destination: Destination, ae: AE) -> Association:
     """Open the association or raise the :class:`DeliveryError` that says why not."""
     tls_args = _tls_args(destination)
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if assoc.is_established:
         return assoc
-    if assoc.is_rejected:
-        answer = assoc.acceptor.primitive
+    answer = assoc.acceptor.primitive if assoc.is_rejected else _unread_rejection(assoc)
+    if answer is not None:
         result = getattr(answer, "result", None)
-        words = (f"{answer.result_str}, source: {answer.source_str}, reason: {answer.reason_str}"
-                 if answer is not None else "no details")
+        words = f"{answer.result_str}, source: {answer.source_str}, reason: {answer.reason_str}"
         if classify_rejection(result) is Outcome.PERMANENT:
             raise PermanentDeliveryError(f"association rejected ({words})")
         raise TransientDeliveryError(f"association with {destination} rejected ({words})")

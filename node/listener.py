@@ -75,7 +75,6 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 LOSSLESS_TRANSFER_SYNTAXES = frozenset({
     ImplicitVRLittleEndian,
     ExplicitVRLittleEndian,
-    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical (Process 14)

@@ -40,7 +40,7 @@ def prepare(settings: Settings) -> NodeContext:
     ctx = context.current()
     upgrade(ctx.engine)
     ctx.store.remove_partials()
-    reindex_orphans(ctx.store, ctx.sessions)
+    reindex_orphans(ctx.store, ctx.sessions, late_series_check(settings.effective_rules))
     return ctx
 
 

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_io.errors import InvalidInstanceError
 from dicom_io.header import parse_header
-from storage.index import IndexOutcome, index_instance
+from storage.index import IndexOutcome, LateSeriesCheck, index_instance
 from storage.models import Instance
 from storage.store import InstanceStore, StoredFile
 
@@ -34,8 +34,15 @@ def _mtime_ns(store: InstanceStore, relative: str) -> int:
         return -1
 
 
-def reindex_orphans(store: InstanceStore, sessions: sessionmaker[Session]) -> int:
-    """Index every instance file without a row; return how many were indexed."""
+def reindex_orphans(
+    store: InstanceStore, sessions: sessionmaker[Session], late_series_check: LateSeriesCheck | None = None
+) -> int:
+    """Index every instance file without a row; return how many were indexed.
+
+    ``late_series_check`` is the listener's (:func:`storage.index.index_instance`): a late series
+    found here reopens its complete study only if a rule would run on it, as it would have had
+    it been indexed when it arrived.
+    """
     with sessions() as session:
         newest = session.scalar(select(func.max(Instance.received_at)))
     since = (newest - MARGIN).timestamp() if newest is not None else None
@@ -69,7 +76,8 @@ def reindex_orphans(store: InstanceStore, sessions: sessionmaker[Session]) -> in
             continue
         stored = StoredFile(relative, len(data), hashlib.sha256(data).hexdigest())
         with sessions() as session, session.begin():
-            outcome, obsolete = index_instance(session, header, stored, calling_ae_title=None, called_ae_title=None)
+            outcome, obsolete = index_instance(session, header, stored, calling_ae_title=None, called_ae_title=None,
+                                               late_series_check=late_series_check)
         if obsolete is not None and (obsolete != relative or outcome is IndexOutcome.DUPLICATE):
             store.delete(obsolete)  # the file replaced, or this one: its study holds the instance already
         repaired += 1

@@ -13,20 +13,20 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_io.header import parse_header
 from storage.index import index_instance
-from storage.models import Instance, Study, StudyState
+from storage.models import Instance, Series, Study, StudyState
 from storage.reconcile import reindex_orphans
 from storage.store import InstanceStore
 
 STUDY, SERIES = "1.2.826.0.1.3680043.8.498.40", "1.2.826.0.1.3680043.8.498.40.1"
 
 
-def _instance(number: int, description: str = "axial") -> bytes:
+def _instance(number: int, description: str = "axial", series: str = SERIES) -> bytes:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{SERIES}.{number}"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY, SERIES
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{series}.{number}"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY, series
     ds.Modality, ds.SeriesDescription = "OT", description
     buffer = BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
@@ -101,3 +101,30 @@ def test_a_newer_version_whose_row_was_rolled_back_wins(store: InstanceStore, se
 
     assert _paths(sessions) == [new]
     assert not store.absolute(old).exists()
+
+
+@pytest.mark.parametrize("rule_runs_on_it", [False, True])
+def test_a_late_series_found_at_start_reopens_its_study_only_if_a_rule_runs_on_it(
+    store: InstanceStore, sessions, rule_runs_on_it: bool,  # type: ignore[no-untyped-def]
+) -> None:
+    """The repair asks the listener's late-series check, as the listener would have."""
+    _received(store, sessions, _instance(1), indexed=True)
+    with sessions() as session, session.begin():
+        session.scalars(select(Study)).one().state = StudyState.ROUTED  # complete, results out
+    late_series = f"{SERIES}.2"
+    _received(store, sessions, _instance(1, series=late_series), indexed=False)
+    asked: list[str] = []
+
+    def check(session: Session, study_pk: int, header) -> str | None:  # type: ignore[no-untyped-def]
+        asked.append(header.series_instance_uid)
+        return None if rule_runs_on_it else "late series: no rule would run on it"
+
+    assert reindex_orphans(store, sessions, check) == 1
+
+    assert asked == [late_series]
+    with sessions() as session:
+        study = session.scalars(select(Study)).one()
+        series = session.scalars(select(Series).where(Series.series_instance_uid == late_series)).one()
+        assert study.state is (StudyState.RECEIVING if rule_runs_on_it else StudyState.ROUTED)
+        assert series.late_at is not None
+        assert series.held_reason == (None if rule_runs_on_it else "late series: no rule would run on it")

@@ -617,7 +617,8 @@ def send_results(sessions: sessionmaker[Session], job_id: int, destinations: lis
     JobNotFoundError
         If there is no such job.
     InvalidTransitionError
-        If the job has not produced its results (not succeeded, delivering or delivered).
+        If the job has not produced its results (not succeeded, delivering or delivered), or a
+        newer version of the study's results replaced them.
     """
     now = utcnow()
     created: list[int] = []
@@ -628,6 +629,12 @@ def send_results(sessions: sessionmaker[Session], job_id: int, destinations: lis
         if job.state not in (JobState.SUCCEEDED, JobState.DELIVERING, JobState.DELIVERED) or not job.results:
             raise InvalidTransitionError(
                 f"job {job_id} is {job.state.value}; only a job that wrote results can send them"
+            )
+        newer = _newer_published(session, job)
+        if newer is not None:
+            raise InvalidTransitionError(
+                f"job {job_id} wrote version {job.study_version} of the study's results; job {newer.id} "
+                f"replaced them with version {newer.study_version}: send that one instead"
             )
         for result in job.results:
             known = {d.destination for d in result.deliveries}

@@ -240,3 +240,21 @@ def test_a_superseded_version_cannot_be_retried(sessions, study: Study, memory_c
         jobs.retry_job(sessions, v1.id)
     assert _job(sessions, v1.id).state is JobState.FAILED
     assert {d.state for d in _deliveries(sessions, v1.id).values()} == {DeliveryState.FAILED}
+
+
+def test_a_superseded_version_cannot_be_sent_by_hand(sessions, study: Study) -> None:
+    """"Send to PACS" of an old version would put results a newer version replaced in the PACS."""
+    other = "OTHER@127.0.0.1:4242"
+    v1, _ = study.run(study.receive(2))
+    for delivery in _deliveries(sessions, v1.id).values():
+        _finish(sessions, delivery.id, ok=True)
+    for delivery_id in jobs.send_results(sessions, v1.id, [other]):  # before v2: allowed
+        assert _finish(sessions, delivery_id, ok=True) is DeliveryState.DELIVERED
+    assert _job(sessions, v1.id).state is JobState.DELIVERED  # all out: nothing for v2 to cancel
+
+    v2_id = study.receive(1)
+    study.run(v2_id)
+    with pytest.raises(jobs.InvalidTransitionError, match=f"job {v2_id} replaced them with version 2"):
+        jobs.send_results(sessions, v1.id, ["THIRD@127.0.0.1:4243"])
+    assert {dest for _, dest in _deliveries(sessions, v1.id)} == {PACS, ARCHIVE, other}
+    assert len(jobs.send_results(sessions, v2_id, ["THIRD@127.0.0.1:4243"])) == 2

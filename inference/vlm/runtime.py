@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from inference.boxes import ParsedBoxes, parse_boxes
+from inference.boxes import JSON_FORMATS, ParsedBoxes, parse_boxes
 from inference.errors import InvalidInputError
 from inference.geometry import PreparedImage, prepare_image
 from inference.results import (
@@ -130,7 +130,8 @@ def answer_state(answer: str, language: str) -> LabelState:
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+|(?<=[。！？])|\n+")
-_WRAPPER_TAGS = re.compile(r"</?obj>|</?ref>|<\|/?ref\|>|</?p>|<delim>|```(?:json)?")
+_WRAPPER_TAGS = re.compile(r"</?obj>|</?ref>|<\|/?ref\|>|<\|object_ref_(?:start|end)\|>|</?p>|<delim>"
+                           r"|```(?:json)?")
 
 
 def grounded_sentences(text: str, parsed: ParsedBoxes, *, json_format: bool) -> tuple[GroundedSentence, ...]:
@@ -346,7 +347,7 @@ class VLM:
                                             boxes=parsed.boxes, rejected=parsed.rejected)
                     add((image,), (i,), family.prompt(task, item=item), finish_region)
         elif task.kind == "grounded_report":
-            json_format = family.box_format in ("medgemma", "qwen")
+            json_format = family.box_format in JSON_FORMATS
             for i, image in enumerate(images):
                 def finish_grounded(raw: str, clean: str, _: float | None, img: PreparedImage = image,
                                     index: int = i) -> TaskResult:

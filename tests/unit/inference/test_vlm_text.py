@@ -5,8 +5,9 @@ import pytest
 from inference.boxes import parse_boxes
 from inference.geometry import geometry_for
 from inference.tasks import TaskSpec
+from inference.vlm.classify import answer_state
 from inference.vlm.families import FAMILIES, get_family
-from inference.vlm.runtime import answer_state, grounded_sentences, split_report
+from inference.vlm.runtime import grounded_sentences, split_report
 
 
 def test_split_report_english():

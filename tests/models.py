@@ -13,6 +13,7 @@ Each builder takes the target directory and returns it. Builders are determinist
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -429,6 +430,65 @@ def build_tiny_paligemma(out: Path, *, seed: int = 0) -> Path:
     return _save(model, processor, out, [tokenizer.eos_token_id], tokenizer.pad_token_id)
 
 
+def build_tiny_internvl(out: Path, *, seed: int = 0) -> Path:
+    """InternVL in transformers' native layout: InternViT + pixel-shuffle MLP projector + Qwen2.
+
+    Saved like OpenGVLab's ``-hf`` checkpoints: model, tokenizer (``<img>``, ``</img>``,
+    ``<IMG_CONTEXT>``), image processor and ``processor_config.json``; the processor object itself
+    cannot be built here (its video processor needs torchvision).
+    """
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    torch.manual_seed(seed)
+    tokenizer = _train_tokenizer(
+        ["<|endoftext|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
+        {"start_image_token": "<img>", "end_image_token": "</img>",
+         "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
+        _chat_template("<IMG_CONTEXT>\n", "<|im_end|>\n"),
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+    )
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": [TINY_IMAGE_SIZE, TINY_IMAGE_SIZE],
+        "patch_size": [14, 14],
+    }
+    text = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    image_seq_length = (TINY_IMAGE_SIZE // 14) ** 2 // 4  # pixel shuffle at downsample ratio 0.5
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=image_seq_length,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+    model = InternVLForConditionalGeneration(config).eval()
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, crop_to_patches=True,
+        min_patches=1, max_patches=12)
+    _save(model, tokenizer, out, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    image_processor.save_pretrained(out)
+    (out / "processor_config.json").write_text(
+        json.dumps({"processor_class": "InternVLProcessor", "image_seq_length": image_seq_length}))
+    return out
+
+
 BUILDERS = {
     "gemma3": build_tiny_gemma3,
     "llava": build_tiny_llava,
@@ -436,6 +496,7 @@ BUILDERS = {
     "qwen2_5_vl": build_tiny_qwen2_5_vl,
     "qwen3_vl": build_tiny_qwen3_vl,
     "paligemma": build_tiny_paligemma,
+    "internvl": build_tiny_internvl,
 }
 
 

@@ -10,7 +10,7 @@ coordinates in JSON format", LLaVA-1.5's RefCOCO prompt, MiniGPT-v2's ``[refer]`
 task tags, PaliGemma's ``detect`` prefix, MedRegA's ``<ref>`` markup); the rest are plain
 instructions. Adding a family is adding one entry to :data:`FAMILIES`.
 
-Loadable families (medgemma, qwen2_vl, qwen2_5_vl, qwen3_vl, llava, paligemma) are transformers
+Loadable families (medgemma, qwen2_vl, qwen2_5_vl, qwen3_vl, llava, paligemma, internvl) are transformers
 models that :func:`inference.vlm.load_vlm` loads and the tests load from tiny random checkpoints of
 their real architecture. Parser-only families (medrega, maira2, chexagent, minigpt_med) ship their
 model code inside the checkpoint or are not transformers models at all: mednode reads their box
@@ -229,7 +229,19 @@ FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (
         note="PaliGemma (PaliGemmaForConditionalGeneration): task-prefix prompts, no chat turns.",
     ),
     Family(
-        name="medrega", model_types=("internvl_chat", "internvl"), box_format="medrega",
+        name="internvl", model_types=("internvl",), box_format="medrega", prepare_mode="resize",
+        default_size=448,
+        prompts={"en": {"ground": "Please provide the bounding box coordinate of the region this "
+                                  "sentence describes: <ref>{phrase}</ref>",
+                        "detect": "Please detect <ref>{phrase}</ref> in the image."},
+                 "zh": {"ground": "请输出图像中<ref>{phrase}</ref>的边界框。",
+                        "detect": "请检测图像中的<ref>{phrase}</ref>。"}},
+        note="InternVL in transformers' native format (InternVLForConditionalGeneration, model_type "
+             "internvl, e.g. OpenGVLab's -hf releases): <ref>/<box> answers on 0-1000 like "
+             "MedRegA; image-only processor, one 448 tile per image.",
+    ),
+    Family(
+        name="medrega", model_types=("internvl_chat",), box_format="medrega",
         prepare_mode="resize", default_size=448, requires_remote_code=True, batching=False,
         loadable=False,
         prompts={"en": {"ground": "Please output the bounding box of <ref>{phrase}</ref> in the image.",
@@ -240,8 +252,8 @@ FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (
              "its chat() interface are Python code shipped inside the checkpoint, with its own "
              "image tiling and no transformers processor, which mednode's runtime does not drive. "
              "mednode parses its <ref>/<box> answers only; serve MedRegA with an engine that "
-             "supports InternVL-Chat (LMDeploy) or run its own code, and use a loadable family "
-             "(medgemma, qwen2_5_vl, qwen3_vl, llava, paligemma) in mednode.",
+             "supports InternVL-Chat (LMDeploy) or run its own code. A checkpoint converted to "
+             "transformers' native InternVL format (model_type internvl) loads as family internvl.",
     ),
     Family(
         name="maira2", model_types=("maira2",), box_format="maira2", prepare_mode="crop",
@@ -292,8 +304,8 @@ def get_family(name: str) -> Family:
         Naming the known families.
     """
     aliases = {"gemma3": "medgemma", "lingshu": "qwen2_5_vl", "qwen2.5_vl": "qwen2_5_vl",
-               "qwen3": "qwen3_vl", "llava_med": "llava", "internvl": "medrega",
-               "internvl_chat": "medrega", "minigpt": "minigpt_med"}
+               "qwen3": "qwen3_vl", "llava_med": "llava", "internvl_chat": "medrega",
+               "minigpt": "minigpt_med"}
     key = aliases.get(name.lower(), name.lower())
     if key not in FAMILIES:
         raise KeyError(f"Unknown model family {name!r}; known: {', '.join(sorted(FAMILIES))}.")

@@ -92,18 +92,33 @@ def _resolve_device_and_dtype(cfg: VLMConfig) -> tuple[str, torch.dtype]:
     return device, dtype
 
 
+#: Checkpoints whose transformers processor insists on a torchvision video processor.
+IMAGE_ONLY_PROCESSORS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl")
+
+
 def _image_only_processor(path: Path, model_type: str, trust_remote_code: bool) -> object:
-    """Qwen2-VL / 2.5-VL / 3-VL processor without its video processor.
+    """Qwen2-VL / 2.5-VL / 3-VL or InternVL processor without its video processor.
 
     transformers builds those processors with a video processor that needs torchvision; mednode
     only sends images, so the processor is assembled from the image processor and tokenizer
-    with ``video_processor=None``.
+    with ``video_processor=None``, plus the settings of ``processor_config.json`` (InternVL's
+    ``image_seq_length``).
     """
+    import inspect
+
     import transformers
     from transformers import AutoImageProcessor, AutoTokenizer
 
     base: type = {"qwen2_5_vl": transformers.Qwen2_5_VLProcessor,
-                  "qwen3_vl": transformers.Qwen3VLProcessor}.get(model_type, transformers.Qwen2VLProcessor)
+                  "qwen3_vl": transformers.Qwen3VLProcessor,
+                  "internvl": transformers.InternVLProcessor}.get(model_type, transformers.Qwen2VLProcessor)
+    settings: dict[str, object] = {}
+    processor_config = path / "processor_config.json"
+    if processor_config.is_file():
+        accepted = set(inspect.signature(base).parameters) - {
+            "self", "image_processor", "tokenizer", "video_processor", "chat_template", "kwargs"}
+        loaded = json.loads(processor_config.read_text(encoding="utf-8"))
+        settings = {k: v for k, v in loaded.items() if k in accepted}
 
     class ImageOnlyProcessor(base):  # type: ignore[valid-type, misc]
         def __init__(self, image_processor: object = None, tokenizer: object = None,
@@ -122,7 +137,7 @@ def _image_only_processor(path: Path, model_type: str, trust_remote_code: bool) 
             text = file.read_text(encoding="utf-8")
             chat_template = json.loads(text)["chat_template"] if name.endswith(".json") else text
     return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                              chat_template=chat_template)
+                              chat_template=chat_template, **settings)
 
 
 def _check_directory(cfg: VLMConfig, family: Family) -> tuple[Path, dict[str, object]]:
@@ -192,7 +207,7 @@ def load_vlm(cfg: VLMConfig) -> VLM:
     device, dtype = _resolve_device_and_dtype(cfg)
     model_type = str(config.get("model_type", ""))
     try:
-        if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        if model_type in IMAGE_ONLY_PROCESSORS:
             processor = _image_only_processor(path, model_type, cfg.trust_remote_code)
         else:
             processor = AutoProcessor.from_pretrained(path, local_files_only=True,

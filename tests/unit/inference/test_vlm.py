@@ -30,7 +30,7 @@ from tests.shared_data import SHARED_DICOM
 
 XR = SHARED_DICOM / "xr"
 #: Every family the README calls loadable, from a tiny checkpoint of its real architecture.
-FAMILIES = ["gemma3", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "paligemma"]
+FAMILIES = ["gemma3", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "paligemma", "internvl"]
 
 ALL_TASKS = [
     {"report": {"language": "en"}},
@@ -276,7 +276,7 @@ def test_remote_code_families_are_parser_only_with_a_clear_message(tmp_path, fam
         load_vlm(VLMConfig(path=str(tmp_path), family=family, trust_remote_code=True))
     message = str(refused.value)
     assert f"{family!r} is parser-only" in message and why in message
-    assert "Loadable families: medgemma, qwen2_vl, qwen2_5_vl, qwen3_vl, llava, paligemma." in message
+    assert "Loadable families: medgemma, qwen2_vl, qwen2_5_vl, qwen3_vl, llava, paligemma, internvl." in message
 
 
 def test_a_qwen_checkpoint_under_another_qwen_family_is_refused(tiny_vlm_dirs):  # noqa: F811
@@ -297,7 +297,8 @@ def test_segment_and_unknown_language_are_refused(vlm, radiographs):
 
 
 def test_model_info_names_the_checkpoint(vlm):
-    assert vlm.info.family in ("medgemma", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "paligemma")
+    assert vlm.info.family in ("medgemma", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "paligemma",
+                               "internvl")
     assert len(vlm.info.version) == 16 and vlm.info.name
 
 
@@ -310,8 +311,9 @@ def test_processor_does_not_resize_the_prepared_image_again(vlm, radiographs):
             _, rows, cols = features["image_grid_thw"][0].tolist()
             patch = vlm.processor.image_processor.patch_size
             assert (cols * patch, rows * patch) == (width, height)
-        else:
-            assert tuple(features["pixel_values"].shape[-2:]) == (height, width)
+        else:  # one tile of the input size (InternVL: no extra tiles, no thumbnail)
+            assert tuple(features["pixel_values"].shape[-3:]) == (3, height, width)
+            assert features["pixel_values"].reshape(-1, 3, height, width).shape[0] == 1
 
 
 def test_ct_series_as_sampled_multi_image_prompt(vlm):

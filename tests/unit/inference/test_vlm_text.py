@@ -84,7 +84,7 @@ def test_each_family_parses_boxes_in_its_own_convention():
     table = {name: family.box_format for name, family in FAMILIES.items()}
     assert table == {
         "medgemma": "medgemma", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl",
-        "qwen3_vl": "qwen3_vl", "llava": "llava", "paligemma": "paligemma", "medrega": "medrega",
+        "qwen3_vl": "qwen3_vl", "llava": "llava", "paligemma": "paligemma", "internvl": "medrega", "medrega": "medrega",
         "maira2": "maira2", "chexagent": "chexagent", "minigpt_med": "minigpt",
     }
     assert {get_family(n).box_format for n in ("lingshu", "qwen2.5_vl")} == {"qwen2_5_vl"}

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from inference.results import LabelState
 from inference.vlm.families import YES_NO
@@ -120,3 +120,31 @@ def label_outcome(answer: str, language: str, probability: float | None) -> tupl
     if said != state:
         return "uncertain", None
     return state, probability
+
+
+def probability_from_logprobs(steps: Sequence[tuple[str, Mapping[str, float]]], language: str) -> float | None:
+    """:func:`yes_probability` at the answer's yes/no token, from token texts and log-probabilities.
+
+    For engines that return text rather than token ids (an OpenAI-compatible server's
+    ``logprobs.content``: each step's chosen ``token`` and its ``top_logprobs``). A token counts
+    as a yes (no) spelling when its text, less filler, is one of the words of :data:`YES_NO`;
+    spellings absent from a step's top log-probabilities count as probability 0.
+
+    Parameters
+    ----------
+    steps : sequence of (str, mapping of str to float)
+        Per generated token: its text, and the top alternatives' texts and log-probabilities
+        (the chosen token included).
+    language : str
+        Language of the yes/no words.
+    """
+    yes_words, no_words = YES_NO.get(language, YES_NO["en"])
+    for index, (token, alternatives) in enumerate(steps):
+        word = token.strip(FILLER)
+        if word in yes_words or word in no_words:
+            yes = [lp for text, lp in alternatives.items() if text.strip(FILLER) in yes_words]
+            no = [lp for text, lp in alternatives.items() if text.strip(FILLER) in no_words]
+            return yes_probability(yes, no)
+        if word or index + 1 >= MAX_LEADING_TOKENS:
+            return None
+    return None

@@ -9,6 +9,7 @@ from inference.vlm.classify import (
     answer_position,
     answer_state,
     label_outcome,
+    probability_from_logprobs,
     yes_probability,
 )
 
@@ -74,3 +75,15 @@ def test_invariant_over_every_combination(answer, p):
 def test_a_probability_outside_0_1_is_a_bug():
     with pytest.raises(ValueError, match="0..1"):
         label_outcome("yes", "en", 1.5)
+
+
+def test_probability_from_a_servers_logprobs():
+    """The same rule on token texts and top log-probabilities (OpenAI ``logprobs.content``)."""
+    ln = math.log
+    steps = [("**", {"**": ln(0.9), "Yes": ln(0.05)}),
+             ("Yes", {"Yes": ln(0.6), " yes": ln(0.1), "No": ln(0.2), "Maybe": ln(0.1)}),
+             ("**", {"**": ln(0.99)})]
+    assert probability_from_logprobs(steps, "en") == pytest.approx(0.7 / 0.9)
+    assert probability_from_logprobs([("Uncertain", {"Uncertain": ln(0.5), "Yes": ln(0.49)})], "en") is None
+    assert probability_from_logprobs([("是", {"是": ln(0.8), "否": ln(0.1)})], "zh") == pytest.approx(8 / 9)
+    assert probability_from_logprobs([], "en") is None

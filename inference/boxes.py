@@ -17,7 +17,10 @@ Frames of reference (``fmt``, per family):
 format             markup                                                    coordinates
 =================  ========================================================  ==================
 ``medgemma``       ``{"box_2d": [y0, x0, y1, x1], "label": ...}`` (JSON)     0–1000 of input
-``qwen``           ``{"bbox_2d": [x0, y0, x1, y1], "label": ...}`` (JSON)    input pixels
+``qwen2_vl``       ``<|object_ref_start|>l<|object_ref_end|>``                0–1000 of input
+                   ``<|box_start|>(x0,y0),(x1,y1)<|box_end|>``
+``qwen2_5_vl``     ``{"bbox_2d": [x0, y0, x1, y1], "label": ...}`` (JSON)    input pixels
+``qwen3_vl``       ``{"bbox_2d": [x0, y0, x1, y1], "label": ...}`` (JSON)    0–1000 of input
 ``medrega``        ``<ref>obj</ref><box>[[x0, y0, x1, y1]]</box>``           0–1000 of original
 ``minigpt``        ``<p>label</p> {<x0><y0><x1><y1>}``, ``<delim>`` joins     0–100 of input
 ``maira2``         ``<obj>text<box><x55><y45><x70><y56></box></obj>``        100 bins of input
@@ -30,6 +33,11 @@ format             markup                                                    coo
 square for ``crop``. MAIRA-2 bin ``b`` is read as the bin centre ``(b + 0.5) / 100``; the others
 read integer ``v`` as ``v / scale``. MedRegA/InternVL's 0–1000 grid is on the original image
 (InternVL stretches tiles), so the transform's crop/pad does not apply to it.
+
+The three Qwen generations share a name but not a convention: Qwen2-VL writes its special-token
+markup on a 0–1000 grid, Qwen2.5-VL (and fine-tunes of it such as Lingshu) writes JSON in
+absolute pixels of the resized image it was given, Qwen3-VL writes the same JSON on 0–1000
+again. :data:`inference.vlm.families.FAMILIES` ties each family to its format.
 """
 
 from __future__ import annotations
@@ -43,8 +51,8 @@ from typing import Literal
 from inference.geometry import ImageTransform
 from inference.results import Box
 
-BoxFormat = Literal["medgemma", "qwen", "medrega", "minigpt", "maira2", "chexagent", "paligemma",
-                    "llava"]
+BoxFormat = Literal["medgemma", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "medrega", "minigpt", "maira2",
+                    "chexagent", "paligemma", "llava"]
 Frame = Literal["input_normalised", "input_pixels", "original_normalised"]
 
 
@@ -189,11 +197,50 @@ def parse_medgemma(text: str, transform: ImageTransform, *, image_index: int = 0
                        scale=1000.0, frame="input_normalised")
 
 
-def parse_qwen(text: str, transform: ImageTransform, *, image_index: int = 0,
-               default_label: str = "") -> ParsedBoxes:
-    """Qwen2.5-VL: ``{"bbox_2d": [x0, y0, x1, y1], "label": ...}`` in pixels of the resized input."""
+def parse_qwen2_5_vl(text: str, transform: ImageTransform, *, image_index: int = 0,
+                     default_label: str = "") -> ParsedBoxes:
+    """Qwen2.5-VL (and Lingshu): ``{"bbox_2d": [x0, y0, x1, y1], "label": ...}`` in absolute
+    pixels of the resized input (the image the processor turned into patches)."""
     return _parse_json(text, transform, image_index, default_label, key="bbox_2d", y_first=False,
                        scale=1.0, frame="input_pixels")
+
+
+def parse_qwen3_vl(text: str, transform: ImageTransform, *, image_index: int = 0,
+                   default_label: str = "") -> ParsedBoxes:
+    """Qwen3-VL: ``{"bbox_2d": [x0, y0, x1, y1], "label": ...}`` on 0–1000 of the input."""
+    return _parse_json(text, transform, image_index, default_label, key="bbox_2d", y_first=False,
+                       scale=1000.0, frame="input_normalised")
+
+
+# --- Qwen2-VL: special-token markup on 0-1000 -----------------------------------------------------
+
+_QWEN2_VL = re.compile(
+    r"(?:<\|object_ref_start\|>(?P<ref>.*?)<\|object_ref_end\|>\s*)?"
+    r"<\|box_start\|>(?P<box>.*?)<\|box_end\|>", re.DOTALL)
+_POINT = re.compile(r"\(\s*(" + _NUMBER + r")\s*,\s*(" + _NUMBER + r")\s*\)")
+
+
+def parse_qwen2_vl(text: str, transform: ImageTransform, *, image_index: int = 0,
+                   default_label: str = "") -> ParsedBoxes:
+    """Qwen2-VL: ``<|object_ref_start|>label<|object_ref_end|><|box_start|>(x0,y0),(x1,y1)<|box_end|>``
+    on 0–1000 of the input. One box markup may hold several corner pairs (several boxes of one
+    label); a markup without a label keeps the previous one (or the default).
+
+    The markers are special tokens: parse text decoded with ``skip_special_tokens=False``.
+    """
+    out = _Collector(transform, image_index, "input_normalised")
+    label = default_label
+    for match in _QWEN2_VL.finditer(text):
+        if match.group("ref") is not None:
+            label = match.group("ref").strip()
+        points = [(float(x), float(y)) for x, y in _POINT.findall(match.group("box"))]
+        leftover = _POINT.sub("", match.group("box")).strip(" ,")
+        if not points or len(points) % 2 or leftover:
+            out.add(match.group(0), match.span(), label, None)
+            continue
+        for (x0, y0), (x1, y1) in zip(points[::2], points[1::2], strict=True):
+            out.add(match.group(0), match.span(), label, _four([x0, y0, x1, y1], 1000.0))
+    return out.result()
 
 
 # --- MedRegA / InternVL -------------------------------------------------------------------------
@@ -327,9 +374,16 @@ def format_box(fmt: BoxFormat, box: Box, transform: ImageTransform) -> str:
     if fmt == "medgemma":
         x0, y0, x1, y1 = (_clamp_int(v * 1000, 1000) for v in from_box(box, transform, "input_normalised"))
         return json.dumps({"box_2d": [y0, x0, y1, x1], "label": box.label}, ensure_ascii=False)
-    if fmt == "qwen":
+    if fmt == "qwen2_vl":
+        q = [_clamp_int(v * 1000, 1000) for v in from_box(box, transform, "input_normalised")]
+        return (f"<|object_ref_start|>{box.label}<|object_ref_end|>"
+                f"<|box_start|>({q[0]},{q[1]}),({q[2]},{q[3]})<|box_end|>")
+    if fmt == "qwen2_5_vl":
         px = [_clamp_int(v, 100_000) for v in from_box(box, transform, "input_pixels")]
         return json.dumps({"bbox_2d": px, "label": box.label}, ensure_ascii=False)
+    if fmt == "qwen3_vl":
+        q = [_clamp_int(v * 1000, 1000) for v in from_box(box, transform, "input_normalised")]
+        return json.dumps({"bbox_2d": q, "label": box.label}, ensure_ascii=False)
     if fmt == "medrega":
         q = [_clamp_int(v * 1000, 999) for v in from_box(box, transform, "original_normalised")]
         return f"<ref>{box.label}</ref><box>[[{q[0]}, {q[1]}, {q[2]}, {q[3]}]]</box>"
@@ -353,9 +407,14 @@ def format_box(fmt: BoxFormat, box: Box, transform: ImageTransform) -> str:
 
 Parser = Callable[..., ParsedBoxes]
 
+#: Formats whose boxes are JSON objects that carry their sentence or phrase as ``label``.
+JSON_FORMATS: frozenset[str] = frozenset({"medgemma", "qwen2_5_vl", "qwen3_vl"})
+
 PARSERS: dict[str, Parser] = {
     "medgemma": parse_medgemma,
-    "qwen": parse_qwen,
+    "qwen2_vl": parse_qwen2_vl,
+    "qwen2_5_vl": parse_qwen2_5_vl,
+    "qwen3_vl": parse_qwen3_vl,
     "medrega": parse_medrega,
     "minigpt": parse_minigpt,
     "maira2": parse_maira2,

@@ -13,6 +13,7 @@ Each builder takes the target directory and returns it. Builders are determinist
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -28,14 +29,22 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
+    PaliGemmaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
     SiglipVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 #: Side of the square image the tiny vision towers take (4x4 patches of 14 pixels).
 TINY_IMAGE_SIZE = 56
@@ -225,14 +234,10 @@ def build_tiny_gemma3(out: Path, *, seed: int = 0) -> Path:
     )
 
 
-def build_tiny_qwen2_vl(out: Path, *, seed: int = 0) -> Path:
-    """Qwen2-VL: native-resolution ViT with 2x2 patch merging and M-RoPE text decoder.
-
-    The processor is saved with ``video_processor=None`` (there is no torchvision here); the
-    product's loader must cope with that, as it must for real Qwen checkpoints.
-    """
-    torch.manual_seed(seed)
-    tokenizer = _train_tokenizer(
+def _qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """Qwen's special tokens, the grounding markers included (they are special tokens in real
+    Qwen2-VL tokenizers: decode with ``skip_special_tokens=False`` to see boxes)."""
+    return _train_tokenizer(
         [
             "<|endoftext|>",
             "<|im_end|>",
@@ -240,6 +245,10 @@ def build_tiny_qwen2_vl(out: Path, *, seed: int = 0) -> Path:
             "<|vision_end|>",
             "<|image_pad|>",
             "<|video_pad|>",
+            "<|object_ref_start|>",
+            "<|object_ref_end|>",
+            "<|box_start|>",
+            "<|box_end|>",
         ],
         {
             "image_token": "<|image_pad|>",
@@ -251,8 +260,10 @@ def build_tiny_qwen2_vl(out: Path, *, seed: int = 0) -> Path:
         pad_token="<|endoftext|>",
         eos_token="<|im_end|>",
     )
-    ids = tokenizer.convert_tokens_to_ids
-    text = {
+
+
+def _qwen_text(tokenizer: PreTrainedTokenizerFast, **extra: object) -> dict[str, object]:
+    return {
         "vocab_size": len(tokenizer),
         "hidden_size": 64,
         "intermediate_size": 128,
@@ -264,29 +275,25 @@ def build_tiny_qwen2_vl(out: Path, *, seed: int = 0) -> Path:
         "bos_token_id": None,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
+        **extra,
     }
-    vision = {
-        "depth": 2,
-        "embed_dim": 32,
-        "hidden_size": 64,
-        "num_heads": 2,
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
+
+
+def _qwen_special_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    ids = tokenizer.convert_tokens_to_ids
+    return {
+        "image_token_id": ids("<|image_pad|>"),
+        "video_token_id": ids("<|video_pad|>"),
+        "vision_start_token_id": ids("<|vision_start|>"),
+        "vision_end_token_id": ids("<|vision_end|>"),
     }
-    config = Qwen2VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-    )
-    model = Qwen2VLForConditionalGeneration(config).eval()
+
+
+def _save_qwen(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, out: Path, patch: int) -> Path:
     image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=28 * 28,
+        min_pixels=(2 * patch) ** 2,
         max_pixels=TINY_IMAGE_SIZE * TINY_IMAGE_SIZE * 4,
-        patch_size=14,
+        patch_size=patch,
         merge_size=2,
         temporal_patch_size=2,
     )
@@ -297,10 +304,199 @@ def build_tiny_qwen2_vl(out: Path, *, seed: int = 0) -> Path:
     return out
 
 
+def build_tiny_qwen2_vl(out: Path, *, seed: int = 0) -> Path:
+    """Qwen2-VL: native-resolution ViT with 2x2 patch merging and M-RoPE text decoder.
+
+    The processor is saved with ``video_processor=None`` (there is no torchvision here); the
+    product's loader must cope with that, as it must for real Qwen checkpoints.
+    """
+    torch.manual_seed(seed)
+    tokenizer = _qwen_tokenizer()
+    vision = {
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": 64,
+        "num_heads": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    config = Qwen2VLConfig(text_config=_qwen_text(tokenizer), vision_config=vision,
+                           **_qwen_special_ids(tokenizer))
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    return _save_qwen(model, tokenizer, out, 14)
+
+
+def build_tiny_qwen2_5_vl(out: Path, *, seed: int = 0) -> Path:
+    """Qwen2.5-VL (Lingshu's architecture): windowed-attention ViT with SwiGLU, 2x2 merging."""
+    torch.manual_seed(seed)
+    tokenizer = _qwen_tokenizer()
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": 64,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 56,
+        "fullatt_block_indexes": [1],
+    }
+    config = Qwen2_5_VLConfig(text_config=_qwen_text(tokenizer), vision_config=vision,
+                              **_qwen_special_ids(tokenizer))
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    return _save_qwen(model, tokenizer, out, 14)
+
+
+def build_tiny_qwen3_vl(out: Path, *, seed: int = 0) -> Path:
+    """Qwen3-VL: 16-pixel patches, 2x2 merging, DeepStack features, interleaved M-RoPE."""
+    torch.manual_seed(seed)
+    tokenizer = _qwen_tokenizer()
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": 64,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "num_position_embeddings": 64,
+        "deepstack_visual_indexes": [0],
+    }
+    text = _qwen_text(tokenizer, head_dim=16, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+        "mrope_interleaved": True})
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, **_qwen_special_ids(tokenizer))
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    return _save_qwen(model, tokenizer, out, 16)
+
+
+def build_tiny_paligemma(out: Path, *, seed: int = 0) -> Path:
+    """PaliGemma: SigLIP + linear projector + Gemma decoder, prefix-LM prompts without chat turns.
+
+    Like real PaliGemma checkpoints it ships no chat template; the processor adds the 1024
+    ``<locNNNN>`` and 128 ``<segNNN>`` tokens to the tokenizer.
+    """
+    from transformers import GemmaConfig
+
+    torch.manual_seed(seed)
+    tokenizer = _train_tokenizer(
+        ["<pad>", "<eos>", "<bos>", "<image>"],
+        {"image_token": "<image>"},
+        "",
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+    )
+    tokenizer.chat_template = None
+    image_processor = SiglipImageProcessorPil(
+        size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, image_seq_length=16)
+    image_processor.image_seq_length = 16  # (56 / 14) ** 2 patches
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=14,
+        projection_dim=64,
+    )
+    text = GemmaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    config = PaliGemmaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.image_token_id,
+        projection_dim=64,
+        hidden_size=64,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = PaliGemmaForConditionalGeneration(config).eval()
+    return _save(model, processor, out, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+
+
+def build_tiny_internvl(out: Path, *, seed: int = 0) -> Path:
+    """InternVL in transformers' native layout: InternViT + pixel-shuffle MLP projector + Qwen2.
+
+    Saved like OpenGVLab's ``-hf`` checkpoints: model, tokenizer (``<img>``, ``</img>``,
+    ``<IMG_CONTEXT>``), image processor and ``processor_config.json``; the processor object itself
+    cannot be built here (its video processor needs torchvision).
+    """
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    torch.manual_seed(seed)
+    tokenizer = _train_tokenizer(
+        ["<|endoftext|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
+        {"start_image_token": "<img>", "end_image_token": "</img>",
+         "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
+        _chat_template("<IMG_CONTEXT>\n", "<|im_end|>\n"),
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+    )
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": [TINY_IMAGE_SIZE, TINY_IMAGE_SIZE],
+        "patch_size": [14, 14],
+    }
+    text = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    image_seq_length = (TINY_IMAGE_SIZE // 14) ** 2 // 4  # pixel shuffle at downsample ratio 0.5
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=image_seq_length,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+    model = InternVLForConditionalGeneration(config).eval()
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, crop_to_patches=True,
+        min_patches=1, max_patches=12)
+    _save(model, tokenizer, out, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    image_processor.save_pretrained(out)
+    (out / "processor_config.json").write_text(
+        json.dumps({"processor_class": "InternVLProcessor", "image_seq_length": image_seq_length}))
+    return out
+
+
 BUILDERS = {
     "gemma3": build_tiny_gemma3,
     "llava": build_tiny_llava,
     "qwen2_vl": build_tiny_qwen2_vl,
+    "qwen2_5_vl": build_tiny_qwen2_5_vl,
+    "qwen3_vl": build_tiny_qwen3_vl,
+    "paligemma": build_tiny_paligemma,
+    "internvl": build_tiny_internvl,
 }
 
 
@@ -311,6 +507,6 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_vlm_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Directories of the three tiny models, built once per test session, keyed by family."""
+    """Directories of the tiny models, built once per test session, keyed by family."""
     root = tmp_path_factory.mktemp("tiny-vlms")
     return {family: build(root / family) for family, build in BUILDERS.items()}

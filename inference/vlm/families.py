@@ -9,6 +9,13 @@ Prompt wording follows each family's published usage where one exists (Qwen2.5-V
 coordinates in JSON format", LLaVA-1.5's RefCOCO prompt, MiniGPT-v2's ``[refer]``/``[detection]``
 task tags, PaliGemma's ``detect`` prefix, MedRegA's ``<ref>`` markup); the rest are plain
 instructions. Adding a family is adding one entry to :data:`FAMILIES`.
+
+Loadable families (medgemma, qwen2_vl, qwen2_5_vl, qwen3_vl, llava, paligemma, internvl) are transformers
+models that :func:`inference.vlm.load_vlm` loads and the tests load from tiny random checkpoints of
+their real architecture. Parser-only families (medrega, maira2, chexagent, minigpt_med) ship their
+model code inside the checkpoint or are not transformers models at all: mednode reads their box
+markup (:mod:`inference.boxes`) but refuses to load them, saying why and what to use instead.
+The three Qwen generations are separate families because each answers boxes in its own frame.
 """
 
 from __future__ import annotations
@@ -78,9 +85,15 @@ class Family:
     requires_remote_code : bool
         The checkpoint's modelling code lives in the checkpoint (``trust_remote_code``).
     loadable : bool
-        False for families whose checkpoints are not transformers models (parsing only).
+        False for parser-only families: mednode reads their answers (box markup) but does not
+        load their checkpoints; ``note`` says why and what to use instead.
     prompts : mapping
         Per-language overrides of :data:`BASE_PROMPTS`.
+    chat_template : str or None
+        Prompt layout for checkpoints that ship no chat template (PaliGemma): the images, then
+        the prompt; the processor adds what the model was trained with.
+    note : str
+        What the family is, and for parser-only families why it is not loaded.
     """
 
     name: str
@@ -93,6 +106,7 @@ class Family:
     requires_remote_code: bool = False
     loadable: bool = True
     prompts: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    chat_template: str | None = None
     note: str = ""
 
     @property
@@ -135,6 +149,13 @@ _GROUND_JSON_MEDGEMMA = (
     'Locate the {phrase} in this image. Answer with JSON: [{{"box_2d": [y0, x0, y1, x1], '
     '"label": "{phrase}"}}], coordinates normalised to 0-1000.'
 )
+#: PaliGemma has no chat turns: its processor wants ``<image>`` per image, then the task prefix
+#: (it inserts the BOS token after the last image and the closing newline itself).
+PALIGEMMA_PROMPT_LAYOUT = (
+    "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+    "{% endif %}{% endfor %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}{% endfor %}"
+)
 _GROUND_JSON_QWEN = "Locate the {phrase} in the image, output its bbox coordinates in JSON format."
 
 FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (
@@ -152,7 +173,20 @@ FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (
         note="MedGemma 1.5 / Gemma 3 (Gemma3ForConditionalGeneration).",
     ),
     Family(
-        name="qwen2_vl", model_types=("qwen2_vl", "qwen2_5_vl", "qwen3_vl"), box_format="qwen",
+        name="qwen2_vl", model_types=("qwen2_vl",), box_format="qwen2_vl",
+        prepare_mode="fit", default_size=896, multiple_of=28,
+        prompts={"en": {
+            "ground": "Find <|object_ref_start|>{phrase}<|object_ref_end|> in the image and output "
+                      "its bounding box.",
+            "detect": "Find every <|object_ref_start|>{phrase}<|object_ref_end|> in the image and "
+                      "output their bounding boxes.",
+            "grounded_report": "Write the findings of the radiology report for this image with "
+                               "grounding:",
+        }},
+        note="Qwen2-VL: <|box_start|>(x1,y1),(x2,y2)<|box_end|> on 0-1000; image-only processor.",
+    ),
+    Family(
+        name="qwen2_5_vl", model_types=("qwen2_5_vl",), box_format="qwen2_5_vl",
         prepare_mode="fit", default_size=896, multiple_of=28,
         prompts={"en": {
             "ground": _GROUND_JSON_QWEN,
@@ -160,7 +194,20 @@ FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (
             "grounded_report": 'Write the findings for this image as JSON: [{{"label": sentence, '
                                '"bbox_2d": [x1, y1, x2, y2]}}], one object per sentence.',
         }},
-        note="Qwen2-VL, Qwen2.5-VL and medical fine-tunes of them; loaded with an image-only processor.",
+        note="Qwen2.5-VL and fine-tunes of it (Lingshu): JSON bbox_2d in pixels of the resized "
+             "input; image-only processor.",
+    ),
+    Family(
+        name="qwen3_vl", model_types=("qwen3_vl",), box_format="qwen3_vl",
+        prepare_mode="fit", default_size=896, multiple_of=32,
+        prompts={"en": {
+            "ground": _GROUND_JSON_QWEN,
+            "detect": "Locate every {phrase} in the image, output all bbox coordinates in JSON format.",
+            "grounded_report": 'Write the findings for this image as JSON: [{{"label": sentence, '
+                               '"bbox_2d": [x1, y1, x2, y2]}}], one object per sentence, '
+                               'coordinates on 0-1000.',
+        }},
+        note="Qwen3-VL: JSON bbox_2d on 0-1000 of the input; image-only processor.",
     ),
     Family(
         name="llava", model_types=("llava", "llava_next", "llava_onevision"), box_format="llava",
@@ -175,34 +222,64 @@ FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (
         name="paligemma", model_types=("paligemma",), box_format="paligemma", prepare_mode="resize",
         default_size=448,
         prompts={"en": {"ground": "detect {phrase}", "detect": "detect {phrase}",
-                        "vqa": "answer en {question}", "report": "caption en"},
+                        "vqa": "answer en {question}", "report": "caption en",
+                        "classify": "answer en Is there {label} in this image? Answer yes or no."},
                  "zh": {"ground": "detect {phrase}", "detect": "detect {phrase}",
-                        "vqa": "answer zh {question}", "report": "caption zh"}},
+                        "vqa": "answer zh {question}", "report": "caption zh",
+                        "classify": "answer zh 图像中是否有{label}？请回答是或否。"}},
+        chat_template=PALIGEMMA_PROMPT_LAYOUT,
+        note="PaliGemma (PaliGemmaForConditionalGeneration): task-prefix prompts, no chat turns.",
     ),
     Family(
-        name="medrega", model_types=("internvl_chat", "internvl"), box_format="medrega",
+        name="internvl", model_types=("internvl",), box_format="medrega", prepare_mode="resize",
+        default_size=448,
+        prompts={"en": {"ground": "Please provide the bounding box coordinate of the region this "
+                                  "sentence describes: <ref>{phrase}</ref>",
+                        "detect": "Please detect <ref>{phrase}</ref> in the image."},
+                 "zh": {"ground": "请输出图像中<ref>{phrase}</ref>的边界框。",
+                        "detect": "请检测图像中的<ref>{phrase}</ref>。"}},
+        note="InternVL in transformers' native format (InternVLForConditionalGeneration, model_type "
+             "internvl, e.g. OpenGVLab's -hf releases): <ref>/<box> answers on 0-1000 like "
+             "MedRegA; image-only processor, one 448 tile per image.",
+    ),
+    Family(
+        name="medrega", model_types=("internvl_chat",), box_format="medrega",
         prepare_mode="resize", default_size=448, requires_remote_code=True, batching=False,
+        loadable=False,
         prompts={"en": {"ground": "Please output the bounding box of <ref>{phrase}</ref> in the image.",
                         "detect": "Please detect <ref>{phrase}</ref> in the image."},
                  "zh": {"ground": "请输出图像中<ref>{phrase}</ref>的边界框。",
                         "detect": "请检测图像中的<ref>{phrase}</ref>。"}},
-        note="MedRegA (InternVL chat); its modelling code ships in the checkpoint.",
+        note="MedRegA is an InternVL-Chat checkpoint (model_type internvl_chat): its model and "
+             "its chat() interface are Python code shipped inside the checkpoint, with its own "
+             "image tiling and no transformers processor, which mednode's runtime does not drive. "
+             "mednode parses its <ref>/<box> answers only; serve MedRegA with an engine that "
+             "supports InternVL-Chat (LMDeploy) or run its own code. A checkpoint converted to "
+             "transformers' native InternVL format (model_type internvl) loads as family internvl.",
     ),
     Family(
         name="maira2", model_types=("maira2",), box_format="maira2", prepare_mode="crop",
-        default_size=518, requires_remote_code=True, batching=False,
+        default_size=518, requires_remote_code=True, batching=False, loadable=False,
         prompts={"en": {"ground": "Repeat the following finding as a grounded phrase with bounding "
                                   "boxes: {phrase}",
                         "grounded_report": "Provide a description of the findings in the radiology "
                                            "study with bounding boxes for each finding."}},
-        note="MAIRA-2 (remote code); grounded reporting on a centre-cropped 518 square.",
+        note="MAIRA-2's model and processor (Maira2ForConditionalGeneration, Maira2Processor with "
+             "its own prompt builders for reports and phrase grounding) are Python code shipped "
+             "inside the checkpoint; transformers has no native class for it and mednode does not "
+             "run it. mednode parses its <obj>/<box> answers only (100 bins of the centre-cropped "
+             "518 square); run MAIRA-2 with its own code, or use a loadable family (medgemma, "
+             "qwen2_5_vl, qwen3_vl) for grounded reports.",
     ),
     Family(
         name="chexagent", model_types=(), box_format="chexagent", prepare_mode="resize",
-        default_size=512, requires_remote_code=True, batching=False,
+        default_size=512, requires_remote_code=True, batching=False, loadable=False,
         prompts={"en": {"ground": "Please locate the following phrase: {phrase}",
                         "detect": "Please locate the following phrase: {phrase}"}},
-        note="CheXagent (remote code).",
+        note="CheXagent's model and tokenizer are Python code shipped inside the checkpoint "
+             "(a causal LM that takes image paths in its prompt, no transformers processor); "
+             "mednode parses its <|ref|>/<|box|> answers only. Run CheXagent with its own code, "
+             "or use a loadable family (medgemma, qwen2_5_vl, qwen3_vl, llava, paligemma).",
     ),
     Family(
         name="minigpt_med", model_types=(), box_format="minigpt", prepare_mode="resize",
@@ -212,22 +289,25 @@ FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (
                         "report": "[caption] Write the radiology report of this image.",
                         "vqa": "[vqa] {question}",
                         "grounded_report": "[grounding] describe this image in detail"}},
-        note="MiniGPT-Med checkpoints are MiniGPT-v2 code, not transformers models: box parsing only.",
+        note="MiniGPT-Med checkpoints are MiniGPT-v2 code, not transformers models: mednode parses "
+             "their <p>/{<x><y>} answers only. Use a loadable family (medgemma, qwen2_5_vl, "
+             "qwen3_vl, llava, paligemma) in mednode.",
     ),
 )})
 
 
 def get_family(name: str) -> Family:
-    """The adapter called ``name`` (``gemma3`` is accepted for ``medgemma``, ``qwen2_5_vl`` for
-    ``qwen2_vl``).
+    """The adapter called ``name`` (``gemma3`` is accepted for ``medgemma``, ``lingshu`` for
+    ``qwen2_5_vl``: Lingshu is a Qwen2.5-VL fine-tune and answers boxes as Qwen2.5-VL does).
 
     Raises
     ------
     KeyError
         Naming the known families.
     """
-    aliases = {"gemma3": "medgemma", "qwen2_5_vl": "qwen2_vl", "qwen": "qwen2_vl",
-               "llava_med": "llava", "internvl": "medrega", "minigpt": "minigpt_med"}
+    aliases = {"gemma3": "medgemma", "lingshu": "qwen2_5_vl", "qwen2.5_vl": "qwen2_5_vl",
+               "qwen3": "qwen3_vl", "llava_med": "llava", "internvl_chat": "medrega",
+               "minigpt": "minigpt_med"}
     key = aliases.get(name.lower(), name.lower())
     if key not in FAMILIES:
         raise KeyError(f"Unknown model family {name!r}; known: {', '.join(sorted(FAMILIES))}.")

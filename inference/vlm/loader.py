@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 
 from inference.errors import ModelLoadError
 from inference.results import ModelInfo
-from inference.vlm.families import Family, get_family
+from inference.vlm.families import FAMILIES, Family, get_family
 
 if TYPE_CHECKING:
     import torch
@@ -92,18 +92,33 @@ def _resolve_device_and_dtype(cfg: VLMConfig) -> tuple[str, torch.dtype]:
     return device, dtype
 
 
+#: Checkpoints whose transformers processor insists on a torchvision video processor.
+IMAGE_ONLY_PROCESSORS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl")
+
+
 def _image_only_processor(path: Path, model_type: str, trust_remote_code: bool) -> object:
-    """Qwen2-VL / 2.5-VL / 3-VL processor without its video processor.
+    """Qwen2-VL / 2.5-VL / 3-VL or InternVL processor without its video processor.
 
     transformers builds those processors with a video processor that needs torchvision; mednode
     only sends images, so the processor is assembled from the image processor and tokenizer
-    with ``video_processor=None``.
+    with ``video_processor=None``, plus the settings of ``processor_config.json`` (InternVL's
+    ``image_seq_length``).
     """
+    import inspect
+
     import transformers
     from transformers import AutoImageProcessor, AutoTokenizer
 
     base: type = {"qwen2_5_vl": transformers.Qwen2_5_VLProcessor,
-                  "qwen3_vl": transformers.Qwen3VLProcessor}.get(model_type, transformers.Qwen2VLProcessor)
+                  "qwen3_vl": transformers.Qwen3VLProcessor,
+                  "internvl": transformers.InternVLProcessor}.get(model_type, transformers.Qwen2VLProcessor)
+    settings: dict[str, object] = {}
+    processor_config = path / "processor_config.json"
+    if processor_config.is_file():
+        accepted = set(inspect.signature(base).parameters) - {
+            "self", "image_processor", "tokenizer", "video_processor", "chat_template", "kwargs"}
+        loaded = json.loads(processor_config.read_text(encoding="utf-8"))
+        settings = {k: v for k, v in loaded.items() if k in accepted}
 
     class ImageOnlyProcessor(base):  # type: ignore[valid-type, misc]
         def __init__(self, image_processor: object = None, tokenizer: object = None,
@@ -122,7 +137,7 @@ def _image_only_processor(path: Path, model_type: str, trust_remote_code: bool) 
             text = file.read_text(encoding="utf-8")
             chat_template = json.loads(text)["chat_template"] if name.endswith(".json") else text
     return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                              chat_template=chat_template)
+                              chat_template=chat_template, **settings)
 
 
 def _check_directory(cfg: VLMConfig, family: Family) -> tuple[Path, dict[str, object]]:
@@ -142,12 +157,13 @@ def _check_directory(cfg: VLMConfig, family: Family) -> tuple[Path, dict[str, ob
         raise ModelLoadError(f"{str(config_file)!r} cannot be read as JSON: {exc}.") from exc
     model_type = str(config.get("model_type", ""))
     if family.model_types and model_type not in family.model_types:
+        fitting = [f.name for f in FAMILIES.values() if model_type in f.model_types]
+        hint = (f"set family: {fitting[0]} (each family parses boxes in its own convention)"
+                if fitting else "fix the model's 'family' setting")
         raise ModelLoadError(
             f"{str(path)!r} holds a {model_type or 'untyped'!r} model but family {family.name!r} "
-            f"expects model_type {', '.join(family.model_types)}; fix the model's 'family' setting."
+            f"expects model_type {', '.join(family.model_types)}; {hint}."
         )
-    if not family.loadable:
-        raise ModelLoadError(f"Family {family.name!r} cannot be loaded by mednode: {family.note}")
     needs_code = family.requires_remote_code or "auto_map" in config
     if needs_code and not cfg.trust_remote_code:
         raise ModelLoadError(
@@ -157,14 +173,24 @@ def _check_directory(cfg: VLMConfig, family: Family) -> tuple[Path, dict[str, ob
     return path, config
 
 
+def refuse_parser_only(family: Family) -> None:
+    """Raise :class:`ModelLoadError` for a parser-only family, saying why and what to use instead."""
+    if not family.loadable:
+        loadable = ", ".join(f.name for f in FAMILIES.values() if f.loadable)
+        raise ModelLoadError(
+            f"Family {family.name!r} is parser-only: mednode reads its answers but cannot load its "
+            f"checkpoints. {family.note} Loadable families: {loadable}."
+        )
+
+
 def load_vlm(cfg: VLMConfig) -> VLM:
     """Load processor and model from ``cfg.path`` and wrap them in a :class:`VLM`.
 
     Raises
     ------
     ModelLoadError
-        If the directory or its ``config.json`` is missing, the family is unknown or does not
-        match the checkpoint's ``model_type``, the family cannot be loaded by transformers, the
+        If the directory or its ``config.json`` is missing, the family is unknown, parser-only
+        (:func:`refuse_parser_only`) or does not match the checkpoint's ``model_type``, the
         checkpoint needs ``trust_remote_code`` that the config does not grant, CUDA is asked for
         but absent, or transformers fails to load the files.
     """
@@ -176,15 +202,18 @@ def load_vlm(cfg: VLMConfig) -> VLM:
         family = get_family(cfg.family)
     except KeyError as exc:
         raise ModelLoadError(str(exc.args[0])) from exc
+    refuse_parser_only(family)
     path, config = _check_directory(cfg, family)
     device, dtype = _resolve_device_and_dtype(cfg)
     model_type = str(config.get("model_type", ""))
     try:
-        if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        if model_type in IMAGE_ONLY_PROCESSORS:
             processor = _image_only_processor(path, model_type, cfg.trust_remote_code)
         else:
             processor = AutoProcessor.from_pretrained(path, local_files_only=True,
                                                       trust_remote_code=cfg.trust_remote_code)
+            if getattr(processor, "chat_template", None) is None and family.chat_template:
+                processor.chat_template = family.chat_template  # PaliGemma: no chat turns
         model = AutoModelForImageTextToText.from_pretrained(
             path, local_files_only=True, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
         )

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from inference.boxes import ParsedBoxes, parse_boxes
+from inference.boxes import JSON_FORMATS, ParsedBoxes, parse_boxes
 from inference.errors import InvalidInputError
 from inference.geometry import PreparedImage, prepare_image
 from inference.results import (
@@ -34,7 +34,6 @@ from inference.results import (
     GroundedReportResult,
     GroundedSentence,
     LabelResult,
-    LabelState,
     ModelInfo,
     RegionCaptionResult,
     RegionResult,
@@ -42,6 +41,7 @@ from inference.results import (
     TaskResult,
 )
 from inference.tasks import TaskSpec
+from inference.vlm.classify import answer_position, label_outcome, yes_probability
 from inference.vlm.families import YES_NO, Family
 
 if TYPE_CHECKING:
@@ -104,33 +104,9 @@ def split_report(text: str, language: str) -> tuple[str, str | None]:
     return body.strip(), impression or None
 
 
-_ZH_UNCERTAIN = ("无法", "不确定", "不能确定", "可能", "不清楚")
-
-
-def answer_state(answer: str, language: str) -> LabelState:
-    """present / absent / uncertain from the first word of a yes/no answer."""
-    yes, no = YES_NO.get(language, YES_NO["en"])
-    head = answer.strip().lstrip("*'\"").strip()
-    if language == "en":
-        head = re.split(r"[\s,.;:!]", head, maxsplit=1)[0]
-        if head in yes:
-            return "present"
-        if head in no:
-            return "absent"
-        return "uncertain"
-    if head.startswith(_ZH_UNCERTAIN):
-        return "uncertain"
-    for word in no:  # "不是" must not read as "是"
-        if head.startswith(word):
-            return "absent"
-    for word in yes:
-        if head.startswith(word):
-            return "present"
-    return "uncertain"
-
-
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+|(?<=[。！？])|\n+")
-_WRAPPER_TAGS = re.compile(r"</?obj>|</?ref>|<\|/?ref\|>|</?p>|<delim>|```(?:json)?")
+_WRAPPER_TAGS = re.compile(r"</?obj>|</?ref>|<\|/?ref\|>|<\|object_ref_(?:start|end)\|>|</?p>|<delim>"
+                           r"|```(?:json)?")
 
 
 def grounded_sentences(text: str, parsed: ParsedBoxes, *, json_format: bool) -> tuple[GroundedSentence, ...]:
@@ -281,13 +257,17 @@ class VLM:
             self._yes_no_ids[language] = (yes, no) if yes and no else None
         return self._yes_no_ids[language]
 
-    def decode(self, token_ids: Sequence[int]) -> Generation:
-        """Cut generated ids at the first stop token and decode (raw keeps special tokens)."""
+    def decode_ids(self, token_ids: Sequence[int]) -> list[int]:
+        """Generated ids up to (not including) the first stop token."""
         ids = list(token_ids)
         for i, token in enumerate(ids):
             if token in self._stop_ids:
-                ids = ids[:i]
-                break
+                return ids[:i]
+        return ids
+
+    def decode(self, token_ids: Sequence[int]) -> Generation:
+        """Cut generated ids at the first stop token and decode (raw keeps special tokens)."""
+        ids = self.decode_ids(token_ids)
         raw = self.tokenizer.decode(ids, skip_special_tokens=False)
         clean = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
         return Generation(raw, clean, None)
@@ -332,8 +312,9 @@ class VLM:
         elif task.kind == "classify":
             for label in task.labels:
                 def finish_label(raw: str, clean: str, p: float | None, lab: str = label) -> TaskResult:
+                    state, probability = label_outcome(clean, task.language, p)
                     return LabelResult(task=task, raw_text=raw, image_indices=all_indices, label=lab,
-                                       state=answer_state(clean, task.language), probability=p)
+                                       state=state, probability=probability)
                 add(all_images, all_indices, family.prompt(task, item=label), finish_label, yes_no=True)
         elif task.kind in ("ground", "detect"):
             items = task.phrases if task.kind == "ground" else task.findings
@@ -346,7 +327,7 @@ class VLM:
                                             boxes=parsed.boxes, rejected=parsed.rejected)
                     add((image,), (i,), family.prompt(task, item=item), finish_region)
         elif task.kind == "grounded_report":
-            json_format = family.box_format in ("medgemma", "qwen")
+            json_format = family.box_format in JSON_FORMATS
             for i, image in enumerate(images):
                 def finish_grounded(raw: str, clean: str, _: float | None, img: PreparedImage = image,
                                     index: int = i) -> TaskResult:
@@ -384,6 +365,7 @@ class VLM:
             [self._messages(u) for u in units], add_generation_prompt=True, tokenize=True,
             return_dict=True, return_tensors="pt", processor_kwargs={"padding": True},
         )
+        inputs.pop("labels", None)  # PaliGemma's processor adds training labels
         return inputs.to(self.device, dtype=self.dtype)  # casts floating tensors only
 
     def _generate(self, units: Sequence[_Unit]) -> list[Generation]:
@@ -403,15 +385,28 @@ class VLM:
         prompt_length = inputs["input_ids"].shape[1]
         generations = []
         for row, unit in enumerate(units):
-            gen = self.decode(out.sequences[row, prompt_length:].tolist())
+            new_ids = out.sequences[row, prompt_length:].tolist()
+            gen = self.decode(new_ids)
             probability = None
             if unit.yes_no and out.logits:
-                yes, no = unit.yes_no
-                logits = out.logits[0][row].float()
-                pair = torch.softmax(logits[yes + no], dim=0)
-                probability = float(pair[: len(yes)].sum())
+                probability = self._answer_probability(new_ids, [step[row] for step in out.logits],
+                                                       unit.yes_no)
             generations.append(Generation(gen.raw_text, gen.clean_text, probability))
         return generations
+
+    def _answer_probability(self, new_ids: Sequence[int], step_logits: Sequence[torch.Tensor],
+                            yes_no: tuple[list[int], list[int]]) -> float | None:
+        """P(yes) among yes/no at the answer's yes/no token (see :mod:`inference.vlm.classify`)."""
+        import torch
+
+        ids = self.decode_ids(new_ids)
+        texts = [self.tokenizer.decode([t], skip_special_tokens=True) for t in ids]
+        yes, no = yes_no
+        position = answer_position(ids, texts, yes, no)
+        if position is None or position >= len(step_logits):
+            return None
+        logprobs = torch.log_softmax(step_logits[position].float(), dim=-1)
+        return yes_probability(logprobs[yes].tolist(), logprobs[no].tolist())
 
     def _execute(self, units: list[_Unit]) -> dict[tuple[int, int], TaskResult]:
         batch_size = self.cfg.batch_size if self.family.batching else 1

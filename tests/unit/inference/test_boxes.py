@@ -4,6 +4,8 @@ Frames: a portrait chest radiograph of 1841 columns x 1955 rows (RG1) and a land
 211 x 169 (the DX thorax sample), prepared the way each family prepares its input.
 """
 
+import json
+
 import pytest
 
 from inference.boxes import PARSERS, format_box, parse_boxes
@@ -31,11 +33,25 @@ CASES = [
     # Landscape: 21 rows of padding on top.
     ("medgemma", LANDSCAPE, "pad", 896, 1,
      '[{"box_2d": [500, 250, 750, 500], "label": "heart"}]', (52.75, 84.5, 105.5, 137.25), "heart"),
-    # Qwen2.5-VL: pixels of the resized input (448 x 364 for landscape, 420 x 448 for portrait).
-    ("qwen", LANDSCAPE, "fit", 448, 28, '{"bbox_2d": [112, 91, 224, 182], "label": "nodule"}',
+    # Qwen2.5-VL / Lingshu: pixels of the resized input (448 x 364 for landscape, 420 x 448 for
+    # portrait); 211/448 and 169/364 original pixels per input pixel.
+    ("qwen2_5_vl", LANDSCAPE, "fit", 448, 28, '{"bbox_2d": [112, 91, 224, 182], "label": "nodule"}',
      (52.75, 42.25, 105.5, 84.5), "nodule"),
-    ("qwen", PORTRAIT, "fit", 448, 28, '[{"bbox_2d": [105, 112, 210, 224], "label": "heart"}]',
+    ("qwen2_5_vl", PORTRAIT, "fit", 448, 28,
+     '```json\n[\n\t{"bbox_2d": [105, 112, 210, 224], "label": "heart"}\n]\n```',
      (460.25, 488.75, 920.5, 977.5), "heart"),
+    # Qwen2-VL: special-token markup, 0..1000 of the input (the same box as the first 2.5 case).
+    ("qwen2_vl", LANDSCAPE, "fit", 448, 28,
+     "<|object_ref_start|>nodule<|object_ref_end|><|box_start|>(250,250),(500,500)<|box_end|><|im_end|>",
+     (52.75, 42.25, 105.5, 84.5), "nodule"),
+    ("qwen2_vl", PORTRAIT, "fit", 448, 28,
+     "The <|object_ref_start|>heart<|object_ref_end|><|box_start|>(250, 250), (500, 500)<|box_end|> is enlarged.",
+     (460.25, 488.75, 920.5, 977.5), "heart"),
+    # Qwen3-VL: JSON like 2.5, on 0..1000 of the input (sides multiples of 32: 448 x 352).
+    ("qwen3_vl", LANDSCAPE, "fit", 448, 32, '[{"bbox_2d": [250, 250, 500, 500], "label": "nodule"}]',
+     (52.75, 42.25, 105.5, 84.5), "nodule"),
+    ("qwen3_vl", PORTRAIT, "fit", 448, 32, '```json\n[{"bbox_2d": [100, 200, 600, 900], "label": "lung"}]\n```',
+     (184.1, 391.0, 1104.6, 1759.5), "lung"),
     # MedRegA / InternVL: 0..1000 of the original, whatever the input geometry.
     ("medrega", PORTRAIT, "resize", 448, 1, "The <ref>left lung</ref><box>[[100, 200, 500, 800]]</box> is clear.",
      (184.1, 391.0, 920.5, 1564.0), "left lung"),
@@ -111,13 +127,14 @@ def test_text_without_boxes_gives_no_boxes(fmt):
 
 
 @pytest.mark.parametrize("fmt,mode,tol", [
-    ("medgemma", "pad", 1e-3), ("qwen", "fit", 2 / 364), ("medrega", "resize", 1e-3),
+    ("medgemma", "pad", 1e-3), ("qwen2_5_vl", "fit", 2 / 364), ("qwen2_vl", "fit", 1e-3),
+    ("qwen3_vl", "fit", 1e-3), ("medrega", "resize", 1e-3),
     ("minigpt", "resize", 1e-2), ("maira2", "crop", 1e-2), ("chexagent", "pad", 1e-2),
     ("paligemma", "resize", 1e-3), ("llava", "pad", 1e-2),
 ])
 @pytest.mark.parametrize("frame", [PORTRAIT, LANDSCAPE])
 def test_write_then_parse_round_trips(fmt, mode, tol, frame):
-    t = transform(frame, mode, 448, 28 if mode == "fit" else 1)
+    t = transform(frame, mode, 448, {"qwen3_vl": 32}.get(fmt, 28) if mode == "fit" else 1)
     box = Box(label="nodule", x0=0.21, y0=0.32, x1=0.63, y1=0.74)
     parsed = parse_boxes(fmt, format_box(fmt, box, t), t, default_label="nodule")
     assert len(parsed.boxes) == 1, format_box(fmt, box, t)
@@ -144,3 +161,70 @@ def test_medrega_one_ref_several_boxes():
     t = transform(PORTRAIT, "resize", 448)
     parsed = parse_boxes("medrega", "<ref>nodules</ref><box>[[10, 10, 20, 20], [30, 30, 40, 40]]</box>", t)
     assert len(parsed.boxes) == 2 and {b.label for b in parsed.boxes} == {"nodules"}
+
+
+# --- Qwen: three generations, three conventions ------------------------------------------------------
+
+def test_the_same_numbers_mean_different_places_in_each_qwen_generation():
+    """``[112, 91, 224, 182]`` is input pixels for Qwen2.5-VL, a 0..1000 grid for Qwen2-VL and 3-VL."""
+    t = transform(LANDSCAPE, "fit", 448, 28)
+    json_text = '{"bbox_2d": [112, 91, 224, 182], "label": "x"}'
+    markup = "<|object_ref_start|>x<|object_ref_end|><|box_start|>(112,91),(224,182)<|box_end|>"
+    got = {fmt: pixels(parse_boxes(fmt, text, t).boxes[0], LANDSCAPE)
+           for fmt, text in (("qwen2_5_vl", json_text), ("qwen3_vl", json_text), ("qwen2_vl", markup))}
+    assert got["qwen2_5_vl"] == pytest.approx((52.75, 42.25, 105.5, 84.5))
+    grid = (112 / 1000 * 211, 91 / 1000 * 169, 224 / 1000 * 211, 182 / 1000 * 169)
+    assert got["qwen3_vl"] == pytest.approx(grid) and got["qwen2_vl"] == pytest.approx(grid)
+
+
+def test_qwen2_vl_several_boxes_and_labels():
+    t = transform(PORTRAIT, "fit", 448, 28)
+    text = ("<|object_ref_start|>nodule<|object_ref_end|><|box_start|>(100,100),(200,200), (300,300),(400,400)"
+            "<|box_end|>\n<|box_start|>(500,500),(600,600)<|box_end|>\n"
+            "<|object_ref_start|>mass<|object_ref_end|><|box_start|>(700,700),(800,800)<|box_end|>")
+    parsed = parse_boxes("qwen2_vl", text, t)
+    assert [b.label for b in parsed.boxes] == ["nodule", "nodule", "nodule", "mass"]
+    assert parsed.boxes[1].x0 == pytest.approx(0.3) and parsed.boxes[3].y1 == pytest.approx(0.8)
+
+
+def test_qwen2_vl_unreadable_markup_is_rejected():
+    t = transform(PORTRAIT, "fit", 448, 28)
+    text = ("<|box_start|>(100,100),(200)<|box_end|> <|box_start|>(1,2),(3,4),(5,6)<|box_end|> "
+            "<|box_start|>(100,100),(200,200)<|box_end|>")
+    parsed = parse_boxes("qwen2_vl", text, t, default_label="heart")
+    assert [b.label for b in parsed.boxes] == ["heart"] and len(parsed.rejected) == 2
+
+
+@pytest.mark.parametrize("fmt,multiple", [("qwen2_vl", 28), ("qwen2_5_vl", 28), ("qwen3_vl", 32)])
+@pytest.mark.parametrize("frame", [PORTRAIT, LANDSCAPE, (517, 300)])
+def test_qwen_answer_about_the_prepared_image_lands_on_the_source_pixels(fmt, multiple, frame):
+    """A bright rectangle drawn on a source frame, found on the image the model is actually given
+    (prepare_image's output), written the way each generation answers, parses back onto the
+    rectangle in source pixels: within one input pixel (scaled to source) plus resampling blur."""
+    import numpy as np
+
+    from inference.geometry import prepare_image
+
+    width, height = frame
+    x0, y0, x1, y1 = round(width * 0.3), round(height * 0.2), round(width * 0.7), round(height * 0.55)
+    source = np.zeros((height, width), dtype=np.uint16)
+    source[y0:y1, x0:x1] = 1000
+    prepared = prepare_image(source, window=(500, 1000), size=448, mode="fit", multiple_of=multiple)
+    seen = np.asarray(prepared.image)[..., 0] > 127
+    rows, cols = np.nonzero(seen)
+    ix0, iy0, ix1, iy1 = cols.min(), rows.min(), cols.max() + 1, rows.max() + 1  # input pixels
+    w_in, h_in = prepared.image.size
+    assert (w_in % multiple, h_in % multiple) == (0, 0)
+    if fmt == "qwen2_5_vl":
+        text = json.dumps({"bbox_2d": [int(ix0), int(iy0), int(ix1), int(iy1)], "label": "r"})
+    else:
+        grid = [round(1000 * v) for v in (ix0 / w_in, iy0 / h_in, ix1 / w_in, iy1 / h_in)]
+        text = (json.dumps({"bbox_2d": grid, "label": "r"}) if fmt == "qwen3_vl" else
+                f"<|object_ref_start|>r<|object_ref_end|><|box_start|>({grid[0]},{grid[1]}),"
+                f"({grid[2]},{grid[3]})<|box_end|>")
+    (box,) = parse_boxes(fmt, text, prepared.transform).boxes
+    got = pixels(box, frame)
+    tol_x = 1.5 * width / w_in + 1e-3 * width
+    tol_y = 1.5 * height / h_in + 1e-3 * height
+    assert got[0] == pytest.approx(x0, abs=tol_x) and got[2] == pytest.approx(x1, abs=tol_x)
+    assert got[1] == pytest.approx(y0, abs=tol_y) and got[3] == pytest.approx(y1, abs=tol_y)

@@ -29,7 +29,8 @@ from tests.models import tiny_vlm_dirs  # noqa: F401  (session fixture)
 from tests.shared_data import SHARED_DICOM
 
 XR = SHARED_DICOM / "xr"
-FAMILIES = ["gemma3", "llava", "qwen2_vl"]
+#: Every family the README calls loadable, from a tiny checkpoint of its real architecture.
+FAMILIES = ["gemma3", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "paligemma", "internvl"]
 
 ALL_TASKS = [
     {"report": {"language": "en"}},
@@ -124,21 +125,68 @@ def test_raw_text_is_what_generate_produced_and_budget_holds(vlm, radiographs):
     assert answer.image_indices == (0, 1)
 
 
-def test_classification_probability_comes_from_first_token_logits(vlm, radiographs):
+def test_classification_state_and_probability_agree(vlm, radiographs):
+    """Random weights answer gibberish: then there is no probability; whenever there is one, it
+    is read at the answer's yes/no token and agrees with the state."""
     images = prepared(vlm, radiographs)[:1]
-    (label,) = vlm.run(images, [TaskSpec(kind="classify", labels=("cardiomegaly",))])
-    # The tiny tokenizers have "yes" and "no" as single tokens, so a probability must come out.
-    assert label.probability is not None and 0.0 <= label.probability <= 1.0
+    labels = ("cardiomegaly", "pneumothorax", "pleural effusion", "nodule")
+    for label in vlm.run(images, [TaskSpec(kind="classify", labels=labels)]):
+        if label.probability is None:
+            continue
+        assert label.state == ("present" if label.probability >= 0.5 else "absent")
+    assert vlm._yes_no_token_ids("en") is not None  # the tiny tokenizers spell yes/no as one token
+
+
+def with_output_bias(vlm, biases):
+    """Replace the LM head by a constant: every step's logits are ``biases`` (others -10), so the
+    greedy answer and the distribution it comes from are known exactly."""
+    head = vlm.model.get_output_embeddings()
+    constant = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    torch.nn.init.zeros_(constant.weight)
+    torch.nn.init.constant_(constant.bias, -10.0)
+    for token, value in biases.items():
+        constant.bias.data[token] = value
+    vlm.model.set_output_embeddings(constant)
+    return constant.bias.detach()
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_classification_probability_is_read_at_the_answer_and_never_contradicts_it(
+        tiny_vlm_dirs, radiographs, family):  # noqa: F811
+    vlm = load_vlm(config(tiny_vlm_dirs, family))
+    images = prepared(vlm, radiographs)[:1]
     yes, no = vlm._yes_no_token_ids("en")
-    content = [{"type": "image", "image": images[0].image},
-               {"type": "text", "text": vlm.family.prompt(label.task, item="cardiomegaly")}]
-    inputs = vlm.processor.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True,
-        return_dict=True, return_tensors="pt")
-    with torch.inference_mode():
-        logits = vlm.model(**inputs).logits[0, -1]
-    pair = torch.softmax(logits[yes + no], dim=0)
-    assert label.probability == pytest.approx(float(pair[: len(yes)].sum()), abs=1e-5)
+    tok = vlm.tokenizer
+    yes_id, no_id = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("No")
+    other = tok.encode("heart", add_special_tokens=False)[0]
+    assert yes_id in yes and no_id in no and other not in yes + no
+    task = TaskSpec(kind="classify", labels=("cardiomegaly",), max_new_tokens=1)
+
+    def classify(biases):
+        bias = with_output_bias(vlm, biases)
+        (result,) = vlm.run(images, [task])
+        logprobs = torch.log_softmax(bias, dim=0)
+        p_yes = logprobs[yes].exp().sum() / (logprobs[yes].exp().sum() + logprobs[no].exp().sum())
+        return result, float(p_yes)
+
+    # The model says "yes": present, with P(yes) among yes/no at that token.
+    result, p_yes = classify({yes_id: 3.0, no_id: 2.0})
+    assert result.raw_text == "yes" and result.state == "present"
+    assert result.probability == pytest.approx(p_yes, abs=1e-6) and result.probability > 0.5
+    # The model says "No".
+    result, p_yes = classify({yes_id: 0.5, no_id: 2.0})
+    assert result.raw_text == "No" and result.state == "absent"
+    assert result.probability == pytest.approx(p_yes, abs=1e-6) and result.probability < 0.5
+    # The model answers another word; yes outweighs no 0.98 to 0.02 among the two. The old
+    # runtime reported "uncertain" with p = 0.98 here; now there is no probability.
+    result, p_yes = classify({other: 5.0, yes_id: 4.0, no_id: 0.0})
+    assert p_yes > 0.95 and result.raw_text == tok.decode([other])
+    assert (result.state, result.probability) == ("uncertain", None)
+    # "yes" is the single most likely token, but the no spellings together outweigh it.
+    no_spellings = {t: 1.9 for t in no}
+    result, p_yes = classify({yes_id: 2.0, **no_spellings})
+    assert result.raw_text == "yes" and p_yes < 0.5
+    assert (result.state, result.probability) == ("uncertain", None)
 
 
 def test_batching_gives_the_same_greedy_output(tiny_vlm_dirs, radiographs):  # noqa: F811
@@ -205,9 +253,6 @@ def test_family_must_match_checkpoint(tiny_vlm_dirs):  # noqa: F811
 
 
 def test_remote_code_needs_explicit_consent(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "maira2"}))
-    with pytest.raises(ModelLoadError, match="trust_remote_code: true"):
-        load_vlm(VLMConfig(path=str(tmp_path), family="maira2"))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava", "auto_map": {"AutoModel": "x.Y"}}))
     with pytest.raises(ModelLoadError, match="trust_remote_code"):
         load_vlm(VLMConfig(path=str(tmp_path), family="llava"))
@@ -217,6 +262,28 @@ def test_parse_only_family_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "minigpt"}))
     with pytest.raises(ModelLoadError, match="not transformers models"):
         load_vlm(VLMConfig(path=str(tmp_path), family="minigpt_med"))
+
+
+@pytest.mark.parametrize("family,model_type,why", [
+    ("medrega", "internvl_chat", "InternVL-Chat"),
+    ("maira2", "maira2", "Maira2Processor"),
+    ("chexagent", "chexagent", "image paths"),
+])
+def test_remote_code_families_are_parser_only_with_a_clear_message(tmp_path, family, model_type, why):
+    """Refused at load time, even with trust_remote_code, saying why and what to use instead."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "auto_map": {}}))
+    with pytest.raises(ModelLoadError) as refused:
+        load_vlm(VLMConfig(path=str(tmp_path), family=family, trust_remote_code=True))
+    message = str(refused.value)
+    assert f"{family!r} is parser-only" in message and why in message
+    assert "Loadable families: medgemma, qwen2_vl, qwen2_5_vl, qwen3_vl, llava, paligemma, internvl." in message
+
+
+def test_a_qwen_checkpoint_under_another_qwen_family_is_refused(tiny_vlm_dirs):  # noqa: F811
+    """Boxes would be read in the wrong frame: the error names the right family."""
+    with pytest.raises(ModelLoadError, match="set family: qwen2_5_vl"):
+        load_vlm(VLMConfig(path=str(tiny_vlm_dirs["qwen2_5_vl"]), family="qwen2_vl"))
+    assert load_vlm(VLMConfig(path=str(tiny_vlm_dirs["qwen2_5_vl"]), family="lingshu")).family.name == "qwen2_5_vl"
 
 
 def test_segment_and_unknown_language_are_refused(vlm, radiographs):
@@ -230,7 +297,8 @@ def test_segment_and_unknown_language_are_refused(vlm, radiographs):
 
 
 def test_model_info_names_the_checkpoint(vlm):
-    assert vlm.info.family in ("medgemma", "llava", "qwen2_vl")
+    assert vlm.info.family in ("medgemma", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "paligemma",
+                               "internvl")
     assert len(vlm.info.version) == 16 and vlm.info.name
 
 
@@ -243,8 +311,9 @@ def test_processor_does_not_resize_the_prepared_image_again(vlm, radiographs):
             _, rows, cols = features["image_grid_thw"][0].tolist()
             patch = vlm.processor.image_processor.patch_size
             assert (cols * patch, rows * patch) == (width, height)
-        else:
-            assert tuple(features["pixel_values"].shape[-2:]) == (height, width)
+        else:  # one tile of the input size (InternVL: no extra tiles, no thumbnail)
+            assert tuple(features["pixel_values"].shape[-3:]) == (3, height, width)
+            assert features["pixel_values"].reshape(-1, 3, height, width).shape[0] == 1
 
 
 def test_ct_series_as_sampled_multi_image_prompt(vlm):

@@ -5,8 +5,9 @@ import pytest
 from inference.boxes import parse_boxes
 from inference.geometry import geometry_for
 from inference.tasks import TaskSpec
+from inference.vlm.classify import answer_state
 from inference.vlm.families import FAMILIES, get_family
-from inference.vlm.runtime import answer_state, grounded_sentences, split_report
+from inference.vlm.runtime import grounded_sentences, split_report
 
 
 def test_split_report_english():
@@ -73,6 +74,27 @@ def test_every_family_has_prompts_for_every_vlm_task_in_both_languages():
                 assert prompt.strip()
     task = TaskSpec(kind="ground", phrases=("heart",))
     assert "heart" in get_family("gemma3").prompt(task, item="heart")
-    assert get_family("qwen2_5_vl").name == "qwen2_vl"
+    assert get_family("lingshu").name == "qwen2_5_vl"
     with pytest.raises(KeyError, match="known"):
         get_family("gpt")
+
+
+def test_each_family_parses_boxes_in_its_own_convention():
+    """The family -> box convention table (each Qwen generation answers in its own frame)."""
+    table = {name: family.box_format for name, family in FAMILIES.items()}
+    assert table == {
+        "medgemma": "medgemma", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl",
+        "qwen3_vl": "qwen3_vl", "llava": "llava", "paligemma": "paligemma", "internvl": "medrega", "medrega": "medrega",
+        "maira2": "maira2", "chexagent": "chexagent", "minigpt_med": "minigpt",
+    }
+    assert {get_family(n).box_format for n in ("lingshu", "qwen2.5_vl")} == {"qwen2_5_vl"}
+    assert get_family("internvl_chat").name == "medrega"
+
+
+def test_grounded_qwen2_vl_markup_keeps_its_sentences():
+    fit = geometry_for(211, 169, size=448, mode="fit", multiple_of=28)[0]
+    text = ("The <|object_ref_start|>heart<|object_ref_end|><|box_start|>(300,300),(700,800)<|box_end|> "
+            "is enlarged. No effusion.")
+    sentences = grounded_sentences(text, parse_boxes("qwen2_vl", text, fit), json_format=False)
+    assert [s.text for s in sentences] == ["The heart is enlarged.", "No effusion."]
+    assert [[b.label for b in s.boxes] for s in sentences] == [["heart"], []]

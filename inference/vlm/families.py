@@ -81,6 +81,11 @@ class Family:
         False for families whose checkpoints are not transformers models (parsing only).
     prompts : mapping
         Per-language overrides of :data:`BASE_PROMPTS`.
+    max_slices : int
+        Slices sampled from a CT/MR volume unless the config says otherwise.
+    slice_recipe : bool
+        Volumes go in as MedGemma 1.5 was trained (three HU windows as RGB, each slice followed
+        by ``SLICE n``), see :mod:`inference.vlm.volume_recipe`.
     """
 
     name: str
@@ -94,6 +99,8 @@ class Family:
     loadable: bool = True
     prompts: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     note: str = ""
+    max_slices: int = 8
+    slice_recipe: bool = False
 
     @property
     def languages(self) -> tuple[str, ...]:
@@ -150,6 +157,7 @@ FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (
                                'coordinates normalised to 0-1000.',
         }},
         note="MedGemma 1.5 / Gemma 3 (Gemma3ForConditionalGeneration).",
+        max_slices=85, slice_recipe=True,
     ),
     Family(
         name="qwen2_vl", model_types=("qwen2_vl", "qwen2_5_vl", "qwen3_vl"), box_format="qwen",

@@ -136,8 +136,8 @@ def stack_slices(datasets: Sequence[Dataset]) -> list[SliceRef]:
     if len(kept) < len(entries):
         logger.warning("series %s: left out %d slice(s) of another orientation than the other %d",
                        datasets[0].get("SeriesInstanceUID", "?"), len(entries) - len(kept), len(kept))
-    orientation = np.asarray(kept[0][2], dtype=float)
-    normal = np.cross(orientation[:3], orientation[3:])
+    cosines = np.asarray(kept[0][2], dtype=float)
+    normal = np.cross(cosines[:3], cosines[3:])
     refs = [SliceRef(ds, frame, float(np.dot(np.asarray(p), normal))) for ds, frame, _, p in kept if p]
     return sorted(refs, key=lambda r: r.position_mm if r.position_mm is not None else 0.0)
 

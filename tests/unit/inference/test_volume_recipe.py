@@ -18,7 +18,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-import dicom_io.slice_stack as slice_stack
+from dicom_io import slice_stack
 from dicom_io.slice_stack import read_slice, stack_slices
 from inference.geometry import ImageTransform, PreparedImage
 from inference.tasks import TaskSpec

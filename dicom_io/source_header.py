@@ -150,6 +150,8 @@ def _repaired(ds: Dataset, repairs: Iterable[Repair]) -> Dataset:
     fixed = Dataset({tag: ds.get_item(tag) for tag in ds.keys()})  # noqa: SIM118 (tags, not elements)
     if hasattr(ds, "file_meta"):
         fixed.file_meta = ds.file_meta
+    if getattr(ds, "filename", None):
+        fixed.filename = ds.filename  # a header-only source still finds its pixels
     for repair in repairs:
         fixed.add(DataElement(repair.tag, repair.vr, None))
     return fixed

@@ -99,10 +99,14 @@ class PreparedImage:
         8-bit RGB at the model's input size.
     transform : ImageTransform
         Input coordinates to original pixel coordinates.
+    volume_modality : str or None
+        ``"CT"``, ``"MR"``... when the image is one slice of a sampled volume (the prompt then
+        labels it, see :mod:`inference.vlm.volume_recipe`); ``None`` for a projection view.
     """
 
     image: Image.Image
     transform: ImageTransform
+    volume_modality: str | None = None
 
 
 def geometry_for(width: int, height: int, *, size: int, mode: PrepareMode,

@@ -291,8 +291,9 @@ class VLMSettings(BaseModel):
     trust_remote_code: bool = False
     max_new_tokens: int = Field(default=256, ge=1)
     batch_size: int = Field(default=4, ge=1)
-    #: slices sampled evenly from a CT/MR series for a multi-image prompt
-    slices_per_series: int = Field(default=8, ge=1, le=64)
+    #: slices sampled from a CT/MR series for a multi-image prompt; None: the family's own number
+    #: (MedGemma: 85, as it was trained; the others: 8)
+    slices_per_series: int | None = Field(default=None, ge=1, le=85)
     name: str | None = None
 
 

@@ -21,11 +21,12 @@ from pydicom.pixels import apply_modality_lut
 from dicom_io.equipment import AlgorithmInfo
 from dicom_io.narrative_report import build_narrative_report
 from dicom_io.regions import ImageLabel, ImageRegion, build_region_report, viewer_geometry_problem
+from dicom_io.slice_stack import SliceRef, number_of_frames, read_frame
 from dicom_io.sr_common import InstanceReference, clean_text
 from dicom_io.uids import derived_uid
-from dicom_io.volume import load_volume, read_dataset
+from dicom_io.volume import read_dataset
 from inference.errors import InvalidInputError, ModelNotConfiguredError
-from inference.geometry import MEDGEMMA_CT_WINDOWS, PreparedImage, sample_slices
+from inference.geometry import PreparedImage
 from inference.results import (
     AnswerResult,
     Box,
@@ -40,6 +41,7 @@ from inference.tasks import TaskSpec
 from inference.vlm import VLMConfig, get_vlm
 from inference.vlm.loader import loaded_models
 from inference.vlm.runtime import VLM
+from inference.vlm.volume_recipe import prepare_volume, slice_window
 from node import jobs, metrics
 from node.config import VLMSettings
 
@@ -106,26 +108,27 @@ def load_model(settings: VLMSettings | None) -> VLM:
     return vlm
 
 
-def _window(ds: Dataset) -> tuple[float, float] | None:
-    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if center is None or width is None:
-        return None
-    try:
-        center = float(center[0] if isinstance(center, Sequence) and not isinstance(center, str) else center)
-        width = float(width[0] if isinstance(width, Sequence) and not isinstance(width, str) else width)
-    except (TypeError, ValueError):
-        return None
-    return (center, width) if width >= 1 else None
+def _is_volume(datasets: list[Dataset]) -> bool:
+    """A CT/MR/PT series of several slices (instances, or frames of one enhanced instance) that is
+    not a localizer (its few projection-like images go in as views)."""
+    first = datasets[0]
+    if str(first.get("Modality", "")).upper() not in VOLUME_MODALITIES:
+        return False
+    if "LOCALIZER" in [str(v).upper() for v in (first.get("ImageType") or [])]:
+        return False
+    return len(datasets) > 1 or number_of_frames(first) > 1
 
 
 def prepare_images(
-    vlm: VLM, series: dict[str, list[Dataset]], *, slices_per_series: int
+    vlm: VLM, series: dict[str, list[Dataset]], *, slices_per_series: int | None = None
 ) -> tuple[list[PreparedImage], list[SourceFrame]]:
     """Prepare the images of a study for the model, keeping where each came from.
 
-    A CT/MR series contributes ``slices_per_series`` slices sampled evenly along the volume
-    (CT in MedGemma's three HU windows when the family is MedGemma, else a soft-tissue window);
-    other series (CR, DX, …) contribute their first frames, up to :data:`MAX_VIEWS` in all.
+    A CT/MR series contributes up to ``slices_per_series`` slices (default: the family's
+    ``max_slices``, 85 for MedGemma) ordered along the slice normal and sampled as the family was
+    trained (:func:`inference.vlm.volume_recipe.prepare_volume`); only the sampled slices are
+    decoded, so ``series`` may hold headers read without pixel data (``stop_before_pixels``).
+    Other series (CR, DX, ...) contribute their first frames, up to :data:`MAX_VIEWS` in all.
 
     Raises
     ------
@@ -134,29 +137,25 @@ def prepare_images(
     """
     images: list[PreparedImage] = []
     sources: list[SourceFrame] = []
+    max_slices = slices_per_series or vlm.family.max_slices
     for datasets in series.values():
-        modality = str(datasets[0].get("Modality", "")).upper()
-        if modality in VOLUME_MODALITIES and len(datasets) > 1:
-            volume = load_volume(datasets)
-            for index in sample_slices(len(volume.datasets), slices_per_series):
-                ds = volume.datasets[index]
-                ct = modality == "CT"
-                windows = MEDGEMMA_CT_WINDOWS if ct and vlm.family.name == "medgemma" else None
-                window = None if windows else ((40.0, 400.0) if ct else _window(ds))
-                images.append(vlm.prepare(volume.pixels[index], photometric="MONOCHROME2",
-                                          window=window, ct_windows=windows))
-                sources.append(SourceFrame(ds, None))
+        if not datasets:
+            continue
+        if _is_volume(datasets):
+            for image, ref in prepare_volume(vlm, datasets, max_slices=max_slices):
+                images.append(image)
+                sources.append(SourceFrame(ref.dataset, ref.frame_number))
             continue
         for ds in datasets:
-            if len(images) >= MAX_VIEWS or "PixelData" not in ds:
+            if len(images) >= MAX_VIEWS or ("PixelData" not in ds and not getattr(ds, "filename", None)):
                 continue
-            frames = int(ds.get("NumberOfFrames", 1) or 1)
-            pixels = ds.pixel_array
-            pixels = pixels[0] if frames > 1 else pixels
+            frames = number_of_frames(ds)
+            pixels = read_frame(ds, 0 if frames > 1 else None)
             photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
             if photometric.startswith("MONOCHROME"):
                 pixels = apply_modality_lut(pixels, ds)
-            images.append(vlm.prepare(np.asarray(pixels), photometric=photometric, window=_window(ds)))
+            images.append(vlm.prepare(np.asarray(pixels), photometric=photometric,
+                                      window=slice_window(SliceRef(ds, None, None))))
             sources.append(SourceFrame(ds, 1 if frames > 1 else None))
     if not images:
         raise InvalidInputError("the study holds no image the model can read")
@@ -293,6 +292,8 @@ def run_vlm_tasks(
     vlm = load_model(settings)
     assert settings is not None  # load_model raised otherwise
     images, sources = prepare_images(vlm, series, slices_per_series=settings.slices_per_series)
+    log.info("vlm input: %d image(s), %d of them volume slices", len(images),
+             sum(1 for image in images if image.volume_modality))
     started = time.perf_counter()
     results = vlm.run(images, specs)
     metrics.STAGE_DURATION.labels(stage="vlm").observe(time.perf_counter() - started)
@@ -301,5 +302,10 @@ def run_vlm_tasks(
 
 
 def read_series(paths: dict[str, list[str]], absolute: Any) -> dict[str, list[Dataset]]:
-    """Read every instance of the job's series (pixel data included)."""
-    return {uid: [read_dataset(absolute(p)) for p in files] for uid, files in paths.items() if files}
+    """Read the header of every instance of the job's series, without pixel data.
+
+    Each dataset keeps the file it came from (``filename``): :func:`prepare_images` decodes only
+    the slices it samples, so a 2,000-slice CT never sits in memory whole.
+    """
+    return {uid: [read_dataset(absolute(p), stop_before_pixels=True) for p in files]
+            for uid, files in paths.items() if files}

@@ -94,6 +94,11 @@ class Family:
         the prompt; the processor adds what the model was trained with.
     note : str
         What the family is, and for parser-only families why it is not loaded.
+    max_slices : int
+        Slices sampled from a CT/MR volume unless the config says otherwise.
+    slice_recipe : bool
+        Volumes go in as MedGemma 1.5 was trained (three HU windows as RGB, each slice followed
+        by ``SLICE n``), see :mod:`inference.vlm.volume_recipe`.
     """
 
     name: str
@@ -108,6 +113,8 @@ class Family:
     prompts: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     chat_template: str | None = None
     note: str = ""
+    max_slices: int = 8
+    slice_recipe: bool = False
 
     @property
     def languages(self) -> tuple[str, ...]:
@@ -171,6 +178,7 @@ FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (
                                'coordinates normalised to 0-1000.',
         }},
         note="MedGemma 1.5 / Gemma 3 (Gemma3ForConditionalGeneration).",
+        max_slices=85, slice_recipe=True,
     ),
     Family(
         name="qwen2_vl", model_types=("qwen2_vl",), box_format="qwen2_vl",

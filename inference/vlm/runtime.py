@@ -9,7 +9,8 @@ typed results of :mod:`inference.results`.
 Which images a unit sees:
 
 * ``report``, ``vqa``, ``classify``: all images of the request in one multi-image prompt (several
-  views of a radiograph, or the slices picked by :func:`inference.geometry.sample_slices`);
+  views of a radiograph, or the slices of a volume, laid out as
+  :mod:`inference.vlm.volume_recipe` says);
 * ``ground``, ``detect``, ``grounded_report``: one image per unit, so every box refers to exactly
   one source image;
 * ``region_caption``: the image of each region.
@@ -43,6 +44,7 @@ from inference.results import (
 from inference.tasks import TaskSpec
 from inference.vlm.classify import answer_position, label_outcome, yes_probability
 from inference.vlm.families import YES_NO, Family
+from inference.vlm.volume_recipe import user_content
 
 if TYPE_CHECKING:
     import torch
@@ -70,6 +72,7 @@ class _Unit:
     budget: int
     finish: Callable[[str, str, float | None], TaskResult]
     yes_no: tuple[list[int], list[int]] | None = None
+    language: str = "en"
 
 
 @dataclass(frozen=True)
@@ -295,7 +298,8 @@ class VLM:
         def add(imgs: tuple[PreparedImage, ...], idx: tuple[int, ...], prompt: str,
                 finish: Callable[[str, str, float | None], TaskResult], yes_no: bool = False) -> None:
             units.append(_Unit(request, len(units), imgs, idx, prompt, budget, finish,
-                               self._yes_no_token_ids(task.language) if yes_no else None))
+                               self._yes_no_token_ids(task.language) if yes_no else None,
+                               task.language))
 
         if task.kind == "report":
             def finish_report(raw: str, clean: str, _: float | None) -> TaskResult:
@@ -355,8 +359,10 @@ class VLM:
     # --- generation ------------------------------------------------------------------------
 
     def _messages(self, unit: _Unit) -> list[dict[str, object]]:
-        content: list[dict[str, object]] = [{"type": "image", "image": img.image} for img in unit.images]
-        content.append({"type": "text", "text": unit.prompt})
+        """One user turn: the family's own multi-image layout, or for the slices of a volume the
+        recipe the family was trained on (:func:`inference.vlm.volume_recipe.user_content`)."""
+        content = user_content(unit.images, unit.prompt, slice_recipe=self.family.slice_recipe,
+                               language=unit.language)
         return [{"role": "user", "content": content}]
 
     def encode(self, units: Sequence[_Unit]) -> dict[str, torch.Tensor]:

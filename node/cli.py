@@ -50,12 +50,27 @@ def _context(settings: Settings):  # type: ignore[no-untyped-def]
     return ctx
 
 
+def _check_before_start(settings: Settings) -> None:
+    """Refuse unusable listener and destination security settings (allow-list, TLS files)
+    before anything touches the data directory: exit status 2 with the key that is wrong."""
+    from node.peer_policy import ListenerSecurity
+    from node.tls import check_destination_tls
+
+    try:
+        ListenerSecurity.from_settings(settings)
+        check_destination_tls(settings)
+    except ConfigError as exc:
+        console.print(f"[red]{escape(str(exc))}[/red]", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def serve(config: ConfigOpt = None) -> None:
     """Run the node: DICOM listener, completion and routing, web, and (embedded) workers."""
     from node import multiprocess_metrics
 
     settings = _settings(config)
+    _check_before_start(settings)
     # before anything creates a metric; the embedded workers start after this, so their
     # directory can be emptied of a previous run's files
     multiprocess_metrics.enable(settings.data_dir, clean=settings.embedded_worker)

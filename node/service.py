@@ -10,11 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import ssl
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 from pynetdicom.transport import ThreadedAssociationServer
@@ -25,7 +23,8 @@ from node.completion import late_series_check
 from node.config import ConfigError, Settings
 from node.context import NodeContext
 from node.ingest import Ingestor
-from node.listener import CallingAEAllowList, start_listener
+from node.listener import start_listener
+from node.peer_policy import ListenerSecurity
 from node.scheduler import Scheduler
 from storage.db import upgrade
 from storage.reconcile import reindex_orphans
@@ -117,29 +116,6 @@ class WorkerSupervisor:
                 process.kill()
                 process.wait()
             multiprocess_metrics.mark_process_dead(process.pid)
-
-
-@dataclass(frozen=True)
-class ListenerSecurity:
-    """Who may associate and the DICOM TLS context, checked before anything starts."""
-
-    allowed: CallingAEAllowList | None
-    ssl_context: ssl.SSLContext | None
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ListenerSecurity:
-        """Parse ``allowed_calling_ae_titles`` and load the ``tls`` files.
-
-        Raises
-        ------
-        ConfigError
-            If an allow-list entry is invalid or a TLS file cannot be loaded.
-        """
-        from node.tls import server_context
-
-        allowed = (CallingAEAllowList.parse(settings.allowed_calling_ae_titles)
-                   if settings.allowed_calling_ae_titles is not None else None)
-        return cls(allowed, server_context(settings.tls) if settings.tls is not None else None)
 
 
 def start_listeners(settings: Settings, ingestor: Ingestor,

@@ -1,0 +1,124 @@
+"""The generalist model behind a real OpenAI-compatible server on loopback (``transformers serve``
+running the tiny Gemma 3 of :mod:`tests.models`): the same prepared images and the same user turn
+give the same answers as in-process; a server that is down is a retryable error; a model name the
+server does not serve is a clear error naming ``models.vlm.model``."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference.errors import ModelNotConfiguredError, ModelServerUnavailableError
+from inference.results import AnswerResult, GroundedReportResult, LabelResult, RegionResult, ReportResult
+from inference.tasks import parse_tasks
+from inference.vlm import VLM, VLMConfig, load_vlm
+from inference.vlm.server import ServerConfig, ServerVLM
+from tests.models import build_tiny_gemma3
+from tests.peers import free_port
+from tests.peers.processes import ManagedProcess
+
+MAX_NEW_TOKENS = 12
+TASKS = parse_tasks([
+    {"report": {"language": "en"}},
+    {"report": {"language": "zh"}},
+    {"vqa": {"questions": ["Is there a pleural effusion?", "Where is the heart?"]}},
+    {"classify": {"labels": ["cardiomegaly", "pneumothorax"]}},
+    {"ground": {"phrases": ["right lung"]}},
+])
+
+
+@pytest.fixture(scope="module")
+def gemma3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3") / "gemma3")
+
+
+@pytest.fixture(scope="module")
+def model_server(gemma3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``transformers serve`` on a free loopback port, stopped by its PID."""
+    serve = Path(sys.executable).with_name("transformers")
+    if not serve.exists() and shutil.which("transformers") is None:
+        pytest.skip("the transformers command is not installed beside this Python")
+    home = tmp_path_factory.mktemp("hf-home")
+    (home / "hub").mkdir()  # /v1/models scans the cache and answers 500 without it
+    port = free_port()
+    process = ManagedProcess(
+        [str(serve), "serve", str(gemma3_dir), "--device", "cpu", "--host", "127.0.0.1",
+         "--port", str(port)],
+        log_dir=home, name="transformers-serve",
+        env={"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"},
+    )
+    process.start(port=port, timeout_s=120)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def in_process(gemma3_dir: Path) -> VLM:
+    return load_vlm(VLMConfig(path=str(gemma3_dir), family="medgemma", device="cpu", dtype="float32",
+                              max_new_tokens=MAX_NEW_TOKENS, batch_size=1))
+
+
+def _images(vlm: VLM) -> list:
+    rng = np.random.default_rng(7)
+    frames = [rng.integers(0, 4096, size=(96, 80)).astype(np.float32) for _ in range(2)]
+    return [vlm.prepare(f, photometric="MONOCHROME2", window=(2048.0, 4096.0)) for f in frames]
+
+
+def _texts(results: list) -> list[tuple[str, ...]]:
+    """What each result says, as the SR writers take it."""
+    out: list[tuple[str, ...]] = []
+    for r in results:
+        if isinstance(r, ReportResult):
+            out.append(("report", r.language, r.findings, r.impression or ""))
+        elif isinstance(r, AnswerResult):
+            out.append(("vqa", r.question, r.answer))
+        elif isinstance(r, LabelResult):
+            out.append(("label", r.label, r.raw_text.strip()))
+        elif isinstance(r, RegionResult):
+            out.append(("region", r.query, repr([(b.x0, b.y0, b.x1, b.y1, b.label) for b in r.boxes])))
+        elif isinstance(r, GroundedReportResult):
+            out.append(("grounded", repr(r.sentences)))
+    return out
+
+
+def test_same_prepared_inputs_same_answers_through_the_server(model_server: str, gemma3_dir: Path,
+                                                               in_process: VLM) -> None:
+    images = _images(in_process)
+    local = in_process.run(images, TASKS)
+    client = ServerVLM(ServerConfig(server=model_server, model=str(gemma3_dir), family="medgemma",
+                                    max_new_tokens=MAX_NEW_TOKENS, batch_size=4))
+    try:
+        remote = client.run(images, TASKS)
+    finally:
+        client.close()
+    assert len(remote) == len(local) == 8
+    assert [type(r) for r in remote] == [type(r) for r in local]
+    assert any(t[-1] for t in _texts(local)), "the tiny model said nothing: the comparison would be empty"
+    assert _texts(remote) == _texts(local)
+
+
+def test_server_down_is_a_retryable_error() -> None:
+    port = free_port()  # nothing listens there
+    client = ServerVLM(ServerConfig(server=f"http://127.0.0.1:{port}", model="m", family="medgemma",
+                                    timeout_s=5))
+    images = [client.prepare(np.zeros((32, 32), np.float32))]
+    with pytest.raises(ModelServerUnavailableError, match="did not answer"):
+        client.run(images, TASKS[:1])
+
+
+def test_unknown_model_name_is_a_clear_error(model_server: str, gemma3_dir: Path) -> None:
+    client = ServerVLM(ServerConfig(server=model_server, model="medgemma-does-not-exist",
+                                    family="medgemma"))
+    images = [client.prepare(np.zeros((32, 32), np.float32))]
+    with pytest.raises(ModelNotConfiguredError) as caught:
+        client.run(images, TASKS[:1])
+    message = str(caught.value)
+    assert "models.vlm.model" in message and "medgemma-does-not-exist" in message
+    assert str(gemma3_dir) in message  # what the server does serve

@@ -111,6 +111,8 @@ class ServerVLM(VLM):
         self.generate_calls = 0
         self._client = client or httpx.Client(base_url=cfg.base_url, timeout=cfg.timeout_s)
         self._checked = False
+        #: prompt tokens the server counted per request (its ``usage``), for checks and metrics
+        self.prompt_tokens: list[int] = []
 
     # --- the server -------------------------------------------------------------------------
 
@@ -167,6 +169,9 @@ class ServerVLM(VLM):
     def _one(self, unit: _Unit) -> Generation:
         answer = self._request("POST", "/chat/completions", json=self._body(unit))
         choice = answer["choices"][0]
+        usage = answer.get("usage") or {}
+        if isinstance(usage.get("prompt_tokens"), int):
+            self.prompt_tokens.append(usage["prompt_tokens"])
         text = str((choice.get("message") or {}).get("content") or "")
         probability = None
         steps = ((choice.get("logprobs") or {}).get("content")) or []

@@ -102,6 +102,11 @@ def test_same_prepared_inputs_same_answers_through_the_server(model_server: str,
     assert [type(r) for r in remote] == [type(r) for r in local]
     assert any(t[-1] for t in _texts(local)), "the tiny model said nothing: the comparison would be empty"
     assert _texts(remote) == _texts(local)
+    # the random tiny model answers the same whatever the pixels: the token counts show that the
+    # server saw the same turn (template, text, and every image as the same number of tokens)
+    units = [u for task in TASKS for u in in_process._units(0, images, task)]
+    local_tokens = [int(in_process.encode([u])["input_ids"].shape[1]) for u in units]
+    assert sorted(client.prompt_tokens) == sorted(local_tokens)
 
 
 def test_server_down_is_a_retryable_error() -> None:

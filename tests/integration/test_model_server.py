@@ -127,3 +127,47 @@ def test_unknown_model_name_is_a_clear_error(model_server: str, gemma3_dir: Path
     message = str(caught.value)
     assert "models.vlm.model" in message and "medgemma-does-not-exist" in message
     assert str(gemma3_dir) in message  # what the server does serve
+
+
+def test_same_study_same_sr_texts_through_the_server(model_server: str, gemma3_dir: Path, tmp_path: Path,
+                                                      shared_dicom: Path) -> None:
+    """The node's VLM stage (DICOM → prepared images → tasks → SRs) with ``models.vlm.server``:
+    the SRs say what the in-process SRs say, and are valid (dciodvfy: no errors)."""
+    from io import BytesIO
+
+    from dicom_io.volume import read_dataset
+    from node.config import VLMSettings
+    from node.vlm_stage import run_vlm_tasks
+    from tests.integration.e2e import assert_valid
+    from tests.integration.test_vlm_end_to_end import _sr_texts
+    from tests.models import TINY_IMAGE_SIZE
+
+    studies = {
+        "xr": [shared_dicom / "xr" / "RG1_J2KI_chest_PA.dcm"],
+        "ct": sorted((shared_dicom / "ct" / "dcmqi_ct3slice").glob("*.dcm")),
+    }
+    common = {"family": "medgemma", "max_new_tokens": MAX_NEW_TOKENS, "slices_per_series": 3}
+    local_settings = VLMSettings(path=gemma3_dir, device="cpu", dtype="float32", **common)
+    server_settings = VLMSettings(server=model_server, model=str(gemma3_dir), image_size=TINY_IMAGE_SIZE,
+                                  **common)
+    for name, files in studies.items():
+        datasets = [read_dataset(f) for f in files]
+        series = {datasets[0].SeriesInstanceUID: datasets}
+        key = f"{datasets[0].StudyInstanceUID}/1/{name}"
+        local = run_vlm_tasks(local_settings, series, TASKS, job_key=key)
+        remote = run_vlm_tasks(server_settings, series, TASKS, job_key=key)
+        assert [o.kind for o in remote] == [o.kind for o in local] and remote
+        for mine, theirs in zip(remote, local, strict=True):
+            encoded = {}
+            for label, output in (("server", mine), ("local", theirs)):
+                buffer = BytesIO()
+                output.dataset.save_as(buffer, enforce_file_format=True)
+                encoded[label] = buffer.getvalue()
+            assert_valid(tmp_path, f"{name}-{mine.kind}-server", encoded["server"])
+            # the one legitimate difference: the weights' version, which only the in-process path
+            # can read (the server path says "server")
+            version = theirs.summary["model"]["version"]
+            expected = ["server" if text == version else text for text in _sr_texts(encoded["local"])]
+            assert _sr_texts(encoded["server"]) == expected, f"{name} {mine.kind}"
+            assert {k: v for k, v in mine.summary.items() if k != "model"} == \
+                {k: v for k, v in theirs.summary.items() if k != "model"}

@@ -8,17 +8,29 @@ from __future__ import annotations
 import shutil
 import sys
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from dicom_io.volume import read_dataset
 from inference.errors import ModelNotConfiguredError, ModelServerUnavailableError
-from inference.results import AnswerResult, GroundedReportResult, LabelResult, RegionResult, ReportResult
+from inference.results import (
+    AnswerResult,
+    GroundedReportResult,
+    LabelResult,
+    RegionResult,
+    ReportResult,
+)
 from inference.tasks import parse_tasks
 from inference.vlm import VLM, VLMConfig, load_vlm
 from inference.vlm.server import ServerConfig, ServerVLM
-from tests.models import build_tiny_gemma3
+from node.config import VLMSettings
+from node.vlm_stage import run_vlm_tasks
+from tests.integration.e2e import assert_valid
+from tests.integration.test_vlm_end_to_end import _sr_texts
+from tests.models import TINY_IMAGE_SIZE, build_tiny_gemma3
 from tests.peers import free_port
 from tests.peers.processes import ManagedProcess
 
@@ -133,15 +145,6 @@ def test_same_study_same_sr_texts_through_the_server(model_server: str, gemma3_d
                                                       shared_dicom: Path) -> None:
     """The node's VLM stage (DICOM → prepared images → tasks → SRs) with ``models.vlm.server``:
     the SRs say what the in-process SRs say, and are valid (dciodvfy: no errors)."""
-    from io import BytesIO
-
-    from dicom_io.volume import read_dataset
-    from node.config import VLMSettings
-    from node.vlm_stage import run_vlm_tasks
-    from tests.integration.e2e import assert_valid
-    from tests.integration.test_vlm_end_to_end import _sr_texts
-    from tests.models import TINY_IMAGE_SIZE
-
     studies = {
         "xr": [shared_dicom / "xr" / "RG1_J2KI_chest_PA.dcm"],
         "ct": sorted((shared_dicom / "ct" / "dcmqi_ct3slice").glob("*.dcm")),
@@ -157,13 +160,13 @@ def test_same_study_same_sr_texts_through_the_server(model_server: str, gemma3_d
         local = run_vlm_tasks(local_settings, series, TASKS, job_key=key)
         remote = run_vlm_tasks(server_settings, series, TASKS, job_key=key)
         assert [o.kind for o in remote] == [o.kind for o in local] and remote
-        for mine, theirs in zip(remote, local, strict=True):
+        for index, (mine, theirs) in enumerate(zip(remote, local, strict=True)):
             encoded = {}
             for label, output in (("server", mine), ("local", theirs)):
                 buffer = BytesIO()
                 output.dataset.save_as(buffer, enforce_file_format=True)
                 encoded[label] = buffer.getvalue()
-            assert_valid(tmp_path, f"{name}-{mine.kind}-server", encoded["server"])
+            assert_valid(tmp_path, f"{name}-{index}-{mine.kind}-server", encoded["server"])
             # the one legitimate difference: the weights' version, which only the in-process path
             # can read (the server path says "server")
             version = theirs.summary["model"]["version"]

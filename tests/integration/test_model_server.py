@@ -8,12 +8,15 @@ from __future__ import annotations
 import shutil
 import sys
 from collections.abc import Iterator
+from datetime import timedelta
 from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy import select
 
+from dicom_io.header import parse_header
 from dicom_io.volume import read_dataset
 from inference.errors import ModelNotConfiguredError, ModelServerUnavailableError
 from inference.results import (
@@ -26,8 +29,14 @@ from inference.results import (
 from inference.tasks import parse_tasks
 from inference.vlm import VLM, VLMConfig, load_vlm
 from inference.vlm.server import ServerConfig, ServerVLM
-from node.config import VLMSettings
+from node.completion import complete_due_studies
+from node.config import VLMSettings, load_settings
+from node.context import NodeContext
+from node.pipeline import TransientError, run_job
 from node.vlm_stage import run_vlm_tasks
+from storage.db import upgrade
+from storage.index import index_instance
+from storage.models import Job, JobState, Result, utcnow
 from tests.integration.e2e import assert_valid
 from tests.integration.test_vlm_end_to_end import _sr_texts
 from tests.models import TINY_IMAGE_SIZE, build_tiny_gemma3
@@ -174,3 +183,64 @@ def test_same_study_same_sr_texts_through_the_server(model_server: str, gemma3_d
             assert _sr_texts(encoded["server"]) == expected, f"{name} {mine.kind}"
             assert {k: v for k, v in mine.summary.items() if k != "model"} == \
                 {k: v for k, v in theirs.summary.items() if k != "model"}
+
+
+def _node(tmp_path: Path, server: str, model: str) -> NodeContext:
+    settings = load_settings(
+        data_dir=tmp_path / "var", quiet_period_s=1, destinations={"pacs": "PACS@127.0.0.1:104"},
+        models={"vlm": {"server": server, "model": model, "family": "medgemma",
+                        "max_new_tokens": MAX_NEW_TOKENS, "slices_per_series": 3,
+                        "image_size": TINY_IMAGE_SIZE, "server_timeout_s": 10}},
+        rules=[{"name": "ct-vlm", "match": {"modality": "CT"}, "destinations": ["pacs"],
+                "tasks": [{"report": {"language": "en"}}, {"classify": {"labels": ["effusion"]}}]}],
+    )
+    context = NodeContext.create(settings)
+    upgrade(context.engine)
+    return context
+
+
+def _queue_ct(ctx: NodeContext, files: list[Path]) -> int:
+    now = utcnow() - timedelta(minutes=5)
+    for path in files:
+        data = path.read_bytes()
+        header, _ = parse_header(data)
+        stored = ctx.store.write_instance(header.study_instance_uid, header.series_instance_uid,
+                                          header.sop_instance_uid, data)
+        with ctx.sessions() as session, session.begin():
+            index_instance(session, header, stored, calling_ae_title="MODALITY", called_ae_title="MEDNODE",
+                           now=now)
+    [(job_id, _)] = complete_due_studies(ctx.sessions, ctx.settings, now=now + timedelta(seconds=5))
+    return job_id
+
+
+def test_a_job_waits_while_the_server_is_down_then_runs_through_it(
+    model_server: str, gemma3_dir: Path, tmp_path: Path, shared_dicom: Path
+) -> None:
+    """Server down: the job goes back to the queue (TransientError), never failed; the same job
+    through the live server stores valid SRs."""
+    files = sorted((shared_dicom / "ct" / "dcmqi_ct3slice").glob("*.dcm"))
+    down = _node(tmp_path / "down", f"http://127.0.0.1:{free_port()}", str(gemma3_dir))
+    try:
+        job_id = _queue_ct(down, files)
+        with pytest.raises(TransientError, match="did not answer"):
+            run_job(down, job_id)
+        with down.sessions() as session:
+            job = session.get(Job, job_id)
+            assert job is not None and job.state == JobState.QUEUED
+            assert "retrying after: ModelServerUnavailableError" in (job.reason or "")
+    finally:
+        down.close()
+
+    up = _node(tmp_path / "up", model_server, str(gemma3_dir))
+    try:
+        job_id = _queue_ct(up, files)
+        assert run_job(up, job_id)  # deliveries to enqueue
+        with up.sessions() as session:
+            assert session.get(Job, job_id).state in (JobState.SUCCEEDED, JobState.DELIVERING)  # type: ignore[union-attr]
+            results = session.scalars(select(Result).where(Result.job_pk == job_id)).all()
+            paths = {r.kind: r.path for r in results}
+        assert {"report", "regions"} <= set(paths)
+        for kind, path in paths.items():
+            assert_valid(tmp_path, f"pipeline-{kind}", up.store.absolute(path).read_bytes())
+    finally:
+        up.close()

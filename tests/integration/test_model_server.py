@@ -244,3 +244,13 @@ def test_a_job_waits_while_the_server_is_down_then_runs_through_it(
             assert_valid(tmp_path, f"pipeline-{kind}", up.store.absolute(path).read_bytes())
     finally:
         up.close()
+
+
+def test_a_server_timeout_is_a_retryable_error(model_server: str, gemma3_dir: Path) -> None:
+    """The live server, asked with a timeout far shorter than one generation takes."""
+    client = ServerVLM(ServerConfig(server=model_server, model=str(gemma3_dir), family="medgemma",
+                                    max_new_tokens=64, timeout_s=0.001))
+    client._checked = True  # the model check would time out first; this is about generation
+    images = [client.prepare(np.zeros((32, 32), np.float32))]
+    with pytest.raises(ModelServerUnavailableError, match="Timeout"):
+        client.run(images, TASKS[:1])

@@ -302,8 +302,7 @@ class VLMSettings(BaseModel):
     model: str | None = Field(default=None, min_length=1)
     #: per request to the server; a timeout makes the job retry
     server_timeout_s: float = Field(default=300.0, gt=0)
-    #: input side for the server path (the in-process path reads it from the processor);
-    #: None: the family's default
+    #: model input side; None: what the processor says (in-process), the family's default (server)
     image_size: int | None = Field(default=None, ge=16)
 
     @model_validator(mode="after")

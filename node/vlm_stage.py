@@ -88,6 +88,7 @@ def vlm_config(settings: VLMSettings) -> VLMConfig:
         trust_remote_code=settings.trust_remote_code,
         max_new_tokens=settings.max_new_tokens,
         batch_size=settings.batch_size,
+        image_size=settings.image_size,
         name=settings.name,
     )
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from inference.errors import ModelNotConfiguredError, ModelServerUnavailableError
+from inference.errors import InvalidInputError, ModelNotConfiguredError, ModelServerUnavailableError
 from inference.results import ModelInfo
 from inference.vlm.classify import probability_from_logprobs
 from inference.vlm.families import Family, get_family
@@ -127,6 +127,10 @@ class ServerVLM(VLM):
             raise ModelServerUnavailableError(
                 f"the model server {self.server_cfg.server} answered HTTP {response.status_code} to "
                 f"{path}; the job will be retried")
+        if response.status_code in (400, 413, 422):  # this request: too long, too many images...
+            raise InvalidInputError(
+                f"the model server {self.server_cfg.server} refused the request to {path} with HTTP "
+                f"{response.status_code}: {response.text[:300]}")
         if response.status_code >= 400:
             raise ModelNotConfiguredError(
                 f"the model server {self.server_cfg.server} refused {path} with HTTP "

@@ -25,7 +25,7 @@ from dicom_io.slice_stack import SliceRef, number_of_frames, read_frame
 from dicom_io.sr_common import InstanceReference, clean_text
 from dicom_io.uids import derived_uid
 from dicom_io.volume import read_dataset
-from inference.errors import InvalidInputError, ModelNotConfiguredError
+from inference.errors import InvalidInputError, ModelNotConfiguredError, ModelServerUnavailableError
 from inference.geometry import PreparedImage
 from inference.results import (
     AnswerResult,
@@ -114,6 +114,27 @@ def server_model(settings: VLMSettings) -> ServerVLM:
         _SERVER_CLIENTS[cfg] = ServerVLM(cfg)
         log.info("vlm: using model %s on server %s", cfg.model, cfg.server)
     return _SERVER_CLIENTS[cfg]
+
+
+def check_server_at_start(settings: VLMSettings | None) -> str | None:
+    """At start-up, ask the model server (``models.vlm.server``) whether it serves ``models.vlm.model``.
+
+    Returns a warning when the server does not answer (jobs wait and retry until it does), None
+    when all is well or no server is configured.
+
+    Raises
+    ------
+    ModelNotConfiguredError
+        The server answers but does not serve the model (the message names models.vlm.model
+        and the models it lists).
+    """
+    if settings is None or settings.server is None:
+        return None
+    try:
+        server_model(settings).check_model()
+    except ModelServerUnavailableError as exc:
+        return f"{exc}; jobs that need it wait and retry until it answers"
+    return None
 
 
 def load_model(settings: VLMSettings | None) -> VLM:

@@ -5,7 +5,9 @@ server does not serve is a clear error naming ``models.vlm.model``."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import timedelta
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from sqlalchemy import select
 
 from dicom_io.header import parse_header
@@ -33,7 +36,7 @@ from node.completion import complete_due_studies
 from node.config import VLMSettings, load_settings
 from node.context import NodeContext
 from node.pipeline import TransientError, run_job
-from node.vlm_stage import run_vlm_tasks
+from node.vlm_stage import check_server_at_start, run_vlm_tasks
 from storage.db import upgrade
 from storage.index import index_instance
 from storage.models import Job, JobState, Result, utcnow
@@ -254,3 +257,27 @@ def test_a_server_timeout_is_a_retryable_error(model_server: str, gemma3_dir: Pa
     images = [client.prepare(np.zeros((32, 32), np.float32))]
     with pytest.raises(ModelServerUnavailableError, match="Timeout"):
         client.run(images, TASKS[:1])
+
+
+def test_a_worker_refuses_to_start_with_a_model_the_server_does_not_serve(
+    model_server: str, gemma3_dir: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "mednode.yaml"
+    config.write_text(yaml.safe_dump({
+        "data_dir": str(tmp_path / "var"),
+        "models": {"vlm": {"server": model_server, "model": "no-such-model", "family": "medgemma"}},
+    }))
+    done = subprocess.run([sys.executable, "-m", "node.cli", "worker", "--config", str(config)],
+                          check=False, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "400"})
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert "models.vlm.model" in output and "no-such-model" in output and str(gemma3_dir) in output
+    assert not (tmp_path / "var").exists()  # refused before touching the data directory
+
+
+def test_a_server_down_at_start_up_is_only_a_warning() -> None:
+    settings = VLMSettings(server=f"http://127.0.0.1:{free_port()}", model="m", family="medgemma",
+                           server_timeout_s=5)
+    warning = check_server_at_start(settings)
+    assert warning is not None and "did not answer" in warning and "retry" in warning

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from io import BytesIO
 from pathlib import Path
@@ -45,6 +46,7 @@ from tests.integration.test_vlm_end_to_end import _sr_texts
 from tests.models import TINY_IMAGE_SIZE, build_tiny_gemma3
 from tests.peers import free_port
 from tests.peers.processes import ManagedProcess
+from tests.trained_models import tiny_grounding_model_dir  # noqa: F401  (session fixture)
 
 MAX_NEW_TOKENS = 12
 TASKS = parse_tasks([
@@ -61,17 +63,16 @@ def gemma3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3") / "gemma3")
 
 
-@pytest.fixture(scope="module")
-def model_server(gemma3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``transformers serve`` on a free loopback port, stopped by its PID."""
+@contextmanager
+def _transformers_serve(model_dir: Path, home: Path) -> Iterator[str]:
+    """``transformers serve`` of ``model_dir`` on a free loopback port, stopped by its PID."""
     serve = Path(sys.executable).with_name("transformers")
     if not serve.exists() and shutil.which("transformers") is None:
         pytest.skip("the transformers command is not installed beside this Python")
-    home = tmp_path_factory.mktemp("hf-home")
-    (home / "hub").mkdir()  # /v1/models scans the cache and answers 500 without it
+    (home / "hub").mkdir(parents=True, exist_ok=True)  # /v1/models scans the cache: 500 without it
     port = free_port()
     process = ManagedProcess(
-        [str(serve), "serve", str(gemma3_dir), "--device", "cpu", "--host", "127.0.0.1",
+        [str(serve), "serve", str(model_dir), "--device", "cpu", "--host", "127.0.0.1",
          "--port", str(port)],
         log_dir=home, name="transformers-serve",
         env={"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"},
@@ -81,6 +82,12 @@ def model_server(gemma3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         yield f"http://127.0.0.1:{port}"
     finally:
         process.stop()
+
+
+@pytest.fixture(scope="module")
+def model_server(gemma3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with _transformers_serve(gemma3_dir, tmp_path_factory.mktemp("hf-home")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -153,15 +160,32 @@ def test_unknown_model_name_is_a_clear_error(model_server: str, gemma3_dir: Path
     assert str(gemma3_dir) in message  # what the server does serve
 
 
-def test_same_study_same_sr_texts_through_the_server(model_server: str, gemma3_dir: Path, tmp_path: Path,
-                                                      shared_dicom: Path) -> None:
+@pytest.mark.parametrize("model", ["random", "trained"])
+def test_same_study_same_sr_texts_through_the_server(model: str, request: pytest.FixtureRequest,
+                                                      tmp_path: Path, shared_dicom: Path) -> None:
     """The node's VLM stage (DICOM → prepared images → tasks → SRs) with ``models.vlm.server``:
-    the SRs say what the in-process SRs say, and are valid (dciodvfy: no errors)."""
+    the SRs say what the in-process SRs say, and are valid (dciodvfy: no errors). ``trained`` is
+    the tiny Gemma 3 trained to ground "right lung" with a real box on the radiograph, so its
+    answer depends on the pixels, and boxes go through the server path too."""
+    if model == "random":
+        gemma3_dir, server = request.getfixturevalue("gemma3_dir"), request.getfixturevalue("model_server")
+        _check_same_srs(server, gemma3_dir, tmp_path, shared_dicom)
+    else:
+        trained = request.getfixturevalue("tiny_grounding_model_dir")
+        with _transformers_serve(trained, tmp_path / "hf-home") as server:
+            boxes = _check_same_srs(server, trained, tmp_path, shared_dicom, max_new_tokens=48)
+        assert boxes, "the trained model drew no box: the box path went untested"
+
+
+def _check_same_srs(model_server: str, gemma3_dir: Path, tmp_path: Path, shared_dicom: Path, *,
+                    max_new_tokens: int = MAX_NEW_TOKENS) -> int:
+    """Compare the SRs of both paths; return how many boxes the regions SRs hold."""
+    boxes = 0
     studies = {
         "xr": [shared_dicom / "xr" / "RG1_J2KI_chest_PA.dcm"],
         "ct": sorted((shared_dicom / "ct" / "dcmqi_ct3slice").glob("*.dcm")),
     }
-    common = {"family": "medgemma", "max_new_tokens": MAX_NEW_TOKENS, "slices_per_series": 3}
+    common = {"family": "medgemma", "max_new_tokens": max_new_tokens, "slices_per_series": 3}
     local_settings = VLMSettings(path=gemma3_dir, device="cpu", dtype="float32", **common)
     server_settings = VLMSettings(server=model_server, model=str(gemma3_dir), image_size=TINY_IMAGE_SIZE,
                                   **common)
@@ -184,8 +208,19 @@ def test_same_study_same_sr_texts_through_the_server(model_server: str, gemma3_d
             version = theirs.summary["model"]["version"]
             expected = ["server" if text == version else text for text in _sr_texts(encoded["local"])]
             assert _sr_texts(encoded["server"]) == expected, f"{name} {mine.kind}"
-            assert {k: v for k, v in mine.summary.items() if k != "model"} == \
-                {k: v for k, v in theirs.summary.items() if k != "model"}
+            # label probabilities come from logprobs, which `transformers serve` does not return
+            # (it accepts and ignores `logprobs`): None there; a server that returns them must agree
+            for label, expected_label in zip(mine.summary.get("labels", []), theirs.summary.get("labels", []),
+                                             strict=True):
+                assert (label["name"], label["state"]) == (expected_label["name"], expected_label["state"])
+                if label["probability"] is not None:
+                    assert label["probability"] == pytest.approx(expected_label["probability"], abs=1e-3)
+
+            def same(summary: dict) -> dict:
+                return {k: v for k, v in summary.items() if k not in ("model", "labels")}
+            assert same(mine.summary) == same(theirs.summary)
+            boxes += len(mine.summary.get("boxes", []))
+    return boxes
 
 
 def _node(tmp_path: Path, server: str, model: str) -> NodeContext:

@@ -23,3 +23,7 @@ class ModelLoadError(InferenceError, OSError):
 
 class OutputParseError(InferenceError, ValueError):
     """A model produced text that cannot be parsed into the requested result type."""
+
+
+class ModelServerUnavailableError(InferenceError, ConnectionError):
+    """A model server did not answer (down, refusing, timed out, or overloaded): worth retrying."""

@@ -64,6 +64,23 @@ def _check_before_start(settings: Settings) -> None:
         raise typer.Exit(2) from None
 
 
+def _check_model_server(settings: Settings) -> None:
+    """With ``models.vlm.server``: refuse to start when the server does not serve
+    ``models.vlm.model`` (exit status 2); a server that does not answer yet is only a warning."""
+    if settings.models.vlm is None or settings.models.vlm.server is None:
+        return
+    from inference.errors import ModelNotConfiguredError
+    from node.vlm_stage import check_server_at_start
+
+    try:
+        warning = check_server_at_start(settings.models.vlm)
+    except ModelNotConfiguredError as exc:
+        console.print(f"[red]{escape(str(exc))}[/red]", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    if warning:
+        console.print(f"[yellow]{escape(warning)}[/yellow]", highlight=False, soft_wrap=True)
+
+
 @app.command()
 def serve(config: ConfigOpt = None) -> None:
     """Run the node: DICOM listener, completion and routing, web, and (embedded) workers."""
@@ -71,6 +88,7 @@ def serve(config: ConfigOpt = None) -> None:
 
     settings = _settings(config)
     _check_before_start(settings)
+    _check_model_server(settings)
     # before anything creates a metric; the embedded workers start after this, so their
     # directory can be emptied of a previous run's files
     multiprocess_metrics.enable(settings.data_dir, clean=settings.embedded_worker)
@@ -92,6 +110,7 @@ def worker(
     from node import multiprocess_metrics
 
     settings = _settings(config)
+    _check_model_server(settings)
     multiprocess_metrics.enable(settings.data_dir, clean=False)  # before any metric is created
     from node import context
     from node.celery_app import configure_celery

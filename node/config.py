@@ -295,6 +295,25 @@ class VLMSettings(BaseModel):
     #: (MedGemma: 85, as it was trained; the others: 8)
     slices_per_series: int | None = Field(default=None, ge=1, le=85)
     name: str | None = None
+    #: an OpenAI-compatible model server (vLLM, SGLang, LMDeploy, ``transformers serve``):
+    #: with it set, workers send the prepared images there instead of loading ``path``
+    server: str | None = Field(default=None, pattern=r"^https?://")
+    #: the model name the server serves (one of its ``/v1/models``); required with ``server``
+    model: str | None = Field(default=None, min_length=1)
+    #: per request to the server; a timeout makes the job retry
+    server_timeout_s: float = Field(default=300.0, gt=0)
+    #: model input side; None: what the processor says (in-process), the family's default (server)
+    image_size: int | None = Field(default=None, ge=16)
+
+    @model_validator(mode="after")
+    def _server_and_model(self) -> VLMSettings:
+        if self.server is not None and self.model is None:
+            raise ValueError("models.vlm.model: needed with models.vlm.server (a name the server "
+                             "lists at /v1/models)")
+        if self.model is not None and self.server is None:
+            raise ValueError("models.vlm.server: models.vlm.model names a model on a server; "
+                             "set models.vlm.server to its URL, or remove models.vlm.model")
+        return self
 
 
 class TLSSettings(BaseModel):
@@ -431,10 +450,15 @@ class Settings(BaseSettings):
                 base["family"] = self.vlm_family
             vlm = VLMSettings(**base)
             self.models = ModelsSettings(vlm=vlm)
-        if vlm is not None and (vlm.path is None or not vlm.family):
+        if vlm is not None and not vlm.family:
             raise ValueError(
-                "models.vlm: a model needs both path and family "
-                "(models.vlm.path/.family, or MEDNODE_VLM_PATH and MEDNODE_VLM_FAMILY)"
+                "models.vlm.family: a model needs its family "
+                "(models.vlm.family, or MEDNODE_VLM_FAMILY)"
+            )
+        if vlm is not None and vlm.path is None and vlm.server is None:
+            raise ValueError(
+                "models.vlm: a model needs a path (models.vlm.path or MEDNODE_VLM_PATH), "
+                "or a server (models.vlm.server and models.vlm.model)"
             )
         return self
 

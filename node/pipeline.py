@@ -30,7 +30,12 @@ from dicom_io.sr_common import InstanceReference, versioned_description
 from dicom_io.uids import derived_uid
 from dicom_io.volume import Volume, load_volume, read_dataset
 from inference.builtin.ct_analyzer import ANALYZER_NAME, ANALYZER_VERSION, analyze_ct
-from inference.errors import InferenceError, InvalidInputError, ModelNotConfiguredError
+from inference.errors import (
+    InferenceError,
+    InvalidInputError,
+    ModelNotConfiguredError,
+    ModelServerUnavailableError,
+)
 from inference.monai_bundle import MonaiBundle
 from node import jobs, metrics
 from node.config import plan_tasks
@@ -340,6 +345,15 @@ class _Lease:
 
 
 # -- entry points ---------------------------------------------------------------------------------
+def _retry_or_give_up(ctx: NodeContext, job: jobs.ClaimedJob, exc: Exception) -> list[int]:
+    """Put the job back for a retry and raise :class:`TransientError`, or fail it after its last attempt."""
+    if job.attempt >= ctx.settings.job_max_attempts:
+        jobs.fail_job(ctx.sessions, job.id, f"gave up after {job.attempt} attempts: {type(exc).__name__}: {exc}")
+        return []
+    jobs.release_for_retry(ctx.sessions, job.id, f"{type(exc).__name__}: {exc}")
+    raise TransientError(str(exc)) from exc
+
+
 def run_job(ctx: NodeContext, job_id: int) -> list[int]:
     """Run job ``job_id`` if it is there to run; return the ids of deliveries to enqueue.
 
@@ -368,15 +382,13 @@ def run_job(ctx: NodeContext, job_id: int) -> list[int]:
         with _Lease(ctx, job.id, ctx.settings.job_lease_s):
             outputs = run_tasks(ctx, job)
             results = store_outputs(ctx, job.id, outputs)
+    except ModelServerUnavailableError as exc:  # before InferenceError: down or slow is worth a retry
+        return _retry_or_give_up(ctx, job, exc)
     except (InferenceError, DicomIOError, ValueError, KeyError) as exc:
         jobs.fail_job(ctx.sessions, job.id, failure_reason(exc))
         return []
     except (OperationalError, StorageError, OSError) as exc:
-        if job.attempt >= ctx.settings.job_max_attempts:
-            jobs.fail_job(ctx.sessions, job.id, f"gave up after {job.attempt} attempts: {type(exc).__name__}: {exc}")
-            return []
-        jobs.release_for_retry(ctx.sessions, job.id, f"{type(exc).__name__}: {exc}")
-        raise TransientError(str(exc)) from exc
+        return _retry_or_give_up(ctx, job, exc)
     except Exception as exc:  # noqa: BLE001 (boundary: record why, never leave the job running)
         # the stack, without the message (it may quote an attribute value); the reason has it redacted
         log.error("job %d failed with %s:\n%s", job.id, type(exc).__name__,

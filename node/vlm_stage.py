@@ -25,7 +25,7 @@ from dicom_io.slice_stack import SliceRef, number_of_frames, read_frame
 from dicom_io.sr_common import InstanceReference, clean_text
 from dicom_io.uids import derived_uid
 from dicom_io.volume import read_dataset
-from inference.errors import InvalidInputError, ModelNotConfiguredError
+from inference.errors import InvalidInputError, ModelNotConfiguredError, ModelServerUnavailableError
 from inference.geometry import PreparedImage
 from inference.results import (
     AnswerResult,
@@ -41,6 +41,7 @@ from inference.tasks import TaskSpec
 from inference.vlm import VLMConfig, get_vlm
 from inference.vlm.loader import loaded_models
 from inference.vlm.runtime import VLM
+from inference.vlm.server import ServerConfig, ServerVLM
 from inference.vlm.volume_recipe import prepare_volume, slice_window
 from node import jobs, metrics
 from node.config import VLMSettings
@@ -87,17 +88,65 @@ def vlm_config(settings: VLMSettings) -> VLMConfig:
         trust_remote_code=settings.trust_remote_code,
         max_new_tokens=settings.max_new_tokens,
         batch_size=settings.batch_size,
+        image_size=settings.image_size,
         name=settings.name,
     )
 
 
+#: One client per (server settings) in a process, like the warm in-process model.
+_SERVER_CLIENTS: dict[ServerConfig, ServerVLM] = {}
+
+
+def server_config(settings: VLMSettings) -> ServerConfig:
+    if settings.server is None or settings.model is None or settings.family is None:
+        raise ModelNotConfiguredError("models.vlm needs server, model and family for the server path")
+    return ServerConfig(server=settings.server, model=settings.model, family=settings.family,
+                        max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
+                        image_size=settings.image_size, name=settings.name,
+                        timeout_s=settings.server_timeout_s)
+
+
+def server_model(settings: VLMSettings) -> ServerVLM:
+    """The process-wide client of the model server that ``settings.server`` names; the model
+    name is checked against the server's list on first use."""
+    cfg = server_config(settings)
+    if cfg not in _SERVER_CLIENTS:
+        _SERVER_CLIENTS[cfg] = ServerVLM(cfg)
+        log.info("vlm: using model %s on server %s", cfg.model, cfg.server)
+    return _SERVER_CLIENTS[cfg]
+
+
+def check_server_at_start(settings: VLMSettings | None) -> str | None:
+    """At start-up, ask the model server (``models.vlm.server``) whether it serves ``models.vlm.model``.
+
+    Returns a warning when the server does not answer (jobs wait and retry until it does), None
+    when all is well or no server is configured.
+
+    Raises
+    ------
+    ModelNotConfiguredError
+        The server answers but does not serve the model (the message names models.vlm.model
+        and the models it lists).
+    """
+    if settings is None or settings.server is None:
+        return None
+    try:
+        server_model(settings).check_model()
+    except ModelServerUnavailableError as exc:
+        return f"{exc}; jobs that need it wait and retry until it answers"
+    return None
+
+
 def load_model(settings: VLMSettings | None) -> VLM:
-    """The process-wide warm model for ``settings`` (loaded on first use, then reused)."""
+    """The process-wide warm model for ``settings`` (loaded on first use, then reused); with
+    ``models.vlm.server`` set, a client of that server instead."""
     if settings is None:
         raise ModelNotConfiguredError(
             "this rule asks for vision-language tasks but no model is configured "
             "(set models.vlm in the config, or MEDNODE_VLM_PATH and MEDNODE_VLM_FAMILY)"
         )
+    if settings.server is not None:
+        return server_model(settings)
     started = time.perf_counter()
     loaded_before = len(loaded_models())
     vlm = get_vlm(vlm_config(settings))

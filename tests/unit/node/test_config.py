@@ -219,3 +219,23 @@ def test_keyword_overrides_win_over_environment(monkeypatch: pytest.MonkeyPatch,
                                                 settings_for: Callable[..., Settings]) -> None:
     monkeypatch.setenv("MEDNODE_DICOM_PORT", "2000")
     assert settings_for(dicom_port=3000).dicom_port == 3000
+
+
+def test_vlm_on_a_server_needs_no_path(tmp_path: Path) -> None:
+    path = _yaml(tmp_path, "models:\n  vlm: {server: 'http://127.0.0.1:8000', model: medgemma-4b, "
+                           "family: medgemma}\n")
+    vlm = load_settings(path).models.vlm
+    assert vlm is not None and vlm.path is None
+    assert (vlm.server, vlm.model, vlm.family) == ("http://127.0.0.1:8000", "medgemma-4b", "medgemma")
+
+
+@pytest.mark.parametrize(("vlm", "key"), [
+    ("{server: 'http://127.0.0.1:8000', family: medgemma}", "models.vlm.model"),
+    ("{model: medgemma-4b, family: medgemma, path: /m}", "models.vlm.server"),
+    ("{server: 'http://127.0.0.1:8000', model: m}", "models.vlm.family"),
+    ("{family: medgemma}", "models.vlm"),
+    ("{server: '127.0.0.1:8000', model: m, family: medgemma}", "server"),
+])
+def test_vlm_server_settings_are_checked_with_the_key(tmp_path: Path, vlm: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_settings(_yaml(tmp_path, f"models:\n  vlm: {vlm}\n"))

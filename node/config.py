@@ -15,6 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -50,6 +51,25 @@ def _check_ae_title(value: str) -> str:
 
 
 AETitle = Annotated[str, BeforeValidator(_check_ae_title)]
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _check_pattern(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from exc
+    return value
+
+
+#: accepted values of a coded attribute; one string is a list of one
+Values = Annotated[list[str] | None, BeforeValidator(_as_list)]
+#: a regular expression matched case-insensitively against a whole text value
+Pattern = Annotated[str | None, AfterValidator(_check_pattern)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
@@ -143,28 +163,13 @@ class RuleMatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    modality: list[str] | None = None
-    body_part_examined: str | None = None
-    sop_class_uid: list[str] | None = None
-    study_description: str | None = None
-    series_description: str | None = None
-    calling_ae_title: list[str] | None = None
-    called_ae_title: list[str] | None = None
-
-    @field_validator("modality", "sop_class_uid", "calling_ae_title", "called_ae_title", mode="before")
-    @classmethod
-    def _listify(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("body_part_examined", "study_description", "series_description")
-    @classmethod
-    def _compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from exc
-        return value
+    modality: Values = None
+    body_part_examined: Pattern = None
+    sop_class_uid: Values = None
+    study_description: Pattern = None
+    series_description: Pattern = None
+    calling_ae_title: Values = None
+    called_ae_title: Values = None
 
 
 class SeriesPattern(BaseModel):
@@ -176,25 +181,10 @@ class SeriesPattern(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    modality: list[str] | None = None
-    body_part_examined: str | None = None
-    series_description: str | None = None
-    sop_class_uid: list[str] | None = None
-
-    @field_validator("modality", "sop_class_uid", mode="before")
-    @classmethod
-    def _listify(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("body_part_examined", "series_description")
-    @classmethod
-    def _compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from exc
-        return value
+    modality: Values = None
+    body_part_examined: Pattern = None
+    series_description: Pattern = None
+    sop_class_uid: Values = None
 
     @model_validator(mode="after")
     def _not_empty(self) -> SeriesPattern:

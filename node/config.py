@@ -238,7 +238,8 @@ class RulePriors(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    count: int = Field(default=1, ge=1, le=4)
+    #: prior studies compared; one today (the prompt forms set one prior beside the current study)
+    count: int = Field(default=1, ge=1, le=1)
     #: only studies holding a series of the current study's modality
     same_modality: bool = True
     #: only studies holding a series of the current study's Body Part Examined (when it has one)

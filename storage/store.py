@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -439,7 +440,12 @@ class InstanceStore:
 
     def remove_area(self, relative_dir: str) -> None:
         """Delete a folder of the store (e.g. a job's :meth:`prior_area`) and what it holds."""
+        self._forget_dirs(self.absolute(relative_dir))
         shutil.rmtree(self.absolute(relative_dir), ignore_errors=True)
+
+    def _forget_dirs(self, removed: Path) -> None:
+        """Folders under ``removed`` must be made again by the next write there."""
+        self._known_dirs = {d for d in self._known_dirs if not d.is_relative_to(removed)}
 
     def purge_priors(self, older_than_s: float, *, now: float | None = None) -> int:
         """Delete prior-study folders not touched for ``older_than_s``; return how many."""
@@ -450,6 +456,7 @@ class InstanceStore:
         removed = 0
         for entry in os.scandir(priors):
             if entry.is_dir() and entry.stat().st_mtime < cutoff:
+                self._forget_dirs(Path(entry.path).resolve())
                 shutil.rmtree(entry.path, ignore_errors=True)
                 removed += 1
         if removed:

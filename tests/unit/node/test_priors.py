@@ -131,3 +131,13 @@ def test_prior_copies_are_outside_the_instance_tree_and_purged(tmp_path: Path) -
     store.write(f"{area}/1.2.3.dcm", b"x")
     store.remove_area(area)
     assert not (tmp_path / "store" / area).exists()
+
+
+def test_example_config_has_a_prior_aware_chest_rule_when_a_model_is_configured() -> None:
+    example = Path(__file__).resolve().parents[3] / "mednode.example.yaml"
+    without = load_settings(example)
+    assert all(r.priors is None for r in without.effective_rules)
+    chest = next(r for r in load_settings(example, vlm_path="/models/m", vlm_family="medgemma").effective_rules
+                 if r.name == "chest-xray")
+    assert chest.requires_model == "vlm" and chest.priors is not None
+    assert (chest.priors.source, chest.priors.max_age_days, chest.priors.on_unavailable) == ("pacs", 730, "continue")

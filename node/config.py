@@ -324,12 +324,23 @@ class VLMSettings(BaseModel):
     server_timeout_s: float = Field(default=300.0, gt=0)
     #: model input side; None: what the processor says (in-process), the family's default (server)
     image_size: int | None = Field(default=None, ge=16)
+    #: the server is outside the hospital: what is sent is de-identified first (images that may
+    #: carry burned-in text refused or masked, identifiers removed from prompt text) and each
+    #: request is written to the audit trail
+    remote: bool = False
+    #: with ``remote``: an image that may carry burned-in text (US, SC, Burned In Annotation YES)
+    #: fails the job (``refuse``), or, for ultrasound with its Sequence of Ultrasound Regions,
+    #: goes masked to those regions (``mask``; images without regions are still refused)
+    burned_in_text: Literal["refuse", "mask"] = "refuse"
 
     @model_validator(mode="after")
     def _server_and_model(self) -> VLMSettings:
         if self.server is not None and self.model is None:
             raise ValueError("models.vlm.model: needed with models.vlm.server (a name the server "
                              "lists at /v1/models)")
+        if self.remote and self.server is None:
+            raise ValueError("models.vlm.remote: applies to a model server; set models.vlm.server, "
+                             "or remove remote (an in-process model sends nothing anywhere)")
         if self.model is not None and self.server is None:
             raise ValueError("models.vlm.server: models.vlm.model names a model on a server; "
                              "set models.vlm.server to its URL, or remove models.vlm.model")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -19,6 +19,14 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
+from dicom_io.deidentify import (
+    BurnedInPolicy,
+    burned_in_text_reason,
+    identifying_values,
+    mask_outside,
+    scrub_text,
+    ultrasound_regions,
+)
 from dicom_io.equipment import AlgorithmInfo
 from dicom_io.narrative_report import Comparison, build_narrative_report
 from dicom_io.regions import ImageLabel, ImageRegion, build_region_report, viewer_geometry_problem
@@ -188,8 +196,12 @@ def _is_volume(datasets: list[Dataset]) -> bool:
     return len(datasets) > 1 or number_of_frames(first) > 1
 
 
+PixelFilter = Callable[[Dataset, np.ndarray], np.ndarray]
+
+
 def prepare_images(
-    vlm: VLM, series: dict[str, list[Dataset]], *, slices_per_series: int | None = None
+    vlm: VLM, series: dict[str, list[Dataset]], *, slices_per_series: int | None = None,
+    pixel_filter: PixelFilter | None = None,
 ) -> tuple[list[PreparedImage], list[SourceFrame]]:
     """Prepare the images of a study for the model, keeping where each came from.
 
@@ -220,6 +232,8 @@ def prepare_images(
                 continue
             frames = number_of_frames(ds)
             pixels = read_frame(ds, 0 if frames > 1 else None)
+            if pixel_filter is not None:
+                pixels = pixel_filter(ds, np.asarray(pixels))
             photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
             if photometric.startswith("MONOCHROME"):
                 pixels = apply_modality_lut(pixels, ds)
@@ -366,10 +380,57 @@ def prompt_layout(content: list[dict[str, object]], image_roles: dict[int, str])
             else f"text:{part['text']}" for part in content]
 
 
+def screen_for_remote(series: dict[str, list[Dataset]], policy: BurnedInPolicy) -> set[str]:
+    """Check the images bound for a remote model server for burned-in text.
+
+    Returns the SOP Instance UIDs to send masked to their ultrasound regions (``policy`` mask).
+
+    Raises
+    ------
+    InvalidInputError
+        For an image that may carry burned-in text and cannot be masked (or ``policy`` refuse).
+    """
+    masked: set[str] = set()
+    for datasets in series.values():
+        for ds in datasets:
+            reason = burned_in_text_reason(ds)
+            if reason is None:
+                continue
+            if policy == "mask" and ultrasound_regions(ds) and not _is_volume(datasets):
+                masked.add(str(ds.SOPInstanceUID))
+                continue
+            advice = ("set models.vlm.burned_in_text: mask to send ultrasound masked to its image regions"
+                      if policy == "refuse" else "it states no ultrasound regions to mask it to")
+            raise InvalidInputError(f"instance {ds.SOPInstanceUID} is not sent to the remote model server: "
+                                    f"{reason}; {advice}")
+    return masked
+
+
+def mask_filter(masked: set[str]) -> PixelFilter:
+    """Pixels of the instances in ``masked`` with everything outside their ultrasound regions black."""
+    def apply(ds: Dataset, pixels: np.ndarray) -> np.ndarray:
+        return mask_outside(pixels, ultrasound_regions(ds)) if str(ds.SOPInstanceUID) in masked else pixels
+    return apply
+
+
+def priors_for_remote(priors: PriorInput, series: dict[str, list[Dataset]]) -> tuple[PriorInput, int, int]:
+    """The prior as a remote server may see it: images that may carry burned-in text left out,
+    identifiers of both studies removed from the report. Returns it, the images left out and the
+    number of identifiers removed."""
+    kept = tuple(ds for ds in priors.datasets if burned_in_text_reason(ds) is None)
+    report, removed = priors.report, 0
+    if report:
+        values = identifying_values([*(ds for d in series.values() for ds in d), *priors.datasets])
+        report, removed = scrub_text(report, values)
+    return (PriorInput(kept, priors.study_date if kept else priors.study_date, report, priors.reason),
+            len(priors.datasets) - len(kept), removed)
+
+
 def prepare_prior(vlm: VLM, priors: PriorInput, *, slices_per_series: int | None) -> PriorStudy | None:
     """The prior study as the prompt shows it (its images prepared like the current ones)."""
     if not priors.datasets:
-        return None
+        return None if not priors.report else PriorStudy((), priors.study_date.isoformat()
+                                                          if priors.study_date else None, priors.report)
     images, _ = prepare_images(vlm, {"prior": list(priors.datasets)}, slices_per_series=slices_per_series)
     return PriorStudy(tuple(images), priors.study_date.isoformat() if priors.study_date else None,
                       priors.report)
@@ -378,17 +439,35 @@ def prepare_prior(vlm: VLM, priors: PriorInput, *, slices_per_series: int | None
 def run_vlm_tasks(
     settings: VLMSettings | None, series: dict[str, list[Dataset]], specs: list[TaskSpec], *, job_key: str,
     amendment: jobs.Amendment | None = None, priors: PriorInput | None = None,
+    audit_send: Callable[[str], None] | None = None,
 ) -> list[VLMOutput]:
     """Load (or reuse) the model, run ``specs`` on the study's images, write the SR objects.
 
     With ``priors`` (a rule with ``priors``), the prior study goes into the prompts of whole-study
     tasks as the family reads comparisons, the narrative SRs say what was compared, and their
     summaries record the prompt layout of the first such task (``comparison.prompt``).
+
+    With a remote model server (``models.vlm.remote``), what leaves is de-identified first
+    (:func:`screen_for_remote`, :func:`priors_for_remote`) and ``audit_send`` is called, before
+    the first request, with what goes where (counts and the server, never patient data).
     """
     vlm = load_model(settings)
     assert settings is not None  # load_model raised otherwise
-    images, sources = prepare_images(vlm, series, slices_per_series=settings.slices_per_series)
+    remote = settings.server is not None and settings.remote
+    pixel_filter, masked, dropped, redacted = None, set(), 0, 0
+    if remote:
+        masked = screen_for_remote(series, settings.burned_in_text)
+        pixel_filter = mask_filter(masked) if masked else None
+        if priors is not None:
+            priors, dropped, redacted = priors_for_remote(priors, series)
+    images, sources = prepare_images(vlm, series, slices_per_series=settings.slices_per_series,
+                                     pixel_filter=pixel_filter)
     prior = prepare_prior(vlm, priors, slices_per_series=settings.slices_per_series) if priors else None
+    if remote and audit_send is not None:
+        audit_send(f"{len(images)} image(s) ({len(masked)} masked to ultrasound regions), "
+                   f"{len(prior.images) if prior else 0} prior image(s) ({dropped} left out: burned-in text), "
+                   f"{redacted} identifier(s) removed from prompt text, tasks "
+                   f"{','.join(dict.fromkeys(s.kind for s in specs))} -> {settings.server} ({settings.model})")
     log.info("vlm input: %d image(s), %d of them volume slices, %d prior image(s)", len(images),
              sum(1 for image in images if image.volume_modality), len(prior.images) if prior else 0)
     started = time.perf_counter()

@@ -91,7 +91,7 @@ def _values(ds: Dataset) -> Iterable[str]:
             text = str(item).strip()
             if not text:
                 continue
-            if keyword.endswith("Name") or keyword.endswith("Names"):
+            if keyword.endswith(("Name", "Names")):
                 # a person name: each component (family, given…) on its own, and the whole
                 yield from (p for p in re.split(r"[\^=]", text) if p.strip())
             if keyword == "PatientBirthDate" and len(text) == 8 and text.isdigit():

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -107,18 +107,36 @@ def _accepted(assoc: Association, *models: str) -> str | None:
     return next((m for m in models if m in accepted), None)
 
 
+class _Receiver:
+    """Where C-GET's C-STORE sub-operations land: the peer's bytes, as sent, in the priors area."""
+
+    def __init__(self, store: InstanceStore, area: str) -> None:
+        self.store, self.area = store, area
+        self.received: list[str] = []
+
+    def on_store(self, event: Event) -> int:
+        try:
+            sop_uid = check_uid(str(event.request.AffectedSOPInstanceUID))
+            relative = f"{self.area}/{sop_uid}.dcm"
+            self.store.write(relative, event.encoded_dataset())
+        except Exception as exc:  # noqa: BLE001 (a handler never raises: answer a status instead)
+            log.warning("priors: a retrieved instance could not be kept (%s)", type(exc).__name__)
+            return 0xA700
+        self.received.append(relative)
+        return 0x0000
+
+
 class _Session:
     """One association to the PACS: queries and retrievals, each failure a PriorsUnavailableError."""
 
-    def __init__(self, assoc: Association, source: Destination, store: InstanceStore, area: str) -> None:
-        self.assoc, self.source, self.store, self.area = assoc, source, store, area
+    def __init__(self, assoc: Association, source: Destination, receiver: _Receiver) -> None:
+        self.assoc, self.source, self.receiver = assoc, source, receiver
         study_root = _accepted(assoc, str(StudyRootQueryRetrieveInformationModelFind))
         self.find_model = study_root or _accepted(assoc, str(PatientRootQueryRetrieveInformationModelFind))
         self.get_model = _accepted(assoc, str(StudyRootQueryRetrieveInformationModelGet)) if study_root \
             else _accepted(assoc, str(PatientRootQueryRetrieveInformationModelGet))
         if self.find_model is None:
             raise PriorsUnavailableError(f"{source} accepts no C-FIND information model (Study or Patient Root)")
-        self.received: list[str] = []
 
     def find(self, identifier: Dataset) -> list[Dataset]:
         answers = []
@@ -132,18 +150,6 @@ class _Session:
                     f"{'no answer (timeout or abort)' if code < 0 else f'status 0x{code:04X}'}")
         return answers
 
-    def on_store(self, event: Event) -> int:
-        """C-STORE sub-operation of a C-GET: keep the peer's bytes in the priors area."""
-        try:
-            sop_uid = check_uid(str(event.request.AffectedSOPInstanceUID))
-            relative = f"{self.area}/{sop_uid}.dcm"
-            self.store.write(relative, event.encoded_dataset())
-        except Exception:  # noqa: BLE001 (a handler never raises: answer a status instead)
-            log.exception("priors: could not keep a retrieved instance")
-            return 0xA700
-        self.received.append(relative)
-        return 0x0000
-
     def get_series(self, study_uid: str, series_uid: str, patient_id: str) -> list[str]:
         if self.get_model is None:
             raise PriorsUnavailableError(f"{self.source} accepts no C-GET information model")
@@ -153,14 +159,15 @@ class _Session:
             identifier.PatientID = patient_id
         identifier.StudyInstanceUID = study_uid
         identifier.SeriesInstanceUID = series_uid
-        before = len(self.received)
+        received = self.receiver.received
+        before = len(received)
         final = None
         for status, _ in self.assoc.send_c_get(identifier, self.get_model):
             final = int(getattr(status, "Status", -1)) if status else -1
-        if final is None or final < 0 or (final not in (0x0000, 0xB000) and len(self.received) == before):
+        if final is None or final < 0 or (final not in (0x0000, 0xB000) and len(received) == before):
             raise PriorsUnavailableError(f"C-GET of a prior series from {self.source} ended with "
                                          f"{'no answer (timeout or abort)' if not final or final < 0 else f'status 0x{final:04X}'}")
-        return self.received[before:]
+        return received[before:]
 
 
 def _study_query(current: CurrentStudy, rule: RulePriors) -> Dataset:
@@ -258,13 +265,14 @@ def fetch_priors(
     """
     ae, roles = _ae(source.calling_ae_title or calling_ae_title, rule.timeout_s, storage_classes)
     tls_args = (client_context(source.tls), source.tls.server_hostname or source.host) if source.tls else None
+    receiver = _Receiver(store, area)
     assoc = ae.associate(source.host, source.port, ae_title=source.ae_title, ext_neg=roles, tls_args=tls_args,
-                         evt_handlers=[(evt.EVT_C_STORE, lambda event: session.on_store(event))])
+                         evt_handlers=[(evt.EVT_C_STORE, receiver.on_store)])
     if not assoc.is_established:
         how = "rejected" if assoc.is_rejected else "not established (down, unreachable or too slow?)"
         raise PriorsUnavailableError(f"association with {source} for prior studies {how}")
     try:
-        session = _Session(assoc, source, store, area)
+        session = _Session(assoc, source, receiver)
         patient_root = session.find_model == str(PatientRootQueryRetrieveInformationModelFind)
         studies = [m for m in map(_study_match, session.find(_study_query(current, rule))) if m]
         candidates = candidate_studies(current, studies, rule)[:MAX_CANDIDATES]

@@ -93,9 +93,9 @@ def candidate_studies(current: CurrentStudy, studies: Iterable[StudyMatch], rule
             continue
         if current.study_date is not None and study.study_date is not None and study.study_date > current.study_date:
             continue
-        if rule.max_age_days is not None and current.study_date is not None:
-            if study.study_date is None or (current.study_date - study.study_date).days > rule.max_age_days:
-                continue
+        if rule.max_age_days is not None and current.study_date is not None and (
+                study.study_date is None or (current.study_date - study.study_date).days > rule.max_age_days):
+            continue
         if rule.same_modality and current.modality and study.modalities_in_study \
                 and current.modality.upper() not in {m.upper() for m in study.modalities_in_study}:
             continue

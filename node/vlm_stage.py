@@ -422,7 +422,7 @@ def priors_for_remote(priors: PriorInput, series: dict[str, list[Dataset]]) -> t
     if report:
         values = identifying_values([*(ds for d in series.values() for ds in d), *priors.datasets])
         report, removed = scrub_text(report, values)
-    return (PriorInput(kept, priors.study_date if kept else priors.study_date, report, priors.reason),
+    return (PriorInput(kept, priors.study_date, report, priors.reason),
             len(priors.datasets) - len(kept), removed)
 
 

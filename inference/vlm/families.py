@@ -27,9 +27,9 @@ from types import MappingProxyType
 from inference.boxes import BoxFormat, format_box
 from inference.errors import InvalidInputError
 from inference.geometry import ImageTransform, PrepareMode
-from inference.vlm.comparison import ComparisonMode
 from inference.results import Box
 from inference.tasks import TaskKind, TaskSpec
+from inference.vlm.comparison import ComparisonMode
 
 #: Default wording per language. ``{question}``, ``{label}``, ``{phrase}`` and ``{region}`` are
 #: filled in per item. Families override entries in ``Family.prompts``.

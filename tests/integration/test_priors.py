@@ -129,7 +129,7 @@ def test_prior_study_from_the_pacs_goes_into_the_prompt_and_the_sr(
     prior = radiograph(source, tmp_path / "pacs" / "prior.dcm", patient_id="PAT-P1", study_date="20240115",
                        description="CHEST")
     prior_sr = prior_report(prior, tmp_path / "pacs" / "prior_sr.dcm")
-    old = radiograph(source, tmp_path / "pacs" / "old.dcm", patient_id="PAT-P1", study_date="20200301",
+    radiograph(source, tmp_path / "pacs" / "old.dcm", patient_id="PAT-P1", study_date="20200301",
                      description="CHEST")
     for name in ("prior.dcm", "prior_sr.dcm", "old.dcm"):
         pacs.upload(tmp_path / "pacs" / name)

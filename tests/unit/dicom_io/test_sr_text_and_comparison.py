@@ -64,7 +64,7 @@ def test_comparison_names_the_prior_and_references_it(radiograph: Dataset, algor
     sr = _build([radiograph], algorithm, Comparison((prior,), date(2024, 1, 15)))
     validate(to_bytes(sr))
     back = hd.sr.srread(BytesIO(to_bytes(sr)))
-    section = [i for i in back.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "18834-2"][0]
+    section = next(i for i in back.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "18834-2")
     assert section.ConceptNameCodeSequence[0].CodingSchemeDesignator == "LN"
     assert section.ContentSequence[0].TextValue == "Compared with the prior study of 2024-01-15 (DX)."
     image = section.ContentSequence[1]

@@ -6,12 +6,20 @@ section (LN 59776-5) with TEXT DCM 121071 "Finding" and an Impressions section
 (LN 19005-8) with TEXT DCM 121073 "Impression". Visual question answering has no
 standard codes: it is a section in the private 99MEDNODE scheme, declared in the
 Coding Scheme Identification Sequence.
+
+A report written with a prior study open has a Comparison section (LN 18834-2, the heading IHE
+MRRT report templates use): a TEXT "Procedure Description" naming the prior's date, and an IMAGE
+"Baseline" (DCM 121079, CID 7003) per prior image the model saw. The prior images are also
+evidence: highdicom lists instances of another study in the Pertinent Other Evidence Sequence
+(PS3.3 C.17.2), so the SR's references name the prior study. Without a prior the section says so.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -44,6 +52,38 @@ QUESTIONS_AND_ANSWERS = hd.sr.CodedConcept("vqa", MEDNODE_CODING_SCHEME, "Questi
 QUESTION_AND_ANSWER = hd.sr.CodedConcept("vqa-pair", MEDNODE_CODING_SCHEME, "Question and answer")
 QUESTION = hd.sr.CodedConcept("question", MEDNODE_CODING_SCHEME, "Question")
 ANSWER = hd.sr.CodedConcept("answer", MEDNODE_CODING_SCHEME, "Answer")
+COMPARISON_SECTION = hd.sr.CodedConcept("18834-2", "LN", "Comparison")
+PROCEDURE_DESCRIPTION = hd.sr.CodedConcept("121065", "DCM", "Procedure Description")
+BASELINE = hd.sr.CodedConcept("121079", "DCM", "Baseline")
+#: The Comparison text when no prior study was compared
+NO_PRIOR = "No prior study available."
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What a report was compared with: the prior study's images the model saw, or nothing.
+
+    Attributes
+    ----------
+    prior_images
+        Headers of the prior images (one study); empty when no prior study was available.
+    study_date
+        The prior study's date, named in the Comparison text.
+    reason
+        Why there is no prior (e.g. "the PACS did not answer"), added to :data:`NO_PRIOR`.
+    """
+
+    prior_images: tuple[Dataset, ...] = ()
+    study_date: date | None = None
+    reason: str | None = None
+
+    def text(self) -> str:
+        """The Comparison section's sentence."""
+        if not self.prior_images:
+            return NO_PRIOR if not self.reason else f"{NO_PRIOR[:-1]} ({self.reason})."
+        when = self.study_date.isoformat() if self.study_date else "unknown date"
+        modality = str(self.prior_images[0].get("Modality", "") or "").strip()
+        return f"Compared with the prior study of {when}{f' ({modality})' if modality else ''}."
 
 _CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS
 
@@ -73,6 +113,7 @@ def build_narrative_report(
     algorithm: AlgorithmInfo,
     previous_versions: Sequence[InstanceReference] = (),
     version: int | None = None,
+    comparison: Comparison | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """Build a Comprehensive SR holding a model's narrative report.
 
@@ -99,6 +140,10 @@ def build_narrative_report(
     version
         Result version shown in the Series Description (``"… v2"``); ``None`` for a first
         version, which keeps the plain description.
+    comparison
+        The prior study compared (a Comparison section and Pertinent Other Evidence), or a
+        :class:`Comparison` without images for "No prior study available"; ``None`` for a rule
+        that does not compare (no section).
 
     Returns
     -------
@@ -110,7 +155,8 @@ def build_narrative_report(
     ------
     ValueError
         If there is no source, the sources span studies, ``findings`` is blank,
-        ``language`` is not an RFC 5646 tag, or a question or answer is blank.
+        ``language`` is not an RFC 5646 tag, a question or answer is blank, or the prior images
+        span studies or belong to the current study.
     """
     sources = list(source_datasets)
     if not sources:
@@ -123,6 +169,10 @@ def build_narrative_report(
     for question, answer in questions_answers:
         if not clean_text(question).strip() or not clean_text(answer).strip():
             raise ValueError("every question-answer pair needs a non-blank question and answer.")
+    priors = list(comparison.prior_images) if comparison else []
+    prior_studies = {str(ds.StudyInstanceUID) for ds in priors}
+    if len(prior_studies) > 1 or prior_studies & studies:
+        raise ValueError("the prior images must all belong to one study other than the report's.")
 
     items: list[hd.sr.ContentItem] = [
         hd.sr.CodeContentItem(
@@ -140,6 +190,13 @@ def build_narrative_report(
     ]
     if impression and impression.strip():
         items.append(_section(IMPRESSIONS_SECTION, [_text(IMPRESSION, impression)]))
+    if comparison is not None:
+        items.append(_section(COMPARISON_SECTION, [
+            _text(PROCEDURE_DESCRIPTION, comparison.text()),
+            *(hd.sr.ImageContentItem(name=BASELINE, referenced_sop_class_uid=str(ds.SOPClassUID),
+                                     referenced_sop_instance_uid=str(ds.SOPInstanceUID),
+                                     relationship_type=_CONTAINS) for ds in priors),
+        ]))
     if questions_answers:
         pairs = [
             _section(QUESTION_AND_ANSWER, [_text(QUESTION, question), _text(ANSWER, answer)])
@@ -152,7 +209,7 @@ def build_narrative_report(
 
     texts = [findings, impression or "", *(t for pair in questions_answers for t in pair)]
     sr = mednode_sr(
-        evidence=sources,
+        evidence=[*sources, *priors],
         content=root,
         series_instance_uid=series_instance_uid,
         sop_instance_uid=sop_instance_uid,

@@ -13,6 +13,8 @@ viewed     someone saw a study's patient-derived fields      the user (``token``
 viewed     key-image PNGs of a job were drawn for someone    the same
 images
 downloaded a result's DICOM file was downloaded              the same
+sent to    a job's de-identified input left for a remote model   ``mednode``
+model      server (counts, masked/left out, the server)
 login      failed logins locked an address or user name out  ``web:<client address>``
 locked
 retry …    manual actions (:mod:`node.web.actions`)          the user
@@ -43,6 +45,8 @@ SENT = "sent"
 VIEWED = "viewed"
 VIEWED_IMAGES = "viewed images"
 DOWNLOADED = "downloaded"
+#: a job's de-identified images and prompts left for a remote model server (``models.vlm.remote``)
+SENT_TO_MODEL = "sent to model"
 LOGIN_LOCKED = "login locked"
 #: The actor of what the node does by itself (deliveries).
 SYSTEM_ACTOR = "mednode"

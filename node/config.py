@@ -225,6 +225,34 @@ class RuleCompletion(BaseModel):
         return self
 
 
+class RulePriors(BaseModel):
+    """The patient's prior studies a rule's job compares with, fetched from a PACS.
+
+    The job queries ``source`` (a name in ``destinations`` or ``AET@host:port``) by C-FIND for the
+    patient's earlier studies, keeps at most ``count`` (newest first) that satisfy the conditions,
+    retrieves their images by C-GET and reads a prior report (an SR of the prior study) when the
+    PACS holds one. Each DIMSE exchange waits at most ``timeout_s``; a PACS that does not answer
+    in time makes the job go on without a prior (``on_unavailable: continue``, the SR says so) or
+    retry later (``retry``, up to ``job_max_attempts``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: prior studies compared; one today (the prompt forms set one prior beside the current study)
+    count: int = Field(default=1, ge=1, le=1)
+    #: only studies holding a series of the current study's modality
+    same_modality: bool = True
+    #: only studies holding a series of the current study's Body Part Examined (when it has one)
+    same_body_part: bool = True
+    #: only studies at most this old relative to the current study's date; None: any age
+    max_age_days: float | None = Field(default=730, gt=0)
+    source: str = Field(min_length=1)
+    on_unavailable: Literal["continue", "retry"] = "continue"
+    timeout_s: float = Field(default=30.0, gt=0, le=600)
+    #: images of one prior study shown to the model, at most
+    max_images: int = Field(default=1, ge=1, le=4)
+
+
 class Rule(BaseModel):
     """A routing rule: which studies, which tasks, how urgent, where the results go."""
 
@@ -244,6 +272,8 @@ class Rule(BaseModel):
     requires_model: Literal["vlm"] | None = None
     #: required series and a maximum wait (:class:`RuleCompletion`); none: the quiet period alone
     completion: RuleCompletion | None = None
+    #: compare with the patient's prior studies from a PACS (:class:`RulePriors`)
+    priors: RulePriors | None = None
 
     @model_validator(mode="after")
     def _wait_beyond_quiet(self) -> Rule:
@@ -294,12 +324,23 @@ class VLMSettings(BaseModel):
     server_timeout_s: float = Field(default=300.0, gt=0)
     #: model input side; None: what the processor says (in-process), the family's default (server)
     image_size: int | None = Field(default=None, ge=16)
+    #: the server is outside the hospital: what is sent is de-identified first (images that may
+    #: carry burned-in text refused or masked, identifiers removed from prompt text) and each
+    #: request is written to the audit trail
+    remote: bool = False
+    #: with ``remote``: an image that may carry burned-in text (US, SC, Burned In Annotation YES)
+    #: fails the job (``refuse``), or, for ultrasound with its Sequence of Ultrasound Regions,
+    #: goes masked to those regions (``mask``; images without regions are still refused)
+    burned_in_text: Literal["refuse", "mask"] = "refuse"
 
     @model_validator(mode="after")
     def _server_and_model(self) -> VLMSettings:
         if self.server is not None and self.model is None:
             raise ValueError("models.vlm.model: needed with models.vlm.server (a name the server "
                              "lists at /v1/models)")
+        if self.remote and self.server is None:
+            raise ValueError("models.vlm.remote: applies to a model server; set models.vlm.server, "
+                             "or remove remote (an in-process model sends nothing anywhere)")
         if self.model is not None and self.server is None:
             raise ValueError("models.vlm.server: models.vlm.model names a model on a server; "
                              "set models.vlm.server to its URL, or remove models.vlm.model")
@@ -334,6 +375,9 @@ class RetentionSettings(BaseModel):
     #: (delivered, or terminal); None keeps everything
     max_age_days: float | None = Field(default=None, gt=0)
     check_every_s: float = Field(default=3600.0, gt=0)
+    #: prior-study copies (``priors/<job>``) a job left behind (it died before removing them) are
+    #: removed after this, whether or not ``max_age_days`` is set
+    priors_max_age_s: float = Field(default=86400.0, gt=0)
 
 
 class ModelsSettings(BaseModel):
@@ -489,6 +533,12 @@ class Settings(BaseSettings):
         for rule in self.rules if self.rules is not None else []:
             for ref in rule.destinations:
                 self.resolve_destination(ref, rule=rule.name)
+            if rule.priors is not None:
+                try:
+                    self.resolve_destination(rule.priors.source, rule=rule.name)
+                except ValueError:
+                    raise ValueError(f"rules.{rule.name}.priors.source: {rule.priors.source!r} is neither a "
+                                     "name in destinations nor AET@host:port (the PACS to query)") from None
             try:
                 plan = plan_tasks(rule.tasks)
             except ValueError as exc:

@@ -37,10 +37,11 @@ from inference.errors import (
     ModelServerUnavailableError,
 )
 from inference.monai_bundle import MonaiBundle
-from node import jobs, metrics
+from node import audit, jobs, metrics
 from node.config import plan_tasks
 from node.context import NodeContext
 from node.failures import failure_reason
+from node.prior_stage import job_priors, rule_priors
 from node.vlm_stage import read_series, run_vlm_tasks
 from storage.errors import StorageError
 
@@ -182,8 +183,18 @@ def run_tasks(ctx: NodeContext, job: jobs.ClaimedJob) -> list[Output]:
             )
         series = {uid: conform_copied_attributes(datasets, purpose=f"job {job.id}")
                   for uid, datasets in read_series(job.instance_paths, ctx.store.absolute).items()}
-        for produced in run_vlm_tasks(vlm_settings, series, specs, job_key=job.key, amendment=job.amendment):
-            outputs.append(Output(produced.kind, produced.dataset, produced.summary))
+        priors_rule = rule_priors(ctx, job)
+        try:
+            priors = job_priors(ctx, job, series, priors_rule) if priors_rule else None
+            def audit_send(detail: str) -> None:
+                audit.record(ctx.sessions, audit.SYSTEM_ACTOR, audit.SENT_TO_MODEL, job.study_instance_uid,
+                             f"job {job.id}: {detail}")
+            for produced in run_vlm_tasks(vlm_settings, series, specs, job_key=job.key, amendment=job.amendment,
+                                          priors=priors, audit_send=audit_send):
+                outputs.append(Output(produced.kind, produced.dataset, produced.summary))
+        finally:
+            if priors_rule:
+                ctx.store.remove_area(ctx.store.prior_area(job.id))
     outputs.extend(rejection_notes(ctx, job))
     return outputs
 

@@ -19,7 +19,8 @@ SWEEP_EVERY_S = 10.0
 class Scheduler:
     """Runs :func:`complete_due_studies` every ``completion_poll_s`` and :func:`jobs.sweep`
     every :data:`SWEEP_EVERY_S` (and once at start, to pick up what a crash left), and the
-    retention cleaner every ``retention.check_every_s`` when ``retention.max_age_days`` is set."""
+    retention cleaner every ``retention.check_every_s`` (studies when ``retention.max_age_days`` is set;
+    prior-study copies jobs left always)."""
 
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
@@ -48,9 +49,12 @@ class Scheduler:
             for delivery_id in due_deliveries:
                 jobs.enqueue_delivery(self.ctx.sessions, delivery_id)
         policy = self.ctx.settings.retention
-        if policy.max_age_days is not None and time.monotonic() - self._last_retention >= policy.check_every_s:
+        if time.monotonic() - self._last_retention >= policy.check_every_s:
             self._last_retention = time.monotonic()
-            retention.purge_expired(self.ctx.sessions, self.ctx.store, max_age=timedelta(days=policy.max_age_days))
+            self.ctx.store.purge_priors(policy.priors_max_age_s)
+            if policy.max_age_days is not None:
+                retention.purge_expired(self.ctx.sessions, self.ctx.store,
+                                        max_age=timedelta(days=policy.max_age_days))
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -10,16 +10,25 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import date
 from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
+from dicom_io.deidentify import (
+    BurnedInPolicy,
+    burned_in_text_reason,
+    identifying_values,
+    mask_outside,
+    scrub_text,
+    ultrasound_regions,
+)
 from dicom_io.equipment import AlgorithmInfo
-from dicom_io.narrative_report import build_narrative_report
+from dicom_io.narrative_report import Comparison, build_narrative_report
 from dicom_io.regions import ImageLabel, ImageRegion, build_region_report, viewer_geometry_problem
 from dicom_io.slice_stack import SliceRef, number_of_frames, read_frame
 from dicom_io.sr_common import InstanceReference, clean_text
@@ -39,10 +48,11 @@ from inference.results import (
 )
 from inference.tasks import TaskSpec
 from inference.vlm import VLMConfig, get_vlm
+from inference.vlm.comparison import PriorStudy
 from inference.vlm.loader import loaded_models
 from inference.vlm.runtime import VLM
 from inference.vlm.server import ServerConfig, ServerVLM
-from inference.vlm.volume_recipe import prepare_volume, slice_window
+from inference.vlm.volume_recipe import prepare_volume, slice_window, user_content
 from node import jobs, metrics
 from node.config import VLMSettings
 
@@ -68,6 +78,24 @@ class SourceFrame:
     @property
     def sop_instance_uid(self) -> str:
         return str(self.dataset.SOPInstanceUID)
+
+
+@dataclass(frozen=True)
+class PriorInput:
+    """What a rule with ``priors`` found of the patient's prior study, for the model and the SR.
+
+    ``datasets`` are the prior images (one study, pixel data readable); empty when there is none,
+    and ``reason`` then says why when it is not simply "none found".
+    """
+
+    datasets: tuple[Dataset, ...] = ()
+    study_date: date | None = None
+    report: str | None = None
+    reason: str | None = None
+
+    @property
+    def comparison(self) -> Comparison:
+        return Comparison(self.datasets, self.study_date, self.reason)
 
 
 @dataclass(frozen=True)
@@ -168,8 +196,12 @@ def _is_volume(datasets: list[Dataset]) -> bool:
     return len(datasets) > 1 or number_of_frames(first) > 1
 
 
+PixelFilter = Callable[[Dataset, np.ndarray], np.ndarray]
+
+
 def prepare_images(
-    vlm: VLM, series: dict[str, list[Dataset]], *, slices_per_series: int | None = None
+    vlm: VLM, series: dict[str, list[Dataset]], *, slices_per_series: int | None = None,
+    pixel_filter: PixelFilter | None = None,
 ) -> tuple[list[PreparedImage], list[SourceFrame]]:
     """Prepare the images of a study for the model, keeping where each came from.
 
@@ -200,6 +232,8 @@ def prepare_images(
                 continue
             frames = number_of_frames(ds)
             pixels = read_frame(ds, 0 if frames > 1 else None)
+            if pixel_filter is not None:
+                pixels = pixel_filter(ds, np.asarray(pixels))
             photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
             if photometric.startswith("MONOCHROME"):
                 pixels = apply_modality_lut(pixels, ds)
@@ -269,13 +303,17 @@ def _summary_box(region: ImageRegion) -> dict[str, Any]:
 
 def write_outputs(
     results: Sequence[TaskResult], sources: list[SourceFrame], *, job_key: str, algorithm: AlgorithmInfo,
-    amendment: jobs.Amendment | None = None,
+    amendment: jobs.Amendment | None = None, comparison: Comparison | None = None,
+    comparison_summary: dict[str, Any] | None = None,
 ) -> list[VLMOutput]:
     """Build the SR objects for one job's model results (reproducible UIDs from ``job_key``).
 
     With ``amendment``, each SR names the previous version's SR of the same slot (report index,
-    answer language, regions) and its Series Description says its version.
+    answer language, regions) and its Series Description says its version. With ``comparison``
+    (a rule with ``priors``), the narrative SRs have a Comparison section and reference the prior
+    images; ``comparison_summary`` goes into their summaries.
     """
+    compared = {"comparison": comparison_summary} if comparison_summary else {}
     version = amendment.version if amendment else None
 
     def previous(*slot: str) -> list[InstanceReference]:
@@ -293,10 +331,11 @@ def write_outputs(
             series_instance_uid=derived_uid(job_key, "report", str(index), "series"),
             sop_instance_uid=derived_uid(job_key, "report", str(index), "instance"),
             series_number=REPORT_SERIES_NUMBER + index, algorithm=algorithm,
-            previous_versions=previous("report", str(index)), version=version,
+            previous_versions=previous("report", str(index)), version=version, comparison=comparison,
         )
         outputs.append(VLMOutput("report", sr, {"model": model, "language": report.language,
-                                                "findings": findings, "impression": report.impression}))
+                                                "findings": findings, "impression": report.impression,
+                                                **compared}))
     answers: dict[str, list[AnswerResult]] = {}
     for result in results:
         if isinstance(result, AnswerResult):
@@ -309,10 +348,11 @@ def write_outputs(
             series_instance_uid=derived_uid(job_key, "vqa", language, "series"),
             sop_instance_uid=derived_uid(job_key, "vqa", language, "instance"),
             series_number=QA_SERIES_NUMBER + index, algorithm=algorithm,
-            previous_versions=previous("vqa", language), version=version,
+            previous_versions=previous("vqa", language), version=version, comparison=comparison,
         )
         outputs.append(VLMOutput("vqa", sr, {"model": model, "language": language,
-                                             "answers": [{"question": q, "answer": a} for q, a in pairs]}))
+                                             "answers": [{"question": q, "answer": a} for q, a in pairs],
+                                             **compared}))
     regions, labels = regions_and_labels(results, sources)
     if regions or labels:
         language = next((getattr(r, "language", None) for r in results if getattr(r, "language", None)), "en")
@@ -333,21 +373,123 @@ def write_outputs(
     return outputs
 
 
+def prompt_layout(content: list[dict[str, object]], image_roles: dict[int, str]) -> list[str]:
+    """A user turn's content as the job records it: ``image:<role>`` per image (``prior`` or
+    ``current``, told apart by object identity), ``text:<text>`` per text."""
+    return [f"image:{image_roles.get(id(part['image']), '?')}" if part["type"] == "image"
+            else f"text:{part['text']}" for part in content]
+
+
+def screen_for_remote(series: dict[str, list[Dataset]], policy: BurnedInPolicy) -> set[str]:
+    """Check the images bound for a remote model server for burned-in text.
+
+    Returns the SOP Instance UIDs to send masked to their ultrasound regions (``policy`` mask).
+
+    Raises
+    ------
+    InvalidInputError
+        For an image that may carry burned-in text and cannot be masked (or ``policy`` refuse).
+    """
+    masked: set[str] = set()
+    for datasets in series.values():
+        for ds in datasets:
+            reason = burned_in_text_reason(ds)
+            if reason is None:
+                continue
+            if policy == "mask" and ultrasound_regions(ds) and not _is_volume(datasets):
+                masked.add(str(ds.SOPInstanceUID))
+                continue
+            advice = ("set models.vlm.burned_in_text: mask to send ultrasound masked to its image regions"
+                      if policy == "refuse" else "it states no ultrasound regions to mask it to")
+            raise InvalidInputError(f"instance {ds.SOPInstanceUID} is not sent to the remote model server: "
+                                    f"{reason}; {advice}")
+    return masked
+
+
+def mask_filter(masked: set[str]) -> PixelFilter:
+    """Pixels of the instances in ``masked`` with everything outside their ultrasound regions black."""
+    def apply(ds: Dataset, pixels: np.ndarray) -> np.ndarray:
+        return mask_outside(pixels, ultrasound_regions(ds)) if str(ds.SOPInstanceUID) in masked else pixels
+    return apply
+
+
+def priors_for_remote(priors: PriorInput, series: dict[str, list[Dataset]]) -> tuple[PriorInput, int, int]:
+    """The prior as a remote server may see it: images that may carry burned-in text left out,
+    identifiers of both studies removed from the report. Returns it, the images left out and the
+    number of identifiers removed."""
+    kept = tuple(ds for ds in priors.datasets if burned_in_text_reason(ds) is None)
+    report, removed = priors.report, 0
+    if report:
+        values = identifying_values([*(ds for d in series.values() for ds in d), *priors.datasets])
+        report, removed = scrub_text(report, values)
+    return (PriorInput(kept, priors.study_date, report, priors.reason),
+            len(priors.datasets) - len(kept), removed)
+
+
+def prepare_prior(vlm: VLM, priors: PriorInput, *, slices_per_series: int | None) -> PriorStudy | None:
+    """The prior study as the prompt shows it (its images prepared like the current ones)."""
+    if not priors.datasets:
+        return None if not priors.report else PriorStudy((), priors.study_date.isoformat()
+                                                          if priors.study_date else None, priors.report)
+    images, _ = prepare_images(vlm, {"prior": list(priors.datasets)}, slices_per_series=slices_per_series)
+    return PriorStudy(tuple(images), priors.study_date.isoformat() if priors.study_date else None,
+                      priors.report)
+
+
 def run_vlm_tasks(
     settings: VLMSettings | None, series: dict[str, list[Dataset]], specs: list[TaskSpec], *, job_key: str,
-    amendment: jobs.Amendment | None = None,
+    amendment: jobs.Amendment | None = None, priors: PriorInput | None = None,
+    audit_send: Callable[[str], None] | None = None,
 ) -> list[VLMOutput]:
-    """Load (or reuse) the model, run ``specs`` on the study's images, write the SR objects."""
+    """Load (or reuse) the model, run ``specs`` on the study's images, write the SR objects.
+
+    With ``priors`` (a rule with ``priors``), the prior study goes into the prompts of whole-study
+    tasks as the family reads comparisons, the narrative SRs say what was compared, and their
+    summaries record the prompt layout of the first such task (``comparison.prompt``).
+
+    With a remote model server (``models.vlm.remote``), what leaves is de-identified first
+    (:func:`screen_for_remote`, :func:`priors_for_remote`) and ``audit_send`` is called, before
+    the first request, with what goes where (counts and the server, never patient data).
+    """
     vlm = load_model(settings)
     assert settings is not None  # load_model raised otherwise
-    images, sources = prepare_images(vlm, series, slices_per_series=settings.slices_per_series)
-    log.info("vlm input: %d image(s), %d of them volume slices", len(images),
-             sum(1 for image in images if image.volume_modality))
+    remote = settings.server is not None and settings.remote
+    pixel_filter, masked, dropped, redacted = None, set(), 0, 0
+    if remote:
+        masked = screen_for_remote(series, settings.burned_in_text)
+        pixel_filter = mask_filter(masked) if masked else None
+        if priors is not None:
+            priors, dropped, redacted = priors_for_remote(priors, series)
+    images, sources = prepare_images(vlm, series, slices_per_series=settings.slices_per_series,
+                                     pixel_filter=pixel_filter)
+    prior = prepare_prior(vlm, priors, slices_per_series=settings.slices_per_series) if priors else None
+    if remote and audit_send is not None:
+        audit_send(f"{len(images)} image(s) ({len(masked)} masked to ultrasound regions), "
+                   f"{len(prior.images) if prior else 0} prior image(s) ({dropped} left out: burned-in text), "
+                   f"{redacted} identifier(s) removed from prompt text, tasks "
+                   f"{','.join(dict.fromkeys(s.kind for s in specs))} -> {settings.server} ({settings.model})")
+    log.info("vlm input: %d image(s), %d of them volume slices, %d prior image(s)", len(images),
+             sum(1 for image in images if image.volume_modality), len(prior.images) if prior else 0)
     started = time.perf_counter()
-    results = vlm.run(images, specs)
+    results = vlm.run(images, specs, prior=prior)
     metrics.STAGE_DURATION.labels(stage="vlm").observe(time.perf_counter() - started)
     algorithm = AlgorithmInfo(name=vlm.info.name, version=vlm.info.version, family=vlm.info.family)
-    return write_outputs(results, sources, job_key=job_key, algorithm=algorithm, amendment=amendment)
+    summary = None
+    if priors is not None:
+        summary = {"text": priors.comparison.text(), "prior_images": [str(ds.SOPInstanceUID) for ds in priors.datasets],
+                   "prior_study_instance_uid": str(priors.datasets[0].StudyInstanceUID) if priors.datasets else None,
+                   "prior_study_date": priors.study_date.isoformat() if priors.study_date else None,
+                   "prior_report": priors.report is not None}
+        compared = next((s for s in specs if s.kind in ("report", "vqa", "classify")), None)
+        if prior is not None and compared is not None:
+            roles = {**{id(i.image): "prior" for i in prior.images}, **{id(i.image): "current" for i in images}}
+            item = (compared.questions or compared.labels or ("",))[0]
+            content = user_content(images, vlm.family.prompt(compared, item=item),
+                                   slice_recipe=vlm.family.slice_recipe, language=compared.language,
+                                   prior=prior, comparison=vlm.family.comparison)
+            summary["prompt"] = prompt_layout(content, roles)
+    return write_outputs(results, sources, job_key=job_key, algorithm=algorithm, amendment=amendment,
+                         comparison=priors.comparison if priors else None, comparison_summary=summary)
 
 
 def read_series(paths: dict[str, list[str]], absolute: Any) -> dict[str, list[Dataset]]:

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -239,6 +240,12 @@ class InstanceStore:
         """Relative path of a result object written for job ``job_id``."""
         return f"results/{int(job_id)}/{check_uid(sop_uid)}.dcm"
 
+    def prior_area(self, job_id: int) -> str:
+        """Relative folder of the prior studies job ``job_id`` retrieved from a PACS for comparison:
+        copies of another system's instances, never indexed, removed when the job ends (and by
+        :meth:`purge_priors` when a job died before it could)."""
+        return f"priors/{int(job_id)}"
+
     def absolute(self, relative_path: str) -> Path:
         """Absolute path of a stored file; refuses paths that leave the store."""
         path = (self.root / relative_path).resolve()
@@ -430,6 +437,31 @@ class InstanceStore:
         if count:
             log.warning("removed %d partial files left by an interrupted write", count)
         return count
+
+    def remove_area(self, relative_dir: str) -> None:
+        """Delete a folder of the store (e.g. a job's :meth:`prior_area`) and what it holds."""
+        self._forget_dirs(self.absolute(relative_dir))
+        shutil.rmtree(self.absolute(relative_dir), ignore_errors=True)
+
+    def _forget_dirs(self, removed: Path) -> None:
+        """Folders under ``removed`` must be made again by the next write there."""
+        self._known_dirs = {d for d in self._known_dirs if not d.is_relative_to(removed)}
+
+    def purge_priors(self, older_than_s: float, *, now: float | None = None) -> int:
+        """Delete prior-study folders not touched for ``older_than_s``; return how many."""
+        priors = self.root / "priors"
+        if not priors.is_dir():
+            return 0
+        cutoff = (time.time() if now is None else now) - older_than_s
+        removed = 0
+        for entry in os.scandir(priors):
+            if entry.is_dir() and entry.stat().st_mtime < cutoff:
+                self._forget_dirs(Path(entry.path).resolve())
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed += 1
+        if removed:
+            log.info("retention: removed %d prior-study folder(s) left by jobs", removed)
+        return removed
 
     def instance_files_changed_since(self, mtime: float | None) -> list[str]:
         """Relative paths of instance files in series directories modified at or after ``mtime``

@@ -29,6 +29,7 @@ from inference.errors import InvalidInputError
 from inference.geometry import ImageTransform, PrepareMode
 from inference.results import Box
 from inference.tasks import TaskKind, TaskSpec
+from inference.vlm.comparison import ComparisonMode
 
 #: Default wording per language. ``{question}``, ``{label}``, ``{phrase}`` and ``{region}`` are
 #: filled in per item. Families override entries in ``Family.prompts``.
@@ -99,6 +100,9 @@ class Family:
     slice_recipe : bool
         Volumes go in as MedGemma 1.5 was trained (three HU windows as RGB, each slice followed
         by ``SLICE n``), see :mod:`inference.vlm.volume_recipe`.
+    comparison : ComparisonMode
+        How a prior study goes into the prompt (:mod:`inference.vlm.comparison`): its images
+        and report, its image and report (MAIRA-2), or its report as text.
     """
 
     name: str
@@ -115,6 +119,7 @@ class Family:
     note: str = ""
     max_slices: int = 8
     slice_recipe: bool = False
+    comparison: ComparisonMode = "report"
 
     @property
     def languages(self) -> tuple[str, ...]:
@@ -178,7 +183,7 @@ FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (
                                'coordinates normalised to 0-1000.',
         }},
         note="MedGemma 1.5 / Gemma 3 (Gemma3ForConditionalGeneration).",
-        max_slices=85, slice_recipe=True,
+        max_slices=85, slice_recipe=True, comparison="images",
     ),
     Family(
         name="qwen2_vl", model_types=("qwen2_vl",), box_format="qwen2_vl",
@@ -268,6 +273,7 @@ FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (
     Family(
         name="maira2", model_types=("maira2",), box_format="maira2", prepare_mode="crop",
         default_size=518, requires_remote_code=True, batching=False, loadable=False,
+        comparison="image_and_report",
         prompts={"en": {"ground": "Repeat the following finding as a grounded phrase with bounding "
                                   "boxes: {phrase}",
                         "grounded_report": "Provide a description of the findings in the radiology "

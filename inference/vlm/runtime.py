@@ -43,6 +43,7 @@ from inference.results import (
 )
 from inference.tasks import TaskSpec
 from inference.vlm.classify import answer_position, label_outcome, yes_probability
+from inference.vlm.comparison import COMPARED_KINDS, PriorStudy
 from inference.vlm.families import YES_NO, Family
 from inference.vlm.volume_recipe import user_content
 
@@ -73,6 +74,8 @@ class _Unit:
     finish: Callable[[str, str, float | None], TaskResult]
     yes_no: tuple[list[int], list[int]] | None = None
     language: str = "en"
+    #: the prior study shown with the images (whole-study kinds of a rule with ``priors``)
+    prior: PriorStudy | None = None
 
 
 @dataclass(frozen=True)
@@ -286,7 +289,8 @@ class VLM:
         return parse_boxes(self.family.box_format, text, image.transform, image_index=image_index,
                            default_label=label)
 
-    def _units(self, request: int, images: Sequence[PreparedImage], task: TaskSpec) -> list[_Unit]:
+    def _units(self, request: int, images: Sequence[PreparedImage], task: TaskSpec,
+               prior: PriorStudy | None = None) -> list[_Unit]:
         if not images:
             raise InvalidInputError(f"Task {task.kind} got no images; a study needs at least one prepared image.")
         family, budget = self.family, self._budget(task)
@@ -299,7 +303,7 @@ class VLM:
                 finish: Callable[[str, str, float | None], TaskResult], yes_no: bool = False) -> None:
             units.append(_Unit(request, len(units), imgs, idx, prompt, budget, finish,
                                self._yes_no_token_ids(task.language) if yes_no else None,
-                               task.language))
+                               task.language, prior if task.kind in COMPARED_KINDS else None))
 
         if task.kind == "report":
             def finish_report(raw: str, clean: str, _: float | None) -> TaskResult:
@@ -362,7 +366,7 @@ class VLM:
         """One user turn: the family's own multi-image layout, or for the slices of a volume the
         recipe the family was trained on (:func:`inference.vlm.volume_recipe.user_content`)."""
         content = user_content(unit.images, unit.prompt, slice_recipe=self.family.slice_recipe,
-                               language=unit.language)
+                               language=unit.language, prior=unit.prior, comparison=self.family.comparison)
         return [{"role": "user", "content": content}]
 
     def encode(self, units: Sequence[_Unit]) -> dict[str, torch.Tensor]:
@@ -428,7 +432,7 @@ class VLM:
                                                                       gen.yes_probability)
         return results
 
-    def run_batch(self, requests: Sequence[Request]) -> list[list[TaskResult]]:
+    def run_batch(self, requests: Sequence[Request], *, prior: PriorStudy | None = None) -> list[list[TaskResult]]:
         """Run several (images, task) requests, batching their generations together.
 
         Returns one list of results per request, in item order (questions, labels, phrases x
@@ -440,24 +444,28 @@ class VLM:
         InvalidInputError
             For a request without images, a ``segment`` task, a language the family has no
             prompts for, or a region on an image the request does not have.
+
+        ``prior`` (one study's requests) is shown with the images of report, vqa and classify
+        units (:mod:`inference.vlm.comparison`).
         """
         units: list[_Unit] = []
         for index, (images, task) in enumerate(requests):
-            units.extend(self._units(index, images, task))
+            units.extend(self._units(index, images, task, prior))
         results = self._execute(units)
         out: list[list[TaskResult]] = [[] for _ in requests]
         for (request, _order), result in sorted(results.items()):
             out[request].append(result)
         return out
 
-    def run(self, images: Sequence[PreparedImage], tasks: Sequence[TaskSpec]) -> list[TaskResult]:
+    def run(self, images: Sequence[PreparedImage], tasks: Sequence[TaskSpec], *,
+            prior: PriorStudy | None = None) -> list[TaskResult]:
         """Run every task on one study's prepared images; results in task order.
 
         ``region_caption`` tasks without their own ``regions`` caption the boxes found by the
         ground/detect tasks of the same call (none found: no captions).
         """
         first = [(images, t) for t in tasks if t.kind != "region_caption"]
-        first_results = iter(self.run_batch(first))
+        first_results = iter(self.run_batch(first, prior=prior))
         per_task: list[list[TaskResult] | None] = [
             None if t.kind == "region_caption" else next(first_results) for t in tasks]
         found = tuple(b for results in per_task if results for r in results

@@ -160,7 +160,7 @@ class ServerVLM(VLM):
 
     def _body(self, unit: _Unit) -> dict[str, object]:
         content = user_content(unit.images, unit.prompt, slice_recipe=self.family.slice_recipe,
-                               language=unit.language)
+                               language=unit.language, prior=unit.prior, comparison=self.family.comparison)
         body: dict[str, object] = {
             "model": self.server_cfg.model,
             "messages": [{"role": "user", "content": openai_content(content)}],

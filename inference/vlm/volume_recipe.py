@@ -33,6 +33,7 @@ from pydicom.dataset import Dataset
 from dicom_io.slice_stack import SliceRef, read_slice, stack_slices
 from inference.errors import InvalidInputError
 from inference.geometry import PreparedImage, sample_slices
+from inference.vlm.comparison import ComparisonMode, PriorStudy, comparison_content
 
 if TYPE_CHECKING:
     from inference.vlm.runtime import VLM
@@ -98,14 +99,21 @@ def volume_question(prompt: str, language: str) -> str:
 
 
 def user_content(images: Sequence[PreparedImage], prompt: str, *, slice_recipe: bool,
-                 language: str) -> list[dict[str, object]]:
+                 language: str, prior: PriorStudy | None = None,
+                 comparison: ComparisonMode = "report") -> list[dict[str, object]]:
     """The content of the one user turn for ``images`` and ``prompt``.
 
     With ``slice_recipe`` and more than one volume slice among ``images``: the instruction, then
     each image (a slice followed by ``SLICE n``, n counting slices from 1), then the question.
-    Otherwise the family's own convention: every image, then the prompt.
+    Otherwise the family's own convention: every image, then the prompt. With ``prior``, the
+    prior study goes in as ``comparison`` says (:func:`inference.vlm.comparison.comparison_content`);
+    a volume keeps its recipe and gets the prior's report as text.
     """
     slices = [img for img in images if img.volume_modality]
+    if prior is not None:
+        if not slice_recipe or len(slices) < 2:
+            return comparison_content(images, prompt, prior, mode=comparison, language=language)
+        prompt = str(comparison_content([], prompt, prior, mode="report", language=language)[-1]["text"])
     if not slice_recipe or len(slices) < 2:
         content: list[dict[str, object]] = [{"type": "image", "image": img.image} for img in images]
         content.append({"type": "text", "text": prompt})

@@ -16,14 +16,10 @@ bfloat16 on vLLM already picks another token than float32 transformers within 12
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
@@ -35,62 +31,18 @@ from inference.vlm.server import ServerConfig, ServerVLM
 from inference.vlm.volume_recipe import MEDGEMMA_MAX_SLICES, medgemma_ct_rgb
 from tests.integration.test_model_server import _check_same_srs, _texts
 from tests.models import build_tiny_gemma3, to_checkpoint_layout
-from tests.peers import free_port
-from tests.peers.processes import ManagedProcess, in_ci
+from tests.peers.model_servers import vllm_python, vllm_server
+from tests.peers.processes import ToolMissingError, in_ci
 from tests.trained_models import DEFAULT_TARGETS, prepare_radiographs, train_tiny_grounding_model
 
-REPO = Path(__file__).resolve().parents[2]
-#: The venv ``make vllm-venv`` makes; ``MEDNODE_VLLM_PYTHON`` points elsewhere.
-VLLM_PYTHON = Path(os.environ.get("MEDNODE_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
-#: vLLM loads, profiles and warms up before it answers; on a busy 2-core machine that took 60 s.
-START_TIMEOUT_S = 300.0
 
-
-def _require_vllm() -> Path:
-    if VLLM_PYTHON.exists():
-        return VLLM_PYTHON
-    message = (f"vLLM's CPU build is not installed at {VLLM_PYTHON}: run `make vllm-venv` "
-               "(`make test` does), or set MEDNODE_VLLM_PYTHON")
-    if in_ci():
-        pytest.fail(f"CI must have every real peer: {message}")
-    pytest.skip(message)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-@contextmanager
-def vllm_server(model_dir: Path, home: Path) -> Iterator[str]:
-    """vLLM's OpenAI-compatible server for ``model_dir`` on a free loopback port, in float32,
-    stopped by its PID. The served model name is the directory (vLLM's default)."""
-    python = _require_vllm()
-    port = free_port()
-    process = ManagedProcess(
-        [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "8192",
-         "--dtype", "float32", "--enforce-eager"],
-        log_dir=home, name="vllm",
-        env={"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HOME": str(home / "hf"),
-             "VLLM_CACHE_ROOT": str(home / "vllm-cache"), "PYTHONPATH": "", "VLLM_NO_USAGE_STATS": "1",
-             "DO_NOT_TRACK": "1"},
-    )
-    # vLLM binds its port before the engine is up: wait for /health instead
-    process.start(timeout_s=START_TIMEOUT_S)
-    url = f"http://127.0.0.1:{port}"
+def _require_vllm() -> None:
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if not process.is_running:
-                raise AssertionError(f"vLLM exited with {process.returncode}:\n{process.log_tail()}")
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"vLLM was not up within {START_TIMEOUT_S:.0f} s:\n{process.log_tail()}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        process.stop(timeout_s=30)
+        vllm_python()
+    except ToolMissingError as exc:
+        if in_ci():
+            pytest.fail(f"CI must have every real peer: {exc}")
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +57,7 @@ def served_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def vllm(served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    _require_vllm()
     with vllm_server(served_model_dir, tmp_path_factory.mktemp("vllm-home")) as url:
         yield url
 
@@ -152,7 +105,7 @@ def test_concurrent_requests_answer_as_in_process(vllm: str, served_model_dir: P
     tasks = parse_tasks([{"ground": {"phrases": ["right lung"]}},
                          {"report": {"language": "en"}},
                          {"classify": {"labels": ["pleural effusion"]}}])
-    requests = [(images[i % len(images):i % len(images) + 1], tasks) for i in range(6)]
+    requests = [(images[i % len(images):i % len(images) + 1], task) for i in range(6) for task in tasks]
     local = in_process.run_batch(requests)
     client = _client(vllm, str(served_model_dir), max_new_tokens=48, batch_size=16)
     try:

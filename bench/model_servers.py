@@ -38,11 +38,11 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inference.tasks import parse_tasks  # noqa: E402
-from inference.vlm.server import ServerConfig, ServerVLM  # noqa: E402
-from tests.models import build_tiny_gemma3  # noqa: E402
-from tests.peers.model_servers import transformers_serve, vllm_server  # noqa: E402
-from tests.trained_models import RADIOGRAPHS, prepare_radiographs  # noqa: E402
+from inference.tasks import parse_tasks
+from inference.vlm.server import ServerConfig, ServerVLM
+from tests.models import build_tiny_gemma3
+from tests.peers.model_servers import transformers_serve, vllm_server
+from tests.trained_models import RADIOGRAPHS, prepare_radiographs
 
 
 def _server(kind: str, model_dir: Path, home: Path) -> AbstractContextManager[str]:

@@ -339,25 +339,30 @@ def _save_qwen(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, out: 
     return out
 
 
-def build_tiny_qwen2_vl(out: Path, *, seed: int = 0) -> Path:
+def build_tiny_qwen2_vl(out: Path, *, seed: int = 0, serving: bool = False) -> Path:
     """Qwen2-VL: native-resolution ViT with 2x2 patch merging and M-RoPE text decoder.
 
     The processor is saved with ``video_processor=None`` (there is no torchvision here); the
     product's loader must cope with that, as it must for real Qwen checkpoints.
+    ``serving=True`` makes it loadable by vLLM's CPU build too: a text ``head_dim`` of 32 (its
+    CPU attention refuses 16; M-RoPE sections resized to match) and 8192 positions.
     """
     torch.manual_seed(seed)
     tokenizer = _qwen_tokenizer()
+    width = 128 if serving else 64
     vision = {
         "depth": 2,
         "embed_dim": 32,
-        "hidden_size": 64,
+        "hidden_size": width,
         "num_heads": 2,
         "patch_size": 14,
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
     }
-    config = Qwen2VLConfig(text_config=_qwen_text(tokenizer), vision_config=vision,
-                           **_qwen_special_ids(tokenizer))
+    text = _qwen_text(tokenizer, hidden_size=128, intermediate_size=256, max_position_embeddings=8192,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                       "mrope_section": [4, 6, 6]}) if serving else _qwen_text(tokenizer)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, **_qwen_special_ids(tokenizer))
     model = Qwen2VLForConditionalGeneration(config).eval()
     return _save_qwen(model, tokenizer, out, 14)
 

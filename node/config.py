@@ -432,8 +432,12 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     models: ModelsSettings = Field(default_factory=ModelsSettings)
     #: shortcut for ``models.vlm.path`` / ``models.vlm.family`` (MEDNODE_VLM_PATH, MEDNODE_VLM_FAMILY)
+    #: and ``models.vlm.server`` / ``models.vlm.model`` (MEDNODE_VLM_SERVER, MEDNODE_VLM_MODEL);
+    #: an empty value counts as unset (docker-compose.yml passes them through, empty by default)
     vlm_path: Path | None = None
     vlm_family: str | None = None
+    vlm_server: str | None = None
+    vlm_model: str | None = None
     #: dashboard login; mutations and patient fields need it (no password: nobody can log in)
     web_admin_user: str | None = None
     web_admin_password: SecretStr | None = None
@@ -473,15 +477,19 @@ class Settings(BaseSettings):
                 )
         return self
 
+    @field_validator("vlm_path", "vlm_family", "vlm_server", "vlm_model", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @model_validator(mode="after")
     def _apply_vlm_shortcut(self) -> Settings:
         vlm = self.models.vlm
-        if self.vlm_path is not None or self.vlm_family is not None:
+        shortcuts = {"path": self.vlm_path, "family": self.vlm_family, "server": self.vlm_server,
+                     "model": self.vlm_model}
+        if any(v is not None for v in shortcuts.values()):
             base = vlm.model_dump() if vlm else {}
-            if self.vlm_path is not None:
-                base["path"] = self.vlm_path
-            if self.vlm_family is not None:
-                base["family"] = self.vlm_family
+            base.update({k: v for k, v in shortcuts.items() if v is not None})
             vlm = VLMSettings(**base)
             self.models = ModelsSettings(vlm=vlm)
         if vlm is not None and not vlm.family:

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPVisionConfig,
     Gemma3Config,
@@ -162,8 +162,21 @@ def build_tiny_llava(out: Path, *, seed: int = 0) -> Path:
     return _save(model, processor, out, [tokenizer.eos_token_id], tokenizer.pad_token_id)
 
 
-def build_tiny_gemma3(out: Path, *, seed: int = 0) -> Path:
-    """Gemma 3 (MedGemma's architecture): SigLIP + pooled soft tokens + Gemma 3 text decoder."""
+#: Gemma 3's whitespace tokens that vLLM looks up by text (its Gemma 3 processor merges the
+#: newlines around each image with their neighbours): real Gemma tokenizers have all four.
+GEMMA3_NEWLINES = ("\n", "\n\n", "\n\n\n", "\n\n\n\n")
+
+
+def build_tiny_gemma3(out: Path, *, seed: int = 0, serving: bool = False) -> Path:
+    """Gemma 3 (MedGemma's architecture): SigLIP + pooled soft tokens + Gemma 3 text decoder.
+
+    ``serving=True`` builds a checkpoint that vLLM also loads, which takes four things that
+    transformers does not check: the newline tokens of :data:`GEMMA3_NEWLINES` in the vocabulary,
+    a text ``head_dim`` of at least 32 (vLLM's CPU attention refuses 16), no SigLIP pooling head
+    (``vision_use_head: false``, as in real MedGemma), ``max_position_embeddings`` of at least
+    vLLM's ``--max-model-len`` (8192 here), and the weights in the layout of real Gemma 3
+    checkpoints (:func:`to_checkpoint_layout`).
+    """
     torch.manual_seed(seed)
     tokenizer = _train_tokenizer(
         [
@@ -185,6 +198,8 @@ def build_tiny_gemma3(out: Path, *, seed: int = 0) -> Path:
         eos_token="<eos>",
         bos_token="<bos>",
     )
+    if serving:
+        tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in GEMMA3_NEWLINES])
     end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
     vision = SiglipVisionConfig(
         hidden_size=32,
@@ -193,6 +208,7 @@ def build_tiny_gemma3(out: Path, *, seed: int = 0) -> Path:
         num_attention_heads=2,
         image_size=TINY_IMAGE_SIZE,
         patch_size=14,
+        **({"vision_use_head": False} if serving else {}),
     )
     text = Gemma3TextConfig(
         vocab_size=len(tokenizer),
@@ -201,8 +217,8 @@ def build_tiny_gemma3(out: Path, *, seed: int = 0) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
+        head_dim=32 if serving else 16,
+        max_position_embeddings=8192 if serving else 512,
         sliding_window=64,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -229,9 +245,28 @@ def build_tiny_gemma3(out: Path, *, seed: int = 0) -> Path:
         image_seq_length=4,
         chat_template=tokenizer.chat_template,
     )
-    return _save(
-        model, processor, out, [tokenizer.eos_token_id, end_of_turn], tokenizer.pad_token_id
-    )
+    _save(model, processor, out, [tokenizer.eos_token_id, end_of_turn], tokenizer.pad_token_id)
+    return to_checkpoint_layout(out) if serving else out
+
+
+def to_checkpoint_layout(model_dir: Path) -> Path:
+    """Rename a Gemma 3 checkpoint's vision weights to the layout of real checkpoints, in place.
+
+    transformers 5 saves the SigLIP tower as ``vision_tower.embeddings…``; real MedGemma / Gemma 3
+    checkpoints (and vLLM's loader) have ``vision_tower.vision_model.embeddings…``. transformers
+    reads both. Returns ``model_dir``.
+    """
+    from safetensors.torch import load_file, save_file
+
+    for path in sorted(model_dir.glob("*.safetensors")):
+        tensors = load_file(path)
+        renamed = {
+            ("vision_tower.vision_model." + k[len("vision_tower."):]
+             if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
+            for k, v in tensors.items()
+        }
+        save_file(renamed, path, metadata={"format": "pt"})
+    return model_dir
 
 
 def _qwen_tokenizer() -> PreTrainedTokenizerFast:
@@ -304,25 +339,30 @@ def _save_qwen(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, out: 
     return out
 
 
-def build_tiny_qwen2_vl(out: Path, *, seed: int = 0) -> Path:
+def build_tiny_qwen2_vl(out: Path, *, seed: int = 0, serving: bool = False) -> Path:
     """Qwen2-VL: native-resolution ViT with 2x2 patch merging and M-RoPE text decoder.
 
     The processor is saved with ``video_processor=None`` (there is no torchvision here); the
     product's loader must cope with that, as it must for real Qwen checkpoints.
+    ``serving=True`` makes it loadable by vLLM's CPU build too: a text ``head_dim`` of 32 (its
+    CPU attention refuses 16; M-RoPE sections resized to match) and 8192 positions.
     """
     torch.manual_seed(seed)
     tokenizer = _qwen_tokenizer()
+    width = 128 if serving else 64
     vision = {
         "depth": 2,
         "embed_dim": 32,
-        "hidden_size": 64,
+        "hidden_size": width,
         "num_heads": 2,
         "patch_size": 14,
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
     }
-    config = Qwen2VLConfig(text_config=_qwen_text(tokenizer), vision_config=vision,
-                           **_qwen_special_ids(tokenizer))
+    text = _qwen_text(tokenizer, hidden_size=128, intermediate_size=256, max_position_embeddings=8192,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                       "mrope_section": [4, 6, 6]}) if serving else _qwen_text(tokenizer)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, **_qwen_special_ids(tokenizer))
     model = Qwen2VLForConditionalGeneration(config).eval()
     return _save_qwen(model, tokenizer, out, 14)
 

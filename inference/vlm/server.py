@@ -7,6 +7,8 @@ PNG data URLs), decoding is greedy with the same token budget, and answers go th
 parsers (boxes per family, report sections, labels). The probability of a classification
 comes from the server's ``logprobs`` when it returns them
 (:func:`inference.vlm.classify.probability_from_logprobs`); without them it is ``None``.
+Families whose box markup is special tokens (Qwen2-VL) ask the server to keep them
+(:data:`SPECIAL_TOKEN_MARKUP`).
 
 The server batches requests from every worker and host together (continuous batching); a unit
 batch of this client is sent as concurrent requests.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +38,11 @@ from inference.vlm.volume_recipe import user_content
 TOP_LOGPROBS = 10
 #: HTTP statuses that mean "busy or restarting, try again", not "your request is wrong".
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
+#: Box formats whose markup is made of special tokens (Qwen2-VL's ``<|box_start|>(x1,y1),(x2,y2)
+#: <|box_end|>``). Servers drop special tokens from the answer unless asked not to (vLLM and
+#: SGLang: ``skip_special_tokens: false``); the clean text then leaves them out, as the
+#: in-process decode with ``skip_special_tokens=True`` does.
+SPECIAL_TOKEN_MARKUP: dict[str, re.Pattern[str]] = {"qwen2_vl": re.compile(r"<\|[A-Za-z0-9_]+\|>")}
 
 
 @dataclass(frozen=True)
@@ -168,10 +176,15 @@ class ServerVLM(VLM):
         }
         if unit.yes_no is not None:
             body.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
+        if self.family.box_format in SPECIAL_TOKEN_MARKUP:
+            body.update(skip_special_tokens=False, spaces_between_special_tokens=False)
         return body
 
     def _one(self, unit: _Unit) -> Generation:
-        answer = self._request("POST", "/chat/completions", json=self._body(unit))
+        return self._generation(self._request("POST", "/chat/completions", json=self._body(unit)), unit)
+
+    def _generation(self, answer: dict[str, Any], unit: _Unit) -> Generation:
+        """Text (raw, clean) and label probability of one chat-completion answer to ``unit``."""
         choice = answer["choices"][0]
         usage = answer.get("usage") or {}
         if isinstance(usage.get("prompt_tokens"), int):
@@ -184,8 +197,10 @@ class ServerVLM(VLM):
                 [(str(s.get("token", "")), {str(t["token"]): float(t["logprob"])
                                             for t in s.get("top_logprobs") or []})
                  for s in steps], unit.language)
-        # servers decode without special tokens: raw and clean text are the same
-        return Generation(text, text.strip(), probability)
+        markup = SPECIAL_TOKEN_MARKUP.get(self.family.box_format)
+        # without markup the server decoded without special tokens: raw and clean are the same
+        clean = markup.sub("", text).strip() if markup is not None else text.strip()
+        return Generation(text, clean, probability)
 
     def _generate(self, units: Sequence[_Unit]) -> list[Generation]:
         if not self._checked:

@@ -24,6 +24,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 SERVICES = {"postgres", "rabbitmq", "node", "worker", "worker-urgent", "orthanc"}
 MEDNODE_SERVICES = ("node", "worker", "worker-urgent")
+#: started only with ``--profile gpu`` (Debian's docker-compose 1.29 lists them in ``config`` anyway)
+GPU_SERVICES = {"vllm"}
 SECRET = "s" * 40
 
 
@@ -82,7 +84,9 @@ def env_of(service: dict[str, Any]) -> dict[str, str]:
 
 def test_services_and_healthchecks(config: dict[str, Any]) -> None:
     services = config["services"]
-    assert set(services) == SERVICES
+    assert set(services) - GPU_SERVICES == SERVICES
+    for name in set(services) & GPU_SERVICES:
+        assert services[name]["profiles"] == ["gpu"], f"{name} would start without a GPU"
     for name, service in services.items():
         assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
     for name in MEDNODE_SERVICES:
@@ -126,6 +130,31 @@ def test_node_settings_accept_the_compose_env(
     assert settings.destination.port == 4242
     assert settings.web_host == "0.0.0.0" and settings.dicom_port == 11112
     assert settings.web_secret_key is not None and settings.web_secret_key.get_secret_value() == SECRET
+    assert settings.models.vlm is None  # the MEDNODE_VLM_* pass-throughs are empty by default
+
+
+def test_the_gpu_profile_serves_the_model_to_the_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--profile gpu``: vLLM on an NVIDIA GPU, serving the name the workers ask for; the
+    workers' settings point at it through MEDNODE_VLM_SERVER/_MODEL/_FAMILY."""
+    config = compose_config(COMPOSE_PROFILES="gpu", MEDNODE_VLM_SERVER="http://vllm:8000",
+                            MEDNODE_VLM_MODEL="medgemma-1.5", MEDNODE_VLM_FAMILY="medgemma",
+                            VLLM_MODEL="medgemma-1.5-4b-it")
+    vllm = config["services"]["vllm"]
+    assert vllm["image"].startswith("vllm/vllm-openai")
+    [device] = vllm["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    command = [str(c) for c in vllm["command"]]
+    assert command[0] == "/models/medgemma-1.5-4b-it"
+    assert command[command.index("--served-model-name") + 1] == "medgemma-1.5"
+    assert vllm["healthcheck"]["test"]
+    for key in list(os.environ):
+        if key.startswith("MEDNODE_"):
+            monkeypatch.delenv(key)
+    for key, value in env_of(config["services"]["worker"]).items():
+        monkeypatch.setenv(key, value)
+    vlm = load_settings().models.vlm
+    assert vlm is not None and vlm.path is None
+    assert (vlm.server, vlm.model, vlm.family) == ("http://vllm:8000", "medgemma-1.5", "medgemma")
 
 
 def test_listener_and_worker_share_the_instance_volume(config: dict[str, Any]) -> None:

@@ -6,7 +6,6 @@ server does not serve is a clear error naming ``models.vlm.model``."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -45,7 +44,8 @@ from tests.integration.e2e import assert_valid
 from tests.integration.test_vlm_end_to_end import _sr_texts
 from tests.models import TINY_IMAGE_SIZE, build_tiny_gemma3
 from tests.peers import free_port
-from tests.peers.processes import ManagedProcess
+from tests.peers.model_servers import transformers_serve
+from tests.peers.processes import ToolMissingError, in_ci
 from tests.trained_models import tiny_grounding_model_dir  # noqa: F401  (session fixture)
 
 MAX_NEW_TOKENS = 12
@@ -66,22 +66,17 @@ def gemma3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @contextmanager
 def _transformers_serve(model_dir: Path, home: Path) -> Iterator[str]:
     """``transformers serve`` of ``model_dir`` on a free loopback port, stopped by its PID."""
-    serve = Path(sys.executable).with_name("transformers")
-    if not serve.exists() and shutil.which("transformers") is None:
-        pytest.skip("the transformers command is not installed beside this Python")
-    (home / "hub").mkdir(parents=True, exist_ok=True)  # /v1/models scans the cache: 500 without it
-    port = free_port()
-    process = ManagedProcess(
-        [str(serve), "serve", str(model_dir), "--device", "cpu", "--host", "127.0.0.1",
-         "--port", str(port)],
-        log_dir=home, name="transformers-serve",
-        env={"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"},
-    )
-    process.start(port=port, timeout_s=120)
     try:
-        yield f"http://127.0.0.1:{port}"
+        server = transformers_serve(model_dir, home)
+        url = server.__enter__()
+    except ToolMissingError as exc:
+        if in_ci():
+            pytest.fail(f"CI must have every real peer: {exc}")
+        pytest.skip(str(exc))
+    try:
+        yield url
     finally:
-        process.stop()
+        server.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="module")

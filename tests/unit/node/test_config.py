@@ -239,3 +239,18 @@ def test_vlm_on_a_server_needs_no_path(tmp_path: Path) -> None:
 def test_vlm_server_settings_are_checked_with_the_key(tmp_path: Path, vlm: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_settings(_yaml(tmp_path, f"models:\n  vlm: {vlm}\n"))
+
+
+def test_vlm_server_from_the_environment_and_empty_values_as_unset(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """What docker-compose.yml passes: MEDNODE_VLM_SERVER/_MODEL/_FAMILY, empty when not used."""
+    for name in ("SERVER", "MODEL", "FAMILY", "PATH"):
+        monkeypatch.setenv(f"MEDNODE_VLM_{name}", "")
+    assert load_settings(_yaml(tmp_path, "log_level: INFO\n")).models.vlm is None
+    monkeypatch.setenv("MEDNODE_VLM_SERVER", "http://vllm:8000")
+    monkeypatch.setenv("MEDNODE_VLM_MODEL", "medgemma")
+    monkeypatch.setenv("MEDNODE_VLM_FAMILY", "medgemma")
+    vlm = load_settings(_yaml(tmp_path, "models:\n  vlm: {server_timeout_s: 60}\n")).models.vlm
+    assert vlm is not None and vlm.path is None
+    assert (vlm.server, vlm.model, vlm.family, vlm.server_timeout_s) == ("http://vllm:8000", "medgemma",
+                                                                         "medgemma", 60)

@@ -32,7 +32,7 @@ STAGE_DURATION = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300),
 )
 DELIVERY_FAILURES = Counter(
-    "mednode_delivery_failures_total", "Failed C-STORE attempts to destinations"
+    "mednode_delivery_failures_total", "Failed C-STORE and STOW-RS attempts to destinations"
 )
 MODEL_LOAD_SECONDS = Histogram(
     "mednode_model_load_seconds", "Time to load a model into a worker", ["model"]

@@ -728,7 +728,17 @@ def default_rules(with_destination: bool) -> list[Rule]:
     ]
 
 
+def _without_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``destinations.pacs.dimse.port`` → ``destinations.pacs.port``: the tag that
+    :data:`AnyDestination` puts in an error's location is no key of the configuration."""
+    at = 2 if loc[:1] == ("destinations",) else 1 if loc[:1] == ("destination",) else None
+    if at is not None and len(loc) > at + 1 and loc[at] in ("dimse", "dicomweb"):
+        return loc[:at] + loc[at + 1:]
+    return loc
+
+
 def _describe(error: dict[str, Any]) -> str:
+    error = {**error, "loc": _without_union_tags(tuple(error.get("loc", ())))}
     loc = ".".join(str(p) for p in error.get("loc", ()) if p != "__root__")
     # the variable that sets this key: MEDNODE_DELIVERY__GIVE_UP_AFTER_S for a key of a nested
     # section, MEDNODE_DESTINATION for a value parsed from one string, MEDNODE_RULES for a list

@@ -13,6 +13,8 @@ viewed     someone saw a study's patient-derived fields      the user (``token``
 viewed     key-image PNGs of a job were drawn for someone    the same
 images
 downloaded a result's DICOM file was downloaded              the same
+stored     instances were stored by STOW-RS (per study; the      the user (``token``; ``anonymous`` on
+           count refused, if any, in a row of its own)           an open loopback node)
 login      failed logins locked an address or user name out  ``web:<client address>``
 locked
 retry …    manual actions (:mod:`node.web.actions`)          the user
@@ -43,6 +45,7 @@ SENT = "sent"
 VIEWED = "viewed"
 VIEWED_IMAGES = "viewed images"
 DOWNLOADED = "downloaded"
+STORED = "stored"
 LOGIN_LOCKED = "login locked"
 #: The actor of what the node does by itself (deliveries).
 SYSTEM_ACTOR = "mednode"

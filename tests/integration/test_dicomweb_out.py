@@ -23,7 +23,13 @@ from storage.models import DeliveryState, JobState
 from tests.conftest import OrthancFactory
 from tests.integration.conftest import MednodeFactory
 from tests.integration.e2e import poll
-from tests.integration.test_delivery_refusals import _job_finished, _sessions, _snapshot, ct_files, sr_file  # noqa: F401
+from tests.integration.test_delivery_refusals import (  # noqa: F401
+    _job_finished,
+    _sessions,
+    _snapshot,
+    ct_files,
+    sr_file,
+)
 from tests.peers import LOOPBACK, free_port, storescu
 
 USERS = {"mednode": "right-password"}

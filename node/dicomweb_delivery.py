@@ -126,7 +126,7 @@ def make_client(settings: DicomWebSettings) -> Any:
     return client
 
 
-def _post(client: Any, datasets: list[Dataset], url: str) -> tuple[int, Dataset | None]:
+def _post(client: Any, datasets: Sequence[Dataset], url: str) -> tuple[int, Dataset | None]:
     """POST the data sets; return the HTTP status and the STOW-RS response data set, if any.
 
     Raises

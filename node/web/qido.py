@@ -274,7 +274,7 @@ def _study_attributes(ds: Dataset, study: Study, identity: bool) -> None:
         _set(ds, "PatientSex", patient.patient_sex if patient else None)
 
 
-def _study_query(filters: dict[str, str]) -> Select[tuple[Study]]:
+def _study_query(filters: dict[str, str]) -> Select[Any]:
     return select(Study).outerjoin(Patient, Study.patient_pk == Patient.id).where(*_study_conditions(filters))
 
 
@@ -345,7 +345,7 @@ def search(session: Session, query: QidoQuery, read_header: HeaderReader, *, ide
             return out
 
         rows = _page(session, acquired, query.offset, query.limit, result_series)
-        return [_series_answer(r, identity) if isinstance(r, Series) else _result_series_answer(*r, identity)
+        return [_series_answer(r, identity) if isinstance(r, Series) else _result_series_answer(r[0], r[1], identity)
                 for r in rows]
     acquired_instances = (select(Instance).join(Series, Instance.series_pk == Series.id)
                           .join(Study, Series.study_pk == Study.id)
@@ -362,7 +362,7 @@ def search(session: Session, query: QidoQuery, read_header: HeaderReader, *, ide
         return out
 
     rows = _page(session, acquired_instances, query.offset, query.limit, result_instances)
-    return [_instance_answer(r, identity) if isinstance(r, Instance) else _result_instance_answer(*r, identity)
+    return [_instance_answer(r, identity) if isinstance(r, Instance) else _result_instance_answer(r[0], r[1], identity)
             for r in rows]
 
 

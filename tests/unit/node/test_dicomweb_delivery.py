@@ -111,3 +111,15 @@ def test_invalid_dicomweb_destinations_name_the_key(dicomweb: dict[str, str], me
     with pytest.raises(ConfigError, match="destinations.archive.dicomweb") as raised:
         load_settings(destinations={"archive": {"dicomweb": dicomweb}})
     assert message in str(raised.value)
+
+
+def test_the_destinations_page_lists_a_dicomweb_archive_without_its_secret() -> None:
+    from node.web.system import destinations_out
+
+    settings = load_settings(destinations={"archive": {"dicomweb": {
+        "url": "https://pacs.example.org/dicom-web", "auth": "bearer", "token": "sekret-token"}}},
+        rules=[{"name": "ct", "tasks": ["ct_analysis"], "destinations": ["archive"]}])
+    [out] = destinations_out(settings)
+    assert (out.name, out.kind, out.url, out.auth, out.tls, out.used_by) == \
+        ("archive", "dicomweb", "https://pacs.example.org/dicom-web", "bearer", True, ["ct"])
+    assert "sekret-token" not in out.model_dump_json()

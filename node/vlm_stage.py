@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
+from dicom_io.clinical import read_clinical_context
 from dicom_io.equipment import AlgorithmInfo
 from dicom_io.narrative_report import build_narrative_report
 from dicom_io.regions import ImageLabel, ImageRegion, build_region_report, viewer_geometry_problem
@@ -39,6 +40,7 @@ from inference.results import (
 )
 from inference.tasks import TaskSpec
 from inference.vlm import VLMConfig, get_vlm
+from inference.vlm.clinical import context_text
 from inference.vlm.loader import loaded_models
 from inference.vlm.runtime import VLM
 from inference.vlm.server import ServerConfig, ServerVLM
@@ -333,6 +335,16 @@ def write_outputs(
     return outputs
 
 
+def with_clinical_context(series: dict[str, list[Dataset]], specs: list[TaskSpec]) -> list[TaskSpec]:
+    """The tasks with the study's age, sex and request reason as their prompts' first line
+    (:mod:`dicom_io.clinical`; never a name or an ID), in each task's language."""
+    first = next((datasets[0] for datasets in series.values() if datasets), None)
+    if first is None:
+        return specs
+    context = read_clinical_context(first)
+    return [replace(spec, clinical_context=context_text(context, spec.language)) for spec in specs]
+
+
 def run_vlm_tasks(
     settings: VLMSettings | None, series: dict[str, list[Dataset]], specs: list[TaskSpec], *, job_key: str,
     amendment: jobs.Amendment | None = None,
@@ -343,6 +355,7 @@ def run_vlm_tasks(
     images, sources = prepare_images(vlm, series, slices_per_series=settings.slices_per_series)
     log.info("vlm input: %d image(s), %d of them volume slices", len(images),
              sum(1 for image in images if image.volume_modality))
+    specs = with_clinical_context(series, specs)
     started = time.perf_counter()
     results = vlm.run(images, specs)
     metrics.STAGE_DURATION.labels(stage="vlm").observe(time.perf_counter() - started)

@@ -40,7 +40,7 @@ from inference.results import (
 )
 from inference.tasks import TaskSpec
 from inference.vlm import VLMConfig, get_vlm
-from inference.vlm.clinical import context_text
+from inference.vlm.clinical import CONTEXT_TASKS, context_text
 from inference.vlm.loader import loaded_models
 from inference.vlm.runtime import VLM
 from inference.vlm.server import ServerConfig, ServerVLM
@@ -337,12 +337,14 @@ def write_outputs(
 
 def with_clinical_context(series: dict[str, list[Dataset]], specs: list[TaskSpec]) -> list[TaskSpec]:
     """The tasks with the study's age, sex and request reason as their prompts' first line
-    (:mod:`dicom_io.clinical`; never a name or an ID), in each task's language."""
+    (:mod:`dicom_io.clinical`; never a name or an ID), in each task's language — reports and
+    questions only (:data:`inference.vlm.clinical.CONTEXT_TASKS`)."""
     first = next((datasets[0] for datasets in series.values() if datasets), None)
     if first is None:
         return specs
     context = read_clinical_context(first)
-    return [replace(spec, clinical_context=context_text(context, spec.language)) for spec in specs]
+    return [replace(spec, clinical_context=context_text(context, spec.language)) if spec.kind in CONTEXT_TASKS
+            else spec for spec in specs]
 
 
 def run_vlm_tasks(

@@ -2,12 +2,19 @@
 
 :func:`context_text` turns a :class:`dicom_io.clinical.ClinicalContext` (age, sex, the request's
 reason, procedure and admitting diagnoses; never a name or an ID) into one short paragraph in the
-task's language; an empty context gives no text, and the prompt stays as it was.
+task's language; an empty context gives no text, and the prompt stays as it was. Only the
+tasks of :data:`CONTEXT_TASKS` get it.
 """
 
 from __future__ import annotations
 
 from dicom_io.clinical import ClinicalContext
+
+#: Tasks whose prompt carries the context: the ones that write or answer as a radiologist would,
+#: with the request in mind. Per-label and per-phrase questions (classify, ground, detect,
+#: region_caption) ask about the image alone: an indication such as "? effusion" would pull the
+#: yes/no probability and the boxes towards the referrer's question instead of the pixels.
+CONTEXT_TASKS = frozenset({"report", "grounded_report", "vqa"})
 
 _SEX = {"en": {"M": "male", "F": "female", "O": "patient"}, "zh": {"M": "男性", "F": "女性", "O": "患者"}}
 

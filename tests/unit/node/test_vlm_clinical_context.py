@@ -15,8 +15,12 @@ def test_each_task_gets_the_studys_context_without_name_or_id() -> None:
     ds.PatientAge = "052Y"
     ds.PatientSex = "M"
     ds.ReasonForTheRequestedProcedure = "Chest pain, Canary"
-    specs = parse_tasks([{"report": {"language": "en"}}, {"report": {"language": "zh"}}])
-    en, zh = with_clinical_context({"1.2.3": [ds]}, specs)
+    specs = parse_tasks([{"report": {"language": "en"}}, {"report": {"language": "zh"}},
+                         {"classify": {"labels": ["effusion"]}}, {"ground": {"phrases": ["heart"]}},
+                         {"vqa": {"questions": ["Is the heart enlarged?"]}}])
+    en, zh, classify, ground, vqa = with_clinical_context({"1.2.3": [ds]}, specs)
+    assert (classify, ground) == (specs[2], specs[3])  # questions about the image alone: no context
+    assert vqa.clinical_context == en.clinical_context
     assert en.clinical_context == "Clinical information: 52-year-old male. Reason for the request: Chest pain, [removed]."
     assert zh.clinical_context.startswith("临床信息：52岁男性。")
     assert all("Canary" not in s.clinical_context and "CANARY-ID-9" not in s.clinical_context for s in (en, zh))

@@ -17,7 +17,8 @@ INSTANCES_RECEIVED = Counter(
 )
 BYTES_RECEIVED = Counter("mednode_bytes_received_total", "Bytes of instances received")
 STORE_FAILURES = Counter(
-    "mednode_store_failures_total", "C-STORE requests answered with a failure status", ["status"]
+    "mednode_store_failures_total", "C-STORE requests and STOW-RS instances answered with a failure status",
+    ["status"]
 )
 STUDIES_COMPLETED = Counter("mednode_studies_completed_total", "Studies that became complete")
 JOB_DURATION = Histogram(

@@ -94,8 +94,7 @@ async def _stow(request: Request, ctx: ContextDep, settings: SettingsDep, access
         audit.record(ctx.sessions, access.actor, audit.STORED, study_uid,
                      f"{access.channel}: STOW-RS, {refused} instance(s) refused")
     log.info("STOW-RS: %d instance(s) stored, %d refused", sum(stored.values()), refused)
-    base = str(request.base_url).rstrip("/")
-    code, response = stow.stow_response(entries, f"{base}/dicom-web/studies/{study_uid}" if study_uid else None)
+    code, response = stow.stow_response(entries)  # no Retrieve URL: mednode serves no WADO-RS
     return _dicom_json(response.to_json_dict(), code)
 
 

@@ -20,6 +20,7 @@ from pydicom import Dataset
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_io.errors import InvalidInstanceError
+from node import metrics
 from node.ingest import Ingestor, RequestMismatchError
 from storage.errors import StorageError, StorageFullError
 
@@ -151,6 +152,7 @@ def store_parts(ingestor: Ingestor, parts: Iterable[Part], *, called_ae_title: s
     for index, part in enumerate(parts):
         if part.content_type != DICOM:
             sop_class, sop_instance = _uids_of(part.data)
+            metrics.STORE_FAILURES.labels(status=f"0x{CANNOT_UNDERSTAND:04X}").inc()
             log.warning("STOW-RS part %d refused: media type %s, not %s", index, part.content_type, DICOM)
             entries.append(StowEntry(sop_class, sop_instance, None, CANNOT_UNDERSTAND))
             continue
@@ -175,6 +177,7 @@ def store_parts(ingestor: Ingestor, parts: Iterable[Part], *, called_ae_title: s
             entries.append(StowEntry(header.sop_class_uid, header.sop_instance_uid, header.study_instance_uid))
             continue
         sop_class, sop_instance = _uids_of(part.data)
+        metrics.STORE_FAILURES.labels(status=f"0x{reason:04X}").inc()
         log.warning("STOW-RS refused instance %s (part %d): 0x%04X %s", sop_instance or "?", index, reason, why)
         entries.append(StowEntry(sop_class, sop_instance, None, reason))
     return entries

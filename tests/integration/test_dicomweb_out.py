@@ -69,7 +69,7 @@ def test_an_archive_that_is_down_is_transient(sr_file: Path) -> None:  # noqa: F
 
 def test_results_reach_an_archive_once_it_is_up_and_a_wrong_password_fails_at_once(
         mednode_factory: MednodeFactory, orthanc_factory: OrthancFactory, tmp_path: Path,
-        ct_files: list[Path], dcmtk) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+        ct_files: list[Path], sr_file: Path, dcmtk) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     orthanc = orthanc_factory(users=USERS, running=False)  # down until the node has retried
     good = orthanc.dicomweb_url
     bad = good.replace(LOOPBACK, "localhost")  # the same archive under another URL, wrong password
@@ -116,3 +116,12 @@ rules:
     stored = orthanc.study_instances(study_uid)
     assert sorted(row["Modality"] for row in stored) == ["SEG", "SR"]
     assert USERS["mednode"] not in node.logs()  # the secret never reaches a log
+    # the command line knows DICOMweb destinations by name, with their credentials
+    echoed = node.cli("echo", "archive", "--config", str(config))
+    assert echoed.returncode == 0 and "success" in echoed.stdout, echoed.stdout + echoed.stderr
+    refused = node.cli("echo", "wrong-password", "--config", str(config))
+    assert refused.returncode == 1 and "HTTP 401" in refused.stderr, refused.stdout + refused.stderr
+    sent_sr = node.cli("send", str(sr_file), "--to", "archive", "--config", str(config))
+    assert sent_sr.returncode == 0, sent_sr.stdout + sent_sr.stderr
+    sr_study = str(pydicom.dcmread(sr_file, stop_before_pixels=True).StudyInstanceUID)
+    assert len(orthanc.study_instances(sr_study)) == 1

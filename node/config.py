@@ -489,6 +489,8 @@ class Settings(BaseSettings):
     web_login_max_lockout_s: float = Field(default=3600.0, gt=0)
     #: reverse proxies (addresses or networks) whose X-Forwarded-For names the client; none by default
     web_trusted_proxies: list[str] = Field(default_factory=list)
+    #: largest STOW-RS request body accepted (HTTP 413 beyond); a request is held in memory whole
+    stow_max_request_mb: int = Field(default=1024, ge=1)
 
     #: the YAML file of this settings class (set by :func:`load_settings`)
     yaml_path: ClassVar[Path | None] = None

@@ -71,9 +71,25 @@ def _dicom_json(content: Any, status_code: int = 200, headers: dict[str, str] | 
     return JSONResponse(content, status_code=status_code, media_type=DICOM_JSON, headers=headers)
 
 
+async def _body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused with 413 once it passes ``max_bytes`` (declared or streamed)."""
+    declared = request.headers.get("content-length", "")
+    too_large = HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+                              f"a STOW-RS request may hold at most {max_bytes // 2**20} MB "
+                              "(stow_max_request_mb): send the study in several requests")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise too_large
+    return bytes(body)
+
+
 async def _stow(request: Request, ctx: ContextDep, settings: SettingsDep, access: Access,
                 study_uid: str | None) -> Response:
-    body = await request.body()
+    body = await _body(request, settings.stow_max_request_mb * 2**20)
     try:
         parts = stow.parse_multipart_related(request.headers.get("content-type"), body)
     except stow.UnsupportedMediaTypeError as exc:

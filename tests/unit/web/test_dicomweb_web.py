@@ -51,3 +51,13 @@ def test_a_gated_node_wants_a_token_and_a_browser_session_its_csrf_header(
     ignored = node.client.get("/dicom-web/studies", params={"StudyTime": "1200"}, headers=auth)
     assert ignored.status_code == 200 and "StudyTime" in ignored.headers["warning"]
     assert node.client.get("/dicom-web/studies", params={"Nonsense": "1"}, headers=auth).status_code == 400
+
+
+def test_a_stow_request_beyond_the_size_limit_is_refused_with_413(
+        web_node_factory: Callable[..., WebNode], ct_files: list[Path]) -> None:
+    node = web_node_factory(web_admin_user=None, web_admin_password=None, web_api_tokens=[], stow_max_request_mb=1)
+    body, headers = _multipart(ct_files * 8)
+    assert len(body) > 2**20
+    refused = node.client.post("/dicom-web/studies", content=body, headers=headers)
+    assert refused.status_code == 413 and "stow_max_request_mb" in refused.text
+    assert node.client.get("/dicom-web/studies").status_code == 204  # nothing was stored

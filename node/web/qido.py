@@ -325,7 +325,8 @@ def search(session: Session, query: QidoQuery, read_header: HeaderReader, *, ide
     f = query.filters
     if query.level == "study":
         studies = list(session.scalars(_study_query(f).order_by(Study.id).offset(query.offset).limit(query.limit)))
-        return [_study_answer(study, identity) for study in studies]
+        counts = _study_counts(session, [study.id for study in studies])
+        return [_study_answer(study, identity, counts[study.id]) for study in studies]
     if query.level == "series":
         acquired = (select(Series).join(Study, Series.study_pk == Study.id)
                     .outerjoin(Patient, Study.patient_pk == Patient.id)
@@ -345,8 +346,9 @@ def search(session: Session, query: QidoQuery, read_header: HeaderReader, *, ide
             return out
 
         rows = _page(session, acquired, query.offset, query.limit, result_series)
-        return [_series_answer(r, identity) if isinstance(r, Series) else _result_series_answer(r[0], r[1], identity)
-                for r in rows]
+        sizes = _series_sizes(session, [r.id for r in rows if isinstance(r, Series)])
+        return [_series_answer(r, identity, sizes.get(r.id, 0)) if isinstance(r, Series)
+                else _result_series_answer(r[0], r[1], identity) for r in rows]
     acquired_instances = (select(Instance).join(Series, Instance.series_pk == Series.id)
                           .join(Study, Series.study_pk == Study.id)
                           .outerjoin(Patient, Study.patient_pk == Patient.id)
@@ -366,26 +368,56 @@ def search(session: Session, query: QidoQuery, read_header: HeaderReader, *, ide
             for r in rows]
 
 
-def _study_answer(study: Study, identity: bool) -> Dataset:
+@dataclass
+class _StudyCounts:
+    modalities: set[str] = field(default_factory=set)
+    series_uids: set[str] = field(default_factory=set)
+    instances: int = 0
+
+
+def _study_counts(session: Session, study_ids: list[int]) -> dict[int, _StudyCounts]:
+    """Modalities, series and instance counts of each study, results mednode wrote included
+    (three aggregate queries for a page, not one row per instance)."""
+    counts = {study_id: _StudyCounts() for study_id in study_ids}
+    if not study_ids:
+        return counts
+    for study_id, uid, modality in session.execute(
+            select(Series.study_pk, Series.series_instance_uid, Series.modality).where(Series.study_pk.in_(study_ids))):
+        counts[study_id].series_uids.add(uid)
+        if modality:
+            counts[study_id].modalities.add(modality)
+    for study_id, number in session.execute(
+            select(Series.study_pk, func.count(Instance.id)).join(Instance, Instance.series_pk == Series.id)
+            .where(Series.study_pk.in_(study_ids)).group_by(Series.study_pk)):
+        counts[study_id].instances += int(number)
+    for study_id, series_uid, sop_class in session.execute(
+            select(Job.study_pk, Result.series_instance_uid, Result.sop_class_uid).join(Result, Result.job_pk == Job.id)
+            .where(Job.study_pk.in_(study_ids), ~Result.sop_instance_uid.in_(select(Instance.sop_instance_uid)))):
+        counts[study_id].series_uids.add(series_uid)
+        counts[study_id].modalities.add(result_modality(sop_class))
+        counts[study_id].instances += 1
+    return counts
+
+
+def _series_sizes(session: Session, series_ids: list[int]) -> dict[int, int]:
+    if not series_ids:
+        return {}
+    rows = session.execute(select(Instance.series_pk, func.count(Instance.id))
+                           .where(Instance.series_pk.in_(series_ids)).group_by(Instance.series_pk))
+    return {series_id: int(number) for series_id, number in rows}
+
+
+def _study_answer(study: Study, identity: bool, counts: _StudyCounts) -> Dataset:
     ds = Dataset()
     _study_attributes(ds, study, identity)
-    series_uids = {s.series_instance_uid for s in study.series}
-    instance_uids = {i.sop_instance_uid for s in study.series for i in s.instances}
-    modalities = {s.modality for s in study.series if s.modality}
-    for job in study.jobs:
-        for result in job.results:
-            if result.sop_instance_uid not in instance_uids:
-                series_uids.add(result.series_instance_uid)
-                instance_uids.add(result.sop_instance_uid)
-                modalities.add(result_modality(result.sop_class_uid))
-    ds.ModalitiesInStudy = sorted(modalities)
-    ds.NumberOfStudyRelatedSeries = len(series_uids)
-    ds.NumberOfStudyRelatedInstances = len(instance_uids)
+    ds.ModalitiesInStudy = sorted(counts.modalities)
+    ds.NumberOfStudyRelatedSeries = len(counts.series_uids)
+    ds.NumberOfStudyRelatedInstances = counts.instances
     ds.InstanceAvailability = "ONLINE"
     return ds
 
 
-def _series_answer(series: Series, identity: bool) -> Dataset:
+def _series_answer(series: Series, identity: bool, size: int | None = None) -> Dataset:
     ds = Dataset()
     _study_attributes(ds, series.study, identity)
     _set(ds, "SeriesInstanceUID", series.series_instance_uid)
@@ -393,7 +425,8 @@ def _series_answer(series: Series, identity: bool) -> Dataset:
     _set(ds, "SeriesNumber", series.series_number)
     _set(ds, "SeriesDescription", series.series_description)
     _set(ds, "BodyPartExamined", series.body_part_examined)
-    ds.NumberOfSeriesRelatedInstances = len(series.instances)
+    if size is not None:
+        ds.NumberOfSeriesRelatedInstances = size
     ds.InstanceAvailability = "ONLINE"
     return ds
 
@@ -412,7 +445,6 @@ def _result_series_answer(results: list[Result], header: Dataset, identity: bool
 
 def _instance_answer(instance: Instance, identity: bool) -> Dataset:
     ds = _series_answer(instance.series, identity)
-    del ds.NumberOfSeriesRelatedInstances
     _set(ds, "SOPClassUID", instance.sop_class_uid)
     _set(ds, "SOPInstanceUID", instance.sop_instance_uid)
     _set(ds, "InstanceNumber", instance.instance_number)

@@ -196,7 +196,7 @@ def _destination(text: str, settings: Settings | None = None) -> AnyDestination:
 @app.command()
 def send(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or directories.", exists=True)],
-    to: Annotated[str, typer.Option("--to", help="Destination AET@host:port or a name in destinations.")],
+    to: Annotated[str, typer.Option("--to", help="AET@host:port, a DICOMweb URL or a name in destinations.")],
     config: ConfigOpt = None,
     ae_title: Annotated[str | None, typer.Option("--ae-title", help="Calling AE title.")] = None,
 ) -> None:
@@ -240,7 +240,7 @@ def send(
 
 @app.command()
 def echo(
-    destination: Annotated[str, typer.Argument(help="AET@host:port or a name in destinations.")],
+    destination: Annotated[str, typer.Argument(help="AET@host:port, a DICOMweb URL or a name in destinations.")],
     config: ConfigOpt = None,
 ) -> None:
     """C-ECHO a peer and show the round trip (with its calling AE title, timeouts and TLS); a

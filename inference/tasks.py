@@ -57,6 +57,9 @@ class TaskSpec:
         Output language, a lowercase BCP 47 primary tag (``en``, ``zh``).
     max_new_tokens : int or None
         Token budget per generation; None takes the model config's default.
+    clinical_context : str
+        Age, sex and the request's reason as the prompt's first line
+        (:func:`inference.vlm.clinical.context_text`); set per study by the node, never from a rule.
     """
 
     kind: TaskKind
@@ -67,6 +70,7 @@ class TaskSpec:
     findings: tuple[str, ...] = ()
     max_new_tokens: int | None = None
     regions: tuple[Box, ...] = ()
+    clinical_context: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:

@@ -15,6 +15,8 @@ images
 downloaded a result's DICOM file was downloaded              the same
 sent to    a job's de-identified input left for a remote model   ``mednode``
 model      server (counts, masked/left out, the server)
+stored     instances were stored by STOW-RS (per study; the      the user (``token``; ``anonymous`` on
+           count refused, if any, in a row of its own)           an open loopback node)
 login      failed logins locked an address or user name out  ``web:<client address>``
 locked
 retry …    manual actions (:mod:`node.web.actions`)          the user
@@ -47,6 +49,7 @@ VIEWED_IMAGES = "viewed images"
 DOWNLOADED = "downloaded"
 #: a job's de-identified images and prompts left for a remote model server (``models.vlm.remote``)
 SENT_TO_MODEL = "sent to model"
+STORED = "stored"
 LOGIN_LOCKED = "login locked"
 #: The actor of what the node does by itself (deliveries).
 SYSTEM_ACTOR = "mednode"

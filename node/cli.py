@@ -12,7 +12,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from node.config import ConfigError, Destination, Settings, load_settings
+from node.config import (
+    AnyDestination,
+    ConfigError,
+    DicomWebDestination,
+    Settings,
+    load_settings,
+    parse_destination,
+)
 from node.logging_setup import configure_logging
 
 app = typer.Typer(help="mednode: a DICOM node that runs a medical imaging model on studies.",
@@ -170,15 +177,16 @@ def status(
         out.print(table)
 
 
-def _destination(text: str, settings: Settings | None = None) -> Destination:
-    """A destination by name (``default``, a key of ``destinations``) or ``AET@host:port``; a
-    configured one comes with its options (calling AE title, timeouts, TLS)."""
+def _destination(text: str, settings: Settings | None = None) -> AnyDestination:
+    """A destination by name (``default``, a key of ``destinations``), ``AET@host:port`` or a
+    DICOMweb URL; a configured one comes with its options (calling AE title, timeouts, TLS, or
+    a DICOMweb archive's credentials)."""
     if settings is not None and text != "default" and text in settings.destinations:
         return settings.destinations[text]
     if settings is not None and text == "default" and settings.destination is not None:
         return settings.destination
     try:
-        parsed = Destination.parse(text)
+        parsed = parse_destination(text)
     except ValueError as exc:
         names = f" or one of {['default', *settings.destinations]}" if settings is not None else ""
         raise typer.BadParameter(f"{exc}{names}")
@@ -188,13 +196,14 @@ def _destination(text: str, settings: Settings | None = None) -> Destination:
 @app.command()
 def send(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or directories.", exists=True)],
-    to: Annotated[str, typer.Option("--to", help="Destination AET@host:port or a name in destinations.")],
+    to: Annotated[str, typer.Option("--to", help="AET@host:port, a DICOMweb URL or a name in destinations.")],
     config: ConfigOpt = None,
     ae_title: Annotated[str | None, typer.Option("--ae-title", help="Calling AE title.")] = None,
 ) -> None:
-    """C-STORE files to a peer, each in its own transfer syntax."""
+    """C-STORE files to a peer, each in its own transfer syntax (STOW-RS to a DICOMweb archive)."""
     from rich.progress import Progress
 
+    from node import dicomweb_delivery
     from node.delivery import DeliveryError, send_files
 
     settings = _settings(config)
@@ -217,8 +226,11 @@ def send(
 
         try:
             for start in range(0, len(files), 1000):
-                send_files(destination, files[start:start + 1000],
-                           calling_ae_title=ae_title or settings.ae_title, progress=advance)
+                if isinstance(destination, DicomWebDestination):
+                    dicomweb_delivery.send_files(destination, files[start:start + 1000], progress=advance)
+                else:
+                    send_files(destination, files[start:start + 1000],
+                               calling_ae_title=ae_title or settings.ae_title, progress=advance)
         except (DeliveryError, ValueError) as exc:  # ConfigError (TLS files) is a ValueError
             console.print(f"[red]{escape(f'{destination}: {exc}')}[/red]")
             raise typer.Exit(1)
@@ -228,15 +240,21 @@ def send(
 
 @app.command()
 def echo(
-    destination: Annotated[str, typer.Argument(help="AET@host:port or a name in destinations.")],
+    destination: Annotated[str, typer.Argument(help="AET@host:port, a DICOMweb URL or a name in destinations.")],
     config: ConfigOpt = None,
 ) -> None:
-    """C-ECHO a peer and show the round trip (with its calling AE title, timeouts and TLS)."""
+    """C-ECHO a peer and show the round trip (with its calling AE title, timeouts and TLS); a
+    DICOMweb archive gets a one-study QIDO-RS search with its credentials instead."""
+    from node import dicomweb_delivery
     from node.delivery import echo as do_echo
 
     settings = _settings(config)
     try:
-        result = do_echo(_destination(destination, settings), calling_ae_title=settings.ae_title)
+        target = _destination(destination, settings)
+        if isinstance(target, DicomWebDestination):
+            result = dicomweb_delivery.echo(target)
+        else:
+            result = do_echo(target, calling_ae_title=settings.ae_title)
     except ConfigError as exc:
         typer.echo(f"{destination}: {exc}", err=True)
         raise typer.Exit(2)

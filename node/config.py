@@ -19,8 +19,10 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -144,13 +146,95 @@ class Destination(BaseModel):
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
+class DicomWebSettings(BaseModel):
+    """How to reach a DICOMweb archive (PS3.18): its base URL and how to authenticate.
+
+    ``url`` is the service root, the part before ``/studies`` (Orthanc:
+    ``http://host:8042/dicom-web``). Credentials never go in the URL; a secret may come from
+    the environment, e.g. ``MEDNODE_DESTINATIONS__ARCHIVE__DICOMWEB__PASSWORD``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str = Field(pattern=r"^https?://[^\s@/?#]+(/[^\s?#]*)?$", max_length=120)
+    auth: Literal["none", "bearer", "basic"] = "none"
+    #: the bearer token (``auth: bearer``)
+    token: SecretStr | None = None
+    #: the user name and password (``auth: basic``)
+    username: str | None = Field(default=None, min_length=1)
+    password: SecretStr | None = None
+    #: CA bundle to verify an ``https`` archive with; None: the system's CAs
+    ca_file: Path | None = None
+    #: per request (connect and each read); a timeout is retried like a C-STORE timeout
+    timeout_s: float = Field(default=120.0, gt=0)
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _strip_slash(cls, value: Any) -> Any:
+        return value.strip().rstrip("/") if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _credentials(self) -> DicomWebSettings:
+        if self.auth == "bearer" and not (self.token and self.token.get_secret_value()):
+            raise ValueError("token: auth is bearer, so give the token (or set auth: none)")
+        if self.auth == "basic" and not (self.username and self.password and self.password.get_secret_value()):
+            raise ValueError("username/password: auth is basic, so give both (or set auth: none)")
+        return self
+
+
+class DicomWebDestination(BaseModel):
+    """A DICOMweb archive results are sent to by STOW-RS: ``{dicomweb: {url: …, auth: …}}``.
+
+    ``str(destination)`` is its URL: the form jobs and deliveries store, and the key
+    :meth:`Settings.find_destination` finds the credentials by at send time.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dicomweb: DicomWebSettings
+    #: send IHE IOCM rejection notes withdrawing superseded results (as for DIMSE destinations)
+    rejection_notes: bool = False
+
+    def __str__(self) -> str:
+        return self.dicomweb.url
+
+
+def _destination_kind(value: Any) -> str:
+    if isinstance(value, DicomWebDestination) or (isinstance(value, dict) and "dicomweb" in value):
+        return "dicomweb"
+    return "dimse"
+
+
+#: a destination of either kind: DIMSE (C-STORE) or DICOMweb (STOW-RS, a mapping with ``dicomweb``)
+AnyDestination = Annotated[
+    Annotated[Destination, Tag("dimse")] | Annotated[DicomWebDestination, Tag("dicomweb")],
+    Discriminator(_destination_kind),
+]
+
+
+def parse_destination(text: str) -> AnyDestination:
+    """Parse ``AET@host:port`` or a DICOMweb URL (``http(s)://…``, no authentication).
+
+    Raises
+    ------
+    ValueError
+        If ``text`` is neither.
+    """
+    text = str(text).strip()
+    if text.startswith(("http://", "https://")):
+        return DicomWebDestination(dicomweb=DicomWebSettings(url=text))
+    return Destination.parse(text)
+
+
 def _destination(value: Any) -> Any:
-    if value is None or value == "" or isinstance(value, (Destination, dict)):
+    if value is None or value == "" or isinstance(value, (Destination, DicomWebDestination)):
         return value or None
-    return Destination.parse(value)
+    if isinstance(value, dict):
+        return value
+    return parse_destination(value)
 
 
-DestinationField = Annotated[Destination | None, NoDecode, BeforeValidator(_destination)]
+DestinationField = Annotated[AnyDestination | None, NoDecode, BeforeValidator(_destination)]
 
 
 class RuleMatch(BaseModel):
@@ -408,7 +492,7 @@ class Settings(BaseSettings):
     quiet_period_s: float = Field(default=15.0, gt=0)
     completion_poll_s: float = Field(default=1.0, gt=0)
     destination: DestinationField = None
-    destinations: dict[str, Destination] = Field(default_factory=dict)
+    destinations: dict[str, AnyDestination] = Field(default_factory=dict)
     rules: list[Rule] | None = None
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     job_max_attempts: int = Field(default=3, ge=1)
@@ -453,6 +537,8 @@ class Settings(BaseSettings):
     web_login_max_lockout_s: float = Field(default=3600.0, gt=0)
     #: reverse proxies (addresses or networks) whose X-Forwarded-For names the client; none by default
     web_trusted_proxies: list[str] = Field(default_factory=list)
+    #: largest STOW-RS request body accepted (HTTP 413 beyond); a request is held in memory whole
+    stow_max_request_mb: int = Field(default=1024, ge=1)
 
     #: the YAML file of this settings class (set by :func:`load_settings`)
     yaml_path: ClassVar[Path | None] = None
@@ -466,7 +552,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _one_destination_per_address(self) -> Settings:
-        seen: dict[str, tuple[str, Destination]] = {}
+        seen: dict[str, tuple[str, AnyDestination]] = {}
         named = [("destination", self.destination)] if self.destination is not None else []
         for key, dest in [*named, *((f"destinations.{n}", d) for n, d in self.destinations.items())]:
             first = seen.setdefault(str(dest), (key, dest))
@@ -591,8 +677,9 @@ class Settings(BaseSettings):
     def has_model(self, name: str) -> bool:
         return name == "vlm" and self.models.vlm is not None
 
-    def resolve_destination(self, ref: str, *, rule: str = "?") -> Destination:
-        """Turn a rule's destination reference into a :class:`Destination`.
+    def resolve_destination(self, ref: str, *, rule: str = "?") -> AnyDestination:
+        """Turn a rule's destination reference into a :class:`Destination` or
+        :class:`DicomWebDestination`.
 
         Raises
         ------
@@ -609,20 +696,21 @@ class Settings(BaseSettings):
         if ref in self.destinations:
             return self.destinations[ref]
         try:
-            parsed = Destination.parse(ref)
+            parsed = parse_destination(ref)
         except ValueError:
             raise ValueError(
                 f"rules.{rule}.destinations: {ref!r} is neither a name in destinations "
-                "nor AET@host:port"
+                "nor AET@host:port nor a DICOMweb URL"
             ) from None
         return self.find_destination(str(parsed)) or parsed
 
-    def find_destination(self, text: str) -> Destination | None:
+    def find_destination(self, text: str) -> AnyDestination | None:
         """The configured destination (with its options) whose ``AET@host:port`` is ``text``.
 
-        Jobs and deliveries store destinations as ``AET@host:port``; the calling AE title,
-        timeouts and TLS of a named destination are looked up here at send time, so a change of
-        options applies to deliveries already queued. None when no configured destination has
+        Jobs and deliveries store destinations as ``AET@host:port`` (a DICOMweb archive: its
+        URL); the calling AE title, timeouts and TLS (a DICOMweb archive's credentials) of a named
+        destination are looked up here at send time, so a change of options applies to deliveries
+        already queued. None when no configured destination has
         that address (an inline ``AET@host:port`` of a rule, or one given on the command line).
         """
         candidates = [self.destination, *self.destinations.values()]
@@ -700,7 +788,17 @@ def default_rules(with_destination: bool) -> list[Rule]:
     ]
 
 
+def _without_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``destinations.pacs.dimse.port`` → ``destinations.pacs.port``: the tag that
+    :data:`AnyDestination` puts in an error's location is no key of the configuration."""
+    at = 2 if loc[:1] == ("destinations",) else 1 if loc[:1] == ("destination",) else None
+    if at is not None and len(loc) > at + 1 and loc[at] in ("dimse", "dicomweb"):
+        return loc[:at] + loc[at + 1:]
+    return loc
+
+
 def _describe(error: dict[str, Any]) -> str:
+    error = {**error, "loc": _without_union_tags(tuple(error.get("loc", ())))}
     loc = ".".join(str(p) for p in error.get("loc", ()) if p != "__root__")
     # the variable that sets this key: MEDNODE_DELIVERY__GIVE_UP_AFTER_S for a key of a nested
     # section, MEDNODE_DESTINATION for a value parsed from one string, MEDNODE_RULES for a list

@@ -29,7 +29,7 @@ from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node.config import Destination
+from node.config import Destination, DicomWebDestination
 from node.tls import client_context
 
 log = logging.getLogger(__name__)
@@ -334,7 +334,7 @@ def _context_refused(pair: tuple[str, str]) -> str:
 
 @dataclass(frozen=True)
 class EchoResult:
-    destination: Destination
+    destination: Destination | DicomWebDestination
     ok: bool
     status: int | None
     latency_s: float

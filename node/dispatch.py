@@ -12,8 +12,8 @@ from dataclasses import astuple
 from datetime import timedelta
 from pathlib import Path
 
-from node import audit, jobs, metrics
-from node.config import ConfigError, Destination
+from node import audit, dicomweb_delivery, jobs, metrics
+from node.config import AnyDestination, ConfigError, DicomWebDestination, parse_destination
 from node.context import NodeContext
 from node.delivery import (
     DeliveryError,
@@ -33,16 +33,22 @@ def backoff_s(attempts: int, initial_s: float, max_s: float) -> float:
     return float(min(max_s, initial_s * 2 ** max(0, attempts - 1)))
 
 
-def attempt(destination: Destination, path: Path, calling_ae_title: str,
+def attempt(destination: AnyDestination, path: Path, calling_ae_title: str,
              timeouts: Timeouts) -> tuple[bool, bool, str | None]:
     """Send one file to ``destination``; return (stored, refused for good, why not).
 
-    A refusal's reason starts ``refused by AET@host:port:`` (:data:`jobs.REFUSED_PREFIX`) and
-    carries the status with the standard's words and the peer's comment, e.g. ``refused by
-    PACS@10.0.0.5:104: status 0xA900 (data set does not match SOP class): <comment>``.
+    A DIMSE destination gets a C-STORE, a DICOMweb one a STOW-RS request
+    (:mod:`node.dicomweb_delivery`); both answer in the same terms. A refusal's reason starts
+    ``refused by <destination>:`` (:data:`jobs.REFUSED_PREFIX`) and carries the status with the
+    standard's words and the peer's comment, e.g. ``refused by PACS@10.0.0.5:104: status 0xA900
+    (data set does not match SOP class): <comment>``, or ``refused by https://archive/dicom-web:
+    STOW-RS … refused: HTTP 401 Unauthorized …``.
     """
     try:
-        [status] = send_files(destination, [path], calling_ae_title=calling_ae_title, timeouts=timeouts)
+        if isinstance(destination, DicomWebDestination):
+            [status] = dicomweb_delivery.send_files(destination, [path])
+        else:
+            [status] = send_files(destination, [path], calling_ae_title=calling_ae_title, timeouts=timeouts)
     except PermanentDeliveryError as exc:
         return False, True, f"{jobs.REFUSED_PREFIX}{destination}: {exc}"
     except ConfigError as exc:  # the destination's TLS files: nothing will change by itself
@@ -63,7 +69,7 @@ def deliver(ctx: NodeContext, delivery_id: int) -> float | None:
         if delivery is None or delivery.state != DeliveryState.PENDING:
             return None
         # a configured destination's options (calling AE title, timeouts, TLS) as they are now
-        destination = ctx.settings.find_destination(delivery.destination) or Destination.parse(delivery.destination)
+        destination = ctx.settings.find_destination(delivery.destination) or parse_destination(delivery.destination)
         path = ctx.store.absolute(delivery.result.path)
         sop_uid = delivery.result.sop_instance_uid
         attempts = delivery.attempts
@@ -71,11 +77,15 @@ def deliver(ctx: NodeContext, delivery_id: int) -> float | None:
         study_uid = delivery.result.job.study.study_instance_uid
         job_id = delivery.result.job_pk
     settings = ctx.settings.delivery
-    timeouts = destination_timeouts(destination, Timeouts(
-        settings.acse_timeout_s, settings.dimse_timeout_s, settings.network_timeout_s))
+    timeouts = Timeouts(settings.acse_timeout_s, settings.dimse_timeout_s, settings.network_timeout_s)
+    if isinstance(destination, DicomWebDestination):  # connect, then one read of the answer
+        longest_s = 2 * destination.dicomweb.timeout_s
+    else:
+        timeouts = destination_timeouts(destination, timeouts)
+        longest_s = sum(astuple(timeouts))
     # one attempt at a time, however many messages name this delivery; the lease outlasts the
-    # longest an attempt can take (connect, associate, one C-STORE)
-    if not jobs.claim_delivery(ctx.sessions, delivery_id, lease_s=2 * sum(astuple(timeouts)) + 60):
+    # longest an attempt can take (connect, associate, one C-STORE or STOW-RS request)
+    if not jobs.claim_delivery(ctx.sessions, delivery_id, lease_s=2 * longest_s + 60):
         log.debug("delivery %d is being tried elsewhere or not due yet; skipped", delivery_id)
         return None
     started = time.perf_counter()

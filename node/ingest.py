@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 class RequestMismatchError(ValueError):
-    """The data set's SOP Class or Instance UID differs from the C-STORE request's."""
+    """The data set's SOP Class or Instance UID differs from the C-STORE request's (or its Study
+    Instance UID from the study a STOW-RS request names)."""
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,12 @@ class Ingestor:
         called_ae_title: str | None,
         expected_sop_class_uid: str | None = None,
         expected_sop_instance_uid: str | None = None,
+        expected_study_instance_uid: str | None = None,
     ) -> IngestResult:
         """Check, store and index one Part 10 byte stream.
+
+        ``expected_study_instance_uid``: the study a STOW-RS request named in its URL
+        (``/studies/{study}``); an instance of another study is refused before anything is written.
 
         Raises
         ------
@@ -89,7 +94,7 @@ class Ingestor:
             start-up reconciliation (:func:`storage.reconcile.reindex_orphans`) indexes it.
         """
         return self._store(read_part10(data), [data], calling_ae_title, called_ae_title,
-                           expected_sop_class_uid, expected_sop_instance_uid)
+                           expected_sop_class_uid, expected_sop_instance_uid, expected_study_instance_uid)
 
     def ingest_received(
         self,
@@ -126,8 +131,11 @@ class Ingestor:
         called_ae_title: str | None,
         expected_sop_class_uid: str | None,
         expected_sop_instance_uid: str | None,
+        expected_study_instance_uid: str | None = None,
     ) -> IngestResult:
         uids = instance.uids()
+        if expected_study_instance_uid and uids.study_instance_uid != expected_study_instance_uid:
+            raise RequestMismatchError("Study Instance UID differs from the request's")
         if expected_sop_class_uid and uids.sop_class_uid != expected_sop_class_uid:
             raise RequestMismatchError("SOP Class UID differs from the C-STORE request")
         if expected_sop_instance_uid and uids.sop_instance_uid != expected_sop_instance_uid:

@@ -40,7 +40,8 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(level)
     # pynetdicom logs identifiers of data sets at DEBUG; mednode never turns that on
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    for noisy in ("sqlalchemy.engine", "amqp", "kombu", "multipart", "httpx", "highdicom", "alembic"):
+    for noisy in ("sqlalchemy.engine", "amqp", "kombu", "multipart", "httpx", "highdicom", "alembic",
+                   "dicomweb_client", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # pydicom and highdicom quote attribute values in their warnings (a PatientName that is
     # "unlikely to represent the intended person name", an invalid IS value...): such values may

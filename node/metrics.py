@@ -17,7 +17,8 @@ INSTANCES_RECEIVED = Counter(
 )
 BYTES_RECEIVED = Counter("mednode_bytes_received_total", "Bytes of instances received")
 STORE_FAILURES = Counter(
-    "mednode_store_failures_total", "C-STORE requests answered with a failure status", ["status"]
+    "mednode_store_failures_total", "C-STORE requests and STOW-RS instances answered with a failure status",
+    ["status"]
 )
 STUDIES_COMPLETED = Counter("mednode_studies_completed_total", "Studies that became complete")
 JOB_DURATION = Histogram(
@@ -32,7 +33,7 @@ STAGE_DURATION = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300),
 )
 DELIVERY_FAILURES = Counter(
-    "mednode_delivery_failures_total", "Failed C-STORE attempts to destinations"
+    "mednode_delivery_failures_total", "Failed C-STORE and STOW-RS attempts to destinations"
 )
 MODEL_LOAD_SECONDS = Histogram(
     "mednode_model_load_seconds", "Time to load a model into a worker", ["model"]

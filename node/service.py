@@ -162,7 +162,8 @@ def serve(settings: Settings, config_path: Path | None) -> None:
         raise SystemExit(2) from None
     ctx = prepare(settings)
     configure_celery(settings)
-    servers = start_listeners(settings, Ingestor(ctx.store, ctx.sessions, late_series_check(settings.effective_rules)), security)
+    ingestor = Ingestor(ctx.store, ctx.sessions, late_series_check(settings.effective_rules))
+    servers = start_listeners(settings, ingestor, security)
     scheduler = Scheduler(ctx)
     scheduler.start()
     supervisor = None
@@ -172,7 +173,7 @@ def serve(settings: Settings, config_path: Path | None) -> None:
         supervisor.start()
     web = uvicorn.Server(
         uvicorn.Config(
-            create_app(settings),
+            create_app(settings, ingestor),  # STOW-RS stores through the listener's ingestor
             host=settings.web_host,
             port=settings.web_port,
             log_level="warning",

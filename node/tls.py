@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import ssl
 
-from node.config import ConfigError, DestinationTLS, Settings, TLSSettings
+from node.config import (
+    ConfigError,
+    Destination,
+    DestinationTLS,
+    DicomWebDestination,
+    Settings,
+    TLSSettings,
+)
 
 
 def server_context(tls: TLSSettings) -> ssl.SSLContext:
@@ -96,5 +103,8 @@ def check_destination_tls(settings: Settings) -> None:
     """
     named = [("destination", settings.destination), *((f"destinations.{n}", d) for n, d in settings.destinations.items())]
     for key, destination in named:
-        if destination is not None and destination.tls is not None:
+        if isinstance(destination, Destination) and destination.tls is not None:
             client_context(destination.tls, key=f"{key}.tls")
+        elif isinstance(destination, DicomWebDestination) and destination.dicomweb.ca_file is not None \
+                and not destination.dicomweb.ca_file.is_file():
+            raise ConfigError(f"{key}.dicomweb.ca_file: file not found: {destination.dicomweb.ca_file}")

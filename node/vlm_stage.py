@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any
 
@@ -27,6 +27,7 @@ from dicom_io.deidentify import (
     scrub_text,
     ultrasound_regions,
 )
+from dicom_io.clinical import read_clinical_context
 from dicom_io.equipment import AlgorithmInfo
 from dicom_io.narrative_report import Comparison, build_narrative_report
 from dicom_io.regions import ImageLabel, ImageRegion, build_region_report, viewer_geometry_problem
@@ -49,6 +50,7 @@ from inference.results import (
 from inference.tasks import TaskSpec
 from inference.vlm import VLMConfig, get_vlm
 from inference.vlm.comparison import PriorStudy
+from inference.vlm.clinical import CONTEXT_TASKS, context_text
 from inference.vlm.loader import loaded_models
 from inference.vlm.runtime import VLM
 from inference.vlm.server import ServerConfig, ServerVLM
@@ -434,6 +436,16 @@ def prepare_prior(vlm: VLM, priors: PriorInput, *, slices_per_series: int | None
     images, _ = prepare_images(vlm, {"prior": list(priors.datasets)}, slices_per_series=slices_per_series)
     return PriorStudy(tuple(images), priors.study_date.isoformat() if priors.study_date else None,
                       priors.report)
+def with_clinical_context(series: dict[str, list[Dataset]], specs: list[TaskSpec]) -> list[TaskSpec]:
+    """The tasks with the study's age, sex and request reason as their prompts' first line
+    (:mod:`dicom_io.clinical`; never a name or an ID), in each task's language — reports and
+    questions only (:data:`inference.vlm.clinical.CONTEXT_TASKS`)."""
+    first = next((datasets[0] for datasets in series.values() if datasets), None)
+    if first is None:
+        return specs
+    context = read_clinical_context(first)
+    return [replace(spec, clinical_context=context_text(context, spec.language)) if spec.kind in CONTEXT_TASKS
+            else spec for spec in specs]
 
 
 def run_vlm_tasks(
@@ -460,6 +472,7 @@ def run_vlm_tasks(
         pixel_filter = mask_filter(masked) if masked else None
         if priors is not None:
             priors, dropped, redacted = priors_for_remote(priors, series)
+    specs = with_clinical_context(series, specs)
     images, sources = prepare_images(vlm, series, slices_per_series=settings.slices_per_series,
                                      pixel_filter=pixel_filter)
     prior = prepare_prior(vlm, priors, slices_per_series=settings.slices_per_series) if priors else None

@@ -76,7 +76,9 @@ def orthanc_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthan
     """Start Orthanc servers on free ports; every one is stopped by PID at teardown.
 
     Call it as ``orthanc_factory(modalities={"mednode": {"AET": "MEDNODE", "Host":
-    "127.0.0.1", "Port": port}}, aet="ORTHANC", extra_config={...})``.
+    "127.0.0.1", "Port": port}}, aet="ORTHANC", extra_config={...})``; ``users={name: password}``
+    turns HTTP Basic authentication on; ``running=False`` returns it on its ports, not started yet
+    (a PACS that is down, started later with ``.start()``).
     """
     require_tool("Orthanc")
     started: list[Orthanc] = []
@@ -85,15 +87,18 @@ def orthanc_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthan
         modalities: Mapping[str, Mapping[str, Any]] | None = None,
         aet: str = "ORTHANC",
         extra_config: Mapping[str, Any] | None = None,
+        users: Mapping[str, str] | None = None,
+        running: bool = True,
     ) -> Orthanc:
         server = Orthanc(
             tmp_path_factory.mktemp("orthanc"),
             modalities=modalities,
             aet=aet,
             extra_config=extra_config,
+            users=users,
         )
         started.append(server)
-        return server.start()
+        return server.start() if running else server
 
     yield start
     for server in started:

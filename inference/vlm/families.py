@@ -30,6 +30,7 @@ from inference.geometry import ImageTransform, PrepareMode
 from inference.results import Box
 from inference.tasks import TaskKind, TaskSpec
 from inference.vlm.comparison import ComparisonMode
+from inference.vlm.clinical import with_context
 
 #: Default wording per language. ``{question}``, ``{label}``, ``{phrase}`` and ``{region}`` are
 #: filled in per item. Families override entries in ``Family.prompts``.
@@ -147,14 +148,16 @@ class Family:
 
     def prompt(self, task: TaskSpec, *, item: str = "", region: Box | None = None,
                transform: ImageTransform | None = None) -> str:
-        """Fill the template of ``task`` for one item (question, label, phrase) or region."""
+        """Fill the template of ``task`` for one item (question, label, phrase) or region, after
+        the study's clinical context when the task carries one."""
         template = self.template(task.kind, task.language)
         region_text = ""
         if region is not None:
             if transform is None:
                 raise ValueError("A region prompt needs the transform of the region's image.")
             region_text = format_box(self.box_format, region, transform)
-        return template.format(question=item, label=item, phrase=item, region=region_text)
+        return with_context(template.format(question=item, label=item, phrase=item, region=region_text),
+                            task.clinical_context)
 
 
 _GROUND_JSON_MEDGEMMA = (

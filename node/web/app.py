@@ -24,8 +24,9 @@ from sqlalchemy import text
 
 from node import context
 from node.config import Settings
+from node.ingest import Ingestor
 from node.jobs import InvalidTransitionError, JobNotFoundError
-from node.web import actions, api, pages
+from node.web import actions, api, dicomweb, pages
 from node.web.access import patient_data_gated
 from node.web.auth import AuthConfig
 from node.web.collector import IndexCollector
@@ -54,8 +55,11 @@ def _error(request: Request, status_code: int, detail: Any, headers: dict[str, s
     return pages.error_page(request, status_code, str(detail), headers)
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, ingestor: Ingestor | None = None) -> FastAPI:
     """Build the web application of a node.
+
+    ``ingestor`` stores what STOW-RS receives: the listener's own under ``mednode serve`` (one
+    index lock for both); without it, one is made on the first STOW-RS request.
 
     Raises
     ------
@@ -72,6 +76,7 @@ def create_app(settings: Settings) -> FastAPI:
         openapi_url="/api/v1/openapi.json",
     )
     app.state.settings = settings
+    app.state.ingestor = ingestor
     app.state.auth = AuthConfig.from_settings(settings)
     app.state.patient_data_gated = patient_data_gated(settings.web_host, app.state.auth)
     app.state.login_limiter = LoginLimiter(
@@ -148,6 +153,7 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(api.router)
+    app.include_router(dicomweb.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=WEB_DIR / "static"), name="static")
     return app

@@ -300,12 +300,16 @@ class RuleOut(BaseModel):
 
 class DestinationOut(BaseModel):
     name: str
-    ae_title: str
-    host: str
-    port: int
+    #: ``dimse`` (C-STORE to ae_title@host:port) or ``dicomweb`` (STOW-RS to url)
+    kind: Literal["dimse", "dicomweb"] = "dimse"
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = None
     used_by: list[str]
     calling_ae_title: str | None = None  #: the AE title mednode calls it with
     tls: bool = False
+    url: str | None = None  #: a DICOMweb archive's service root
+    auth: str | None = None  #: a DICOMweb archive's authentication: none, basic, bearer (never the secret)
 
 
 class EchoOut(BaseModel):

@@ -9,8 +9,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from node import dicomweb_delivery
 from node.completion import study_facts
-from node.config import Destination, Settings
+from node.config import AnyDestination, DicomWebDestination, Settings
 from node.delivery import Timeouts, echo
 from node.routing import SeriesFacts, StudyFacts, check_rule, route
 from node.web.schemas import (
@@ -85,9 +86,9 @@ def dry_run_upload(settings: Settings, data: bytes, calling_ae_title: str | None
     return dry_run_facts(settings, facts, "upload")
 
 
-def destinations(settings: Settings) -> dict[str, Destination]:
+def destinations(settings: Settings) -> dict[str, AnyDestination]:
     """Every destination a rule can send to, by name (``default``, named ones, inline ones)."""
-    found: dict[str, Destination] = {}
+    found: dict[str, AnyDestination] = {}
     if settings.destination is not None:
         found["default"] = settings.destination
     found.update(settings.destinations)
@@ -105,6 +106,10 @@ def destinations_out(settings: Settings) -> list[DestinationOut]:
     out = []
     for name, dest in destinations(settings).items():
         used_by = [r.name for r in settings.effective_rules if name in r.destinations]
+        if isinstance(dest, DicomWebDestination):
+            out.append(DestinationOut(name=name, kind="dicomweb", url=dest.dicomweb.url, used_by=used_by,
+                                      auth=dest.dicomweb.auth, tls=dest.dicomweb.url.startswith("https:")))
+            continue
         out.append(DestinationOut(name=name, ae_title=dest.ae_title, host=dest.host, port=dest.port,
                                   used_by=used_by, calling_ae_title=dest.calling_ae_title or settings.ae_title,
                                   tls=dest.tls is not None))
@@ -117,7 +122,10 @@ def echo_destination(settings: Settings, name: str) -> EchoOut | None:
     if dest is None:
         return None
     try:
-        result = echo(dest, calling_ae_title=settings.ae_title, timeouts=ECHO_TIMEOUTS)
+        if isinstance(dest, DicomWebDestination):
+            result = dicomweb_delivery.echo(dest)
+        else:
+            result = echo(dest, calling_ae_title=settings.ae_title, timeouts=ECHO_TIMEOUTS)
     except (OSError, RuntimeError, ValueError) as exc:  # boundary: show why, don't raise
         return EchoOut(name=name, destination=str(dest), ok=False, status=None, latency_ms=0.0,
                        error=f"{type(exc).__name__}: {exc}")

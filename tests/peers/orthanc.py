@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import urllib.error
@@ -49,6 +50,9 @@ class Orthanc:
         Fixed ports; free ones are picked when None.
     extra_config
         Keys merged over the generated configuration.
+    users
+        ``{user: password}``: HTTP Basic authentication on (REST and DICOMweb); the REST
+        helpers here log in as the first user.
 
     Notes
     -----
@@ -64,13 +68,17 @@ class Orthanc:
         dicom_port: int | None = None,
         http_port: int | None = None,
         extra_config: Mapping[str, Any] | None = None,
+        users: Mapping[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
+        self.users = dict(users or {})
         self.aet = aet
         self.host = LOOPBACK
         self.dicom_port = dicom_port or free_port()
         self.http_port = http_port or free_port()
         self.base_url = f"http://{LOOPBACK}:{self.http_port}"
+        #: the DICOMweb plugin's service root (QIDO-RS, WADO-RS, STOW-RS under it)
+        self.dicomweb_url = f"{self.base_url}/dicom-web"
         self.config: dict[str, Any] = {
             "Name": f"TEST-{aet}",
             "StorageDirectory": str(self.workdir / "db"),
@@ -79,7 +87,8 @@ class Orthanc:
             "DicomPort": self.dicom_port,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "DicomModalities": {k: dict(v) for k, v in (modalities or {}).items()},
             "DicomAlwaysAllowStore": True,
             "DicomAlwaysAllowEcho": True,
@@ -143,6 +152,9 @@ class Orthanc:
             On an HTTP error status; the message carries Orthanc's answer.
         """
         req = urllib.request.Request(self.base_url + path, data=body, method=method)
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
         if body is not None:
             req.add_header("Content-Type", content_type)
         try:

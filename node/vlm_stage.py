@@ -19,6 +19,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
+from dicom_io.clinical import read_clinical_context
 from dicom_io.deidentify import (
     BurnedInPolicy,
     burned_in_text_reason,
@@ -27,7 +28,6 @@ from dicom_io.deidentify import (
     scrub_text,
     ultrasound_regions,
 )
-from dicom_io.clinical import read_clinical_context
 from dicom_io.equipment import AlgorithmInfo
 from dicom_io.narrative_report import Comparison, build_narrative_report
 from dicom_io.regions import ImageLabel, ImageRegion, build_region_report, viewer_geometry_problem
@@ -49,8 +49,8 @@ from inference.results import (
 )
 from inference.tasks import TaskSpec
 from inference.vlm import VLMConfig, get_vlm
-from inference.vlm.comparison import PriorStudy
 from inference.vlm.clinical import CONTEXT_TASKS, context_text
+from inference.vlm.comparison import PriorStudy
 from inference.vlm.loader import loaded_models
 from inference.vlm.runtime import VLM
 from inference.vlm.server import ServerConfig, ServerVLM

@@ -29,8 +29,8 @@ from inference.errors import InvalidInputError
 from inference.geometry import ImageTransform, PrepareMode
 from inference.results import Box
 from inference.tasks import TaskKind, TaskSpec
-from inference.vlm.comparison import ComparisonMode
 from inference.vlm.clinical import with_context
+from inference.vlm.comparison import ComparisonMode
 
 #: Default wording per language. ``{question}``, ``{label}``, ``{phrase}`` and ``{region}`` are
 #: filled in per item. Families override entries in ``Family.prompts``.

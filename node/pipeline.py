@@ -34,6 +34,7 @@ from inference.errors import (
     InferenceError,
     InvalidInputError,
     ModelNotConfiguredError,
+    ModelOutOfMemoryError,
     ModelServerUnavailableError,
 )
 from inference.monai_bundle import MonaiBundle
@@ -382,8 +383,8 @@ def run_job(ctx: NodeContext, job_id: int) -> list[int]:
         with _Lease(ctx, job.id, ctx.settings.job_lease_s):
             outputs = run_tasks(ctx, job)
             results = store_outputs(ctx, job.id, outputs)
-    except ModelServerUnavailableError as exc:  # before InferenceError: down or slow is worth a retry
-        return _retry_or_give_up(ctx, job, exc)
+    except (ModelServerUnavailableError, ModelOutOfMemoryError) as exc:  # before InferenceError:
+        return _retry_or_give_up(ctx, job, exc)  # down, slow or out of GPU memory: worth a retry
     except (InferenceError, DicomIOError, ValueError, KeyError) as exc:
         jobs.fail_job(ctx.sessions, job.id, failure_reason(exc))
         return []

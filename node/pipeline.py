@@ -235,6 +235,8 @@ def rejection_notes(ctx: NodeContext, job: jobs.ClaimedJob) -> list[Output]:
 
 
 _BUNDLES: dict[tuple[str, str], MonaiBundle] = {}
+#: jobs run as threads of one inference worker: one load per bundle, however many ask at once
+_BUNDLES_LOCK = threading.Lock()
 
 
 def load_bundle(path: Path, device: str) -> MonaiBundle:
@@ -244,13 +246,14 @@ def load_bundle(path: Path, device: str) -> MonaiBundle:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     key = (str(path), device)
-    if key not in _BUNDLES:
-        started = time.perf_counter()
-        _BUNDLES[key] = MonaiBundle.load(Path(path), device=device)
-        metrics.MODEL_LOAD_SECONDS.labels(model=_BUNDLES[key].name or Path(path).name).observe(
-            time.perf_counter() - started
-        )
-    return _BUNDLES[key]
+    with _BUNDLES_LOCK:
+        if key not in _BUNDLES:
+            started = time.perf_counter()
+            _BUNDLES[key] = MonaiBundle.load(Path(path), device=device)
+            metrics.MODEL_LOAD_SECONDS.labels(model=_BUNDLES[key].name or Path(path).name).observe(
+                time.perf_counter() - started
+            )
+        return _BUNDLES[key]
 
 
 def bundle_segmentation(bundle: MonaiBundle, volume: Volume, job_key: str, *, series_offset: int = 0,

@@ -9,6 +9,7 @@ answers (one SR per language) and regions/labels (one TID 1500 SR) are written w
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -95,6 +96,7 @@ def vlm_config(settings: VLMSettings) -> VLMConfig:
 
 #: One client per (server settings) in a process, like the warm in-process model.
 _SERVER_CLIENTS: dict[ServerConfig, ServerVLM] = {}
+_SERVER_CLIENTS_LOCK = threading.Lock()
 
 
 def server_config(settings: VLMSettings) -> ServerConfig:
@@ -110,10 +112,11 @@ def server_model(settings: VLMSettings) -> ServerVLM:
     """The process-wide client of the model server that ``settings.server`` names; the model
     name is checked against the server's list on first use."""
     cfg = server_config(settings)
-    if cfg not in _SERVER_CLIENTS:
-        _SERVER_CLIENTS[cfg] = ServerVLM(cfg)
-        log.info("vlm: using model %s on server %s", cfg.model, cfg.server)
-    return _SERVER_CLIENTS[cfg]
+    with _SERVER_CLIENTS_LOCK:  # a worker's job threads share one client
+        if cfg not in _SERVER_CLIENTS:
+            _SERVER_CLIENTS[cfg] = ServerVLM(cfg)
+            log.info("vlm: using model %s on server %s", cfg.model, cfg.server)
+        return _SERVER_CLIENTS[cfg]
 
 
 def check_server_at_start(settings: VLMSettings | None) -> str | None:

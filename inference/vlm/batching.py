@@ -147,7 +147,7 @@ class GenerationQueue(Generic[U, R]):
         started = time.perf_counter()
         try:
             results = self._generate([p.unit for p in batch])
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (boundary: the error goes to the job that owns the unit)
             if _is_out_of_memory(exc):
                 _free_cached_memory()
                 if len(batch) == 1:

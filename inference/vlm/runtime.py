@@ -202,6 +202,8 @@ class VLM:
         self.input_size = cfg.image_size or self._processor_input_size()
         self._stop_ids = self._collect_stop_ids()
         self._yes_no_ids: dict[str, tuple[list[int], list[int]] | None] = {}
+        for language in YES_NO:  # now: a fast tokenizer used from several job threads may fail
+            self._yes_no_token_ids(language)  # ("Already borrowed"); generation has its own thread
         self.generate_calls = 0
 
     # --- input -----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def test_asks_running_at_once_share_the_model_and_its_generate_calls(
     config.write_text(yaml.safe_dump({
         "models": {"vlm": {"path": str(tiny_qwen2_vl), "family": "qwen2_vl", "max_new_tokens": 128,
                            "slices_per_series": 1, "device": "cpu", "batch_size": 8}},
-        "rules": [{"name": "ct", "match": {"modality": "CT"}, "tasks": ["ct_analysis"]}],
+        "rules": [{"name": "ct", "match": {"modality": "CT"}, "tasks": ["ct_analysis"], "destinations": []}],
     }))
     node = mednode_factory(quiet_period_s=1.0, config=config, extra_env={
         "MEDNODE_WEB_API_TOKENS": json.dumps([TOKEN]), "MEDNODE_EMBEDDED_URGENT_WORKER": "false",

@@ -202,8 +202,10 @@ class VLM:
         self.input_size = cfg.image_size or self._processor_input_size()
         self._stop_ids = self._collect_stop_ids()
         self._yes_no_ids: dict[str, tuple[list[int], list[int]] | None] = {}
-        for language in YES_NO:  # now: a fast tokenizer used from several job threads may fail
-            self._yes_no_token_ids(language)  # ("Already borrowed"); generation has its own thread
+        # once, here: job threads expand units concurrently, and a fast tokenizer used by several
+        # threads at once can fail ("Already borrowed"); encoding/decoding runs on the queue's thread
+        for language in YES_NO:
+            self._yes_no_token_ids(language)
         self.generate_calls = 0
 
     # --- input -----------------------------------------------------------------------------

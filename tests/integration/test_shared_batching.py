@@ -16,7 +16,15 @@ import yaml
 
 from tests.integration.conftest import MednodeFactory
 from tests.integration.e2e import poll
-from tests.integration.node_jobs import SMALL_CT, TOKEN, api, job, send_phantom, study_job, tiny_qwen2_vl  # noqa: F401
+from tests.integration.node_jobs import (  # noqa: F401
+    SMALL_CT,
+    TOKEN,
+    api,
+    job,
+    send_phantom,
+    study_job,
+    tiny_qwen2_vl,
+)
 from tests.integration.test_metrics import scrape
 
 ASKS = 4

@@ -16,9 +16,9 @@ is greedy for all), left padded, and hands each job its own results. A unit's gr
 depend on what it was batched with (checked in ``tests/unit/inference/test_batching.py``).
 
 Units of a more urgent job (a higher ``priority``: an ask, a STAT rule) go into the next call first,
-filled up with waiting units of other jobs. A batch is taken as soon as the thread is free: units that arrive while ``generate`` runs wait for the
-next call (static batching between calls, not within one — a long report holds a short question
-back until the call ends).
+filled up with waiting units of other jobs. A batch is taken as soon as the thread is free: units
+that arrive while ``generate`` runs wait for the next call (static batching between calls, not
+within one — a long report holds a short question back until the call ends).
 
 CUDA out of memory: the batch is split in halves and each half retried (cache emptied first), down to
 one unit; a unit that does not fit alone raises :class:`inference.errors.ModelOutOfMemoryError`, a

@@ -9,6 +9,7 @@ answers (one SR per language) and regions/labels (one TID 1500 SR) are written w
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -51,7 +52,6 @@ from inference.tasks import TaskSpec
 from inference.vlm import VLMConfig, get_vlm
 from inference.vlm.clinical import CONTEXT_TASKS, context_text
 from inference.vlm.comparison import PriorStudy
-from inference.vlm.loader import loaded_models
 from inference.vlm.runtime import VLM
 from inference.vlm.server import ServerConfig, ServerVLM
 from inference.vlm.volume_recipe import prepare_volume, slice_window, user_content
@@ -120,11 +120,13 @@ def vlm_config(settings: VLMSettings) -> VLMConfig:
         batch_size=settings.batch_size,
         image_size=settings.image_size,
         name=settings.name,
+        cpu_max_weights_mb=settings.cpu_max_weights_mb,
     )
 
 
 #: One client per (server settings) in a process, like the warm in-process model.
 _SERVER_CLIENTS: dict[ServerConfig, ServerVLM] = {}
+_SERVER_CLIENTS_LOCK = threading.Lock()
 
 
 def server_config(settings: VLMSettings) -> ServerConfig:
@@ -140,10 +142,11 @@ def server_model(settings: VLMSettings) -> ServerVLM:
     """The process-wide client of the model server that ``settings.server`` names; the model
     name is checked against the server's list on first use."""
     cfg = server_config(settings)
-    if cfg not in _SERVER_CLIENTS:
-        _SERVER_CLIENTS[cfg] = ServerVLM(cfg)
-        log.info("vlm: using model %s on server %s", cfg.model, cfg.server)
-    return _SERVER_CLIENTS[cfg]
+    with _SERVER_CLIENTS_LOCK:  # a worker's job threads share one client
+        if cfg not in _SERVER_CLIENTS:
+            _SERVER_CLIENTS[cfg] = ServerVLM(cfg)
+            log.info("vlm: using model %s on server %s", cfg.model, cfg.server)
+        return _SERVER_CLIENTS[cfg]
 
 
 def check_server_at_start(settings: VLMSettings | None) -> str | None:
@@ -177,14 +180,19 @@ def load_model(settings: VLMSettings | None) -> VLM:
         )
     if settings.server is not None:
         return server_model(settings)
-    started = time.perf_counter()
-    loaded_before = len(loaded_models())
-    vlm = get_vlm(vlm_config(settings))
-    elapsed = time.perf_counter() - started
-    if len(loaded_models()) > loaded_before:  # a real load, not a cache hit
-        metrics.MODEL_LOAD_SECONDS.labels(model=vlm.info.name).observe(elapsed)
-        log.info("loaded model %s (%s) in %.1f s", vlm.info.name, vlm.info.family, elapsed)
-    return vlm
+    return get_vlm(vlm_config(settings), on_load=_loaded)
+
+
+def _observe_batch(units: int, jobs: int, seconds: float) -> None:
+    metrics.VLM_BATCH_SIZE.observe(units)
+    metrics.VLM_BATCH_JOBS.observe(jobs)
+
+
+def _loaded(vlm: VLM, seconds: float) -> None:
+    """Once per model load in this process: the load metric, and the batch metrics hooked up."""
+    metrics.MODEL_LOAD_SECONDS.labels(model=vlm.info.name).observe(seconds)
+    vlm.batch_observer = _observe_batch
+    log.info("loaded model %s (%s) in %.1f s on %s", vlm.info.name, vlm.info.family, seconds, vlm.device)
 
 
 def _is_volume(datasets: list[Dataset]) -> bool:
@@ -436,6 +444,8 @@ def prepare_prior(vlm: VLM, priors: PriorInput, *, slices_per_series: int | None
     images, _ = prepare_images(vlm, {"prior": list(priors.datasets)}, slices_per_series=slices_per_series)
     return PriorStudy(tuple(images), priors.study_date.isoformat() if priors.study_date else None,
                       priors.report)
+
+
 def with_clinical_context(series: dict[str, list[Dataset]], specs: list[TaskSpec]) -> list[TaskSpec]:
     """The tasks with the study's age, sex and request reason as their prompts' first line
     (:mod:`dicom_io.clinical`; never a name or an ID), in each task's language — reports and
@@ -451,7 +461,7 @@ def with_clinical_context(series: dict[str, list[Dataset]], specs: list[TaskSpec
 def run_vlm_tasks(
     settings: VLMSettings | None, series: dict[str, list[Dataset]], specs: list[TaskSpec], *, job_key: str,
     amendment: jobs.Amendment | None = None, priors: PriorInput | None = None,
-    audit_send: Callable[[str], None] | None = None,
+    audit_send: Callable[[str], None] | None = None, priority: int = 0,
 ) -> list[VLMOutput]:
     """Load (or reuse) the model, run ``specs`` on the study's images, write the SR objects.
 
@@ -462,6 +472,9 @@ def run_vlm_tasks(
     With a remote model server (``models.vlm.remote``), what leaves is de-identified first
     (:func:`screen_for_remote`, :func:`priors_for_remote`) and ``audit_send`` is called, before
     the first request, with what goes where (counts and the server, never patient data).
+
+    ``priority`` (the job's, 0-9): its prompts go into the shared ``generate`` calls before those
+    of lower-priority jobs running in the same worker.
     """
     vlm = load_model(settings)
     assert settings is not None  # load_model raised otherwise
@@ -484,7 +497,7 @@ def run_vlm_tasks(
     log.info("vlm input: %d image(s), %d of them volume slices, %d prior image(s)", len(images),
              sum(1 for image in images if image.volume_modality), len(prior.images) if prior else 0)
     started = time.perf_counter()
-    results = vlm.run(images, specs, prior=prior)
+    results = vlm.run(images, specs, prior=prior, priority=priority)
     metrics.STAGE_DURATION.labels(stage="vlm").observe(time.perf_counter() - started)
     algorithm = AlgorithmInfo(name=vlm.info.name, version=vlm.info.version, family=vlm.info.family)
     summary = None

@@ -103,7 +103,9 @@ def worker(
     queues: Annotated[str, typer.Option(help=(
         "Comma-separated queues to consume: inference.urgent (priority 8-9: asks, STAT rules), "
         "inference, delivery. Run one worker with --queues inference.urgent beside the others so "
-        "an urgent job starts while a long one runs."))] = "inference.urgent,inference,delivery",
+        "an urgent job starts while a long one runs. 'inference' and 'inference.urgent' stand for "
+        "the queues of every model this worker's configuration holds (inference.vlm, "
+        "inference.monai.<bundle>…); name one of those to take only its jobs."))] = "inference.urgent,inference,delivery",
     concurrency: Annotated[int | None, typer.Option(help="Worker processes.")] = None,
 ) -> None:
     """Run a Celery worker (one per GPU host for scale-out)."""
@@ -113,7 +115,7 @@ def worker(
     _check_model_server(settings)
     multiprocess_metrics.enable(settings.data_dir, clean=False)  # before any metric is created
     from node import context
-    from node.celery_app import configure_celery
+    from node.celery_app import configure_celery, worker_queues
     from node.service import PARENT_PID_ENV, die_with_parent
 
     parent = os.environ.pop(PARENT_PID_ENV, None)
@@ -125,6 +127,8 @@ def worker(
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     context.configure(settings)
     celery = configure_celery(settings)
+    requested = queues
+    queues = ",".join(worker_queues([q.strip() for q in queues.split(",") if q.strip()], settings))
     if any(q.strip().startswith("inference") for q in queues.split(",")):
         # import the model runtime (torch, transformers) now, not in the first job: an urgent
         # job must start within a second or two of being asked. Model weights still load lazily,
@@ -140,7 +144,7 @@ def worker(
         "--loglevel", settings.log_level,
         "--without-gossip", "--without-mingle",
         # one name per worker process on a host: remote control (dashboard) tells them apart
-        "--hostname", f"mednode-{queues.replace(',', '-')}-{os.getpid()}@%h",
+        "--hostname", f"mednode-{requested.replace(',', '-')}-{os.getpid()}@%h",
     ]
     celery.worker_main(argv)
 

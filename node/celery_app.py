@@ -156,3 +156,39 @@ def configure_celery(settings: Settings) -> Celery:
         task_send_sent_event=True,
     )
     return app
+
+
+#: The first RabbitMQ release that honours ``x-consumer-timeout`` per consumer (3.12; 3.11.15
+#: has it too).
+PER_CONSUMER_TIMEOUT_SINCE = (3, 12)
+
+
+def consumer_timeout_warning(server_version: str) -> str | None:
+    """What to tell the operator about a RabbitMQ server of ``server_version``: None when it
+    honours mednode's per-consumer timeout, else how to keep it from cutting long jobs."""
+    try:
+        parts = tuple(int(p) for p in server_version.split(".")[:3])
+    except ValueError:
+        return None  # not RabbitMQ's numbering: nothing known
+    if parts[:2] >= PER_CONSUMER_TIMEOUT_SINCE or parts >= (3, 11, 15):
+        return None
+    return (
+        f"RabbitMQ {server_version} ignores the per-consumer x-consumer-timeout: its server-wide "
+        "consumer_timeout (30 min by default) closes a worker's channel when a job runs longer, and "
+        f"the job is delivered again. Set consumer_timeout = {LONGEST_JOB_S * 1000} (or more) in "
+        "rabbitmq.conf, or upgrade RabbitMQ to 3.12 or later"
+    )
+
+
+def broker_server_version(celery: Celery) -> str | None:
+    """The AMQP server's version (RabbitMQ's), or None for another broker or one not reachable."""
+    if not str(celery.conf.broker_url or "").startswith(("amqp", "pyamqp")):
+        return None
+    try:
+        with celery.connection_for_read() as connection:
+            connection.ensure_connection(max_retries=1)
+            properties = getattr(connection.connection, "server_properties", None) or {}
+    except Exception:  # noqa: BLE001 (a broker down at start is the worker's own retry loop's business)
+        return None
+    version = properties.get("version")
+    return version.decode() if isinstance(version, bytes) else version

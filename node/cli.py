@@ -115,7 +115,7 @@ def worker(
     _check_model_server(settings)
     multiprocess_metrics.enable(settings.data_dir, clean=False)  # before any metric is created
     from node import context
-    from node.celery_app import configure_celery, worker_queues
+    from node.celery_app import broker_server_version, configure_celery, consumer_timeout_warning, worker_queues
     from node.service import PARENT_PID_ENV, die_with_parent
 
     parent = os.environ.pop(PARENT_PID_ENV, None)
@@ -128,6 +128,9 @@ def worker(
     context.configure(settings)
     celery = configure_celery(settings)
     requested = queues
+    warning = consumer_timeout_warning(broker_server_version(celery) or "")
+    if warning is not None:
+        typer.echo(f"warning: {warning}", err=True)
     queues = ",".join(worker_queues([q.strip() for q in queues.split(",") if q.strip()], settings))
     if any(q.strip().startswith("inference") for q in queues.split(",")):
         # import the model runtime (torch, transformers) now, not in the first job: an urgent

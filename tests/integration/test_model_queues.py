@@ -82,3 +82,23 @@ def test_jobs_land_on_their_models_queues_and_a_worker_takes_only_what_it_holds(
             assert left["inference.vlm"] == left["inference.vlm.urgent"] == 1
     finally:
         engine.dispose()
+
+
+def test_the_worker_knows_whether_the_rabbitmq_server_honours_its_consumer_timeout(
+    tmp_path: Path, rabbitmq_url: str
+) -> None:
+    import subprocess
+
+    from node.celery_app import broker_server_version, consumer_timeout_warning
+
+    configure_celery(load_settings(data_dir=tmp_path / "var", broker_url=rabbitmq_url))
+    version = broker_server_version(app)
+    installed = subprocess.run(["rabbitmqctl", "version"], capture_output=True, text=True, check=True).stdout.strip()
+    assert version == installed
+    warning = consumer_timeout_warning(version)
+    if tuple(int(p) for p in version.split(".")[:2]) < (3, 12):
+        assert warning is not None and "consumer_timeout = 21600000" in warning
+    else:
+        assert warning is None
+    assert consumer_timeout_warning("3.12.0") is None and consumer_timeout_warning("4.1.2") is None
+    assert consumer_timeout_warning("3.11.15") is None and consumer_timeout_warning("3.11.14") is not None

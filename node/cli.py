@@ -115,7 +115,12 @@ def worker(
     _check_model_server(settings)
     multiprocess_metrics.enable(settings.data_dir, clean=False)  # before any metric is created
     from node import context
-    from node.celery_app import broker_server_version, configure_celery, consumer_timeout_warning, worker_queues
+    from node.celery_app import (
+        broker_server_version,
+        configure_celery,
+        consumer_timeout_warning,
+        worker_queues,
+    )
     from node.service import PARENT_PID_ENV, die_with_parent
 
     parent = os.environ.pop(PARENT_PID_ENV, None)

@@ -97,6 +97,14 @@ def serve(config: ConfigOpt = None) -> None:
     run(settings, config)
 
 
+@app.command(hidden=True)
+def listen(config: ConfigOpt = None) -> None:
+    """A listener process beside ``mednode serve`` (started by it when listener_processes > 1)."""
+    from node.listener_pool import run_listener
+
+    run_listener(_settings(config))
+
+
 @app.command()
 def worker(
     config: ConfigOpt = None,

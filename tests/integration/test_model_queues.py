@@ -4,8 +4,10 @@ the VLM never receives a VLM job."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from kombu import Consumer
 from sqlalchemy import select
 
@@ -19,6 +21,22 @@ VLM = {"path": "/models/vlm", "family": "qwen2_vl"}
 CT_RULE = {"name": "ct", "match": {"modality": ["CT"]}, "tasks": ["ct_analysis"], "destinations": []}
 CXR_RULE = {"name": "cxr", "match": {"modality": ["DX"]}, "tasks": [{"report": {"language": "en"}}],
             "destinations": []}
+
+
+def _forget_earlier_configuration() -> None:
+    """mednode configures its Celery app once per process; this test process may have configured
+    it before (another broker, other queues), which Celery caches: drop those caches."""
+    for cached in ("queues", "router", "default_queue"):
+        app.amqp.__dict__.pop(cached, None)
+    app.amqp._producer_pool = None
+    app._pool = None
+
+
+@pytest.fixture(autouse=True)
+def reconfigurable_celery() -> Iterator[None]:
+    _forget_earlier_configuration()
+    yield
+    _forget_earlier_configuration()  # the next test configures the app for its own broker
 
 
 def test_jobs_land_on_their_models_queues_and_a_worker_takes_only_what_it_holds(

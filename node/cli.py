@@ -105,13 +105,23 @@ def serve(config: ConfigOpt = None) -> None:
     run(settings, config)
 
 
+@app.command(hidden=True)
+def listen(config: ConfigOpt = None) -> None:
+    """A listener process beside ``mednode serve`` (started by it when listener_processes > 1)."""
+    from node.listener_pool import run_listener
+
+    run_listener(_settings(config))
+
+
 @app.command()
 def worker(
     config: ConfigOpt = None,
     queues: Annotated[str, typer.Option(help=(
         "Comma-separated queues to consume: inference.urgent (priority 8-9: asks, STAT rules), "
         "inference, delivery. Run one worker with --queues inference.urgent beside the others so "
-        "an urgent job starts while a long one runs."))] = "inference.urgent,inference,delivery",
+        "an urgent job starts while a long one runs. 'inference' and 'inference.urgent' stand for "
+        "the queues of every model this worker's configuration holds (inference.vlm, "
+        "inference.monai.<bundle>…); name one of those to take only its jobs."))] = "inference.urgent,inference,delivery",
     concurrency: Annotated[int | None, typer.Option(help=(
         "Jobs run at once (default: worker_concurrency). A worker of inference queues runs them as "
         "threads of one process sharing one copy of the model; a delivery worker as processes."))] = None,
@@ -123,7 +133,12 @@ def worker(
     _check_model_server(settings)
     multiprocess_metrics.enable(settings.data_dir, clean=False)  # before any metric is created
     from node import context
-    from node.celery_app import configure_celery
+    from node.celery_app import (
+        broker_server_version,
+        configure_celery,
+        consumer_timeout_warning,
+        worker_queues,
+    )
     from node.service import PARENT_PID_ENV, die_with_parent
 
     parent = os.environ.pop(PARENT_PID_ENV, None)
@@ -141,12 +156,17 @@ def worker(
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     context.configure(settings)
     celery = configure_celery(settings)
+    requested = queues
+    warning = consumer_timeout_warning(broker_server_version(celery) or "")
+    if warning is not None:
+        typer.echo(f"warning: {warning}", err=True)
+    queues = ",".join(worker_queues([q.strip() for q in queues.split(",") if q.strip()], settings))
     if inference:
         # import the model runtime (torch, transformers) now, not in the first job: an urgent
         # job must start within a second or two of being asked. Model weights still load lazily,
         # on first use, so an idle urgent worker holds no second copy of a model.
         import node.pipeline  # noqa: F401
-    name = f"mednode-{queues.replace(',', '-')}-{os.getpid()}@{socket.gethostname()}"
+    name = f"mednode-{requested.replace(',', '-')}-{os.getpid()}@{socket.gethostname()}"
     argv = [
         "worker",
         "--queues", queues,

@@ -157,7 +157,13 @@ def complete_due_studies(
         due = or_(due, since <= now - timedelta(seconds=min(waits)))
     created: list[tuple[int, int]] = []
     with sessions() as session, session.begin():
-        candidates = session.scalars(select(Study).where(Study.state == StudyState.RECEIVING, due)).all()
+        # several serve processes may run rounds at once (a new leader while the old one has not
+        # noticed it lost the lock): each completes only the studies it locked, and skips those
+        # another round holds; the state test is re-checked on the locked, current row
+        # (PostgreSQL; SQLite has one writer and no FOR UPDATE)
+        candidates = session.scalars(
+            select(Study).where(Study.state == StudyState.RECEIVING, due).with_for_update(skip_locked=True)
+        ).all()
         for study in candidates:
             facts = study_facts(session, study)
             since_at = study.receiving_since or study.first_received_at
@@ -192,7 +198,7 @@ def force_complete(
     """
     now = now or utcnow()
     with sessions() as session, session.begin():
-        study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+        study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid).with_for_update())
         if study is None:
             raise LookupError(f"study {study_uid} is not stored on this node")
         if study.state != StudyState.RECEIVING:

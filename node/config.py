@@ -505,6 +505,9 @@ class Settings(BaseSettings):
     #: a running job whose worker has not renewed its lease for this long is taken as lost and
     #: queued again by the sweep (the worker renews it every third of it)
     job_lease_s: float = Field(default=120.0, gt=0)
+    #: processes serving the DICOM port(s) together (``SO_REUSEPORT``; each association goes to
+    #: one): ``serve`` itself and listener children it starts. More than 1 needs PostgreSQL.
+    listener_processes: int = Field(default=1, ge=1, le=64)
     #: ``mednode serve`` starts a worker process itself (the embedded default)
     embedded_worker: bool = True
     #: jobs one worker runs at once. Inference workers run them as threads of one process that
@@ -557,6 +560,14 @@ class Settings(BaseSettings):
         if isinstance(value, dict):
             return {k: _destination(v) for k, v in value.items()}
         return value
+
+    @model_validator(mode="after")
+    def _several_listeners_need_postgresql(self) -> Settings:
+        if self.listener_processes > 1 and not (self.database_url or "").startswith("postgresql"):
+            raise ValueError(
+                f"listener_processes: {self.listener_processes} listener processes need database_url "
+                "on PostgreSQL (SQLite has one writer at a time); set listener_processes: 1 or use PostgreSQL")
+        return self
 
     @model_validator(mode="after")
     def _one_destination_per_address(self) -> Settings:

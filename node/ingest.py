@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
@@ -45,9 +46,12 @@ class Ingestor:
     before the refusal is answered. (Writing and hashing in another thread was slower: those
     need the GIL between system calls; only the sync runs without it. docs/BENCHMARKS.md.)
 
-    Index writes are serialised by a lock: SQLite has one writer anyway, and a short critical
-    section keeps commit latency predictable under several associations. The section includes
-    the wait for the file's sync, since the commit waits for it.
+    On SQLite, index writes are serialised by a lock: SQLite has one writer anyway, and a short
+    critical section keeps commit latency predictable under several associations. The section
+    includes the wait for the file's sync, since the commit waits for it. The lock is for latency
+    only, never correctness: on PostgreSQL there is none, and associations of this process, of
+    other listener processes and of other hosts index at once
+    (:func:`storage.index.index_instance` takes a peer's new patient, study or series row).
     """
 
     def __init__(
@@ -60,7 +64,9 @@ class Ingestor:
         self.session_factory = session_factory
         #: decides whether a late image series reopens its study (:func:`node.completion.late_series_check`)
         self.late_series_check = late_series_check
-        self._lock = threading.Lock()
+        bind = session_factory.kw.get("bind")
+        sqlite = bind is None or bind.dialect.name == "sqlite"
+        self._lock: AbstractContextManager[object] = threading.Lock() if sqlite else nullcontext()
         # the File Meta names the implementation that wrote the file: pynetdicom's SCP, as the
         # File Meta pynetdicom itself builds for a received data set does
         self._prefixes = Part10Prefixes(PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION)

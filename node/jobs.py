@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_io.sr_common import InstanceReference
 from dicom_io.uids import derived_uid
-from node.celery_app import DELIVERY_QUEUE, URGENT_PRIORITY, app, inference_queue
+from node.celery_app import DELIVERY_QUEUE, URGENT_PRIORITY, app, inference_queue, job_models
 from storage.models import (
     TERMINAL_JOB_STATES,
     Delivery,
@@ -66,12 +66,15 @@ def _priority_kwargs(priority: int) -> dict[str, Any]:
 def enqueue_job(sessions: sessionmaker[Session], job_id: int, priority: int = 5) -> None:
     """Send ``mednode.run_job`` for ``job_id`` and note when; a failure leaves it for the sweep.
 
-    Jobs at :data:`~node.celery_app.URGENT_PRIORITY` or above go to the urgent queue, which a
-    worker of its own consumes (:func:`~node.celery_app.inference_queue`).
+    A job goes to the queue of the models its tasks need, and jobs at
+    :data:`~node.celery_app.URGENT_PRIORITY` or above to that queue's urgent twin, which a worker
+    of its own consumes (:func:`~node.celery_app.inference_queue`).
     """
     try:
-        app.send_task("mednode.run_job", args=[job_id], queue=inference_queue(priority),
-                      **_priority_kwargs(priority))
+        with sessions() as session:
+            tasks = session.scalar(select(Job.tasks).where(Job.id == job_id)) or []
+        queue = inference_queue(priority, job_models(tasks))
+        app.send_task("mednode.run_job", args=[job_id], queue=queue, **_priority_kwargs(priority))
     except Exception as exc:  # noqa: BLE001 (broker down, any transport error: the job stays queued, the sweep enqueues it again)
         log.warning("could not enqueue job %d (%s); the sweep will retry", job_id, type(exc).__name__)
         return

@@ -290,6 +290,26 @@ class TLSAssociationServer(ThreadedAssociationServer):
         super().finish_request(request, client_address)
 
 
+class _ReusePort:
+    """Binds with ``SO_REUSEPORT``: several listener processes serve one port, and the kernel
+    hands each new connection (each association) to one of them."""
+
+    socket: socket.socket | None
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()  # type: ignore[misc]
+
+
+class ReusePortAssociationServer(_ReusePort, ThreadedAssociationServer):
+    pass
+
+
+class ReusePortTLSAssociationServer(_ReusePort, TLSAssociationServer):
+    pass
+
+
 def start_listener(
     ingestor: Ingestor,
     *,
@@ -298,6 +318,7 @@ def start_listener(
     port: int,
     allowed_calling_ae_titles: Sequence[str] | CallingAEAllowList | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    reuse_port: bool = False,
 ) -> ThreadedAssociationServer:
     """Start the SCP in background threads and return the server (``.shutdown()`` stops it).
 
@@ -309,6 +330,9 @@ def start_listener(
     ssl_context
         Server-side TLS context (:func:`node.tls.server_context`): this listener then speaks
         DICOM TLS only.
+    reuse_port
+        Bind with ``SO_REUSEPORT``, beside the other listener processes of this node
+        (``listener_processes``).
 
     Raises
     ------
@@ -330,7 +354,11 @@ def start_listener(
         )
         handlers.append((evt.EVT_REQUESTED, check_calling_peer, [allowed]))
     handlers.append((evt.EVT_REQUESTED, follow_sender_order))  # after the allow-list: skipped if it rejects
-    server_class = ThreadedAssociationServer if ssl_context is None else TLSAssociationServer
+    if reuse_port:
+        server_class: type[ThreadedAssociationServer] = (
+            ReusePortAssociationServer if ssl_context is None else ReusePortTLSAssociationServer)
+    else:
+        server_class = ThreadedAssociationServer if ssl_context is None else TLSAssociationServer
     server = cast(ThreadedAssociationServer, ae.make_server(
         (host, port), evt_handlers=handlers, ssl_context=ssl_context, server_class=server_class,
         request_handler=StoreRequestHandler))

@@ -10,6 +10,7 @@ from datetime import timedelta
 from node import jobs, retention
 from node.completion import complete_due_studies
 from node.context import NodeContext
+from node.leadership import Leadership
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +21,14 @@ class Scheduler:
     """Runs :func:`complete_due_studies` every ``completion_poll_s`` and :func:`jobs.sweep`
     every :data:`SWEEP_EVERY_S` (and once at start, to pick up what a crash left), and the
     retention cleaner every ``retention.check_every_s`` (studies when ``retention.max_age_days`` is set;
-    prior-study copies jobs left always)."""
+    prior-study copies jobs left always).
 
-    def __init__(self, ctx: NodeContext) -> None:
+    Of several ``serve`` processes on one index, only the leader (:mod:`node.leadership`) runs
+    rounds; the others ask again each round and take over when the leader is gone."""
+
+    def __init__(self, ctx: NodeContext, leadership: Leadership | None = None) -> None:
         self.ctx = ctx
+        self.leadership = leadership or Leadership(ctx.engine)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._last_sweep = 0.0
@@ -35,9 +40,13 @@ class Scheduler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        self.leadership.release()
 
     def tick(self) -> None:
-        """One round: complete due studies, enqueue their jobs; sweep when due."""
+        """One round: complete due studies, enqueue their jobs; sweep when due. Nothing unless
+        this process leads."""
+        if not self.leadership.is_leader():
+            return
         created = complete_due_studies(self.ctx.sessions, self.ctx.settings)
         for job_id, priority in created:
             jobs.enqueue_job(self.ctx.sessions, job_id, priority)

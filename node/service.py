@@ -24,6 +24,7 @@ from node.config import ConfigError, Settings
 from node.context import NodeContext
 from node.ingest import Ingestor
 from node.listener import start_listener
+from node.listener_pool import ListenerPool
 from node.peer_policy import ListenerSecurity
 from node.scheduler import Scheduler
 from storage.db import upgrade
@@ -121,8 +122,8 @@ class WorkerSupervisor:
             multiprocess_metrics.mark_process_dead(process.pid)
 
 
-def start_listeners(settings: Settings, ingestor: Ingestor,
-                    security: ListenerSecurity | None = None) -> list[ThreadedAssociationServer]:
+def start_listeners(settings: Settings, ingestor: Ingestor, security: ListenerSecurity | None = None, *,
+                    reuse_port: bool = False) -> list[ThreadedAssociationServer]:
     """The DICOM listener on ``dicom_port`` and, with ``tls`` set, a DICOM TLS one on ``tls.port``.
 
     Both share the calling AE allow-list. Returns the running servers (``.shutdown()`` each).
@@ -134,12 +135,13 @@ def start_listeners(settings: Settings, ingestor: Ingestor,
     """
     security = security or ListenerSecurity.from_settings(settings)
     servers = [start_listener(ingestor, ae_title=settings.ae_title, host=settings.dicom_host,
-                              port=settings.dicom_port, allowed_calling_ae_titles=security.allowed)]
+                              port=settings.dicom_port, allowed_calling_ae_titles=security.allowed,
+                              reuse_port=reuse_port)]
     if settings.tls is not None and security.ssl_context is not None:
         try:
             servers.append(start_listener(ingestor, ae_title=settings.ae_title, host=settings.dicom_host,
                                           port=settings.tls.port, allowed_calling_ae_titles=security.allowed,
-                                          ssl_context=security.ssl_context))
+                                          ssl_context=security.ssl_context, reuse_port=reuse_port))
         except OSError:
             servers[0].shutdown()
             raise
@@ -165,8 +167,12 @@ def serve(settings: Settings, config_path: Path | None) -> None:
         raise SystemExit(2) from None
     ctx = prepare(settings)
     configure_celery(settings)
+    several = settings.listener_processes > 1
     ingestor = Ingestor(ctx.store, ctx.sessions, late_series_check(settings.effective_rules))
-    servers = start_listeners(settings, ingestor, security)
+    servers = start_listeners(settings, ingestor, security, reuse_port=several)
+    listener_pool = ListenerPool(config_path, settings.listener_processes - 1) if several else None
+    if listener_pool is not None:
+        listener_pool.start()
     scheduler = Scheduler(ctx)
     scheduler.start()
     supervisor = None
@@ -206,6 +212,8 @@ def serve(settings: Settings, config_path: Path | None) -> None:
         log.info("shutting down")
         for server in servers:
             server.shutdown()
+        if listener_pool is not None:
+            listener_pool.stop()
         scheduler.stop()
         if supervisor is not None:
             supervisor.stop()

@@ -12,7 +12,7 @@ from typing import Any
 from celery.worker.control import inspect_command
 
 from node import context, dispatch, jobs
-from node.celery_app import URGENT_QUEUE, app
+from node.celery_app import app, is_urgent_queue
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def run_job(self, job_id: int) -> None:  # type: ignore[no-untyped-def]
 
     ctx = context.current()
     queue = (self.request.delivery_info or {}).get("routing_key")
-    if queue == URGENT_QUEUE and jobs.lowered_below_urgent(ctx.sessions, job_id):
+    if is_urgent_queue(queue) and jobs.lowered_below_urgent(ctx.sessions, job_id):
         log.info("job %d is no longer urgent; its message on the inference queue runs it", job_id)
         return
     try:

@@ -8,12 +8,14 @@ from datetime import datetime
 
 from sqlalchemy import Insert, bindparam, case, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from dicom_io.equipment import names_mednode
 from dicom_io.header import InstanceHeader
 from dicom_io.sop_classes import is_derived_object
 from storage.models import (
+    Base,
     Instance,
     Patient,
     Result,
@@ -52,38 +54,60 @@ def patient_key(header: InstanceHeader) -> str:
     return f"{header.patient_id or ''}^{header.issuer_of_patient_id or ''}"
 
 
+def _insert_unless_present(session: Session, model: type[Base], key: str, values: dict[str, object]) -> bool:
+    """Insert a row unless one with the same unique ``key`` exists; return whether this inserted it.
+
+    Several listener processes (or hosts) receive the first instances of one new patient, study or
+    series at once: each tries the insert and the losers take the winner's row, so none answers
+    0xA700 for a unique key. PostgreSQL and SQLite do it in one statement (``INSERT … ON CONFLICT
+    DO NOTHING``: on PostgreSQL a peer's uncommitted insert of the key makes it wait for that
+    transaction, then do nothing); another database inserts in a savepoint and takes the unique
+    violation for "present".
+    """
+    connection = session.connection()
+    dialect_insert = _DIALECT_INSERTS.get(connection.dialect.name)
+    if dialect_insert is not None:
+        statement = (
+            dialect_insert(model).values(values).on_conflict_do_nothing(index_elements=[key])
+            .execution_options(preserve_rowcount=True)
+        )
+        return bool(connection.execute(statement).rowcount)
+    try:
+        with session.begin_nested():
+            session.connection().execute(insert(model).values(values))
+    except IntegrityError:
+        return False
+    return True
+
+
 def _get_or_create_study(session: Session, header: InstanceHeader, now: datetime) -> Study:
-    study = session.scalar(
-        select(Study).where(Study.study_instance_uid == header.study_instance_uid)
-    )
+    find = select(Study).where(Study.study_instance_uid == header.study_instance_uid)
+    study = session.scalar(find)
     if study is not None:
         return study
     key = patient_key(header)
-    patient = session.scalar(select(Patient).where(Patient.patient_key == key))
-    if patient is None:
-        patient = Patient(
-            patient_key=key,
-            patient_id=header.patient_id,
-            patient_name=header.patient_name,
-            patient_birth_date=header.patient_birth_date,
-            patient_sex=header.patient_sex,
-        )
-        session.add(patient)
-    study = Study(
-        study_instance_uid=header.study_instance_uid,
-        patient=patient,
-        study_date=header.study_date,
-        study_description=header.study_description,
-        accession_number=header.accession_number,
-        state=StudyState.RECEIVING,
-        version=0,
-        first_received_at=now,
-        last_received_at=now,
-        receiving_since=now,
-    )
-    session.add(study)
-    session.flush()
-    return study
+    _insert_unless_present(session, Patient, "patient_key", {
+        "patient_key": key,
+        "patient_id": header.patient_id,
+        "patient_name": header.patient_name,
+        "patient_birth_date": header.patient_birth_date,
+        "patient_sex": header.patient_sex,
+    })
+    patient_pk = session.scalar(select(Patient.id).where(Patient.patient_key == key))
+    _insert_unless_present(session, Study, "study_instance_uid", {
+        "study_instance_uid": header.study_instance_uid,
+        "patient_pk": patient_pk,
+        "study_date": header.study_date,
+        "study_description": header.study_description,
+        "accession_number": header.accession_number,
+        "state": StudyState.RECEIVING,
+        "version": 0,
+        "first_received_at": now,
+        "last_received_at": now,
+        "receiving_since": now,
+    })
+    # this statement's snapshot sees the row, whoever inserted it (PostgreSQL reads committed)
+    return session.scalars(find).one()
 
 
 def is_returned_result(session: Session, header: InstanceHeader) -> bool:
@@ -116,25 +140,28 @@ def _classify_series(
 
 def _create_series(
     session: Session, header: InstanceHeader, now: datetime, late_series_check: LateSeriesCheck | None
-) -> tuple[Series, bool]:
-    """Create the series of ``header`` (and its study and patient when new); also return
-    whether its study was complete before."""
+) -> tuple[int, int, bool, bool] | None:
+    """Create the series of ``header`` (and its study and patient when new). Return its primary
+    key, its study's, whether new instances of it wake the study (it is not held) and whether the
+    study was complete before — or None when another connection created the series first (then
+    read it as an existing series)."""
     study = _get_or_create_study(session, header, now)
     origin, late_at, held_reason = _classify_series(session, header, study, now, late_series_check)
-    series = Series(
-        series_instance_uid=header.series_instance_uid,
-        study_pk=study.id,
-        modality=header.modality,
-        body_part_examined=header.body_part_examined,
-        series_description=header.series_description,
-        series_number=header.series_number,
-        origin=origin,
-        late_at=late_at,
-        held_reason=held_reason,
-    )
-    session.add(series)
-    session.flush()
-    return series, study.state != StudyState.RECEIVING
+    created = _insert_unless_present(session, Series, "series_instance_uid", {
+        "series_instance_uid": header.series_instance_uid,
+        "study_pk": study.id,
+        "modality": header.modality,
+        "body_part_examined": header.body_part_examined,
+        "series_description": header.series_description,
+        "series_number": header.series_number,
+        "origin": origin,
+        "late_at": late_at,
+        "held_reason": held_reason,
+    })
+    if not created:
+        return None
+    series_pk = session.connection().execute(_FIND_SERIES, {"uid": header.series_instance_uid}).one().id
+    return series_pk, study.id, held_reason is None, study.state != StudyState.RECEIVING
 
 
 _INSTANCE_COLUMNS = (
@@ -158,7 +185,6 @@ _FIND_RESULT = (
     .where(or_(Result.sop_instance_uid == bindparam("sop_uid"), Result.series_instance_uid == bindparam("series_uid")))
     .limit(1)
 )
-_INSERT_INSTANCE = insert(Instance)
 _UPDATE_INSTANCE = (
     update(Instance)
     .where(Instance.id == bindparam("instance_pk"))
@@ -186,6 +212,10 @@ def _insert_if_new(dialect_insert: Callable[..., sqlite.Insert | postgresql.Inse
     )
 
 
+#: ``INSERT … ON CONFLICT`` builders by dialect name
+_DIALECT_INSERTS: dict[str, Callable[..., sqlite.Insert | postgresql.Insert]] = {
+    "sqlite": sqlite.insert, "postgresql": postgresql.insert,
+}
 #: by dialect name; another dialect takes the full path every time
 _INSERT_IF_NEW = {"sqlite": _insert_if_new(sqlite.insert), "postgresql": _insert_if_new(postgresql.insert)}
 # what a new instance does to its study: receiving (again), since when, and from whom; the CASE
@@ -268,10 +298,13 @@ def index_instance(
     if existing is not None and existing.sha256 == stored.sha256 and existing.path == stored.relative_path:
         return IndexOutcome.UNCHANGED, None
     keys = connection.execute(_FIND_SERIES, {"uid": header.series_instance_uid}).first()
-    if keys is None:
-        created, complete = _create_series(session, header, now, late_series_check)
-        series_pk, study_pk, wakes = created.id, created.study_pk, created.held_reason is None
+    created = _create_series(session, header, now, late_series_check) if keys is None else None
+    if created is None and keys is None:  # another connection created the series meanwhile
+        keys = connection.execute(_FIND_SERIES, {"uid": header.series_instance_uid}).one()
+    if created is not None:
+        series_pk, study_pk, wakes, complete = created
     else:
+        assert keys is not None
         series_pk, study_pk = keys.id, keys.study_pk
         complete = keys.state != StudyState.RECEIVING
         wakes = keys.held_reason is None and not (derived and complete)
@@ -281,7 +314,12 @@ def index_instance(
         return IndexOutcome.DUPLICATE, stored.relative_path
     values["series_pk"] = series_pk
     if existing is None:
-        connection.execute(_INSERT_INSTANCE, {**values, "sop_instance_uid": header.sop_instance_uid})
+        if not _insert_unless_present(session, Instance, "sop_instance_uid",
+                                      {**values, "sop_instance_uid": header.sop_instance_uid}):
+            # the same instance, indexed by another connection since it was looked up: index it
+            # again against that row (unchanged, replaced or duplicate)
+            return index_instance(session, header, stored, calling_ae_title=calling_ae_title,
+                                  called_ae_title=called_ae_title, now=now, late_series_check=late_series_check)
         outcome, obsolete = IndexOutcome.NEW, None
     else:
         connection.execute(_UPDATE_INSTANCE, {**values, "instance_pk": existing.id})

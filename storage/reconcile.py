@@ -57,7 +57,7 @@ def reindex_orphans(
             continue
         data = store.read(relative)
         if not store.name_matches_content(relative, data):
-            log.warning("removing %s: its write was interrupted (content does not match its name)", relative)
+            log.warning("removing %s: a power loss tore it (content does not match its name)", relative)
             store.delete(relative)
             continue
         try:

@@ -1,14 +1,19 @@
 """The on-disk store of received instances and written results.
 
-A result file appears atomically: its bytes go to a temporary file in the target directory, are
-synced (``fdatasync``), then renamed into place and the directory is synced; stray ``.partial``
-files left by a crash are never indexed and are removed by :meth:`InstanceStore.remove_partials`.
+Every file is first written under a *partial* name in its target directory,
+``.<name>~<host>~<pid>~<token>.partial``, naming the host and process writing it; it appears under
+its own name only once its bytes are all written. So a file under its own name is never in
+progress, and several processes and hosts sharing one store (a shared volume) never take each
+other's writes for a crash's leftovers: start-up repair (:meth:`InstanceStore.remove_partials`)
+removes only the partial files of its own host whose process is gone.
 
-A received instance is written once under a name that carries its SHA-256
+A result file is synced (``fdatasync``) and renamed into place, and the directory is synced. A
+received instance is written once under a name that carries its SHA-256
 (:meth:`InstanceStore.begin_instance`) and counts only once synced
 (:meth:`PendingInstance.finish`); the index row that makes it visible commits after that. A crash
-in between leaves a file the index does not know, whose content may not match its name: the start-up
-reconciliation (:mod:`storage.reconcile`) re-indexes it, or removes it if it is torn.
+in between leaves a whole file the index does not know: the start-up reconciliation
+(:mod:`storage.reconcile`) re-indexes it; a power loss may leave one whose content does not match
+its name, which it removes.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ import logging
 import os
 import re
 import shutil
+import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +39,12 @@ log = logging.getLogger(__name__)
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 PARTIAL_SUFFIX = ".partial"
+#: Separates the target's name, host, process id and a token in a partial file's name (no host
+#: name, UID or digest holds it).
+PARTIAL_SEPARATOR = "~"
+#: A partial file in the format before host and process were named is removed at start once it
+#: is this old (no write takes that long).
+LEGACY_PARTIAL_AGE_S = 3600.0
 #: Hex digits of the SHA-256 kept in an instance file's name.
 DIGEST_CHARS = 16
 #: Threads running the ``fdatasync`` of new instance files; one per association writing at once
@@ -109,13 +121,43 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+@dataclass(frozen=True)
+class PartialWriter:
+    """Who is writing a partial file, read from its name."""
+
+    host: str
+    pid: int
+
+
+def partial_writer(name: str) -> PartialWriter | None:
+    """The host and process named by a partial file's name; None for a name without them
+    (written before they were named) or not a partial file's."""
+    if not (name.startswith(".") and name.endswith(PARTIAL_SUFFIX)):
+        return None
+    fields = name[1:-len(PARTIAL_SUFFIX)].split(PARTIAL_SEPARATOR)
+    if len(fields) != 4 or not fields[2].isdigit():
+        return None
+    return PartialWriter(fields[1], int(fields[2]))
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class PendingInstance:
     """An instance file that is written but not yet known to be on disk.
 
     :meth:`finish` makes it durable (or raises, leaving nothing); :meth:`abort` removes a file
     this write created and did not finish, and does nothing otherwise, so it can always be called
-    in a ``finally``. A file that was already there (an identical re-send, or the same bytes being
-    written by another association) is synced too before it counts, and never removed here.
+    in a ``finally``. A file that was already there (an identical re-send, or the same bytes
+    written at once by another association, process or host) is synced too before it counts, and
+    never removed here.
     """
 
     def __init__(
@@ -123,20 +165,13 @@ class PendingInstance:
         target: Path,
         stored: StoredFile,
         fd: int | None = None,
-        on_done: Callable[[Path], None] | None = None,
     ) -> None:
         self.target = target
         self.stored = stored
         self._fd = fd
         self._created = fd is not None
         self._finished = False
-        self._on_done = on_done
         self._sync: Future[None] | None = None  # the fdatasync of ``fd`` in a sync thread
-
-    def _done(self) -> None:
-        if self._on_done is not None:
-            self._on_done(self.target)
-            self._on_done = None
 
     def finish(self) -> StoredFile:
         """Wait until the file is on disk and return what was stored.
@@ -166,7 +201,6 @@ class PendingInstance:
         os.close(fd)
         self._fd = None
         self._finished = True
-        self._done()
         return self.stored
 
     def _synced_descriptor(self) -> int:
@@ -201,7 +235,6 @@ class PendingInstance:
         if self._created and not self._finished:
             self.target.unlink(missing_ok=True)
             self._created = False
-        self._done()
 
 
 class InstanceStore:
@@ -214,17 +247,19 @@ class InstanceStore:
         Directory of the store; created if missing.
     min_free_bytes
         Writes are refused with :class:`StorageFullError` when less than this would remain free.
+    host
+        This host's name in partial files' names (the host name by default). Hosts sharing a
+        store must have distinct names, each stable across restarts.
     """
 
-    def __init__(self, root: Path, *, min_free_bytes: int = 0) -> None:
+    def __init__(self, root: Path, *, min_free_bytes: int = 0, host: str | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.min_free_bytes = min_free_bytes
+        self.host = host or socket.gethostname()
+        if PARTIAL_SEPARATOR in self.host or "/" in self.host:
+            raise ValueError(f"a host name in the store may not hold {PARTIAL_SEPARATOR!r} or '/': {self.host!r}")
         self._known_dirs: set[Path] = set()
-        # instance files being written by this process: a second writer of the same bytes waits
-        # for them instead of taking a half-written file for a crash's leftover
-        self._in_flight: set[Path] = set()
-        self._in_flight_lock = threading.Lock()
         # fdatasync releases the GIL: run it beside the caller's index statements
         self._syncer = ThreadPoolExecutor(max_workers=SYNC_THREADS, thread_name_prefix="store-sync")
 
@@ -253,6 +288,12 @@ class InstanceStore:
             raise InvalidUIDError(f"path outside the store: {relative_path!r}")
         return path
 
+    def partial_path(self, target: Path) -> Path:
+        """A fresh partial file's path for ``target``: in its directory, hidden, naming this host
+        and process (:func:`partial_writer` reads them back)."""
+        name = PARTIAL_SEPARATOR.join((target.name, self.host, str(os.getpid()), uuid.uuid4().hex[:12]))
+        return target.parent / f".{name}{PARTIAL_SUFFIX}"
+
     # -- writing ----------------------------------------------------------------------------
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -279,7 +320,7 @@ class InstanceStore:
         if directory not in self._known_dirs:
             directory.mkdir(parents=True, exist_ok=True)
             self._known_dirs.add(directory)
-        tmp = directory / f".{target.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
+        tmp = self.partial_path(target)
         digest = hashlib.sha256()
         try:
             with open(tmp, "wb") as fh:
@@ -321,12 +362,16 @@ class InstanceStore:
         """Write a received instance under a content-addressed name; it is durable once the
         returned :class:`PendingInstance` is finished.
 
-        The name carries the SHA-256 of the bytes, so the file is created once (``O_EXCL``),
-        never overwritten, and synced with ``fdatasync``; on journaling filesystems (ext4, XFS)
-        that sync also commits the new directory entry, so no rename and no directory sync are
-        needed. An identical re-send finds the file and writes nothing. A crash mid-write leaves
-        a file whose content does not match its name: :func:`storage.reconcile.reindex_orphans`
-        removes it at start; it was never indexed, so nothing ever read it.
+        The name carries the SHA-256 of the bytes. The bytes go to a partial file naming this
+        host and process (:meth:`partial_path`), which is then hard-linked to the file's name
+        — only if no file has that name: the same bytes written at once by another association,
+        process or host are taken as they are, never overwritten, never removed — and unlinked.
+        The ``fdatasync`` of the file follows; on journaling filesystems (ext4, XFS) it also
+        commits the new directory entries, so no directory sync is needed. An identical re-send
+        finds the file and writes nothing. A file under its own name is whole: one of the wrong
+        size is what a power loss left, and is replaced; one of the right size whose content a
+        power loss tore is removed at start by :func:`storage.reconcile.reindex_orphans` (it was
+        never indexed, so nothing ever read it).
 
         The bytes are written here, the kernel is asked to start writing them back, and their
         ``fdatasync`` starts at once in one of the store's sync threads (it holds no GIL while
@@ -361,22 +406,23 @@ class InstanceStore:
                 for parent in (directory, directory.parent, directory.parent.parent):
                     _fsync_dir(parent)
             self._known_dirs.add(directory)
-        with self._in_flight_lock:
-            if target in self._in_flight:  # the same bytes, being written by another association
-                return PendingInstance(target, stored)
-            try:
-                if target.stat().st_size == size:
-                    return PendingInstance(target, stored)  # the same bytes: finish() syncs them
-                target.unlink()  # a partial file from a crashed write of these very bytes
-            except FileNotFoundError:
-                pass
-            self._in_flight.add(target)
         try:
-            fd = self._write_new(target, parts, size)
+            existing_size: int | None = target.stat().st_size
+        except FileNotFoundError:
+            existing_size = None
+        if existing_size == size:
+            return PendingInstance(target, stored)  # the same bytes: finish() syncs them
+        partial = self.partial_path(target)
+        fd = self._write_new(partial, parts, size)
+        try:
+            if not self._publish(partial, target, replace=existing_size is not None):
+                os.close(fd)  # another writer of these very bytes was first: take its file
+                return PendingInstance(target, stored)
         except BaseException:
-            self._write_done(target)
+            os.close(fd)
+            partial.unlink(missing_ok=True)
             raise
-        pending = PendingInstance(target, stored, fd, on_done=self._write_done)
+        pending = PendingInstance(target, stored, fd)
         try:
             started = threading.Event()
             pending._sync = self._syncer.submit(_sync_started, fd, started)
@@ -388,9 +434,29 @@ class InstanceStore:
             raise
         return pending
 
-    def _write_done(self, target: Path) -> None:
-        with self._in_flight_lock:
-            self._in_flight.discard(target)
+    @staticmethod
+    def _publish(partial: Path, target: Path, *, replace: bool) -> bool:
+        """Give the whole partial file its own name; False when a file of that name appeared
+        meanwhile (then the partial is removed and the other stays).
+
+        ``replace``: the name holds a torn file (of the wrong size) a power loss left, replaced
+        atomically.
+        """
+        try:
+            if replace:
+                os.replace(partial, target)
+                return True
+            try:
+                os.link(partial, target)
+            except FileExistsError:
+                return False
+            return True
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise StorageFullError(f"disk full writing {target.name}") from exc
+            raise
+        finally:
+            partial.unlink(missing_ok=True)
 
     def _write_new(self, target: Path, parts: Sequence[bytes], size: int) -> int:
         """Create ``target`` with ``parts``, start its writeback and return the open descriptor."""
@@ -429,13 +495,35 @@ class InstanceStore:
         self.absolute(relative_path).unlink(missing_ok=True)
 
     def remove_partials(self) -> int:
-        """Delete temporary files a crashed writer left behind; return how many were removed."""
-        count = 0
+        """Delete the partial files a crashed writer of this host left; return how many.
+
+        Call it at start, before this process writes. A partial file is removed when it names
+        this host and a process that no longer runs (or this very process: a predecessor with
+        the same process id, as in a restarted container); another host's, or one of a live
+        process of this host (another listener), is in progress or that host's to clean up, and
+        stays. A partial file in the format before hosts were named is removed once it is
+        :data:`LEGACY_PARTIAL_AGE_S` old.
+        """
+        count = kept = 0
+        now = time.time()
         for path in self.root.rglob(f"*{PARTIAL_SUFFIX}"):
+            writer = partial_writer(path.name)
+            if writer is None:
+                try:
+                    stale = now - path.stat().st_mtime >= LEGACY_PARTIAL_AGE_S
+                except FileNotFoundError:
+                    continue
+            else:
+                stale = writer.host == self.host and (writer.pid == os.getpid() or not _process_exists(writer.pid))
+            if not stale:
+                kept += 1
+                continue
             path.unlink(missing_ok=True)
             count += 1
         if count:
             log.warning("removed %d partial files left by an interrupted write", count)
+        if kept:
+            log.info("left %d partial files of other hosts or running processes in place", kept)
         return count
 
     def remove_area(self, relative_dir: str) -> None:

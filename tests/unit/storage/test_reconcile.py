@@ -128,3 +128,16 @@ def test_a_late_series_found_at_start_reopens_its_study_only_if_a_rule_runs_on_i
         assert study.state is (StudyState.RECEIVING if rule_runs_on_it else StudyState.ROUTED)
         assert series.late_at is not None
         assert series.held_reason == (None if rule_runs_on_it else "late series: no rule would run on it")
+
+
+def test_another_hosts_writes_in_progress_are_neither_indexed_nor_removed(store: InstanceStore, sessions) -> None:
+    indexed = _received(store, sessions, _instance(1), indexed=True)
+    target = store.root / indexed.replace(".dcm", "9.dcm")
+    other_host = InstanceStore(store.root, host="listener-b.example.org")
+    half = other_host.partial_path(target)
+    half.write_bytes(_instance(2)[:40])  # another host is writing it right now
+
+    assert reindex_orphans(store, sessions) == 0
+    assert store.remove_partials() == 0
+    assert half.read_bytes() == _instance(2)[:40]
+    assert _paths(sessions) == [indexed]

@@ -6,6 +6,11 @@ import errno
 import hashlib
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -15,7 +20,13 @@ import pytest
 
 from storage import store as store_module
 from storage.errors import InvalidUIDError, StorageError, StorageFullError
-from storage.store import PARTIAL_SUFFIX, InstanceStore, check_uid
+from storage.store import (
+    LEGACY_PARTIAL_AGE_S,
+    PARTIAL_SUFFIX,
+    InstanceStore,
+    check_uid,
+    partial_writer,
+)
 
 
 def _partials(root: Path) -> list[Path]:
@@ -147,22 +158,74 @@ def test_symlink_out_of_the_store_is_refused(tmp_path: Path) -> None:
     assert list(outside.iterdir()) == []
 
 
-def test_remove_partials_deletes_only_temporary_files(tmp_path: Path) -> None:
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_remove_partials_removes_only_what_this_hosts_dead_writers_left(tmp_path: Path) -> None:
     store = InstanceStore(tmp_path)
     kept = store.write(store.result_path(1, "1.2.3.4"), b"complete")
-    series_dir = tmp_path / "results/1"
-    crashed = [
-        series_dir / f".1.2.3.5.dcm.abc{PARTIAL_SUFFIX}",
-        tmp_path / "results" / "3" / f".1.2.9.dcm.def{PARTIAL_SUFFIX}",
-    ]
-    for path in crashed:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"half")
+    series_dir = tmp_path / "instances/1.2/1.2.3"
+    series_dir.mkdir(parents=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = _dead_pid()
+    host = store.host
 
-    assert store.remove_partials() == 2
+    def partial(directory: Path, writer_host: str, pid: int) -> Path:
+        path = directory / f".1.2.3.4.0123456789abcdef.dcm~{writer_host}~{pid}~abc{PARTIAL_SUFFIX}"
+        path.write_bytes(b"half")
+        assert partial_writer(path.name) == store_module.PartialWriter(writer_host, pid)
+        return path
+
+    try:
+        removed = [
+            partial(series_dir, host, dead),  # this host's writer died mid-write
+            partial(tmp_path / "results/1", host, os.getpid()),  # a predecessor with this very pid
+        ]
+        stays = [
+            partial(series_dir, "other-host.example.org", dead),  # another host's: its own to clean
+            partial(series_dir, "other-host.example.org", live.pid),
+            partial(series_dir, host, live.pid),  # another running listener of this host
+        ]
+        legacy_fresh = series_dir / f".1.2.3.5.dcm.abc{PARTIAL_SUFFIX}"  # before hosts were named
+        legacy_old = tmp_path / "results/1" / f".1.2.9.dcm.def{PARTIAL_SUFFIX}"
+        for path in (legacy_fresh, legacy_old):
+            path.write_bytes(b"half")
+        long_ago = time.time() - LEGACY_PARTIAL_AGE_S - 60
+        os.utime(legacy_old, (long_ago, long_ago))
+
+        assert store.remove_partials() == 3
+        assert _partials(tmp_path) == sorted([*stays, legacy_fresh])
+        assert not any(p.exists() for p in removed)
+        assert store.read(kept.relative_path) == b"complete"
+        assert store.remove_partials() == 0
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_crashed_instance_write_leaves_a_partial_naming_its_host_and_process(tmp_path: Path) -> None:
+    # the writer is killed (SIGKILL) once the bytes are written, before the file gets its name
+    crash = textwrap.dedent(f"""
+        import os, signal
+        from storage.store import InstanceStore
+        os.link = lambda *_: os.kill(os.getpid(), signal.SIGKILL)
+        InstanceStore({str(tmp_path)!r}).write_instance("1.2", "1.2.3", "1.2.3.4", b"instance")
+    """)
+    child = subprocess.run([sys.executable, "-c", crash], check=False)
+    assert child.returncode == -signal.SIGKILL
+
+    [left] = _partials(tmp_path)
+    writer = partial_writer(left.name)
+    assert writer is not None and writer.host == socket.gethostname() and writer.pid > 0
+    assert left.parent == tmp_path / "instances/1.2/1.2.3" and left.read_bytes() == b"instance"
+    assert list((tmp_path / "instances/1.2/1.2.3").glob("*.dcm")) == []  # no whole-looking file
+    # another host starting on the same store leaves it; this host removes it
+    assert InstanceStore(tmp_path, host="other-host").remove_partials() == 0
+    assert InstanceStore(tmp_path).remove_partials() == 1
     assert _partials(tmp_path) == []
-    assert store.read(kept.relative_path) == b"complete"
-    assert store.remove_partials() == 0
 
 
 def test_delete_removes_a_stored_file(tmp_path: Path) -> None:
@@ -269,19 +332,35 @@ def test_aborting_an_identical_resend_keeps_the_existing_file(tmp_path: Path) ->
     assert store.read(first.relative_path) == b"version one"
 
 
-def test_same_bytes_still_being_written_elsewhere_are_not_acknowledged(tmp_path: Path) -> None:
+def test_a_write_in_progress_on_another_host_is_never_touched(tmp_path: Path) -> None:
     store = InstanceStore(tmp_path)
     data = b"the whole instance"
+    target = tmp_path / store.instance_path("1.2", "1.2.3", "1.2.3.4", hashlib.sha256(data).hexdigest())
+    target.parent.mkdir(parents=True)
+    elsewhere = InstanceStore(tmp_path, host="other-host").partial_path(target)
+    elsewhere.write_bytes(data[:5])  # the other host has written 5 bytes so far
+
+    stored = store.write_instance("1.2", "1.2.3", "1.2.3.4", data)
+
+    assert store.read(stored.relative_path) == data
+    assert elsewhere.read_bytes() == data[:5]
+    assert store.remove_partials() == 0 and elsewhere.exists()
+
+
+def test_same_bytes_written_at_once_share_one_file_and_neither_removes_it(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    other_process = InstanceStore(tmp_path, host="other-host")
+    data = b"the whole instance"
     writer = store.begin_instance("1.2", "1.2.3", "1.2.3.4", data)
-    os.truncate(writer.target, 5)  # the other association has written 5 bytes so far
+    racer = other_process.begin_instance("1.2", "1.2.3", "1.2.3.4", data)  # finds the whole file
 
-    racer = store.begin_instance("1.2", "1.2.3", "1.2.3.4", data)
-    with pytest.raises(StorageError, match="being written by another association"):
-        racer.finish()
+    assert racer.finish() == writer.stored
     racer.abort()
-
-    assert writer.target.exists()  # the racer never removes what another write created
+    assert writer.target.read_bytes() == data  # the racer never removes what another write created
+    writer.finish()
     writer.abort()
+    assert writer.target.read_bytes() == data
+    assert _partials(tmp_path) == []
 
 
 def _slow_sync(seen: dict[str, object]) -> Callable[[int], None]:
@@ -335,10 +414,35 @@ def test_no_inode_left_is_storage_full(tmp_path: Path, monkeypatch: pytest.Monke
     real_open = os.open
 
     def no_inode(path: object, flags: int, *args: object) -> int:
-        if str(path).endswith(".dcm") and flags & os.O_CREAT:
+        if str(path).endswith(PARTIAL_SUFFIX) and flags & os.O_CREAT:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_open(path, flags, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "open", no_inode)
     with pytest.raises(StorageFullError):
         store.write_instance("1.2", "1.2.3", "1.2.3.4", b"data")
+
+
+def test_the_second_of_two_writers_of_the_same_bytes_takes_the_first_ones_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = InstanceStore(tmp_path)
+    data = b"the whole instance"
+    real_link = os.link
+    first: list[InstanceStore] = []
+
+    def another_writer_links_first(source: object, target: object) -> None:
+        # another host's write of the same bytes gets the name between this one's check and link
+        if not first:
+            first.append(InstanceStore(tmp_path, host="other-host"))
+            monkeypatch.setattr(os, "link", real_link)
+            first[0].write_instance("1.2", "1.2.3", "1.2.3.4", data)
+            os.utime(target, (1, 1))  # marks the other host's file
+        real_link(source, target)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "link", another_writer_links_first)
+    stored = store.write_instance("1.2", "1.2.3", "1.2.3.4", data)
+
+    path = tmp_path / stored.relative_path
+    assert path.read_bytes() == data and path.stat().st_mtime == 1  # the first file, untouched
+    assert _partials(tmp_path) == []

@@ -6,8 +6,8 @@ data directory and YAML config) runs a generalist model, a tiny random-weight Ge
 MedGemma's architecture built offline (:mod:`bench.serving_model`; it never emits a stop token,
 so every report is exactly ``--new-tokens`` tokens on every path). Two rules ask for a ``report``:
 
-* **cr**: one chest radiograph (the shared CR, ``RG1_J2KI_chest_PA.dcm``, JPEG 2000, with new
-  UIDs per study);
+* **cr**: one chest radiograph (the shared CR, ``RG1_J2KI_chest_PA.dcm``, decoded from JPEG 2000,
+  new UIDs per study);
 * **ct**: an 85-slice CT series (the synthetic phantom of :mod:`tests.phantom`), which goes to the
   model as MedGemma 1.5 was trained: 85 slices in three HU windows, each followed by ``SLICE n``
   (:mod:`inference.vlm.volume_recipe`).
@@ -64,8 +64,9 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+# run as a script, bench/ comes first on the path, and bench/inference.py would hide the package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT / "bench"]
+sys.path.insert(0, str(REPO_ROOT))
 
 import yaml
 
@@ -101,10 +102,16 @@ def _uid(*parts: object) -> str:
 
 
 def write_cr_studies(out: Path, first: int, count: int) -> list[Study]:
-    """``count`` copies of the shared chest radiograph, each its own study (new UIDs)."""
+    """``count`` copies of the shared chest radiograph, each its own study (new UIDs).
+
+    The source is JPEG 2000 (lossy); the copies are decoded once to Explicit VR Little Endian,
+    since the node takes the sender's first lossless syntax of a context, and storescu cannot
+    convert JPEG 2000 itself.
+    """
     from pydicom import dcmread
 
     source = dcmread(CR_SOURCE)
+    source.decompress()
     studies = []
     for number in range(first, first + count):
         ds = source.copy()
@@ -140,6 +147,14 @@ def write_ct_studies(out: Path, first: int, count: int, *, slices: int, side: in
     return studies
 
 
+#: torch threads of every process that runs the model (``--threads``), the benchmark's included
+THREADS = {"n": 1}
+
+
+def _threads_env() -> dict[str, str]:
+    return {"OMP_NUM_THREADS": str(THREADS["n"]), "MKL_NUM_THREADS": str(THREADS["n"])}
+
+
 # -- model servers --------------------------------------------------------------------------------
 @contextmanager
 def transformers_serve(model_dir: Path, work: Path) -> Iterator[str]:
@@ -153,7 +168,8 @@ def transformers_serve(model_dir: Path, work: Path) -> Iterator[str]:
     server = ManagedProcess(
         [str(executable), "serve", str(model_dir), "--device", "cpu", "--host", "127.0.0.1",
          "--port", str(port), "--continuous-batching"],
-        log_dir=work, name="transformers-serve", env={"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"})
+        log_dir=work, name="transformers-serve",
+        env={"HF_HOME": str(home), "HF_HUB_OFFLINE": "1", **_threads_env()})
     server.start(port=port, timeout_s=180)
     try:
         yield f"http://127.0.0.1:{port}"
@@ -169,7 +185,8 @@ def vllm_serve(python: Path, model_dir: Path, work: Path) -> Iterator[str]:
         [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
          "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "4096", "--dtype", "bfloat16",
          "--enforce-eager", "--served-model-name", str(model_dir)],
-        log_dir=work, name="vllm", env={"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"})
+        log_dir=work, name="vllm",
+        env={"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", **_threads_env()})
     server.start(port=port, timeout_s=300)
     try:
         yield f"http://127.0.0.1:{port}"
@@ -230,7 +247,7 @@ def running_node(code: Path, work: Path, config: Path) -> Iterator[Node]:
     (work / "data").mkdir(parents=True, exist_ok=True)
     process = ManagedProcess([sys.executable, "-m", "node.cli", "serve", "--config", str(config)],
                              log_dir=work, name="mednode", cwd=code,
-                             env={"PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1"})
+                             env={"PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1", **_threads_env()})
     for key in [k for k in process.env if k.startswith("MEDNODE_")]:
         del process.env[key]  # the developer's own settings must not leak into the benchmark
     process.start(port=settings["dicom_port"], timeout_s=180)
@@ -261,7 +278,8 @@ def failed_jobs(db_path: Path) -> list[str]:
 
 def _storescu(node: Node, study: Study) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [find_tool("storescu"), "-aet", "BENCH", "-aec", "MEDNODE", "+sd", "127.0.0.1",
+        # -R: one presentation context per file's SOP class and transfer syntax
+        [find_tool("storescu"), "-aet", "BENCH", "-aec", "MEDNODE", "-R", "+sd", "127.0.0.1",
          str(node.port), str(study.directory)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=peer_env())
 
@@ -401,11 +419,12 @@ def render(result: dict[str, Any]) -> str:
          f"(MedGemma's architecture), {result['params'] / 1e6:.1f} M parameters, float32, built offline "
          f"(`bench/serving_model.py`; its stop tokens never win, so every report is exactly "
          f"**{result['budget']} new tokens**, greedy, on every path). Studies: a chest radiograph "
-         f"(the shared JPEG 2000 CR, {IMAGE_SIZE}² input, {result['prompt_tokens']['cr']} prompt tokens) "
+         f"(the shared CR, 1841×1955, sent uncompressed, {IMAGE_SIZE}² input, {result['prompt_tokens']['cr']} prompt tokens) "
          f"or an 85-slice CT ({result['ct_side']}² phantom, 85 slices in three HU windows, each then "
          f"`SLICE n`: {result['prompt_tokens'].get('ct', '?')} prompt tokens), one `report` each. "
          f"`mednode serve` on the embedded default (SQLite, embedded broker and worker), quiet period "
-         f"{result['quiet_period_s']:g} s; studies sent with `storescu`, one association each, at most "
+         f"{result['quiet_period_s']:g} s; {result.get('threads', 1)} torch thread(s) in every process that runs "
+         f"the model (`OMP_NUM_THREADS`, the baseline's too); studies sent with `storescu`, one association each, at most "
          f"{result['max_senders']} at a time; *in flight* = sent and SR not yet stored."),
         "",
         ("| code | path | study | in flight | studies | studies/h | node ÷ one-at-a-time | "
@@ -436,8 +455,7 @@ def render(result: dict[str, Any]) -> str:
          "one study per call, on the same prepared inputs (the node's own `prepare_images` on the same "
          "files, outside the timing) and the same budget, measured before the node legs and again "
          "after them. The node's figures include everything the node does: receiving and indexing, "
-         "the quiet period, routing, the queue, reading and preparing the images (JPEG 2000 decoding "
-         "of the radiograph, 85 CT slices), generation, the SR written and indexed. *studies/h*: "
+         "the quiet period, routing, the queue, reading and preparing the images (85 CT slices), generation, the SR written and indexed. *studies/h*: "
          "studies ÷ (first send started → last SR stored). *latency*: last instance acknowledged "
          "(`storescu` done) → result row stored in the node's database (`result.created_at`); "
          "it includes the quiet period. One warm-up study per kind (untimed) loads the model "
@@ -485,6 +503,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import torch
     import transformers
 
+    THREADS["n"] = args.threads
+    torch.set_num_threads(args.threads)
     model_dir = build_serving_gemma3(work / "model", size=args.size)
     params = _params(model_dir)
     counts = args.studies  # in flight -> studies sent at that level
@@ -502,7 +522,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     result: dict[str, Any] = {
         "machine": machine(), "params": params, "budget": args.new_tokens, "ct_side": args.ct_side,
         "quiet_period_s": args.quiet_period_s, "max_senders": args.max_senders,
-        "server_workers": args.server_workers, "levels": [], "baseline_s": {k: [] for k in args.kinds},
+        "server_workers": args.server_workers, "threads": args.threads, "levels": [], "baseline_s": {k: [] for k in args.kinds},
         "prompt_tokens": {}, "load_before": _load(),
         "code_revisions": {label: _revision(path) for label, path in args.codes},
         "torch": torch.__version__, "transformers": transformers.__version__,
@@ -631,6 +651,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="models.vlm.batch_size")
     parser.add_argument("--server-workers", type=int, default=8,
                         help="worker_concurrency of the node on the server paths")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (OMP_NUM_THREADS) of the node, the servers and the baseline")
     parser.add_argument("--quiet-period-s", type=float, default=1.0)
     parser.add_argument("--max-senders", type=int, default=4, help="storescu associations at a time")
     parser.add_argument("--baseline-repeats", type=int, default=3, help="timed plain calls, each time")

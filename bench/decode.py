@@ -213,8 +213,8 @@ def render(result: dict[str, Any]) -> str:
         (f"torch {result['torch']}, transformers {result['transformers']}, Python {result['python']}; "
          f"{result['date']}."),
         "",
-        "Reproduce: `python3 bench/decode.py --json out.json` on the GPU machine, then "
-        "`.venv/bin/python bench/decode.py --from-json out.json --write-docs`.",
+        ("Reproduce: `python3 bench/decode.py --json out.json` on the GPU machine, then "
+         "`.venv/bin/python bench/decode.py --from-json out.json --write-docs`."),
     ]
     return "\n".join(lines)
 

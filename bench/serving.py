@@ -69,6 +69,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT / "b
 sys.path.insert(0, str(REPO_ROOT))
 
 import yaml
+from pydicom.uid import UID, generate_uid
 
 from bench.ingest import machine, wait_until_idle
 from bench.serving_model import IMAGE_SIZE, build_serving_gemma3
@@ -95,10 +96,8 @@ class Study:
     directory: Path
 
 
-def _uid(*parts: object) -> str:
-    from pydicom.uid import generate_uid
-
-    return str(generate_uid(entropy_srcs=["mednode-bench-serving", *map(str, parts)]))
+def _uid(*parts: object) -> UID:
+    return generate_uid(entropy_srcs=["mednode-bench-serving", *map(str, parts)])
 
 
 def write_cr_studies(out: Path, first: int, count: int) -> list[Study]:
@@ -122,7 +121,7 @@ def write_cr_studies(out: Path, first: int, count: int) -> list[Study]:
         directory = out / f"cr{number:03d}"
         directory.mkdir(parents=True)
         ds.save_as(directory / "cr.dcm", enforce_file_format=True)
-        studies.append(Study("cr", ds.StudyInstanceUID, directory))
+        studies.append(Study("cr", str(ds.StudyInstanceUID), directory))
     return studies
 
 
@@ -143,7 +142,7 @@ def write_ct_studies(out: Path, first: int, count: int, *, slices: int, side: in
                                    seed=number)
         directory = out / f"ct{number:03d}"
         write_series(datasets, directory)
-        studies.append(Study("ct", uid, directory))
+        studies.append(Study("ct", str(uid), directory))
     return studies
 
 
@@ -263,10 +262,23 @@ def stored_results(db_path: Path) -> dict[str, float]:
         rows = db.execute(
             "SELECT s.study_instance_uid, MIN(r.created_at) FROM result r JOIN job j ON r.job_pk = j.id "
             "JOIN study s ON j.study_pk = s.id GROUP BY s.study_instance_uid").fetchall()
-    out = {}
-    for uid, created in rows:
-        when = dt.datetime.fromisoformat(str(created))
-        out[uid] = (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+    return {uid: _unix(created) for uid, created in rows}
+
+
+def _unix(value: object) -> float:
+    when = dt.datetime.fromisoformat(str(value))
+    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+
+
+def job_times(db_path: Path) -> dict[str, tuple[float, float]]:
+    """Study Instance UID → (job created, job started) of its first job (Unix time)."""
+    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5) as db:
+        rows = db.execute(
+            "SELECT s.study_instance_uid, j.created_at, j.started_at FROM job j "
+            "JOIN study s ON j.study_pk = s.id WHERE j.started_at IS NOT NULL ORDER BY j.id").fetchall()
+    out: dict[str, tuple[float, float]] = {}
+    for uid, created, started in rows:
+        out.setdefault(uid, (_unix(created), _unix(started)))
     return out
 
 
@@ -295,6 +307,11 @@ class Level:
     studies: int
     wall_s: float = 0.0
     latency_s: list[float] = field(default_factory=list)
+    #: per study: last instance acknowledged → job created (quiet period, completion, routing),
+    #: job created → started (queue), started → SR stored (the worker: images, model, SR)
+    to_job_s: list[float] = field(default_factory=list)
+    queued_s: list[float] = field(default_factory=list)
+    working_s: list[float] = field(default_factory=list)
     error: str | None = None
 
     @property
@@ -303,8 +320,15 @@ class Level:
 
 
 def drive(node: Node, studies: list[Study], in_flight: int, *, max_senders: int,
-          timeout_s: float) -> tuple[float, list[float]]:
-    """Send ``studies`` keeping ``in_flight`` of them unfinished; return (wall s, latencies s).
+          timeout_s: float) -> tuple[float, list[float], list[tuple[float, float, float]]]:
+    """Send ``studies`` keeping ``in_flight`` of them unfinished.
+
+    Returns
+    -------
+    (float, list of float, list of (float, float, float))
+        Seconds from the first send to the last SR stored; per study, the latency (last instance
+        acknowledged → SR stored) and its three stages (→ job created, → job started, → SR stored).
+
 
     Raises
     ------
@@ -314,6 +338,8 @@ def drive(node: Node, studies: list[Study], in_flight: int, *, max_senders: int,
     pending = list(studies)
     sending: dict[subprocess.Popen[bytes], Study] = {}
     acked: dict[str, float] = {}
+    ack_time: dict[str, float] = {}
+    stored_at: dict[str, float] = {}
     latencies: dict[str, float] = {}
     started = time.time()
     last_stored = started
@@ -332,18 +358,24 @@ def drive(node: Node, studies: list[Study], in_flight: int, *, max_senders: int,
             if process.returncode != 0:
                 err = process.stderr.read().decode(errors="replace")[-500:] if process.stderr else ""
                 raise PeerError(f"storescu exited {process.returncode}: {err}")
-            acked[study.uid] = time.time()
+            acked[study.uid] = ack_time[study.uid] = time.time()
         if now - last_poll >= 0.1 and acked:
             last_poll = now
             stored = stored_results(node.db_path)
             for uid in [u for u in acked if u in stored]:
                 latencies[uid] = stored[uid] - acked.pop(uid)
+                stored_at[uid] = stored[uid]
                 last_stored = max(last_stored, stored[uid])
             failed = failed_jobs(node.db_path)
             if failed:
                 raise PeerError("failed: " + "; ".join(failed)[:300])
         time.sleep(0.02)
-    return last_stored - started, [latencies[s.uid] for s in studies]
+    jobs = job_times(node.db_path)
+    stages = []
+    for study in studies:
+        created, begun = jobs[study.uid]
+        stages.append((created - ack_time[study.uid], begun - created, stored_at[study.uid] - begun))
+    return last_stored - started, [latencies[s.uid] for s in studies], stages
 
 
 # -- baseline -------------------------------------------------------------------------------------
@@ -407,6 +439,10 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
+def _median(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f}" if values else "–"
+
+
 def render(result: dict[str, Any]) -> str:
     levels = [Level(**{k: v for k, v in row.items()}) for row in result["levels"]]
     base = {kind: 3600 / statistics.median(s) for kind, s in result["baseline_s"].items() if s}
@@ -428,20 +464,21 @@ def render(result: dict[str, Any]) -> str:
          f"{result['max_senders']} at a time; *in flight* = sent and SR not yet stored."),
         "",
         ("| code | path | study | in flight | studies | studies/h | node ÷ one-at-a-time | "
-         "latency p50 / p90 / max (s) |"),
-        "|---|---|---|---|---|---|---|---|",
+         "latency p50 / p90 / max (s) | medians: to job / queued / working (s) |"),
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for lv in levels:
         label = PATH_LABELS.get(lv.path, lv.path)
         if lv.error:
             lines.append(f"| {lv.code} | {label} | {lv.kind} | {lv.in_flight} | {lv.studies} | – | – | "
-                         f"{lv.error} |")
+                         f"{lv.error} | |")
             continue
         ratio = f"{lv.per_hour / base[lv.kind]:.2f}×" if lv.kind in base else "–"
         lines.append(
             f"| {lv.code} | {label} | {lv.kind} | {lv.in_flight} | {lv.studies} | {lv.per_hour:,.0f} | "
             f"{ratio} | {_pct(lv.latency_s, 50):.1f} / {_pct(lv.latency_s, 90):.1f} / "
-            f"{max(lv.latency_s):.1f} |")
+            f"{max(lv.latency_s):.1f} | {_median(lv.to_job_s)} / {_median(lv.queued_s)} / "
+            f"{_median(lv.working_s)} |")
     lines.append("")
     for kind, secs in result["baseline_s"].items():
         if secs:
@@ -458,8 +495,10 @@ def render(result: dict[str, Any]) -> str:
          "the quiet period, routing, the queue, reading and preparing the images (85 CT slices), generation, the SR written and indexed. *studies/h*: "
          "studies ÷ (first send started → last SR stored). *latency*: last instance acknowledged "
          "(`storescu` done) → result row stored in the node's database (`result.created_at`); "
-         "it includes the quiet period. One warm-up study per kind (untimed) loads the model "
-         "first. Server paths: the node runs "
+         "it includes the quiet period. Its stages, from the job row: *to job* (last instance → "
+         "job created: quiet period, completion check, routing), *queued* (→ a worker starts it), "
+         "*working* (→ SR stored: reading and preparing the images, the model, the SR). One warm-up "
+         "study per kind (untimed) loads the model first. Server paths: the node runs "
          f"{result['server_workers']} worker processes (`worker_concurrency`), so several studies "
          "are at the server at once; in-process: one."),
         *(["", result["note"]] if result.get("note") else []),
@@ -573,9 +612,11 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                                 cursor[kind] += counts[n]
                                 level = Level(label, path, kind, n, len(studies))
                                 try:
-                                    level.wall_s, level.latency_s = drive(
+                                    level.wall_s, level.latency_s, stages = drive(
                                         node, studies, n, max_senders=args.max_senders,
                                         timeout_s=args.timeout_s)
+                                    level.to_job_s, level.queued_s, level.working_s = (
+                                        [list(x) for x in zip(*stages, strict=True)])
                                 except PeerError as exc:
                                     level.error = str(exc).splitlines()[0][:200].replace("|", "/")
                                 result["levels"].append(asdict(level))

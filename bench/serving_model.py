@@ -18,6 +18,7 @@ vocabulary, no SigLIP pooling head.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 #: Side of the square image the vision tower takes (4 x 4 patches of 14 pixels, pooled to 2 x 2).
 IMAGE_SIZE = 56
@@ -25,7 +26,7 @@ IMAGE_TOKENS = 4
 STOP_TOKENS = ("<eos>", "<end_of_turn>")
 #: Decoder shapes per size: ``tiny`` (Python overhead dominates a step, as it does for eager
 #: transformers on a GPU), ``small`` (about 17 M parameters: a CPU step is bound by compute).
-SIZES = {
+SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 2, "num_key_value_heads": 1},
     "small": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 4,

@@ -177,6 +177,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
 def render(result: dict[str, Any]) -> str:
     weights_gb = result["decoder_bytes"] / 1e9
     ceiling = result["bandwidth_gbs"] / weights_gb
@@ -186,7 +190,7 @@ def render(result: dict[str, Any]) -> str:
         "## Batch-1 decoding: eager, static cache, CUDA graphs",
         "",
         (f"**Device: {result['device'].upper()}** — {result['machine']}. Random-weight Gemma 3 "
-         f"(`--size {result['size']}`, {result['params'] / 1e9:.2f} B parameters, {result['dtype']}), "
+         f"(`--size {result['size']}`, {_params(result['params'])} parameters, {result['dtype']}), "
          f"loaded with `load_vlm`; one chest radiograph ({result['image']}, {result['prompt_tokens']} "
          f"prompt tokens), a `report` forced to {result['budget']} new tokens, greedy, batch 1. "
          f"A decoding step reads {weights_gb:.2f} GB of weights (language model and output head); "
@@ -207,7 +211,7 @@ def render(result: dict[str, Any]) -> str:
          "`cache_implementation=\"static\"`, not compiled. *graphs*: the same with transformers' "
          "compiled decoding step (`CompileConfig(mode=\"reduce-overhead\")`: `torch.compile` with "
          "CUDA graphs; on a CPU, compiled without graphs). Decode tok/s = (N − 1) ÷ (median time of "
-         f"N tokens − median time of 1 token), {result['rounds']} calls each, after one untimed call "
+         f"N tokens − median time of 1 token), {result['rounds']} call(s) each, after one untimed call "
          "(*first call*: where compilation and graph capture happen). Target (issue 13): within 2× "
          "of the ceiling."),
         "",

@@ -51,6 +51,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -72,7 +73,7 @@ import yaml
 from pydicom.uid import UID, generate_uid
 
 from bench.ingest import machine, wait_until_idle
-from bench.serving_model import IMAGE_SIZE, build_serving_gemma3
+from bench.serving_model import IMAGE_SIZE, build_serving_gemma3, to_checkpoint_layout
 from tests.peers import ManagedProcess, PeerError, find_tool, free_port, peer_env
 from tests.shared_data import SHARED_DICOM
 
@@ -178,17 +179,42 @@ def transformers_serve(model_dir: Path, work: Path) -> Iterator[str]:
 
 @contextmanager
 def vllm_serve(python: Path, model_dir: Path, work: Path) -> Iterator[str]:
-    """vLLM's OpenAI-compatible server (CPU build, its own venv) on loopback, as the note says."""
+    """vLLM's OpenAI-compatible server (CPU build, its own venv) on loopback, float32 as in-process.
+
+    vLLM loads the checkpoint layout real MedGemma checkpoints have (``vision_tower.vision_model.``),
+    so it gets a renamed copy of ``model_dir``, served under ``model_dir``'s name. It binds its port
+    before its engine is up: the start waits for ``/v1/models`` instead.
+    """
+    import httpx
+
+    served = work / "model-vllm"
+    shutil.copytree(model_dir, served)
+    to_checkpoint_layout(served)
     port = free_port()
     server = ManagedProcess(
-        [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "4096", "--dtype", "bfloat16",
-         "--enforce-eager", "--served-model-name", str(model_dir)],
+        [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(served),
+         "--served-model-name", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+         "--max-model-len", "4096", "--dtype", "float32", "--enforce-eager"],
         log_dir=work, name="vllm",
-        env={"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", **_threads_env()})
-    server.start(port=port, timeout_s=300)
+        env={"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HOME": str(work / "hf"),
+             "VLLM_CACHE_ROOT": str(work / "vllm-cache"), "VLLM_NO_USAGE_STATS": "1",
+             "DO_NOT_TRACK": "1", "PYTHONPATH": "", **_threads_env()})
+    server.start()
+    url = f"http://127.0.0.1:{port}"
     try:
-        yield f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 600
+        while True:
+            if not server.is_running:
+                raise PeerError(f"vLLM exited; log {server.log_path}: {server.log_tail(300)}")
+            try:
+                if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise PeerError(f"vLLM did not answer within 600 s; log {server.log_path}")
+            time.sleep(1.0)
+        yield url
     finally:
         server.stop(timeout_s=30)
 

@@ -114,3 +114,21 @@ def build_serving_gemma3(out: Path, *, size: str = "tiny", seed: int = 0) -> Pat
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def to_checkpoint_layout(model_dir: Path) -> Path:
+    """Rename the SigLIP weights of a saved Gemma 3 to the layout of real checkpoints, in place.
+
+    transformers 5 saves ``vision_tower.embeddings…``; real MedGemma checkpoints, and vLLM's
+    loader, have ``vision_tower.vision_model.embeddings…`` (transformers reads both).
+    """
+    from safetensors.torch import load_file, save_file
+
+    prefix = "vision_tower."
+    for path in sorted(model_dir.glob("*.safetensors")):
+        tensors = load_file(str(path))
+        renamed = {(prefix + "vision_model." + key[len(prefix):]
+                    if key.startswith(prefix) and not key.startswith(prefix + "vision_model.") else key): value
+                   for key, value in tensors.items()}
+        save_file(renamed, str(path), metadata={"format": "pt"})
+    return model_dir

@@ -40,6 +40,7 @@ _CORPUS = [
     "You are analyzing a contiguous block of CT slices. SLICE 1 SLICE 2 SLICE 85",
     "right lung, left lung, heart, nodule, pneumothorax, consolidation, cardiomegaly",
     "line\nline\n\nline\n\n\nline\n\n\n\nline",
+    "end\n", "end\n\n", "end\n\n\n", "end\n\n\n\n",  # runs of newlines as single tokens (vLLM)
 ]
 
 

@@ -473,6 +473,7 @@ def render(result: dict[str, Any]) -> str:
     levels = [Level(**{k: v for k, v in row.items()}) for row in result["levels"]]
     base = {kind: 3600 / statistics.median(s) for kind, s in result["baseline_s"].items() if s}
     codes = list(dict.fromkeys(lv.code for lv in levels))
+    in_flight = sorted({lv.in_flight for lv in levels})
     revisions = ", ".join(f"{c} = {result['code_revisions'].get(c, '?')}" for c in codes)
     lines = [
         "## Serving: studies through the node",
@@ -505,6 +506,18 @@ def render(result: dict[str, Any]) -> str:
             f"{ratio} | {_pct(lv.latency_s, 50):.1f} / {_pct(lv.latency_s, 90):.1f} / "
             f"{max(lv.latency_s):.1f} | {_median(lv.to_job_s)} / {_median(lv.queued_s)} / "
             f"{_median(lv.working_s)} |")
+    lines += ["", "Node ÷ one-at-a-time, side by side (target: ≥ 3× at 8 in flight):", "",
+              "| path | study | code | " + " | ".join(f"{n} in flight" for n in in_flight) + " |",
+              "|---|---|---|" + "---|" * len(in_flight)]
+    for path in dict.fromkeys(lv.path for lv in levels):
+        for kind in dict.fromkeys(lv.kind for lv in levels):
+            for code in codes:
+                cells = {lv.in_flight: lv for lv in levels if (lv.path, lv.kind, lv.code) == (path, kind, code)}
+                if not cells:
+                    continue
+                row = [f"{cells[n].per_hour / base[kind]:.2f}×" if n in cells and not cells[n].error
+                       and kind in base else "–" for n in in_flight]
+                lines.append(f"| {PATH_LABELS.get(path, path)} | {kind} | {code} | {' | '.join(row)} |")
     lines.append("")
     for kind, secs in result["baseline_s"].items():
         if secs:

@@ -34,14 +34,14 @@ Baseline, in the same run: the same model, the same prepared inputs (the node's 
 a time through ``processor.apply_chat_template``, ``model.generate`` and ``batch_decode`` in this
 process, before the node legs and again after them.
 
-``--code LABEL=DIR`` (repeatable) runs the node from another checkout too (e.g. the main branch
-in a second worktree), so code before and after a change is measured in one run.
+``--code LABEL=DIR[:PATHS]`` (repeatable) runs the node from another checkout too (e.g. the main
+branch in a second worktree), so code before and after a change is measured in one run.
 
 Usage::
 
     .venv/bin/python bench/serving.py                                   # all, this code
     .venv/bin/python bench/serving.py --paths inprocess --kinds cr --levels 1,8
-    .venv/bin/python bench/serving.py --code before=/work/wt/bench-base --code after=. --write-docs
+    .venv/bin/python bench/serving.py --code before=../base:inprocess --code after=. --write-docs
 """
 
 from __future__ import annotations
@@ -602,7 +602,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "quiet_period_s": args.quiet_period_s, "max_senders": args.max_senders,
         "server_workers": args.server_workers, "threads": args.threads, "levels": [], "baseline_s": {k: [] for k in args.kinds},
         "prompt_tokens": {}, "load_before": _load(),
-        "code_revisions": {label: _revision(path) for label, path in args.codes},
+        "code_revisions": {label: _revision(path) for label, path, _ in args.codes},
         "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(), "date": dt.date.today().isoformat(),
         "argv": " ".join(sys.argv[1:]),
@@ -620,8 +620,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             print(f"baseline {kind}: {', '.join(f'{s:.2f}' for s in seconds)} s per study", file=sys.stderr)
 
     run_baseline()
-    for label, code in args.codes:
-        for path in args.paths:
+    for label, code, only in args.codes:
+        for path in [p for p in args.paths if only is None or p in only]:
             cursor = dict.fromkeys(args.kinds, 0)
             leg = work / f"{label}-{path}"
             leg.mkdir(parents=True)
@@ -710,12 +710,16 @@ def _studies(text: str) -> dict[int, int]:
     return out
 
 
-def _code(text: str) -> tuple[str, Path]:
-    label, _, directory = text.rpartition("=")
+def _code(text: str) -> tuple[str, Path, list[str] | None]:
+    label, _, rest = text.partition("=")
+    directory, _, paths = (rest or label).partition(":")
     path = Path(directory).resolve()
     if not (path / "node" / "cli.py").is_file():
         raise argparse.ArgumentTypeError(f"{path} is not a mednode checkout (no node/cli.py)")
-    return label or path.name, path
+    only = [p for p in paths.split(",") if p] or None
+    if only and set(only) - set(PATHS):
+        raise argparse.ArgumentTypeError(f"paths after ':' are from {', '.join(PATHS)}")
+    return (label if rest else path.name), path, only
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -738,7 +742,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--baseline-repeats", type=int, default=3, help="timed plain calls, each time")
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per level")
     parser.add_argument("--code", dest="codes", type=_code, action="append",
-                        help="LABEL=DIR: run the node from this checkout (repeatable); default this one")
+                        help="LABEL=DIR[:PATHS]: run the node from this checkout (repeatable; PATHS: "
+                             "only these of --paths); default: this checkout, every path")
     parser.add_argument("--vllm-python", type=Path, default=REPO_ROOT / ".venv-vllm" / "bin" / "python")
     parser.add_argument("--workdir", type=Path, help="where the temporary directory goes")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
@@ -753,7 +758,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if "vllm" in args.paths and not args.vllm_python.exists():
         print(f"vllm: {args.vllm_python} not found, that path is skipped", file=sys.stderr)
         args.paths.remove("vllm")
-    args.codes = args.codes or [("this", REPO_ROOT)]
+    args.codes = args.codes or [("this", REPO_ROOT, None)]
     return args
 
 

@@ -338,6 +338,8 @@ class Level:
     to_job_s: list[float] = field(default_factory=list)
     queued_s: list[float] = field(default_factory=list)
     working_s: list[float] = field(default_factory=list)
+    #: one-at-a-time seconds per study, measured just before this level (node idle)
+    baseline_s: list[float] = field(default_factory=list)
     error: str | None = None
 
     @property
@@ -465,6 +467,15 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
+def _reference(level: Level, base: dict[str, float]) -> float:
+    """One-at-a-time studies/h measured just before the level (else the run's)."""
+    return 3600 / statistics.median(level.baseline_s) if level.baseline_s else base.get(level.kind, 0.0)
+
+
+def _ratio(level: Level, base: dict[str, float]) -> float:
+    return level.per_hour / _reference(level, base)
+
+
 def _median(values: list[float]) -> str:
     return f"{statistics.median(values):.1f}" if values else "–"
 
@@ -490,20 +501,20 @@ def render(result: dict[str, Any]) -> str:
          f"the model (`OMP_NUM_THREADS`, the baseline's too); studies sent with `storescu`, one association each, at most "
          f"{result['max_senders']} at a time; *in flight* = sent and SR not yet stored."),
         "",
-        ("| code | path | study | in flight | studies | studies/h | node ÷ one-at-a-time | "
-         "latency p50 / p90 / max (s) | medians: to job / queued / working (s) |"),
-        "|---|---|---|---|---|---|---|---|---|",
+        ("| code | path | study | in flight | studies | studies/h | one-at-a-time studies/h | "
+         "node ÷ one-at-a-time | latency p50 / p90 / max (s) | medians: to job / queued / working (s) |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for lv in levels:
         label = PATH_LABELS.get(lv.path, lv.path)
         if lv.error:
-            lines.append(f"| {lv.code} | {label} | {lv.kind} | {lv.in_flight} | {lv.studies} | – | – | "
+            lines.append(f"| {lv.code} | {label} | {lv.kind} | {lv.in_flight} | {lv.studies} | – | – | – | "
                          f"{lv.error} | |")
             continue
-        ratio = f"{lv.per_hour / base[lv.kind]:.2f}×" if lv.kind in base else "–"
+        ratio = f"{_ratio(lv, base):.2f}×" if lv.kind in base or lv.baseline_s else "–"
         lines.append(
             f"| {lv.code} | {label} | {lv.kind} | {lv.in_flight} | {lv.studies} | {lv.per_hour:,.0f} | "
-            f"{ratio} | {_pct(lv.latency_s, 50):.1f} / {_pct(lv.latency_s, 90):.1f} / "
+            f"{_reference(lv, base):,.0f} | {ratio} | {_pct(lv.latency_s, 50):.1f} / {_pct(lv.latency_s, 90):.1f} / "
             f"{max(lv.latency_s):.1f} | {_median(lv.to_job_s)} / {_median(lv.queued_s)} / "
             f"{_median(lv.working_s)} |")
     lines += ["", "Node ÷ one-at-a-time, side by side (target: ≥ 3× at 8 in flight):", "",
@@ -515,13 +526,14 @@ def render(result: dict[str, Any]) -> str:
                 cells = {lv.in_flight: lv for lv in levels if (lv.path, lv.kind, lv.code) == (path, kind, code)}
                 if not cells:
                     continue
-                row = [f"{cells[n].per_hour / base[kind]:.2f}×" if n in cells and not cells[n].error
-                       and kind in base else "–" for n in in_flight]
+                row = [f"{_ratio(cells[n], base):.2f}×" if n in cells and not cells[n].error
+                       and (kind in base or cells[n].baseline_s) else "–" for n in in_flight]
                 lines.append(f"| {PATH_LABELS.get(path, path)} | {kind} | {code} | {' | '.join(row)} |")
     lines.append("")
     for kind, secs in result["baseline_s"].items():
         if secs:
-            lines.append(f"One-at-a-time `generate` ({KIND_LABELS[kind]}): **{base[kind]:,.0f} studies/h** "
+            lines.append(f"One-at-a-time `generate` ({KIND_LABELS[kind]}), before and after all legs: "
+                         f"{base[kind]:,.0f} studies/h "
                          f"({statistics.median(secs):.2f} s per study, median of {len(secs)}: "
                          f"{', '.join(f'{s:.2f}' for s in secs)}).")
     lines += [
@@ -529,8 +541,9 @@ def render(result: dict[str, Any]) -> str:
         ("*node ÷ one-at-a-time*: the node's studies/h ÷ those of a plain loop over the same model in "
          "the benchmark's process: `processor.apply_chat_template`, `model.generate`, `batch_decode`, "
          "one study per call, on the same prepared inputs (the node's own `prepare_images` on the same "
-         "files, outside the timing) and the same budget, measured before the node legs and again "
-         "after them. The node's figures include everything the node does: receiving and indexing, "
+         "files, outside the timing) and the same budget, measured right before each level while the "
+         f"node idles ({result.get('baseline_repeats', 3)} calls after a warm-up; each level's ratio is "
+         "against its own, since this machine's speed drifts by 2-3× within minutes). The node's figures include everything the node does: receiving and indexing, "
          "the quiet period, routing, the queue, reading and preparing the images (85 CT slices), generation, the SR written and indexed. *studies/h*: "
          "studies ÷ (first send started → last SR stored). *latency*: last instance acknowledged "
          "(`storescu` done) → result row stored in the node's database (`result.created_at`); "
@@ -600,7 +613,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     result: dict[str, Any] = {
         "machine": machine(), "params": params, "budget": args.new_tokens, "ct_side": args.ct_side,
         "quiet_period_s": args.quiet_period_s, "max_senders": args.max_senders,
-        "server_workers": args.server_workers, "threads": args.threads, "levels": [], "baseline_s": {k: [] for k in args.kinds},
+        "server_workers": args.server_workers, "threads": args.threads,
+        "baseline_repeats": args.baseline_repeats, "levels": [], "baseline_s": {k: [] for k in args.kinds},
         "prompt_tokens": {}, "load_before": _load(),
         "code_revisions": {label: _revision(path) for label, path, _ in args.codes},
         "torch": torch.__version__, "transformers": transformers.__version__,
@@ -650,6 +664,9 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                                 studies = per_kind[kind][cursor[kind]:cursor[kind] + counts[n]]
                                 cursor[kind] += counts[n]
                                 level = Level(label, path, kind, n, len(studies))
+                                wait_until_idle(max_s=10)
+                                level.baseline_s = baseline(model_dir, per_kind[kind][0], args.new_tokens,
+                                                            args.baseline_repeats)
                                 try:
                                     level.wall_s, level.latency_s, stages = drive(
                                         node, studies, n, max_senders=args.max_senders,

@@ -27,3 +27,8 @@ class OutputParseError(InferenceError, ValueError):
 
 class ModelServerUnavailableError(InferenceError, ConnectionError):
     """A model server did not answer (down, refusing, timed out, or overloaded): worth retrying."""
+
+
+class ModelOutOfMemoryError(InferenceError, MemoryError):
+    """The accelerator ran out of memory even for one prompt alone: transient, retry the job later
+    (other jobs may be holding memory now)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -104,7 +105,9 @@ def worker(
         "Comma-separated queues to consume: inference.urgent (priority 8-9: asks, STAT rules), "
         "inference, delivery. Run one worker with --queues inference.urgent beside the others so "
         "an urgent job starts while a long one runs."))] = "inference.urgent,inference,delivery",
-    concurrency: Annotated[int | None, typer.Option(help="Worker processes.")] = None,
+    concurrency: Annotated[int | None, typer.Option(help=(
+        "Jobs run at once (default: worker_concurrency). A worker of inference queues runs them as "
+        "threads of one process sharing one copy of the model; a delivery worker as processes."))] = None,
 ) -> None:
     """Run a Celery worker (one per GPU host for scale-out)."""
     from node import multiprocess_metrics
@@ -120,29 +123,45 @@ def worker(
     if parent is not None:  # started by `mednode serve`: live and die with it
         die_with_parent(int(parent))
     processes = concurrency or settings.worker_concurrency
-    if processes > 1:
+    inference = any(q.strip().startswith("inference") for q in queues.split(","))
+    # one process: tasks run in the worker itself (the model stays loaded where the remote-control
+    # answers come from). An inference worker runs concurrent jobs as threads of that process:
+    # one copy of the model per worker (per GPU), and the jobs' prompts share its generate calls
+    # (inference.vlm.batching). Other workers: a prefork pool.
+    pool = "solo" if processes == 1 else "threads" if inference else "prefork"
+    if pool == "prefork":
         # prefork children each run torch: one thread each, or they fight over the cores
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     context.configure(settings)
     celery = configure_celery(settings)
-    if any(q.strip().startswith("inference") for q in queues.split(",")):
+    if inference:
         # import the model runtime (torch, transformers) now, not in the first job: an urgent
         # job must start within a second or two of being asked. Model weights still load lazily,
         # on first use, so an idle urgent worker holds no second copy of a model.
         import node.pipeline  # noqa: F401
+    name = f"mednode-{queues.replace(',', '-')}-{os.getpid()}@{socket.gethostname()}"
     argv = [
         "worker",
         "--queues", queues,
         "--concurrency", str(processes),
-        # one process: tasks run in the worker itself (the model stays loaded where the
-        # remote-control answers come from); more: a prefork pool
-        "--pool", "solo" if processes == 1 else "prefork",
+        "--pool", pool,
         "--loglevel", settings.log_level,
         "--without-gossip", "--without-mingle",
         # one name per worker process on a host: remote control (dashboard) tells them apart
-        "--hostname", f"mednode-{queues.replace(',', '-')}-{os.getpid()}@%h",
+        "--hostname", name,
     ]
-    celery.worker_main(argv)
+    status = None
+    if settings.broker.startswith("sqla+"):
+        # the embedded broker has no broadcast: the Workers page reads this file instead
+        from node.worker_status import StatusFile
+
+        status = StatusFile(settings.data_dir, name, queues=queues.split(","), concurrency=processes,
+                            pool=pool).start()
+    try:
+        celery.worker_main(argv)
+    finally:
+        if status is not None:
+            status.stop()
 
 
 @app.command()

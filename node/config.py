@@ -280,7 +280,12 @@ class VLMSettings(BaseModel):
     #: families that ship their own modelling code run it only when this says so explicitly
     trust_remote_code: bool = False
     max_new_tokens: int = Field(default=256, ge=1)
-    batch_size: int = Field(default=4, ge=1)
+    #: prompts per ``generate`` call, from one job or from several: the jobs a worker runs at once
+    #: (``worker_concurrency``) share one model and its batches (in-process; a server batches itself)
+    batch_size: int = Field(default=8, ge=1)
+    #: with ``device: auto`` on a worker without CUDA, refuse a checkpoint whose weight files are
+    #: larger than this (MiB), with a clear job reason; ``device: cpu`` runs any size, None never refuses
+    cpu_max_weights_mb: int | None = Field(default=2048, ge=0)
     #: slices sampled from a CT/MR series for a multi-image prompt; None: the family's own number
     #: (MedGemma: 85, as it was trained; the others: 8)
     slices_per_series: int | None = Field(default=None, ge=1, le=85)
@@ -374,7 +379,10 @@ class Settings(BaseSettings):
     job_lease_s: float = Field(default=120.0, gt=0)
     #: ``mednode serve`` starts a worker process itself (the embedded default)
     embedded_worker: bool = True
-    worker_concurrency: int = Field(default=1, ge=1)
+    #: jobs one worker runs at once. Inference workers run them as threads of one process that
+    #: holds one copy of the model (one process per GPU), and their prompts share ``generate``
+    #: calls (``models.vlm.batch_size``); other workers run a process per job
+    worker_concurrency: int = Field(default=4, ge=1)
     #: the embedded workers include one for ``inference.urgent`` (asks, priority 8-9), which
     #: starts them while a long job runs but holds its own copy of a model once it has run one;
     #: false: the inference worker takes urgent jobs too, after the job it is running

@@ -37,6 +37,16 @@ DELIVERY_FAILURES = Counter(
 MODEL_LOAD_SECONDS = Histogram(
     "mednode_model_load_seconds", "Time to load a model into a worker", ["model"]
 )
+VLM_BATCH_SIZE = Histogram(
+    "mednode_vlm_batch_size",
+    "Prompts per in-process generate call (from every job the worker runs at once)",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
+)
+VLM_BATCH_JOBS = Histogram(
+    "mednode_vlm_batch_jobs",
+    "Jobs whose prompts shared one in-process generate call",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
+)
 DELIVERY_DURATION = Histogram(
     "mednode_delivery_duration_seconds",
     "Wall time of one delivery attempt (association, C-STORE, release) by outcome",

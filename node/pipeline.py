@@ -34,6 +34,7 @@ from inference.errors import (
     InferenceError,
     InvalidInputError,
     ModelNotConfiguredError,
+    ModelOutOfMemoryError,
     ModelServerUnavailableError,
 )
 from inference.monai_bundle import MonaiBundle
@@ -234,6 +235,8 @@ def rejection_notes(ctx: NodeContext, job: jobs.ClaimedJob) -> list[Output]:
 
 
 _BUNDLES: dict[tuple[str, str], MonaiBundle] = {}
+#: jobs run as threads of one inference worker: one load per bundle, however many ask at once
+_BUNDLES_LOCK = threading.Lock()
 
 
 def load_bundle(path: Path, device: str) -> MonaiBundle:
@@ -243,13 +246,14 @@ def load_bundle(path: Path, device: str) -> MonaiBundle:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     key = (str(path), device)
-    if key not in _BUNDLES:
-        started = time.perf_counter()
-        _BUNDLES[key] = MonaiBundle.load(Path(path), device=device)
-        metrics.MODEL_LOAD_SECONDS.labels(model=_BUNDLES[key].name or Path(path).name).observe(
-            time.perf_counter() - started
-        )
-    return _BUNDLES[key]
+    with _BUNDLES_LOCK:
+        if key not in _BUNDLES:
+            started = time.perf_counter()
+            _BUNDLES[key] = MonaiBundle.load(Path(path), device=device)
+            metrics.MODEL_LOAD_SECONDS.labels(model=_BUNDLES[key].name or Path(path).name).observe(
+                time.perf_counter() - started
+            )
+        return _BUNDLES[key]
 
 
 def bundle_segmentation(bundle: MonaiBundle, volume: Volume, job_key: str, *, series_offset: int = 0,
@@ -382,8 +386,8 @@ def run_job(ctx: NodeContext, job_id: int) -> list[int]:
         with _Lease(ctx, job.id, ctx.settings.job_lease_s):
             outputs = run_tasks(ctx, job)
             results = store_outputs(ctx, job.id, outputs)
-    except ModelServerUnavailableError as exc:  # before InferenceError: down or slow is worth a retry
-        return _retry_or_give_up(ctx, job, exc)
+    except (ModelServerUnavailableError, ModelOutOfMemoryError) as exc:  # before InferenceError:
+        return _retry_or_give_up(ctx, job, exc)  # down, slow or out of GPU memory: worth a retry
     except (InferenceError, DicomIOError, ValueError, KeyError) as exc:
         jobs.fail_job(ctx.sessions, job.id, failure_reason(exc))
         return []

@@ -66,9 +66,12 @@ class WorkerSupervisor:
     up sending finished results, and an ask or a priority 8–9 job starts while a long job runs;
     restarts a child that exits unexpectedly.
 
-    The urgent worker imports the model runtime at start but loads a model only when an urgent
-    job needs it, and then keeps it: with VLM asks, plan memory for a second copy of the model, or
-    set ``embedded_urgent_worker: false`` to have the inference worker take urgent jobs too.
+    The inference worker is one process running ``concurrency`` jobs as threads that share one
+    copy of the model and its ``generate`` calls (:mod:`inference.vlm.batching`). The urgent worker
+    imports the model runtime at start but loads a model only when an urgent job needs it, and then
+    keeps it: with VLM asks, plan memory for a second copy of the model, or set
+    ``embedded_urgent_worker: false`` to have the inference worker take urgent jobs too (one copy
+    per GPU; an urgent job then waits for a free job slot, not for the running jobs to finish).
     """
 
     def __init__(self, config_path: Path | None, concurrency: int, *, urgent_worker: bool = True) -> None:

@@ -46,20 +46,12 @@ def deliver(delivery_id: int) -> None:
 
 @inspect_command(name="mednode_info")
 def mednode_info(state: Any) -> dict[str, Any]:
-    """Remote-control answer for the dashboard: the models this worker holds, GPU memory in use.
+    """Remote-control answer for the dashboard (RabbitMQ, Redis): the models this worker holds,
+    their device, batch size and GPU memory (:func:`node.worker_status.process_info`).
 
-    Answered by the worker's main process, which is where tasks run with the solo pool (the
-    default for one process per worker, as on a GPU host).
+    Answered by the worker's main process, which is where an inference worker's jobs run (solo
+    pool, or the threads pool for several jobs at once), so it sees the model they share.
     """
-    import sys
+    from node.worker_status import process_info
 
-    if "inference.vlm.loader" not in sys.modules:  # a delivery worker: no model, no torch to import
-        return {"model": None, "gpu_memory_mb": None}
-    from inference.vlm.loader import loaded_models
-
-    models = [f"{m.name} ({m.family}, {m.version})" for m in loaded_models()]
-    gpu_memory_mb = None
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        gpu_memory_mb = round(torch.cuda.memory_allocated() / 2**20, 1)
-    return {"model": ", ".join(models) or None, "gpu_memory_mb": gpu_memory_mb}
+    return process_info()

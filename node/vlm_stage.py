@@ -9,6 +9,7 @@ answers (one SR per language) and regions/labels (one TID 1500 SR) are written w
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,7 +40,6 @@ from inference.results import (
 )
 from inference.tasks import TaskSpec
 from inference.vlm import VLMConfig, get_vlm
-from inference.vlm.loader import loaded_models
 from inference.vlm.runtime import VLM
 from inference.vlm.server import ServerConfig, ServerVLM
 from inference.vlm.volume_recipe import prepare_volume, slice_window
@@ -90,11 +90,13 @@ def vlm_config(settings: VLMSettings) -> VLMConfig:
         batch_size=settings.batch_size,
         image_size=settings.image_size,
         name=settings.name,
+        cpu_max_weights_mb=settings.cpu_max_weights_mb,
     )
 
 
 #: One client per (server settings) in a process, like the warm in-process model.
 _SERVER_CLIENTS: dict[ServerConfig, ServerVLM] = {}
+_SERVER_CLIENTS_LOCK = threading.Lock()
 
 
 def server_config(settings: VLMSettings) -> ServerConfig:
@@ -110,10 +112,11 @@ def server_model(settings: VLMSettings) -> ServerVLM:
     """The process-wide client of the model server that ``settings.server`` names; the model
     name is checked against the server's list on first use."""
     cfg = server_config(settings)
-    if cfg not in _SERVER_CLIENTS:
-        _SERVER_CLIENTS[cfg] = ServerVLM(cfg)
-        log.info("vlm: using model %s on server %s", cfg.model, cfg.server)
-    return _SERVER_CLIENTS[cfg]
+    with _SERVER_CLIENTS_LOCK:  # a worker's job threads share one client
+        if cfg not in _SERVER_CLIENTS:
+            _SERVER_CLIENTS[cfg] = ServerVLM(cfg)
+            log.info("vlm: using model %s on server %s", cfg.model, cfg.server)
+        return _SERVER_CLIENTS[cfg]
 
 
 def check_server_at_start(settings: VLMSettings | None) -> str | None:
@@ -147,14 +150,19 @@ def load_model(settings: VLMSettings | None) -> VLM:
         )
     if settings.server is not None:
         return server_model(settings)
-    started = time.perf_counter()
-    loaded_before = len(loaded_models())
-    vlm = get_vlm(vlm_config(settings))
-    elapsed = time.perf_counter() - started
-    if len(loaded_models()) > loaded_before:  # a real load, not a cache hit
-        metrics.MODEL_LOAD_SECONDS.labels(model=vlm.info.name).observe(elapsed)
-        log.info("loaded model %s (%s) in %.1f s", vlm.info.name, vlm.info.family, elapsed)
-    return vlm
+    return get_vlm(vlm_config(settings), on_load=_loaded)
+
+
+def _observe_batch(units: int, jobs: int, seconds: float) -> None:
+    metrics.VLM_BATCH_SIZE.observe(units)
+    metrics.VLM_BATCH_JOBS.observe(jobs)
+
+
+def _loaded(vlm: VLM, seconds: float) -> None:
+    """Once per model load in this process: the load metric, and the batch metrics hooked up."""
+    metrics.MODEL_LOAD_SECONDS.labels(model=vlm.info.name).observe(seconds)
+    vlm.batch_observer = _observe_batch
+    log.info("loaded model %s (%s) in %.1f s on %s", vlm.info.name, vlm.info.family, seconds, vlm.device)
 
 
 def _is_volume(datasets: list[Dataset]) -> bool:

@@ -11,6 +11,8 @@ import hashlib
 import json
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -53,6 +55,10 @@ class VLMConfig:
         Override of the model input size (default: what the processor states).
     name : str or None
         Model name for the SR's algorithm identification (default: directory name).
+    cpu_max_weights_mb : int or None
+        With ``device: auto`` and no CUDA device, refuse checkpoints whose weight files are larger
+        than this (a 4B model on a CPU takes minutes per study; it is almost always a worker started
+        on the wrong host). ``device: cpu`` runs any size; None never refuses.
     """
 
     path: str
@@ -64,6 +70,7 @@ class VLMConfig:
     batch_size: int = 4
     image_size: int | None = None
     name: str | None = None
+    cpu_max_weights_mb: int | None = 2048
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:
@@ -173,6 +180,30 @@ def _check_directory(cfg: VLMConfig, family: Family) -> tuple[Path, dict[str, ob
     return path, config
 
 
+#: Files that hold a checkpoint's weights.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def weights_mb(path: Path) -> float:
+    """Size of the weight files in checkpoint directory ``path``, in MiB."""
+    return sum(f.stat().st_size for f in path.iterdir()
+               if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES)) / 2**20
+
+
+def refuse_large_on_cpu(cfg: VLMConfig, path: Path, device: str) -> None:
+    """Raise :class:`ModelLoadError` when ``device: auto`` fell back to the CPU for a checkpoint
+    above ``cpu_max_weights_mb`` (see :class:`VLMConfig`)."""
+    if cfg.device != "auto" or device != "cpu" or cfg.cpu_max_weights_mb is None:
+        return
+    size = weights_mb(path)
+    if size > cfg.cpu_max_weights_mb:
+        raise ModelLoadError(
+            f"this worker has no CUDA device and {str(path)!r} holds {size / 1024:.1f} GiB of weights "
+            f"(above models.vlm.cpu_max_weights_mb = {cfg.cpu_max_weights_mb}): run the inference "
+            "worker on a GPU host, or set models.vlm.device: cpu to run it on the CPU anyway (slow)."
+        )
+
+
 def refuse_parser_only(family: Family) -> None:
     """Raise :class:`ModelLoadError` for a parser-only family, saying why and what to use instead."""
     if not family.loadable:
@@ -205,6 +236,7 @@ def load_vlm(cfg: VLMConfig) -> VLM:
     refuse_parser_only(family)
     path, config = _check_directory(cfg, family)
     device, dtype = _resolve_device_and_dtype(cfg)
+    refuse_large_on_cpu(cfg, path, device)
     model_type = str(config.get("model_type", ""))
     try:
         if model_type in IMAGE_ONLY_PROCESSORS:
@@ -238,13 +270,28 @@ _CACHE: dict[VLMConfig, VLM] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def get_vlm(cfg: VLMConfig) -> VLM:
-    """The process-wide loaded model for ``cfg``, loading it on first use."""
+def get_vlm(cfg: VLMConfig, *, on_load: Callable[[VLM, float], None] | None = None) -> VLM:
+    """The process-wide loaded model for ``cfg``, loading it on first use.
+
+    Threads that ask while it loads wait for that one load. ``on_load(vlm, seconds)`` is called
+    once, by the thread that loaded it, before any thread gets the model (set metrics or a
+    ``batch_observer`` there).
+    """
     with _CACHE_LOCK:
         vlm = _CACHE.get(cfg)
         if vlm is None:
-            vlm = _CACHE[cfg] = load_vlm(cfg)
+            started = time.perf_counter()
+            vlm = load_vlm(cfg)
+            if on_load is not None:
+                on_load(vlm, time.perf_counter() - started)
+            _CACHE[cfg] = vlm
         return vlm
+
+
+def loaded_vlms() -> list[VLM]:
+    """The models this process holds loaded (for worker status: device, batch queue)."""
+    with _CACHE_LOCK:
+        return list(_CACHE.values())
 
 
 def loaded_models() -> list[ModelInfo]:

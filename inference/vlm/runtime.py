@@ -3,8 +3,9 @@
 A request is one study's prepared images and one :class:`TaskSpec`. Each request expands into
 generations ("units"): one per question, label, phrase x image, region, or one per report.
 Units with the same token budget are batched into one greedy ``generate`` call (left padding)
-up to the configured batch size, where the family allows batching; outputs are parsed into the
-typed results of :mod:`inference.results`.
+up to the configured batch size, where the family allows batching, together with the waiting units
+of other studies that run in the same process (:mod:`inference.vlm.batching`); outputs are parsed
+into the typed results of :mod:`inference.results`.
 
 Which images a unit sees:
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -42,6 +44,7 @@ from inference.results import (
     TaskResult,
 )
 from inference.tasks import TaskSpec
+from inference.vlm.batching import BatchObserver, GenerationQueue
 from inference.vlm.classify import answer_position, label_outcome, yes_probability
 from inference.vlm.families import YES_NO, Family
 from inference.vlm.volume_recipe import user_content
@@ -164,6 +167,9 @@ def grounded_sentences(text: str, parsed: ParsedBoxes, *, json_format: bool) -> 
     return tuple(result)
 
 
+_QUEUE_LOCK = threading.Lock()
+
+
 class VLM:
     """A loaded vision-language model with its family adapter. Build with
     :func:`inference.vlm.load_vlm` or :func:`inference.vlm.get_vlm`.
@@ -176,7 +182,16 @@ class VLM:
         The adapter.
     model, processor
         The transformers objects (for benchmarks and tests).
+    shares_batches : bool
+        Generations of concurrent callers (the job threads of a worker) share ``generate`` calls
+        through one :class:`~inference.vlm.batching.GenerationQueue`; a model server batches by
+        itself and turns this off.
+    batch_observer : callable or None
+        Told each ``generate`` call's size, jobs served and seconds (metrics); set before first use.
     """
+
+    shares_batches = True
+    batch_observer: BatchObserver | None = None
 
     def __init__(self, cfg: VLMConfig, family: Family, model: torch.nn.Module, processor: object, *,
                  info: ModelInfo, device: str, dtype: torch.dtype) -> None:
@@ -187,6 +202,10 @@ class VLM:
         self.input_size = cfg.image_size or self._processor_input_size()
         self._stop_ids = self._collect_stop_ids()
         self._yes_no_ids: dict[str, tuple[list[int], list[int]] | None] = {}
+        # once, here: job threads expand units concurrently, and a fast tokenizer used by several
+        # threads at once can fail ("Already borrowed"); encoding/decoding runs on the queue's thread
+        for language in YES_NO:
+            self._yes_no_token_ids(language)
         self.generate_calls = 0
 
     # --- input -----------------------------------------------------------------------------
@@ -414,8 +433,26 @@ class VLM:
         logprobs = torch.log_softmax(step_logits[position].float(), dim=-1)
         return yes_probability(logprobs[yes].tolist(), logprobs[no].tolist())
 
+    def _batch_limit(self) -> int:
+        return self.cfg.batch_size if self.family.batching else 1
+
+    def generation_queue(self) -> GenerationQueue[_Unit, Generation]:
+        """The model's queue: every thread's units share ``generate`` calls through it
+        (:mod:`inference.vlm.batching`). Created on first use."""
+        with _QUEUE_LOCK:
+            queue = self.__dict__.get("_generation_queue")
+            if queue is None:
+                queue = self._generation_queue = GenerationQueue(
+                    self._generate, key=lambda unit: unit.budget, max_batch=self._batch_limit(),
+                    observe=self.batch_observer, name=self.info.name)
+            return queue
+
     def _execute(self, units: list[_Unit]) -> dict[tuple[int, int], TaskResult]:
-        batch_size = self.cfg.batch_size if self.family.batching else 1
+        if self.shares_batches:
+            generations = self.generation_queue().run(units)
+            return {(unit.request, unit.order): unit.finish(gen.raw_text, gen.clean_text, gen.yes_probability)
+                    for unit, gen in zip(units, generations, strict=True)}
+        batch_size = self._batch_limit()
         by_budget: dict[int, list[_Unit]] = {}
         for unit in units:
             by_budget.setdefault(unit.budget, []).append(unit)

@@ -98,6 +98,9 @@ class ServerVLM(VLM):
         The server does not serve ``model`` (checked once, on first use).
     """
 
+    #: the server batches across every client; each job's units go to it directly
+    shares_batches = False
+
     def __init__(self, cfg: ServerConfig, *, client: httpx.Client | None = None) -> None:
         family: Family = get_family(cfg.family)
         self.server_cfg = cfg

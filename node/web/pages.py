@@ -282,8 +282,9 @@ def destinations_page(request: Request, settings: SettingsDep, principal: Princi
 
 
 @router.get("/workers", response_class=HTMLResponse)
-async def workers_page(request: Request, session: SessionDep, access: AccessDep) -> HTMLResponse:
-    workers = await run_in_threadpool(system.inspect_workers)
+async def workers_page(request: Request, session: SessionDep, access: AccessDep,
+                       settings: SettingsDep) -> HTMLResponse:
+    workers = await run_in_threadpool(system.inspect_workers, settings)
     now = utcnow()
     running = queries.list_jobs(session, states=[JobState.RUNNING], limit=50)
     return render(request, "workers.html", principal=access.principal, workers=workers,

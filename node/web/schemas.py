@@ -324,7 +324,13 @@ class WorkerOut(BaseModel):
     reserved: int
     concurrency: int | None
     model: str | None = None
+    #: where the model runs (``cpu``, ``cuda:0``); None before the first job loads it
+    device: str | None = None
+    #: prompts per generate call, shared by the jobs the worker runs at once
+    batch_size: int | None = None
+    #: GPU memory the worker's models hold (torch allocated / reserved); None on a CPU
     gpu_memory_mb: float | None = None
+    gpu_memory_reserved_mb: float | None = None
     stats: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -130,14 +131,45 @@ def _gpu_mb(stats: dict[str, Any]) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def inspect_workers(timeout_s: float = INSPECT_TIMEOUT_S) -> WorkersOut:
-    """Ask the online Celery workers what they do (one broadcast per question, in parallel).
+def _number(info: dict[str, Any], key: str) -> float | None:
+    value = info.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
-    Workers may also answer a ``mednode_info`` remote-control command with ``{"model": ...,
-    "gpu_memory_mb": ...}``; without it those fields stay empty.
+
+def _model_fields(info: dict[str, Any]) -> dict[str, Any]:
+    batch = info.get("batch_size")
+    return {"model": info.get("model"), "device": info.get("device"),
+            "batch_size": batch if isinstance(batch, int) else None,
+            "gpu_memory_mb": _gpu_mb(info), "gpu_memory_reserved_mb": _number(info, "gpu_memory_reserved_mb")}
+
+
+def workers_from_status_files(data_dir: Path) -> WorkersOut:
+    """The embedded broker's workers, from the status files they write (no broadcast there)."""
+    from node.worker_status import read_status_files
+
+    workers = [
+        WorkerOut(name=name, queues=list(info.get("queues") or []), active=[], reserved=0,
+                  concurrency=info.get("concurrency"), stats={"pid": info.get("pid"), "pool": info.get("pool")},
+                  **_model_fields(info))
+        for name, info in sorted(read_status_files(data_dir).items())
+    ]
+    error = None if workers else (
+        "no worker has written its status lately (the embedded broker's workers write "
+        f"{data_dir / 'workers'} every few seconds). Running jobs below show which worker holds them.")
+    return WorkersOut(ok=bool(workers), error=error, workers=workers)
+
+
+def inspect_workers(settings: Settings | None = None, timeout_s: float = INSPECT_TIMEOUT_S) -> WorkersOut:
+    """What the online Celery workers do and hold.
+
+    On the embedded SQLite broker, from the status files its workers write
+    (:mod:`node.worker_status`); on RabbitMQ or Redis, by broadcast (one per question, in parallel),
+    the model, device and GPU memory from the ``mednode_info`` remote-control command.
     """
     from node.celery_app import app
 
+    if settings is not None and settings.broker.startswith("sqla+"):
+        return workers_from_status_files(settings.data_dir)
     try:
         inspector = app.control.inspect(timeout=timeout_s)
         calls = {
@@ -163,8 +195,7 @@ def inspect_workers(timeout_s: float = INSPECT_TIMEOUT_S) -> WorkersOut:
                      "time_start": t.get("time_start")} for t in answers["active"].get(name) or []],
             reserved=len(answers["reserved"].get(name) or []),
             concurrency=pool.get("max-concurrency") if isinstance(pool, dict) else None,
-            model=info.get("model") if isinstance(info, dict) else None,
-            gpu_memory_mb=_gpu_mb(info),
+            **_model_fields(info if isinstance(info, dict) else {}),
             stats={k: stats[k] for k in ("pid", "uptime", "total") if k in stats},
         ))
     error = None if workers else (

@@ -60,6 +60,23 @@ def test_worker_observations_reach_metrics(tmp_path: Path, mednode_factory: Medn
                       what="the ask delivered")
         assert len(pacs.received()) == counts["deliveries"]["delivered"] == 3  # SEG, SR, answer SR
 
+        # /workers (API and page) shows the worker that holds the model: its device, batch size
+        # and GPU memory (none on this CPU) — by broadcast on RabbitMQ, from the workers' status
+        # files on the embedded broker (no broadcast there)
+        with httpx.Client(base_url=node.web_url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as api:
+            workers = poll(lambda: (w := api.get("/api/v1/workers").json())["ok"] and any(
+                x["model"] for x in w["workers"]) and w, 30, what="a worker showing its model")
+            page = api.get("/workers").text
+    holding = [w for w in workers["workers"] if w["model"]]
+    assert len(holding) == 1, workers
+    (worker,) = holding
+    assert worker["model"].startswith(f"{tiny_qwen2_vl.name} (qwen2_vl, "), worker
+    assert (worker["device"], worker["batch_size"]) == ("cpu", 8), worker
+    assert worker["gpu_memory_mb"] is None and worker["gpu_memory_reserved_mb"] is None
+    assert any(q.startswith("inference") for q in worker["queues"]), worker
+    assert len(workers["workers"]) >= (1 if separate else 3), workers  # embedded: inference, urgent, delivery
+    assert "— (no GPU)" in page and tiny_qwen2_vl.name in page
+
     metrics = scrape(node.web_url)
 
     # the serve process (listener) and the workers share one directory under data_dir
@@ -85,6 +102,10 @@ def test_worker_observations_reach_metrics(tmp_path: Path, mednode_factory: Medn
     loads = metrics["mednode_model_load_seconds_count"]
     assert sum(loads.values()) == 1, loads
     assert sum(metrics["mednode_model_load_seconds_sum"].values()) > 0
+
+    # the ask's prompt went through the model's shared batch queue: one generate call
+    assert metrics["mednode_vlm_batch_size_count"][()] == 1
+    assert metrics["mednode_vlm_batch_jobs_sum"][()] == 1
 
     # the delivery worker: one observation per object sent, none failed
     delivered = (("outcome", "delivered"),)

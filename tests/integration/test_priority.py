@@ -45,8 +45,10 @@ def test_priority_9_job_and_ask_start_within_2_s_while_a_long_job_runs(
     """``embedded``: kombu's SQLAlchemy transport, no message priorities at all; ``rabbitmq``:
     priorities exist, but a busy single worker could not start a second job with them alone."""
     broker_url = request.getfixturevalue("rabbitmq_url") if broker == "rabbitmq" else None
+    # one job slot on the inference worker, so the small study's job queues behind the long one
     node = mednode_factory(quiet_period_s=1.0, config=node_config(tmp_path, tiny_qwen2_vl), broker_url=broker_url,
-                           extra_env={"MEDNODE_WEB_API_TOKENS": json.dumps([TOKEN])})
+                           extra_env={"MEDNODE_WEB_API_TOKENS": json.dumps([TOKEN]),
+                                      "MEDNODE_WORKER_CONCURRENCY": "1"})
     with api(node) as client:
         long_uid = send_phantom(tmp_path, node, LONG_CT, "long")
         long_job = poll(lambda: study_job(client, long_uid, "running"), 120, what="the long job running")

@@ -247,12 +247,13 @@ class Node:
     db_path: Path
 
 
-def node_config(work: Path, model: dict[str, Any], *, workers: int, quiet_period_s: float) -> Path:
+def node_config(work: Path, model: dict[str, Any], *, workers: int | None, quiet_period_s: float) -> Path:
+    """The node's YAML: two report rules without destinations; ``workers`` None keeps the default."""
     tasks = [{"report": {"language": "en"}}]
-    config = {
+    config: dict[str, Any] = {
         "ae_title": "MEDNODE", "dicom_host": "127.0.0.1", "dicom_port": free_port(),
         "web_host": "127.0.0.1", "web_port": free_port(), "data_dir": str(work / "data"),
-        "quiet_period_s": quiet_period_s, "completion_poll_s": 0.2, "worker_concurrency": workers,
+        "quiet_period_s": quiet_period_s, "completion_poll_s": 0.2,
         "log_level": "WARNING", "destination": None,
         "models": {"vlm": model},
         "rules": [
@@ -260,6 +261,8 @@ def node_config(work: Path, model: dict[str, Any], *, workers: int, quiet_period
             {"name": "ct-report", "match": {"modality": ["CT"]}, "tasks": tasks, "destinations": []},
         ],
     }
+    if workers is not None:
+        config["worker_concurrency"] = workers
     path = work / "mednode.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -485,6 +488,7 @@ def render(result: dict[str, Any]) -> str:
     base = {kind: 3600 / statistics.median(s) for kind, s in result["baseline_s"].items() if s}
     codes = list(dict.fromkeys(lv.code for lv in levels))
     in_flight = sorted({lv.in_flight for lv in levels})
+    workers = ", ".join(f"{c} {result.get('default_workers', {}).get(c, '?')}" for c in codes)
     revisions = ", ".join(f"{c} = {result['code_revisions'].get(c, '?')}" for c in codes)
     lines = [
         "## Serving: studies through the node",
@@ -550,9 +554,9 @@ def render(result: dict[str, Any]) -> str:
          "it includes the quiet period. Its stages, from the job row: *to job* (last instance → "
          "job created: quiet period, completion check, routing), *queued* (→ a worker starts it), "
          "*working* (→ SR stored: reading and preparing the images, the model, the SR). One warm-up "
-         "study per kind (untimed) loads the model first. Server paths: the node runs "
-         f"{result['server_workers']} worker processes (`worker_concurrency`), so several studies "
-         "are at the server at once; in-process: one."),
+         "study per kind (untimed) loads the model first. In-process, `worker_concurrency` is each "
+         "code's default (" + workers + f"); server paths: {result['server_workers']}, so that several "
+         f"studies are at the server at once. `models.vlm.batch_size`: {result.get('batch_size', 8)}."),
         *(["", result["note"]] if result.get("note") else []),
         "",
         (f"Code: {revisions}. "
@@ -578,6 +582,15 @@ def write_docs(section: str) -> None:
 
 
 # -- main -----------------------------------------------------------------------------------------
+def _default_workers(code: Path) -> int | None:
+    """``worker_concurrency``'s default in the checkout ``code``."""
+    done = subprocess.run(
+        [sys.executable, "-c", ("from node.config import Settings; "
+         "print(Settings.model_fields['worker_concurrency'].default)")],
+        capture_output=True, text=True, check=False, cwd=code, env={**os.environ, "PYTHONPATH": str(code)})
+    return int(done.stdout.strip()) if done.stdout.strip().isdigit() else None
+
+
 def _revision(code: Path) -> str:
     done = subprocess.run(["git", "-C", str(code), "log", "-1", "--format=%h %s"], capture_output=True,
                           text=True, check=False)
@@ -614,9 +627,10 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "machine": machine(), "params": params, "budget": args.new_tokens, "ct_side": args.ct_side,
         "quiet_period_s": args.quiet_period_s, "max_senders": args.max_senders,
         "server_workers": args.server_workers, "threads": args.threads,
-        "baseline_repeats": args.baseline_repeats, "levels": [], "baseline_s": {k: [] for k in args.kinds},
+        "baseline_repeats": args.baseline_repeats, "batch_size": args.batch_size, "levels": [], "baseline_s": {k: [] for k in args.kinds},
         "prompt_tokens": {}, "load_before": _load(),
         "code_revisions": {label: _revision(path) for label, path, _ in args.codes},
+        "default_workers": {label: _default_workers(path) for label, path, _ in args.codes},
         "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(), "date": dt.date.today().isoformat(),
         "argv": " ".join(sys.argv[1:]),
@@ -652,7 +666,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                         model = {"path": str(model_dir), "family": "medgemma", "device": "cpu",
                                  "dtype": "float32", "max_new_tokens": args.new_tokens,
                                  "batch_size": args.batch_size}
-                        workers = 1
+                        workers = None  # the code's own default: what the node does
                     config = node_config(leg, model, workers=workers, quiet_period_s=args.quiet_period_s)
                     with running_node(code, leg, config) as node:
                         for kind in args.kinds:

@@ -78,8 +78,6 @@ from tests.peers import ManagedProcess, PeerError, find_tool, free_port, peer_en
 from tests.shared_data import SHARED_DICOM
 
 DOCS = REPO_ROOT / "docs" / "BENCHMARKS.md"
-BEGIN = "<!-- BEGIN serving (written by bench/serving.py --write-docs) -->"
-END = "<!-- END serving -->"
 CR_SOURCE = SHARED_DICOM / "xr" / "RG1_J2KI_chest_PA.dcm"
 PATHS = ("inprocess", "transformers", "vllm")
 KINDS = ("cr", "ct")
@@ -491,7 +489,7 @@ def render(result: dict[str, Any]) -> str:
     workers = ", ".join(f"{c} {result.get('default_workers', {}).get(c, '?')}" for c in codes)
     revisions = ", ".join(f"{c} = {result['code_revisions'].get(c, '?')}" for c in codes)
     lines = [
-        "## Serving: studies through the node",
+        "## " + (result.get("title") or f"Serving: studies through the node ({result.get('size', 'tiny')} model)"),
         "",
         (f"**Device: CPU** — {result['machine']}, shared with other work. Model: random-weight Gemma 3 "
          f"(MedGemma's architecture), {result['params'] / 1e6:.1f} M parameters, float32, built offline "
@@ -568,17 +566,19 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(section: str) -> None:
-    """Replace (or append) the serving section of docs/BENCHMARKS.md, leaving the rest as is."""
+def write_docs(section: str, name: str) -> None:
+    """Replace (or append) the section ``name`` of docs/BENCHMARKS.md, leaving the rest as is."""
+    begin = f"<!-- BEGIN {name} (written by bench/serving.py --write-docs) -->"
+    end = f"<!-- END {name} -->"
     text = DOCS.read_text(encoding="utf-8") if DOCS.is_file() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{section}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
+    block = f"{begin}\n{section}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     DOCS.write_text(text, encoding="utf-8")
-    print(f"wrote the serving section of {DOCS}", file=sys.stderr)
+    print(f"wrote the {name} section of {DOCS}", file=sys.stderr)
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -626,7 +626,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     result: dict[str, Any] = {
         "machine": machine(), "params": params, "budget": args.new_tokens, "ct_side": args.ct_side,
         "quiet_period_s": args.quiet_period_s, "max_senders": args.max_senders,
-        "server_workers": args.server_workers, "threads": args.threads,
+        "server_workers": args.server_workers, "threads": args.threads, "size": args.size,
         "baseline_repeats": args.baseline_repeats, "batch_size": args.batch_size, "levels": [], "baseline_s": {k: [] for k in args.kinds},
         "prompt_tokens": {}, "load_before": _load(),
         "code_revisions": {label: _revision(path) for label, path, _ in args.codes},
@@ -781,6 +781,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--from-json", type=Path, help="render a saved run instead of measuring")
     parser.add_argument("--note", help="a paragraph to print under the table (kept in --json)")
     parser.add_argument("--write-docs", action="store_true", help="write the section into docs/BENCHMARKS.md")
+    parser.add_argument("--section", default="serving",
+                        help="its name in the markers, e.g. serving-small for a second run beside it")
+    parser.add_argument("--title", help="the section's heading (default: by model size)")
     args = parser.parse_args(argv)
     args.paths = [p for p in args.paths.split(",") if p]
     args.kinds = [k for k in args.kinds.split(",") if k]
@@ -805,10 +808,12 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(result, indent=1), encoding="utf-8")
     if args.note:
         result["note"] = args.note
+    if args.title:
+        result["title"] = args.title
     section = render(result)
     print(section)
     if args.write_docs:
-        write_docs(section)
+        write_docs(section, args.section)
     return 0 if not any(row["error"] for row in result["levels"]) else 1
 
 

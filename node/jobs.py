@@ -129,6 +129,8 @@ class ClaimedJob:
     #: the results this job amends: those of the latest earlier version of the study whose job
     #: for the same rule published results (see :func:`previous_results`); empty for a first version
     previous_results: tuple[PreviousResult, ...] = ()
+    #: 0-9 as claimed: the job's prompts go before those of lower-priority jobs in a shared model
+    priority: int = 5
 
     @property
     def key(self) -> str:
@@ -248,6 +250,7 @@ def claim(sessions: sessionmaker[Session], job_id: int, *, lease_s: float = LEAS
             destinations=list(job.destinations),
             attempt=job.attempts,
             instance_paths=paths,
+            priority=job.priority,
         )
 
 

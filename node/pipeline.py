@@ -183,7 +183,8 @@ def run_tasks(ctx: NodeContext, job: jobs.ClaimedJob) -> list[Output]:
             )
         series = {uid: conform_copied_attributes(datasets, purpose=f"job {job.id}")
                   for uid, datasets in read_series(job.instance_paths, ctx.store.absolute).items()}
-        for produced in run_vlm_tasks(vlm_settings, series, specs, job_key=job.key, amendment=job.amendment):
+        for produced in run_vlm_tasks(vlm_settings, series, specs, job_key=job.key, amendment=job.amendment,
+                                      priority=job.priority):
             outputs.append(Output(produced.kind, produced.dataset, produced.summary))
     outputs.extend(rejection_notes(ctx, job))
     return outputs

@@ -343,16 +343,19 @@ def write_outputs(
 
 def run_vlm_tasks(
     settings: VLMSettings | None, series: dict[str, list[Dataset]], specs: list[TaskSpec], *, job_key: str,
-    amendment: jobs.Amendment | None = None,
+    amendment: jobs.Amendment | None = None, priority: int = 0,
 ) -> list[VLMOutput]:
-    """Load (or reuse) the model, run ``specs`` on the study's images, write the SR objects."""
+    """Load (or reuse) the model, run ``specs`` on the study's images, write the SR objects.
+
+    ``priority`` (the job's, 0-9): its prompts go into the shared ``generate`` calls before those
+    of lower-priority jobs running in the same worker."""
     vlm = load_model(settings)
     assert settings is not None  # load_model raised otherwise
     images, sources = prepare_images(vlm, series, slices_per_series=settings.slices_per_series)
     log.info("vlm input: %d image(s), %d of them volume slices", len(images),
              sum(1 for image in images if image.volume_modality))
     started = time.perf_counter()
-    results = vlm.run(images, specs)
+    results = vlm.run(images, specs, priority=priority)
     metrics.STAGE_DURATION.labels(stage="vlm").observe(time.perf_counter() - started)
     algorithm = AlgorithmInfo(name=vlm.info.name, version=vlm.info.version, family=vlm.info.family)
     return write_outputs(results, sources, job_key=job_key, algorithm=algorithm, amendment=amendment)

@@ -15,9 +15,10 @@ are waiting, up to ``max_batch`` of them with the same generation settings (the 
 is greedy for all), left padded, and hands each job its own results. A unit's greedy output does not
 depend on what it was batched with (checked in ``tests/unit/inference/test_batching.py``).
 
-A batch is taken as soon as the thread is free: units that arrive while ``generate`` runs wait for the
-next call (static batching between calls, not within one — a long report holds a short question
-back until the call ends).
+Units of a more urgent job (a higher ``priority``: an ask, a STAT rule) go into the next call first,
+filled up with waiting units of other jobs. A batch is taken as soon as the thread is free: units
+that arrive while ``generate`` runs wait for the next call (static batching between calls, not
+within one — a long report holds a short question back until the call ends).
 
 CUDA out of memory: the batch is split in halves and each half retried (cache emptied first), down to
 one unit; a unit that does not fit alone raises :class:`inference.errors.ModelOutOfMemoryError`, a
@@ -50,6 +51,7 @@ class _Pending(Generic[U, R]):
     unit: U
     key: Hashable
     submitter: int
+    priority: int
     future: Future[R] = field(default_factory=Future)
 
 
@@ -97,8 +99,10 @@ class GenerationQueue(Generic[U, R]):
         with self._cond:
             return len(self._pending)
 
-    def run(self, units: Sequence[U]) -> list[R]:
+    def run(self, units: Sequence[U], *, priority: int = 0) -> list[R]:
         """Queue ``units`` (one caller's, in order), wait for them, return their results in order.
+
+        Units of a higher ``priority`` go into calls before those of a lower one.
 
         Raises
         ------
@@ -112,7 +116,7 @@ class GenerationQueue(Generic[U, R]):
         with self._cond:
             submitter = self._next_submitter
             self._next_submitter += 1
-            items = [_Pending[U, R](u, self._key(u), submitter) for u in units]
+            items = [_Pending[U, R](u, self._key(u), submitter, priority) for u in units]
             self._pending.extend(items)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name=f"{self._name}-generate",
@@ -122,13 +126,15 @@ class GenerationQueue(Generic[U, R]):
         return [item.future.result() for item in items]
 
     def _take(self) -> list[_Pending[U, R]]:
-        """The first waiting unit and the next waiting units with its key, up to ``max_batch``
-        (FIFO, so one caller's units are chunked exactly as a sequential run would)."""
+        """The first waiting unit of the highest priority, and the waiting units with its key, up to
+        ``max_batch``: by priority, then first come (so one caller's units are chunked exactly as a
+        sequential run would)."""
         with self._cond:
             while not self._pending:
                 self._cond.wait()
-            key = self._pending[0].key
-            batch = [p for p in self._pending if p.key == key][:self.max_batch]
+            ordered = sorted(self._pending, key=lambda p: -p.priority)  # stable: FIFO within one
+            key = ordered[0].key
+            batch = [p for p in ordered if p.key == key][:self.max_batch]
             taken = {id(p) for p in batch}
             self._pending = [p for p in self._pending if id(p) not in taken]
             return batch

@@ -447,9 +447,9 @@ class VLM:
                     observe=self.batch_observer, name=self.info.name)
             return queue
 
-    def _execute(self, units: list[_Unit]) -> dict[tuple[int, int], TaskResult]:
+    def _execute(self, units: list[_Unit], priority: int = 0) -> dict[tuple[int, int], TaskResult]:
         if self.shares_batches:
-            generations = self.generation_queue().run(units)
+            generations = self.generation_queue().run(units, priority=priority)
             return {(unit.request, unit.order): unit.finish(gen.raw_text, gen.clean_text, gen.yes_probability)
                     for unit, gen in zip(units, generations, strict=True)}
         batch_size = self._batch_limit()
@@ -465,8 +465,9 @@ class VLM:
                                                                       gen.yes_probability)
         return results
 
-    def run_batch(self, requests: Sequence[Request]) -> list[list[TaskResult]]:
-        """Run several (images, task) requests, batching their generations together.
+    def run_batch(self, requests: Sequence[Request], *, priority: int = 0) -> list[list[TaskResult]]:
+        """Run several (images, task) requests, batching their generations together, and with those
+        of other threads running at once (a higher ``priority`` goes into the next call first).
 
         Returns one list of results per request, in item order (questions, labels, phrases x
         images, regions). ``region_caption`` requests need ``task.regions`` here; :meth:`run`
@@ -481,20 +482,22 @@ class VLM:
         units: list[_Unit] = []
         for index, (images, task) in enumerate(requests):
             units.extend(self._units(index, images, task))
-        results = self._execute(units)
+        results = self._execute(units, priority)
         out: list[list[TaskResult]] = [[] for _ in requests]
         for (request, _order), result in sorted(results.items()):
             out[request].append(result)
         return out
 
-    def run(self, images: Sequence[PreparedImage], tasks: Sequence[TaskSpec]) -> list[TaskResult]:
-        """Run every task on one study's prepared images; results in task order.
+    def run(self, images: Sequence[PreparedImage], tasks: Sequence[TaskSpec], *,
+            priority: int = 0) -> list[TaskResult]:
+        """Run every task on one study's prepared images; results in task order (``priority``:
+        see :meth:`run_batch`).
 
         ``region_caption`` tasks without their own ``regions`` caption the boxes found by the
         ground/detect tasks of the same call (none found: no captions).
         """
         first = [(images, t) for t in tasks if t.kind != "region_caption"]
-        first_results = iter(self.run_batch(first))
+        first_results = iter(self.run_batch(first, priority=priority))
         per_task: list[list[TaskResult] | None] = [
             None if t.kind == "region_caption" else next(first_results) for t in tasks]
         found = tuple(b for results in per_task if results for r in results
@@ -502,5 +505,5 @@ class VLM:
         captions = [t if t.regions else TaskSpec(kind="region_caption", language=t.language,
                                                  max_new_tokens=t.max_new_tokens, regions=found)
                     for t in tasks if t.kind == "region_caption"]
-        caption_results = iter(self.run_batch([(images, t) for t in captions]))
+        caption_results = iter(self.run_batch([(images, t) for t in captions], priority=priority))
         return [r for results in per_task for r in (results if results is not None else next(caption_results))]

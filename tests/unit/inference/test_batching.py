@@ -212,3 +212,36 @@ def test_a_large_checkpoint_is_refused_on_a_worker_without_cuda(tiny_vlm_dirs) -
         load_vlm(VLMConfig(path=path, family="gemma3", cpu_max_weights_mb=0))
     assert load_vlm(VLMConfig(path=path, family="gemma3", device="cpu", cpu_max_weights_mb=0)).device == "cpu"
     assert load_vlm(VLMConfig(path=path, family="gemma3", cpu_max_weights_mb=None)).device == "cpu"
+
+
+def test_an_urgent_jobs_units_go_into_the_next_call_first() -> None:
+    """An ask (priority 9) queued behind a routine job's prompts rides in the next call, filled up
+    with the routine prompts; each job still gets its own results."""
+    gate, entered = threading.Event(), threading.Event()
+    calls: list[list[str]] = []
+
+    def generate(units: Sequence[str]) -> list[str]:
+        if not entered.is_set():
+            entered.set()
+            gate.wait(10)
+        calls.append(list(units))
+        return [u.upper() for u in units]
+
+    queue: GenerationQueue[str, str] = GenerationQueue(generate, key=lambda u: 0, max_batch=2)
+    out: dict[str, list[str]] = {}
+    jobs = [("running", ["r"], 5), ("routine", ["a", "b", "c"], 5), ("ask", ["q"], 9)]
+    threads = [threading.Thread(target=lambda n=n, u=u, p=p: out.__setitem__(n, queue.run(u, priority=p)))
+               for n, u, p in jobs]
+    threads[0].start()
+    assert entered.wait(10)
+    threads[1].start()
+    while queue.pending() < 3:
+        threading.Event().wait(0.01)
+    threads[2].start()
+    while queue.pending() < 4:
+        threading.Event().wait(0.01)
+    gate.set()
+    for thread in threads:
+        thread.join(10)
+    assert calls == [["r"], ["q", "a"], ["b", "c"]]
+    assert out == {"running": ["R"], "routine": ["A", "B", "C"], "ask": ["Q"]}

@@ -37,7 +37,7 @@ def test_concurrent_jobs_load_the_model_once_and_share_its_batches(
     settings = VLMSettings(path=tiny_vlm_dirs["gemma3"], family="gemma3", device="cpu", max_new_tokens=6,
                            batch_size=8, name="shared-tiny-gemma3")
     series = read_series({"s": [str(XR / "highdicom_dx_thorax.dcm")]}, lambda p: Path(p))
-    # hold the first generate call until every other job's prompts wait in the queue
+    # hold the first job's generate call until every other job's prompts wait in the queue
     real = VLM._generate
     entered, release = threading.Event(), threading.Event()
 
@@ -61,10 +61,21 @@ def test_concurrent_jobs_load_the_model_once_and_share_its_batches(
         except BaseException as exc:  # noqa: BLE001 (re-raised below)
             errors.append(exc)
 
-    threads = [threading.Thread(target=job, args=(i,)) for i in range(JOBS)]
-    for thread in threads:
+    # the jobs' threads ask for the model at the same moment: one load, one object
+    barrier, got = threading.Barrier(JOBS), []
+    loaders = [threading.Thread(target=lambda: (barrier.wait(), got.append(load_model(settings))))
+               for _ in range(JOBS)]
+    for thread in loaders:
         thread.start()
+    for thread in loaders:
+        thread.join(120)
+    assert len(got) == JOBS and len({id(v) for v in got}) == 1
+
+    threads = [threading.Thread(target=job, args=(i,)) for i in range(JOBS)]
+    threads[0].start()  # its generate call is held
     assert entered.wait(120), "no job reached generate"
+    for thread in threads[1:]:
+        thread.start()
     vlm = load_model(settings)  # loaded by now: the same object the jobs use
     for _ in range(1200):
         if vlm.generation_queue().pending() >= JOBS - 1:

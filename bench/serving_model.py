@@ -12,7 +12,8 @@ generates exactly the same number of tokens per study, whatever the batch.
 
 The shapes meet what vLLM's CPU build checks (``shared/notes/serving.md``): text ``head_dim`` 32,
 4096 positions (an 85-slice CT of this model is about 1,300 prompt tokens), newline runs in the
-vocabulary, no SigLIP pooling head.
+vocabulary as text (:data:`NEWLINES`), no SigLIP pooling head; :func:`to_checkpoint_layout` renames
+the vision weights as vLLM's loader wants them.
 """
 
 from __future__ import annotations
@@ -40,8 +41,11 @@ _CORPUS = [
     "You are analyzing a contiguous block of CT slices. SLICE 1 SLICE 2 SLICE 85",
     "right lung, left lung, heart, nodule, pneumothorax, consolidation, cardiomegaly",
     "line\nline\n\nline\n\n\nline\n\n\n\nline",
-    "end\n", "end\n\n", "end\n\n\n", "end\n\n\n\n",  # runs of newlines as single tokens (vLLM)
+    "end\n", "end\n\n", "end\n\n\n", "end\n\n\n\n",
 ]
+#: vLLM's Gemma 3 processor looks these up by their text in the vocabulary, as a SentencePiece
+#: vocabulary has them (a byte-level one spells them "Ċ"...)
+NEWLINES = ("\n", "\n\n", "\n\n\n", "\n\n\n\n")
 
 
 def build_serving_gemma3(out: Path, *, size: str = "tiny", seed: int = 0) -> Path:
@@ -53,7 +57,7 @@ def build_serving_gemma3(out: Path, *, size: str = "tiny", seed: int = 0) -> Pat
         ``out``.
     """
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
         Gemma3Config,
         Gemma3ForConditionalGeneration,
@@ -85,6 +89,7 @@ def build_serving_gemma3(out: Path, *, size: str = "tiny", seed: int = 0) -> Pat
         extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                               "image_token": "<image_soft_token>"},
         pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in NEWLINES])
     stops = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
     text = Gemma3TextConfig(
         vocab_size=len(tokenizer), **SIZES[size], head_dim=32, query_pre_attn_scalar=32,

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_io.sr_common import InstanceReference
 from dicom_io.uids import derived_uid
+from node import clock
 from node.celery_app import DELIVERY_QUEUE, URGENT_PRIORITY, app, inference_queue
 from storage.models import (
     TERMINAL_JOB_STATES,
@@ -69,6 +70,9 @@ def enqueue_job(sessions: sessionmaker[Session], job_id: int, priority: int = 5)
     Jobs at :data:`~node.celery_app.URGENT_PRIORITY` or above go to the urgent queue, which a
     worker of its own consumes (:func:`~node.celery_app.inference_queue`).
     """
+    # noted as of before the send: a free worker may claim the job before this returns, and the
+    # clock's queued → started must not come out negative
+    sent_at = utcnow()
     try:
         app.send_task("mednode.run_job", args=[job_id], queue=inference_queue(priority),
                       **_priority_kwargs(priority))
@@ -76,7 +80,11 @@ def enqueue_job(sessions: sessionmaker[Session], job_id: int, priority: int = 5)
         log.warning("could not enqueue job %d (%s); the sweep will retry", job_id, type(exc).__name__)
         return
     with sessions() as session, session.begin():
-        session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
+        row = session.execute(select(Job.created_at, Job.enqueued_at, Job.attempts, Job.on_demand)
+                              .where(Job.id == job_id)).one_or_none()
+        session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=sent_at))
+    if row is not None and row.enqueued_at is None and row.attempts == 0 and not row.on_demand:
+        clock.observe(clock.COMPLETE_TO_QUEUED, clock.span_s(row.created_at, sent_at))
 
 
 def enqueue_delivery(sessions: sessionmaker[Session], delivery_id: int, countdown_s: float = 0) -> None:
@@ -229,6 +237,8 @@ def claim(sessions: sessionmaker[Session], job_id: int, *, lease_s: float = LEAS
         if not taken:
             return None
         session.refresh(job)
+        if job.attempts == 1 and not job.on_demand:
+            clock.observe(clock.QUEUED_TO_STARTED, clock.span_s(job.enqueued_at, now))
         paths: dict[str, list[str]] = {}
         for series in study.series:
             # mednode's own results returned by a PACS are never a job's input
@@ -335,9 +345,12 @@ class ResultObject:
 
 
 def record_results(
-    sessions: sessionmaker[Session], job_id: int, results: list[ResultObject]
+    sessions: sessionmaker[Session], job_id: int, results: list[ResultObject],
+    stage_s: dict[str, float] | None = None,
 ) -> list[int]:
     """Store the job's results and one pending delivery per destination; return delivery ids.
+
+    ``stage_s`` (seconds per pipeline stage, :mod:`node.clock`) is kept with the job.
 
     If the study changed while the job ran, the results are kept but nothing is sent: the job
     is superseded by the newer version. Otherwise these results replace those of earlier versions
@@ -377,6 +390,8 @@ def record_results(
         session.flush()
         job.finished_at = now
         job.lease_expires_at = None
+        if stage_s is not None:
+            job.stage_s = stage_s
         if stale:
             job.state = JobState.SUPERSEDED
             job.reason = "the study received more instances while the job ran"

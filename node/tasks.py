@@ -39,9 +39,9 @@ def run_job(self, job_id: int) -> None:  # type: ignore[no-untyped-def]
 @app.task(name="mednode.deliver")
 def deliver(delivery_id: int) -> None:
     ctx = context.current()
-    delay = dispatch.deliver(ctx, delivery_id)
-    if delay is not None:
-        jobs.enqueue_delivery(ctx.sessions, delivery_id, countdown_s=delay)
+    # the job's other objects for the same destination go over the same association
+    for retry_id, delay in dispatch.deliver(ctx, delivery_id):
+        jobs.enqueue_delivery(ctx.sessions, retry_id, countdown_s=delay)
 
 
 @inspect_command(name="mednode_info")

@@ -70,19 +70,22 @@ def enqueue_job(sessions: sessionmaker[Session], job_id: int, priority: int = 5)
     Jobs at :data:`~node.celery_app.URGENT_PRIORITY` or above go to the urgent queue, which a
     worker of its own consumes (:func:`~node.celery_app.inference_queue`).
     """
-    # noted as of before the send: a free worker may claim the job before this returns, and the
-    # clock's queued → started must not come out negative
+    # noted before the send: a free worker may claim the job before send_task returns, and the
+    # clock's queued → started must see when it was queued; a failed send puts it back
     sent_at = utcnow()
+    with sessions() as session, session.begin():
+        row = session.execute(select(Job.created_at, Job.enqueued_at, Job.attempts, Job.on_demand)
+                              .where(Job.id == job_id)).one_or_none()
+        session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=sent_at))
     try:
         app.send_task("mednode.run_job", args=[job_id], queue=inference_queue(priority),
                       **_priority_kwargs(priority))
     except Exception as exc:  # noqa: BLE001 (broker down, any transport error: the job stays queued, the sweep enqueues it again)
         log.warning("could not enqueue job %d (%s); the sweep will retry", job_id, type(exc).__name__)
+        with sessions() as session, session.begin():
+            session.execute(update(Job).where(Job.id == job_id, Job.enqueued_at == sent_at)
+                            .values(enqueued_at=row.enqueued_at if row is not None else None))
         return
-    with sessions() as session, session.begin():
-        row = session.execute(select(Job.created_at, Job.enqueued_at, Job.attempts, Job.on_demand)
-                              .where(Job.id == job_id)).one_or_none()
-        session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=sent_at))
     if row is not None and row.enqueued_at is None and row.attempts == 0 and not row.on_demand:
         clock.observe(clock.COMPLETE_TO_QUEUED, clock.span_s(row.created_at, sent_at))
 

@@ -20,7 +20,8 @@ WAKE_LATE_S = 0.005
 
 
 class Scheduler:
-    """Runs :func:`complete_due_studies` every ``completion_poll_s`` and :func:`jobs.sweep`
+    """Runs :func:`complete_due_studies` every ``completion_poll_s`` (sooner when a study's quiet
+    period ends first: :meth:`wait_s`) and :func:`jobs.sweep`
     every :data:`SWEEP_EVERY_S` (and once at start, to pick up what a crash left), and the
     retention cleaner every ``retention.check_every_s`` when ``retention.max_age_days`` is set."""
 

@@ -193,7 +193,7 @@ def run_once(code_dir: Path, code: str, study_dir: Path, study_uid: str, count: 
             if worker is None:
                 raise PeerError("the embedded inference worker did not start")
             _wait_ready(out / "mednode.log", deadline)
-            wait_until_idle()
+            wait_until_idle(max_s=args.idle_max_s)
             with Sampler({"worker": worker, "listener": node.pid}, args.sample_ms / 1000) as sampler:
                 result.send_s = send_study(dicom_port, study_dir, "MEDNODE", args.send_timeout_s)
                 sent = time.monotonic()
@@ -353,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--baseline", help="also run this git commit (before/after in one run)")
     parser.add_argument("--sample-ms", type=int, default=20)
+    parser.add_argument("--idle-max-s", type=float, default=120.0,
+                        help="longest wait for an idle machine before each send (then it sends anyway)")
     parser.add_argument("--timeout-s", type=float, default=600.0, help="for the results, after the quiet period")
     parser.add_argument("--send-timeout-s", type=float, default=600.0)
     parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")

@@ -65,6 +65,8 @@ def test_every_stage_is_clocked_and_the_overhead_is_small(tmp_path: Path, mednod
         run_s = (httpx_time(job["finished_at"]) - httpx_time(job["started_at"]))
         assert sum(seconds[s] for s in WORKER_STAGES) <= run_s + 0.01
 
+    for study in studies:  # for the record (pytest -s); the figures are bench/latency.py's
+        print(broker, [(s["stage"], s["seconds"]) for s in study["clock"]])
     # the node's own overhead, on a free worker (studies 2 and 3; the first may wait for its start)
     for study in studies[1:]:
         seconds = {s["stage"]: s["seconds"] for s in study["clock"]}

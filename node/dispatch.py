@@ -95,16 +95,22 @@ class _Pending:
     attempts: int
 
 
-def deliver(ctx: NodeContext, delivery_id: int) -> list[tuple[int, float]]:
+def deliver(ctx: NodeContext, delivery_id: int, attempts: int | None = None) -> list[tuple[int, float, int]]:
     """Try delivery ``delivery_id`` together with every other pending delivery of the same job to
     the same destination that is due, over one association; return (delivery id, delay before
-    its next attempt) for each that is to be tried again.
+    its next attempt, attempts so far) for each that is to be tried again.
 
-    The others' own messages then find them taken (:func:`jobs.claim_delivery`) and skip them.
+    The others' own messages then find them tried: a message sent when its delivery had
+    ``attempts`` attempts is skipped once it has more (a batch served it), or while it is taken
+    (:func:`jobs.claim_delivery`). Without ``attempts`` (the sweep, a manual retry) it is tried
+    whenever it is due.
     """
     with ctx.sessions() as session:
         delivery = session.get(Delivery, delivery_id)
         if delivery is None or delivery.state != DeliveryState.PENDING:
+            return []
+        if attempts is not None and delivery.attempts != attempts:
+            log.debug("delivery %d was tried with its job's other objects; message skipped", delivery_id)
             return []
         # a configured destination's options (calling AE title, timeouts, TLS) as they are now
         destination_text = delivery.destination
@@ -131,7 +137,7 @@ def deliver(ctx: NodeContext, delivery_id: int) -> list[tuple[int, float]]:
         log.debug("delivery %d is being tried elsewhere or not due yet; skipped", delivery_id)
         return []
     outcomes = attempt_all(destination, [p.path for p in claimed], ctx.settings.ae_title, timeouts)
-    retries: list[tuple[int, float]] = []
+    retries: list[tuple[int, float, int]] = []
     for pending, (ok, permanent, error, elapsed) in zip(claimed, outcomes, strict=True):
         delay = None if ok or permanent else backoff_s(pending.attempts + 1, settings.retry_initial_s,
                                                        settings.retry_max_s)
@@ -151,5 +157,5 @@ def deliver(ctx: NodeContext, delivery_id: int) -> list[tuple[int, float]]:
         metrics.DELIVERY_FAILURES.inc()
         log.warning("delivery %d of %s to %s failed: %s", pending.id, pending.sop_instance_uid, destination, error)
         if state == DeliveryState.PENDING and delay is not None:
-            retries.append((pending.id, delay))
+            retries.append((pending.id, delay, pending.attempts + 1))
     return retries

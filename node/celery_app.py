@@ -112,14 +112,12 @@ def configure_celery(settings: Settings) -> Celery:
     """Point the module-level app at the configured broker with mednode's queue policy."""
     broker = settings.broker
     if broker.startswith("sqla+"):
-        # The SQLAlchemy transport polls; the default 1 s adds a second to every hop, while 0.05 s
-        # had each idle worker use 2.6 % of a core and cost the listener ~8 % of its C-STORE rate
-        # on a 2-core machine (docs/BENCHMARKS.md); 0.2 s adds ~0.1 s to a job that takes many.
-        # The option cannot go through broker_transport_options (those reach create_engine),
-        # hence the attribute.
-        from kombu.transport import sqlalchemy as kombu_sqla
+        # kombu's SQLAlchemy transport polls: 0.2 s added up to 0.2 s to every hop, 0.05 s had
+        # each idle worker use 2.6 % of a core (docs/BENCHMARKS.md). Its consumers are woken when
+        # a message is committed instead, and poll once a second as a safety net.
+        from node import embedded_broker
 
-        kombu_sqla.Transport.polling_interval = 0.2
+        embedded_broker.install()
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     max_priority = 9
     app.conf.update(

@@ -165,7 +165,9 @@ def worker(
         # import the model runtime (torch, transformers) now, not in the first job: an urgent
         # job must start within a second or two of being asked. Model weights still load lazily,
         # on first use, so an idle urgent worker holds no second copy of a model.
-        import node.pipeline  # noqa: F401
+        import node.pipeline
+
+        node.pipeline.warm_up()
     name = f"mednode-{requested.replace(',', '-')}-{os.getpid()}@{socket.gethostname()}"
     argv = [
         "worker",

@@ -9,13 +9,13 @@ jobs enqueued by the caller.
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_io.header import InstanceHeader
-from node import audit, metrics
+from node import audit, clock, metrics
 from node.config import Rule, Settings
 from node.routing import SeriesFacts, StudyFacts, check_completion, late_series_hold, route
 from storage.index import LateSeriesCheck
@@ -94,6 +94,7 @@ def _complete(session: Session, settings: Settings, study: Study, facts: StudyFa
     rules = settings.effective_rules
     created: list[tuple[int, int]] = []
     study.version += 1
+    clock.observe(clock.LAST_INSTANCE_TO_COMPLETE, clock.span_s(study.last_received_at, now))
     study.completed_at = now
     study.completion_reason = reason
     audit.add(session, audit.dicom_actor(study.calling_ae_title), audit.RECEIVED,
@@ -142,6 +143,44 @@ def _complete(session: Session, settings: Settings, study: Study, facts: StudyFa
     return created
 
 
+def _completion_spans_s(settings: Settings) -> tuple[float, float | None]:
+    """The shortest quiet period of any rule (or the default) and the shortest ``max_wait_s``."""
+    rules = settings.effective_rules
+    shortest = min([settings.quiet_period_s] + [r.quiet_period_s for r in rules if r.quiet_period_s])
+    waits = [r.completion.max_wait_s for r in rules if r.completion is not None and r.completion.max_wait_s]
+    return shortest, min(waits) if waits else None
+
+
+def next_due_at(sessions: sessionmaker[Session], settings: Settings, now: datetime | None = None) -> datetime | None:
+    """The earliest moment after ``now`` at which a receiving study becomes due by the shortest
+    quiet period (or maximum wait), or None when none will: the scheduler wakes up then, so a
+    study completes when its quiet period ends rather than at the next poll.
+
+    Studies already past the shortest quiet period but still waiting (a rule's longer quiet
+    period, its required series) are left to the regular poll.
+    """
+    now = now or utcnow()
+    shortest, wait = _completion_spans_s(settings)
+    quiet = timedelta(seconds=shortest)
+    with sessions() as session:
+        last = session.scalar(select(func.min(Study.last_received_at)).where(
+            Study.state == StudyState.RECEIVING, Study.last_received_at > now - quiet))
+        moments = [_aware(last) + quiet] if last is not None else []
+        if wait is not None:
+            max_wait = timedelta(seconds=wait)
+            since = func.coalesce(Study.receiving_since, Study.first_received_at)
+            first = session.scalar(select(func.min(since)).where(
+                Study.state == StudyState.RECEIVING, since > now - max_wait))
+            if first is not None:
+                moments.append(_aware(first) + max_wait)
+    return min(moments) if moments else None
+
+
+def _aware(moment: datetime) -> datetime:
+    """``func.min`` bypasses the column type on SQLite: its result comes back naive (UTC)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 def complete_due_studies(
     sessions: sessionmaker[Session], settings: Settings, now: datetime | None = None
 ) -> list[tuple[int, int]]:
@@ -149,12 +188,11 @@ def complete_due_studies(
     series, or receiving for their ``max_wait_s``); return (job id, priority) to enqueue."""
     now = now or utcnow()
     rules = settings.effective_rules
-    shortest = min([settings.quiet_period_s] + [r.quiet_period_s for r in rules if r.quiet_period_s])
-    waits = [r.completion.max_wait_s for r in rules if r.completion is not None and r.completion.max_wait_s]
+    shortest, wait = _completion_spans_s(settings)
     due = Study.last_received_at <= now - timedelta(seconds=shortest)
-    if waits:
+    if wait is not None:
         since = func.coalesce(Study.receiving_since, Study.first_received_at)
-        due = or_(due, since <= now - timedelta(seconds=min(waits)))
+        due = or_(due, since <= now - timedelta(seconds=wait))
     created: list[tuple[int, int]] = []
     with sessions() as session, session.begin():
         # several serve processes may run rounds at once (a new leader while the old one has not

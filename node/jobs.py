@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_io.sr_common import InstanceReference
 from dicom_io.uids import derived_uid
+from node import clock
 from node.celery_app import DELIVERY_QUEUE, URGENT_PRIORITY, app, inference_queue, job_models
 from storage.models import (
     TERMINAL_JOB_STATES,
@@ -70,6 +71,13 @@ def enqueue_job(sessions: sessionmaker[Session], job_id: int, priority: int = 5)
     :data:`~node.celery_app.URGENT_PRIORITY` or above to that queue's urgent twin, which a worker
     of its own consumes (:func:`~node.celery_app.inference_queue`).
     """
+    # noted before the send: a free worker may claim the job before send_task returns, and the
+    # clock's queued → started must see when it was queued; a failed send puts it back
+    sent_at = utcnow()
+    with sessions() as session, session.begin():
+        row = session.execute(select(Job.created_at, Job.enqueued_at, Job.attempts, Job.on_demand)
+                              .where(Job.id == job_id)).one_or_none()
+        session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=sent_at))
     try:
         with sessions() as session:
             tasks = session.scalar(select(Job.tasks).where(Job.id == job_id)) or []
@@ -77,15 +85,22 @@ def enqueue_job(sessions: sessionmaker[Session], job_id: int, priority: int = 5)
         app.send_task("mednode.run_job", args=[job_id], queue=queue, **_priority_kwargs(priority))
     except Exception as exc:  # noqa: BLE001 (broker down, any transport error: the job stays queued, the sweep enqueues it again)
         log.warning("could not enqueue job %d (%s); the sweep will retry", job_id, type(exc).__name__)
+        with sessions() as session, session.begin():
+            session.execute(update(Job).where(Job.id == job_id, Job.enqueued_at == sent_at)
+                            .values(enqueued_at=row.enqueued_at if row is not None else None))
         return
-    with sessions() as session, session.begin():
-        session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
+    if row is not None and row.enqueued_at is None and row.attempts == 0 and not row.on_demand:
+        clock.observe(clock.COMPLETE_TO_QUEUED, clock.span_s(row.created_at, sent_at))
 
 
-def enqueue_delivery(sessions: sessionmaker[Session], delivery_id: int, countdown_s: float = 0) -> None:
+def enqueue_delivery(sessions: sessionmaker[Session], delivery_id: int, countdown_s: float = 0,
+                     attempts: int | None = None) -> None:
+    """Send ``mednode.deliver`` for ``delivery_id``; ``attempts`` (the delivery's attempt count when
+    sent) lets the worker skip a message that a batch of the same job has served meanwhile."""
     try:
         app.send_task(
-            "mednode.deliver", args=[delivery_id], queue=DELIVERY_QUEUE, countdown=countdown_s or None
+            "mednode.deliver", args=[delivery_id] if attempts is None else [delivery_id, attempts],
+            queue=DELIVERY_QUEUE, countdown=countdown_s or None,
         )
     except Exception as exc:  # noqa: BLE001 (any transport error: the sweep sends it again)
         log.warning("could not enqueue delivery %d (%s); the sweep will retry", delivery_id, type(exc).__name__)
@@ -234,6 +249,8 @@ def claim(sessions: sessionmaker[Session], job_id: int, *, lease_s: float = LEAS
         if not taken:
             return None
         session.refresh(job)
+        if job.attempts == 1 and not job.on_demand:
+            clock.observe(clock.QUEUED_TO_STARTED, clock.span_s(job.enqueued_at, now))
         paths: dict[str, list[str]] = {}
         for series in study.series:
             # mednode's own results returned by a PACS are never a job's input
@@ -341,9 +358,12 @@ class ResultObject:
 
 
 def record_results(
-    sessions: sessionmaker[Session], job_id: int, results: list[ResultObject]
+    sessions: sessionmaker[Session], job_id: int, results: list[ResultObject],
+    stage_s: dict[str, float] | None = None,
 ) -> list[int]:
     """Store the job's results and one pending delivery per destination; return delivery ids.
+
+    ``stage_s`` (seconds per pipeline stage, :mod:`node.clock`) is kept with the job.
 
     If the study changed while the job ran, the results are kept but nothing is sent: the job
     is superseded by the newer version. Otherwise these results replace those of earlier versions
@@ -383,6 +403,8 @@ def record_results(
         session.flush()
         job.finished_at = now
         job.lease_expires_at = None
+        if stage_s is not None:
+            job.stage_s = stage_s
         if stale:
             job.state = JobState.SUPERSEDED
             job.reason = "the study received more instances while the job ran"

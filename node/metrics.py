@@ -54,3 +54,11 @@ DELIVERY_DURATION = Histogram(
     ["outcome"],  # delivered, retry (a transient failure), failed (given up)
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
 )
+STUDY_CLOCK = Histogram(
+    "mednode_study_clock_seconds",
+    "Where the time from a study's last instance to its results in the PACS goes, by stage "
+    "(node.clock.STAGES: last instance to complete, complete to queued, queued to started, load, "
+    "model, write, store, delivery)",
+    ["stage"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
+)

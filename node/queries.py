@@ -182,6 +182,8 @@ def study_timeline(study: Study) -> list[TimelineEvent]:
     for job in study.jobs:
         what = "asked" if job.on_demand else f"routed: rule {job.rule_name}"
         raw.append((job.created_at, what, f"job {job.id}, priority {job.priority}", job.id))
+        if job.enqueued_at is not None:
+            raw.append((job.enqueued_at, f"job {job.id} queued", None, job.id))
         if job.started_at is not None:
             raw.append((job.started_at, f"job {job.id} started", f"attempt {job.attempts}", job.id))
         if job.finished_at is not None:

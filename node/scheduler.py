@@ -8,17 +8,21 @@ import time
 from datetime import timedelta
 
 from node import jobs, retention
-from node.completion import complete_due_studies
+from node.completion import complete_due_studies, next_due_at
 from node.context import NodeContext
 from node.leadership import Leadership
+from storage.models import utcnow
 
 log = logging.getLogger(__name__)
 
 SWEEP_EVERY_S = 10.0
+#: how long after a study's quiet period ends the scheduler wakes up to complete it
+WAKE_LATE_S = 0.005
 
 
 class Scheduler:
-    """Runs :func:`complete_due_studies` every ``completion_poll_s`` and :func:`jobs.sweep`
+    """Runs :func:`complete_due_studies` every ``completion_poll_s`` (sooner when a study's quiet
+    period ends first: :meth:`wait_s`) and :func:`jobs.sweep`
     every :data:`SWEEP_EVERY_S` (and once at start, to pick up what a crash left), and the
     retention cleaner every ``retention.check_every_s`` (studies when ``retention.max_age_days`` is set;
     prior-study copies jobs left always).
@@ -71,4 +75,18 @@ class Scheduler:
                 self.tick()
             except Exception:  # boundary: the loop must survive a database hiccup
                 log.exception("scheduler round failed; retrying")
-            self._stop.wait(self.ctx.settings.completion_poll_s)
+            self._stop.wait(self.wait_s())
+
+    def wait_s(self) -> float:
+        """Seconds to the next round: ``completion_poll_s``, or less when a study's quiet period
+        ends sooner (:func:`~node.completion.next_due_at`), so it completes on time."""
+        poll_s = self.ctx.settings.completion_poll_s
+        try:
+            due = next_due_at(self.ctx.sessions, self.ctx.settings)
+        except Exception:  # boundary: a database hiccup leaves the regular poll
+            log.exception("could not read when the next study is due; polling")
+            return poll_s
+        if due is None:
+            return poll_s
+        # a few milliseconds past the moment: the round's own clock must see it as due
+        return min(poll_s, max(0.0, (due - utcnow()).total_seconds() + WAKE_LATE_S))

@@ -33,15 +33,15 @@ def run_job(self, job_id: int) -> None:  # type: ignore[no-untyped-def]
         log.warning("job %d hit a transient error; retrying in %.0f s", job_id, countdown)
         raise self.retry(exc=exc, countdown=countdown)
     for delivery_id in delivery_ids:
-        jobs.enqueue_delivery(ctx.sessions, delivery_id)
+        jobs.enqueue_delivery(ctx.sessions, delivery_id, attempts=0)
 
 
 @app.task(name="mednode.deliver")
-def deliver(delivery_id: int) -> None:
+def deliver(delivery_id: int, attempts: int | None = None) -> None:
     ctx = context.current()
-    delay = dispatch.deliver(ctx, delivery_id)
-    if delay is not None:
-        jobs.enqueue_delivery(ctx.sessions, delivery_id, countdown_s=delay)
+    # the job's other objects for the same destination go over the same association
+    for retry_id, delay, tried in dispatch.deliver(ctx, delivery_id, attempts):
+        jobs.enqueue_delivery(ctx.sessions, retry_id, countdown_s=delay, attempts=tried)
 
 
 @inspect_command(name="mednode_info")

@@ -218,6 +218,9 @@ class Job(Base):
     #: the worker holding a running job renews this lease; an expired lease means it died
     lease_expires_at: Mapped[datetime | None] = mapped_column(_UTCDateTime())
     worker: Mapped[str | None] = mapped_column(String(200))
+    #: seconds the worker spent per pipeline stage of its last run (``load``, ``model``, ``write``,
+    #: ``store``), recorded with the results; None before (or without) a finished run
+    stage_s: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     results: Mapped[list[Result]] = relationship(back_populates="job", order_by="Result.id")

@@ -213,12 +213,27 @@ class TimelineEventOut(BaseModel):
     job_id: int | None
 
 
+class StageTimeOut(BaseModel):
+    """One stage of the study's clock (:mod:`node.clock`): from its last instance to its results."""
+
+    #: ``last_instance_to_complete``, ``complete_to_queued``, ``queued_to_started``, ``load``,
+    #: ``model``, ``write``, ``store``, ``delivery``
+    stage: str
+    #: None when not measured (the job has not got there, or a retry overwrote a moment)
+    seconds: float | None
+    job_id: int | None
+    #: for a delivery: which object to which destination
+    detail: str | None = None
+
+
 class StudyOut(StudySummaryOut):
     route_reason: str | None
     #: why the study counted as complete (quiet period, required series, max wait, by hand)
     completion_reason: str | None = None
     series: list[SeriesOut]
     timeline: list[TimelineEventOut]
+    #: where the time from the last instance to the results went, stage by stage (latest version)
+    clock: list[StageTimeOut] = Field(default_factory=list)
     jobs: list[JobOut]
 
 

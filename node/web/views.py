@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from node import queries
+from node import clock, queries
 from node.context import NodeContext
 from node.web import imaging
 from node.web.access import Access
@@ -21,6 +21,7 @@ from node.web.schemas import (
     KeyImageOut,
     PatientOut,
     SeriesOut,
+    StageTimeOut,
     StudyOut,
     StudySummaryOut,
     TimelineEventOut,
@@ -66,6 +67,7 @@ def study_detail(session: Session, study: Study, access: Access, now: datetime) 
         completion_reason=study.completion_reason,
         series=[SeriesOut.of(s, counts.get(s.series_instance_uid, 0), patient_data=shown) for s in study.series],
         timeline=timeline,
+        clock=[StageTimeOut(**vars(s)) for s in clock.study_clock(study)],
         jobs=[JobOut.of(j, now, patient_data=shown) for j in sorted(study.jobs, key=lambda j: j.id, reverse=True)],
     )
 

@@ -15,6 +15,7 @@ from node.completion import (
     complete_due_studies,
     force_complete,
     late_series_check,
+    next_due_at,
     study_facts,
 )
 from node.config import Settings
@@ -281,3 +282,29 @@ def test_a_late_series_reopens_only_if_a_rule_runs_on_it(sessions, settings, ind
     assert counts.held_series == {"acquired": 0 if reopens else 1, "mednode_result": 0, "derived": 0}
     if reopens:
         assert sorted(_jobs(sessions)[-1].series_uids) == sorted([SERIES, f"{STUDY}.3"])
+
+
+def test_next_due_at_is_the_end_of_the_earliest_running_quiet_period(sessions, settings, index: IndexFn, t0) -> None:
+    """The scheduler wakes up when a quiet period ends: the earliest last instance plus the quiet
+    period, among studies not yet past it; a study already past it is left to the poll."""
+    assert next_due_at(sessions, settings, now=t0) is None
+    index(STUDY, SERIES, 1, now=t0)
+    index("1.2.826.0.1.3680043.8.498.11", "1.2.826.0.1.3680043.8.498.11.1", 1, now=t0 + timedelta(seconds=3))
+    assert next_due_at(sessions, settings, now=t0 + timedelta(seconds=4)) == t0 + timedelta(seconds=10)
+    # more instances of the first study move its end; the second study's comes first now
+    index(STUDY, SERIES, 2, now=t0 + timedelta(seconds=5))
+    assert next_due_at(sessions, settings, now=t0 + timedelta(seconds=6)) == t0 + timedelta(seconds=13)
+    # past both ends: nothing left to wake up for (the poll completes them)
+    assert next_due_at(sessions, settings, now=t0 + timedelta(seconds=16)) is None
+    complete_due_studies(sessions, settings, now=t0 + timedelta(seconds=16))
+    assert next_due_at(sessions, settings, now=t0 + timedelta(seconds=4)) is None
+
+
+def test_next_due_at_includes_a_rules_max_wait(sessions, settings_for, index: IndexFn, t0) -> None:
+    settings = settings_for(quiet_period_s=100, destination=DESTINATION, rules=[{
+        "name": "ct", "match": {"modality": "CT"}, "tasks": ["ct_analysis"], "destinations": [DESTINATION],
+        "completion": {"max_wait_s": 120}}])
+    index(STUDY, SERIES, 1, now=t0)
+    index(STUDY, SERIES, 2, now=t0 + timedelta(seconds=50))
+    # quiet period ends at 150 s, the maximum wait at 120 s
+    assert next_due_at(sessions, settings, now=t0 + timedelta(seconds=60)) == t0 + timedelta(seconds=120)

@@ -139,7 +139,8 @@ def worker(
         consumer_timeout_warning,
         worker_queues,
     )
-    from node.service import PARENT_PID_ENV, die_with_parent
+    from node.children import PARENT_PID_ENV
+    from node.service import die_with_parent
 
     parent = os.environ.pop(PARENT_PID_ENV, None)
     if parent is not None:  # started by `mednode serve`: live and die with it

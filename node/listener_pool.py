@@ -13,60 +13,24 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 from pathlib import Path
 
 from node import multiprocess_metrics
+from node.children import PARENT_PID_ENV, Children
 from node.config import Settings
 
 log = logging.getLogger(__name__)
 
-class ListenerPool:
+class ListenerPool(Children):
     """Keeps ``count`` ``mednode listen`` children running; restarts one that exits."""
 
     def __init__(self, config_path: Path | None, count: int) -> None:
-        self.command = [sys.executable, "-m", "node.cli", "listen"]
+        command = [sys.executable, "-m", "node.cli", "listen"]
         if config_path is not None:
-            self.command += ["--config", str(config_path)]
-        self.processes: list[subprocess.Popen[bytes] | None] = [None] * count
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="listener-pool", daemon=True)
-
-    def start(self) -> None:
-        for index in range(len(self.processes)):
-            self._spawn(index)
-        self._thread.start()
-
-    def _spawn(self, index: int) -> None:
-        from node.service import PARENT_PID_ENV
-
-        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
-        process = subprocess.Popen(self.command, env=env)
-        self.processes[index] = process
-        log.info("started listener process %d", process.pid)
-
-    def _watch(self) -> None:
-        while not self._stop.wait(2.0):
-            for index, process in enumerate(self.processes):
-                if process is not None and process.poll() is not None and not self._stop.is_set():
-                    log.error("listener process %d exited with %s; restarting it", process.pid, process.returncode)
-                    multiprocess_metrics.mark_process_dead(process.pid)
-                    self._spawn(index)
-
-    def stop(self) -> None:
-        self._stop.set()
-        running = [p for p in self.processes if p is not None and p.poll() is None]
-        for process in running:
-            process.terminate()
-        for process in running:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            multiprocess_metrics.mark_process_dead(process.pid)
+            command += ["--config", str(config_path)]
+        super().__init__([command] * count, "listener process")
 
 
 def run_listener(settings: Settings) -> None:
@@ -81,7 +45,7 @@ def run_listener(settings: Settings) -> None:
     from node import context
     from node.completion import late_series_check
     from node.ingest import Ingestor
-    from node.service import PARENT_PID_ENV, die_with_parent, start_listeners
+    from node.service import die_with_parent, start_listeners
 
     parent = os.environ.pop(PARENT_PID_ENV, None)
     if parent is not None:

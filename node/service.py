@@ -10,15 +10,15 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 from pathlib import Path
 
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node import context, multiprocess_metrics
+from node import context
 from node.celery_app import DELIVERY_QUEUE, INFERENCE_QUEUE, URGENT_QUEUE
+from node.children import Children
 from node.completion import late_series_check
 from node.config import ConfigError, Settings
 from node.context import NodeContext
@@ -57,11 +57,7 @@ def die_with_parent(parent_pid: int) -> None:
         raise SystemExit("the node that started this worker is gone")
 
 
-#: Set by ``mednode serve`` for its embedded worker: the worker ties its life to that PID.
-PARENT_PID_ENV = "MEDNODE_PARENT_PID"
-
-
-class WorkerSupervisor:
+class WorkerSupervisor(Children):
     """Keeps the embedded ``mednode worker`` children running, one per queue — inference, urgent
     inference and delivery — so a slow PACS never waits behind the model, a long job never holds
     up sending finished results, and an ask or a priority 8–9 job starts while a long job runs;
@@ -80,46 +76,14 @@ class WorkerSupervisor:
         if config_path is not None:
             base += ["--config", str(config_path)]
         inference = INFERENCE_QUEUE if urgent_worker else f"{URGENT_QUEUE},{INFERENCE_QUEUE}"
-        self.commands = [
+        super().__init__([
             [*base, "--queues", inference, "--concurrency", str(concurrency)],
             *([[*base, "--queues", URGENT_QUEUE, "--concurrency", "1"]] if urgent_worker else []),
             [*base, "--queues", DELIVERY_QUEUE, "--concurrency", "1"],
-        ]
-        self.processes: list[subprocess.Popen[bytes] | None] = [None] * len(self.commands)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+        ], "embedded worker")
 
-    def start(self) -> None:
-        for index in range(len(self.commands)):
-            self._spawn(index)
-        self._thread.start()
-
-    def _spawn(self, index: int) -> None:
-        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
-        process = subprocess.Popen(self.commands[index], env=env)
-        self.processes[index] = process
-        log.info("started embedded worker for %s (pid %d)", self.commands[index][-3], process.pid)
-
-    def _watch(self) -> None:
-        while not self._stop.wait(2.0):
-            for index, process in enumerate(self.processes):
-                if process is not None and process.poll() is not None:
-                    log.error("embedded worker %d exited with %s; restarting it", process.pid, process.returncode)
-                    multiprocess_metrics.mark_process_dead(process.pid)
-                    self._spawn(index)
-
-    def stop(self) -> None:
-        self._stop.set()
-        running = [p for p in self.processes if p is not None and p.poll() is None]
-        for process in running:
-            process.terminate()
-        for process in running:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            multiprocess_metrics.mark_process_dead(process.pid)
+    def describe(self, index: int) -> str:
+        return f"embedded worker for {self.commands[index][-3]}"
 
 
 def start_listeners(settings: Settings, ingestor: Ingestor, security: ListenerSecurity | None = None, *,

@@ -51,7 +51,8 @@ MAX_NEW_TOKENS = 4
 #: server resizes it to the model's size)
 SENT_IMAGE_SIZE = 4 * TINY_IMAGE_SIZE
 NAME, GIVEN, PATIENT_ID, ACCESSION = "Canaryfield", "Zebediah", "CANARY-7731", "ACC-CANARY-99"
-CANARIES = (NAME, GIVEN, PATIENT_ID, ACCESSION)
+REFERRER = "Finchley^Hortensia"
+CANARIES = (NAME, GIVEN, PATIENT_ID, ACCESSION, "Finchley", "Hortensia")
 PRIOR_REPORT = f"Zebediah Canaryfield ({PATIENT_ID}, {ACCESSION}): heart size stable since last year."
 
 
@@ -94,7 +95,9 @@ def sent(served: tuple[str, Path]) -> Iterator[list[bytes]]:
 def _canary_dx(shared_dicom: Path) -> pydicom.Dataset:
     ds = pydicom.dcmread(shared_dicom / "xr" / "highdicom_dx_thorax.dcm")
     ds.PatientName, ds.PatientID, ds.AccessionNumber = f"{NAME}^{GIVEN}", PATIENT_ID, ACCESSION
-    ds.ReasonForTheRequestedProcedure = f"cough, {GIVEN} {NAME} {PATIENT_ID}"  # free text quoting them
+    ds.ReferringPhysicianName = REFERRER
+    # free text quoting them all (a request's reason is typed by hand)
+    ds.ReasonForTheRequestedProcedure = f"cough, {GIVEN} {NAME} {PATIENT_ID} {ACCESSION}, ask Dr Finchley"
     return ds
 
 
@@ -174,6 +177,8 @@ def test_a_remote_job_sends_no_identifier_and_audits_the_send(
     detail = details[0]
     assert f"job {job_id}: 1 image(s) (0 masked" in detail and served[0] in detail and "report" in detail
     assert not any(c.lower() in detail.lower() for c in CANARIES)
+    # the accession number and the referrer's name that the request's reason quoted
+    assert int(re.search(r"(\d+) identifier\(s\) removed", detail).group(1)) >= 2  # type: ignore[union-attr]
 
 
 def test_a_prior_report_loses_identifiers_on_the_wire_remote_only(

@@ -458,6 +458,21 @@ def with_clinical_context(series: dict[str, list[Dataset]], specs: list[TaskSpec
             else spec for spec in specs]
 
 
+def context_for_remote(specs: list[TaskSpec], series: dict[str, list[Dataset]]) -> tuple[list[TaskSpec], int]:
+    """The tasks with every identifier of the study's headers removed from their clinical context
+    (a request's reason is typed by hand and may quote an accession number or a physician's name,
+    which :func:`dicom_io.clinical.read_clinical_context` does not know); returns them and the
+    number of identifiers removed."""
+    values = identifying_values(ds for datasets in series.values() for ds in datasets)
+    out, removed = [], 0
+    for spec in specs:
+        if spec.clinical_context:
+            text, count = scrub_text(spec.clinical_context, values)
+            spec, removed = replace(spec, clinical_context=text), removed + count
+        out.append(spec)
+    return out, removed
+
+
 def run_vlm_tasks(
     settings: VLMSettings | None, series: dict[str, list[Dataset]], specs: list[TaskSpec], *, job_key: str,
     amendment: jobs.Amendment | None = None, priors: PriorInput | None = None,
@@ -470,7 +485,7 @@ def run_vlm_tasks(
     summaries record the prompt layout of the first such task (``comparison.prompt``).
 
     With a remote model server (``models.vlm.remote``), what leaves is de-identified first
-    (:func:`screen_for_remote`, :func:`priors_for_remote`) and ``audit_send`` is called, before
+    (:func:`screen_for_remote`, :func:`priors_for_remote`, :func:`context_for_remote`) and ``audit_send`` is called, before
     the first request, with what goes where (counts and the server, never patient data).
 
     ``priority`` (the job's, 0-9): its prompts go into the shared ``generate`` calls before those
@@ -486,6 +501,9 @@ def run_vlm_tasks(
         if priors is not None:
             priors, dropped, redacted = priors_for_remote(priors, series)
     specs = with_clinical_context(series, specs)
+    if remote:
+        specs, scrubbed = context_for_remote(specs, series)
+        redacted += scrubbed
     images, sources = prepare_images(vlm, series, slices_per_series=settings.slices_per_series,
                                      pixel_filter=pixel_filter)
     prior = prepare_prior(vlm, priors, slices_per_series=settings.slices_per_series) if priors else None

@@ -20,6 +20,7 @@ from inference.tasks import TaskSpec
 from node.config import ConfigError, VLMSettings, load_settings
 from node.vlm_stage import (
     PriorInput,
+    context_for_remote,
     mask_filter,
     prepare_images,
     priors_for_remote,
@@ -92,3 +93,13 @@ def test_prior_report_loses_identifiers_and_prior_images_with_text() -> None:
     assert safe.datasets == (prior_dx,) and dropped == 1
     assert safe.report == f"{REDACTED} {REDACTED}, {REDACTED}: stable since last year. {REDACTED} follow-up."
     assert removed == 4
+
+
+def test_clinical_context_loses_identifiers_its_reader_does_not_know() -> None:
+    current = pydicom.dcmread(DX, stop_before_pixels=True)
+    current.AccessionNumber, current.ReferringPhysicianName = "ACC-77", "Finchley^Hortensia"
+    specs = [TaskSpec(kind="report", clinical_context="Reason: follow-up ACC-77, ask Dr Finchley."),
+             TaskSpec(kind="classify", labels=("effusion",))]
+    safe, removed = context_for_remote(specs, {"s": [current]})
+    assert safe[0].clinical_context == f"Reason: follow-up {REDACTED}, ask Dr {REDACTED}."
+    assert removed == 2 and safe[1] == specs[1]

@@ -18,6 +18,7 @@ wrong, never their values (they are patient data).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from highdicom._standard_utils import (
     get_sop_class_iod_map,
 )
 from pydicom import config
+from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -173,11 +175,30 @@ def character_set_of(ds: Dataset) -> str | list[str] | None:
     if value is None or value == "" or (isinstance(value, list | MultiValue) and not any(value)):
         return None
     if isinstance(value, list | MultiValue):
-        values = [str(v).strip() for v in value]
+        values = [corrected_character_set(str(v).strip()) for v in value]
         if len(values) == 1:
             return values[0]
         return [values[0] or DEFAULT_REPERTOIRE_EXTENSIONS, *values[1:]]
-    return str(value)
+    return corrected_character_set(str(value).strip())
+
+
+_MISSPELLED_ISO_IR = re.compile(r"^ISO[ _-]?IR[ _-]?(\d+)$", re.IGNORECASE)
+
+
+def corrected_character_set(term: str) -> str:
+    """A defined term of Specific Character Set as the standard spells it.
+
+    Senders write ``ISO-IR 100`` or ``ISO_IR100`` for ``ISO_IR 100``; pydicom reads them (with a
+    warning) but highdicom refuses to write them into a new object. A term that is neither a
+    defined term nor such a misspelling is returned as it is (and refused by the builder with its
+    own message).
+    """
+    if term in python_encoding:
+        return term
+    match = _MISSPELLED_ISO_IR.match(term)
+    if match is not None and f"ISO_IR {match.group(1)}" in python_encoding:
+        return f"ISO_IR {match.group(1)}"
+    return term
 
 
 def conform_copied_attributes(datasets: Sequence[Dataset], *, purpose: str) -> list[Dataset]:

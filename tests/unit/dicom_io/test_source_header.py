@@ -185,3 +185,26 @@ def test_character_set_samples_de_identified_keep_their_names(relative, algorith
     assert_emptied(back, EMPTIED["hashed"], source)
     assert back.SpecificCharacterSet == character_set_of(source)
     assert str(back.PatientName) == str(source.PatientName) and not str(back.PatientName).isascii()
+
+
+@pytest.mark.parametrize(("written", "expected"), [
+    ("ISO-IR 100", "ISO_IR 100"), ("ISO_IR100", "ISO_IR 100"), ("iso ir 192", "ISO_IR 192"),
+    ("ISO_IR 100", "ISO_IR 100"), ("GB18030", "GB18030"), ("ISO-IR 999", "ISO-IR 999"),
+])
+def test_misspelled_character_sets_are_corrected_for_the_objects_built(written, expected) -> None:
+    ds = Dataset()
+    ds.SpecificCharacterSet = written
+    assert character_set_of(ds) == expected
+
+
+def test_an_sr_is_written_for_a_source_that_misspells_its_character_set(algorithm, validate) -> None:
+    """A real ultrasound file says ``ISO-IR 100``: the SR built for it says ``ISO_IR 100``."""
+    source = read_dataset(sample("compressed/US_multiframe_jpeg_baseline_nobot.dcm"))
+    assert source.SpecificCharacterSet == "ISO-IR 100"
+    report = build_region_report(
+        [source], [ImageRegion(source.SOPInstanceUID, 1, (10.0, 20.0, 40.0, 60.0), "nodule")], [],
+        series_instance_uid=derived_uid("iso-ir", "series"), sop_instance_uid=derived_uid("iso-ir", "sr"),
+        series_number=9902, algorithm=algorithm)
+    data = to_bytes(report)
+    validate(data)
+    assert hd.sr.srread(BytesIO(data)).SpecificCharacterSet == "ISO_IR 100"

@@ -74,7 +74,7 @@ def _dicom_json(content: Any, status_code: int = 200, headers: dict[str, str] | 
 async def _body(request: Request, max_bytes: int) -> bytes:
     """The request body, refused with 413 once it passes ``max_bytes`` (declared or streamed)."""
     declared = request.headers.get("content-length", "")
-    too_large = HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+    too_large = HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
                               f"a STOW-RS request may hold at most {max_bytes // 2**20} MB "
                               "(stow_max_request_mb): send the study in several requests")
     if declared.isdigit() and int(declared) > max_bytes:

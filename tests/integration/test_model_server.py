@@ -19,7 +19,6 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from dicom_io.header import parse_header
 from dicom_io.volume import read_dataset
 from inference.errors import ModelNotConfiguredError, ModelServerUnavailableError
 from inference.results import (
@@ -32,13 +31,11 @@ from inference.results import (
 from inference.tasks import parse_tasks
 from inference.vlm import VLM, VLMConfig, load_vlm
 from inference.vlm.server import ServerConfig, ServerVLM
-from node.completion import complete_due_studies
 from node.config import VLMSettings, load_settings
 from node.context import NodeContext
 from node.pipeline import TransientError, run_job
 from node.vlm_stage import check_server_at_start, run_vlm_tasks
 from storage.db import upgrade
-from storage.index import index_instance
 from storage.models import Job, JobState, Result, utcnow
 from tests.integration.e2e import assert_valid
 from tests.integration.test_vlm_end_to_end import _sr_texts
@@ -46,6 +43,7 @@ from tests.models import TINY_IMAGE_SIZE, build_tiny_gemma3
 from tests.peers import free_port
 from tests.peers.model_servers import transformers_serve
 from tests.peers.processes import ToolMissingError, in_ci
+from tests.received import receive_and_complete
 from tests.trained_models import tiny_grounding_model_dir  # noqa: F401  (session fixture)
 
 MAX_NEW_TOKENS = 12
@@ -233,17 +231,7 @@ def _node(tmp_path: Path, server: str, model: str) -> NodeContext:
 
 
 def _queue_ct(ctx: NodeContext, files: list[Path]) -> int:
-    now = utcnow() - timedelta(minutes=5)
-    for path in files:
-        data = path.read_bytes()
-        header, _ = parse_header(data)
-        stored = ctx.store.write_instance(header.study_instance_uid, header.series_instance_uid,
-                                          header.sop_instance_uid, data)
-        with ctx.sessions() as session, session.begin():
-            index_instance(session, header, stored, calling_ae_title="MODALITY", called_ae_title="MEDNODE",
-                           now=now)
-    [(job_id, _)] = complete_due_studies(ctx.sessions, ctx.settings, now=now + timedelta(seconds=5))
-    return job_id
+    return receive_and_complete(ctx, (path.read_bytes() for path in files), utcnow() - timedelta(minutes=5))
 
 
 def test_a_job_waits_while_the_server_is_down_then_runs_through_it(

@@ -29,22 +29,20 @@ from PIL import Image
 from sqlalchemy import select
 
 from dicom_io.deidentify import ultrasound_regions
-from dicom_io.header import parse_header
 from dicom_io.slice_stack import read_frame
 from inference.errors import InvalidInputError
 from inference.tasks import TaskSpec, parse_tasks
 from inference.vlm.server import ServerVLM
 from node import audit
-from node.completion import complete_due_studies
 from node.config import VLMSettings, load_settings
 from node.context import NodeContext
 from node.pipeline import run_job
 from node.vlm_stage import _SERVER_CLIENTS, PriorInput, run_vlm_tasks, server_config
 from storage.db import upgrade
-from storage.index import index_instance
 from storage.models import Job, JobState, Result, utcnow
 from tests.integration.test_model_server import _transformers_serve
 from tests.models import TINY_IMAGE_SIZE, build_tiny_gemma3
+from tests.received import receive_and_complete
 
 MAX_NEW_TOKENS = 4
 #: larger than the tiny model's input: the sent PNG shows the mask at a useful resolution (the
@@ -141,17 +139,9 @@ def _node(tmp_path: Path, vlm: dict[str, object]) -> NodeContext:
 
 
 def _queue(ctx: NodeContext, ds: pydicom.Dataset) -> int:
-    now = utcnow() - timedelta(minutes=5)
     buffer = BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
-    data = buffer.getvalue()
-    header, _ = parse_header(data)
-    stored = ctx.store.write_instance(header.study_instance_uid, header.series_instance_uid,
-                                      header.sop_instance_uid, data)
-    with ctx.sessions() as session, session.begin():
-        index_instance(session, header, stored, calling_ae_title="MODALITY", called_ae_title="MEDNODE", now=now)
-    [(job_id, _)] = complete_due_studies(ctx.sessions, ctx.settings, now=now + timedelta(seconds=5))
-    return job_id
+    return receive_and_complete(ctx, [buffer.getvalue()], utcnow() - timedelta(minutes=5))
 
 
 def test_a_remote_job_sends_no_identifier_and_audits_the_send(

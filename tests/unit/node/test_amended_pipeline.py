@@ -14,15 +14,13 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from dicom_io.header import parse_header
 from dicom_io.validation import run_dciodvfy
 from node import jobs, pipeline
-from node.completion import complete_due_studies
 from node.config import Settings, load_settings
 from node.context import NodeContext
 from storage.db import upgrade
-from storage.index import index_instance
 from storage.models import Delivery, DeliveryState, Job, JobState, Result, utcnow
+from tests.received import receive_and_complete
 from tests.shared_data import SHARED_DICOM
 
 CT3 = SHARED_DICOM / "ct" / "dcmqi_ct3slice"
@@ -51,18 +49,6 @@ def ctx(tmp_path: Path) -> Iterator[NodeContext]:
     context.close()
 
 
-def _receive(ctx: NodeContext, files: list[Path], now) -> int:  # type: ignore[no-untyped-def]
-    for path in files:
-        data = path.read_bytes()
-        header, _ = parse_header(data)
-        stored = ctx.store.write_instance(header.study_instance_uid, header.series_instance_uid,
-                                          header.sop_instance_uid, data)
-        with ctx.sessions() as session, session.begin():
-            index_instance(session, header, stored, calling_ae_title="MODALITY", called_ae_title="MEDNODE", now=now)
-    [(job_id, _)] = complete_due_studies(ctx.sessions, ctx.settings, now=now + timedelta(seconds=5))
-    return job_id
-
-
 def _results(ctx: NodeContext, job_id: int) -> dict[str, tuple[Result, dict[str, DeliveryState]]]:
     with ctx.sessions() as session:
         rows = session.scalars(select(Result).where(Result.job_pk == job_id)).all()
@@ -76,7 +62,7 @@ def _read(ctx: NodeContext, result: Result) -> bytes:
 def test_a_late_slice_makes_an_amendment(ctx: NodeContext, tmp_path: Path) -> None:
     files = sorted(CT3.glob("*.dcm"))
     t0 = utcnow() - timedelta(hours=1)
-    v1_id = _receive(ctx, files[:2], t0)
+    v1_id = receive_and_complete(ctx, (f.read_bytes() for f in files[:2]), t0)
     v1_deliveries = pipeline.run_job(ctx, v1_id)
     assert len(v1_deliveries) == 6
     with ctx.sessions() as session:  # v1 reached the PACS; the archive and OTHER are down
@@ -91,7 +77,7 @@ def test_a_late_slice_makes_an_amendment(ctx: NodeContext, tmp_path: Path) -> No
     assert v1_sr.SeriesDescription == "mednode measurements"
     assert "PredecessorDocumentsSequence" not in v1_sr
 
-    v2_id = _receive(ctx, files[2:], t0 + timedelta(minutes=1))
+    v2_id = receive_and_complete(ctx, (f.read_bytes() for f in files[2:]), t0 + timedelta(minutes=1))
     v2_deliveries = pipeline.run_job(ctx, v2_id)
     v2 = _results(ctx, v2_id)
     assert set(v2) == {"seg", "sr", "rejection"}

@@ -115,8 +115,8 @@ def _dataset_bytes(data: bytes) -> bytes:
 class Cluster:
     """The hosts, servers and node processes of one run."""
 
-    def __init__(self, lab: NetnsLab, base: Path, orthanc: Orthanc, db_url: str, broker_url: str) -> None:
-        self.lab, self.base, self.orthanc = lab, base, orthanc
+    def __init__(self, lab: NetnsLab, base: Path, logs: Path, orthanc: Orthanc, db_url: str, broker_url: str) -> None:
+        self.lab, self.base, self.logs, self.orthanc = lab, base, logs, orthanc
         self.db_url, self.broker_url = db_url, broker_url
         self.data_dir = base / "shared" / "var"  # the volume every host mounts
         config = {"rules": [{"name": "ct", "match": {"modality": "CT"}, "tasks": ["ct_analysis"],
@@ -147,7 +147,7 @@ class Cluster:
 
     def serve(self, name: str) -> None:
         host = self.lab.hosts[name]
-        log = self.base / "logs" / f"{name}-serve.log"
+        log = self.logs / f"{name}-serve.log"
         process = host.start([sys.executable, "-m", "node.cli", "serve", "--config", str(self.config)], log,
                              env=self.env(), cwd=REPO_ROOT)
         host.wait_port(DICOM_PORT, timeout_s=120, process=process, log=log)
@@ -155,7 +155,7 @@ class Cluster:
     def worker(self, name: str) -> None:
         host = self.lab.hosts[name]
         host.start([sys.executable, "-m", "node.cli", "worker", "--config", str(self.config),
-                    "--queues", "inference,delivery"], self.base / "logs" / f"{name}-worker.log",
+                    "--queues", "inference,delivery"], self.logs / f"{name}-worker.log",
                    env=self.env(), cwd=REPO_ROOT)
 
     def jobs(self) -> list[Job]:
@@ -172,12 +172,12 @@ class Cluster:
             if value:
                 return value
             time.sleep(poll_s)
-        logs = "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in sorted((self.base / "logs").glob("*.log")))
+        logs = "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in sorted(self.logs.glob("*.log")))
         raise AssertionError(f"{what}: not within {timeout_s:.0f} s; jobs {[(j.id, j.state.value, j.worker, j.attempts) for j in self.jobs()]}\n{logs}")
 
 
 @pytest.fixture
-def cluster() -> Iterator[Cluster]:
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
     why = netns_available()
     missing = [t for t in ("Orthanc",) if shutil.which(t, path=os.environ.get("PATH", "") + ":/usr/sbin") is None]
     if why or missing:
@@ -189,8 +189,7 @@ def cluster() -> Iterator[Cluster]:
     # world-readable, outside pytest's 0700 temp root: PostgreSQL runs as its own user
     base = Path(tempfile.mkdtemp(prefix="mednode-hosts-"))
     base.chmod(0o755)
-    (base / "logs").mkdir()
-    orthanc = Orthanc(base / "orthanc")
+    orthanc = Orthanc(tmp_path / "orthanc")
     try:
         with NetnsLab(base) as lab:
             db = lab.add_host("db")
@@ -202,7 +201,7 @@ def cluster() -> Iterator[Cluster]:
                                isolation_level="AUTOCOMMIT").connect() as conn:
                 conn.execute(text("CREATE DATABASE mednode"))
             orthanc.start()
-            cluster = Cluster(lab, base, orthanc, f"postgresql+psycopg://postgres@{db.address}:5432/mednode", rabbit.url)
+            cluster = Cluster(lab, base, tmp_path, orthanc, f"postgresql+psycopg://postgres@{db.address}:5432/mednode", rabbit.url)
             try:
                 yield cluster
             finally:
@@ -289,6 +288,8 @@ def test_hosts_killed_and_cut_off_lose_nothing_and_do_each_study_once(cluster: C
         return done >= uids and not busy
 
     cluster.wait("every study delivered", settled, 120, 0.2)
+    # the host is back: its worker lived through the cut and is connected again
+    assert all(p.poll() is None for p in w2.processes), (cluster.logs / "w2-worker.log").read_text()[-4000:]
     figures["settled_after_link_up_s"] = round(time.monotonic() - back_at, 2)
     time.sleep(2)  # a late, duplicate delivery by the cut-off host would land now
 
@@ -328,6 +329,9 @@ def test_hosts_killed_and_cut_off_lose_nothing_and_do_each_study_once(cluster: C
         "total_s": round(time.monotonic() - t0, 1),
     })
     print(f"\nmulti-host figures: {figures}")
+    for j in sorted(jobs, key=lambda j: j.id):
+        print(f"  job {j.id}: {j.state.value}, attempts {j.attempts}, last worker {j.worker}, "
+              f"started {j.started_at:%H:%M:%S.%f}, finished {j.finished_at:%H:%M:%S.%f}")
     assert not lost, f"acknowledged instances lost or changed: {lost[:5]} ({len(lost)})"
     assert not duplicates, duplicates
     assert result_sets == len(uids)

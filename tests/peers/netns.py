@@ -52,6 +52,7 @@ class Host:
     netns: str
     address: str
     veth: str  #: the interface inside the namespace
+    outside: str  #: its peer on the bridge
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def start(self, argv: Sequence[str], log: Path, env: Mapping[str, str] | None = None,
@@ -165,7 +166,7 @@ class NetnsLab:
         netns = f"mn{self.token}{name}"
         outside, inside = f"mn{self.token}{index}o", f"mn{self.token}{index}i"
         _ip("netns", "add", netns)
-        host = Host(self, f"{name}-{self.token}", netns, f"{self.subnet}.{index}", inside)
+        host = Host(self, f"{name}-{self.token}", netns, f"{self.subnet}.{index}", inside, outside)
         self.hosts[name] = host
         _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
         _ip("link", "set", inside, "netns", netns)
@@ -184,6 +185,8 @@ class NetnsLab:
                 host.kill()
             except PeerError:
                 pass
+            # deleting a veth deletes its peer; the namespace alone may outlive its name a while
+            _ip("link", "del", host.outside, check=False)
             _ip("netns", "del", host.netns, check=False)
         if self._made_bridge:
             _ip("link", "del", self.bridge, check=False)

@@ -152,7 +152,7 @@ def test_a_job_longer_than_the_servers_consumer_timeout_runs_once_and_succeeds(
     from sqlalchemy import text
 
     from tests.peers import storescu
-    from tests.phantom import PhantomGeometry, make_ct_phantom, write_series  # noqa: I001
+    from tests.phantom import PhantomGeometry, make_ct_phantom, write_series
 
     rabbit = short_consumer_timeout_rabbitmq
     config = tmp_path / "mednode.yaml"

@@ -38,9 +38,9 @@ from sqlalchemy.orm import Session
 
 from storage.models import Instance, Job, JobState, Result, Study
 from tests.peers import Orthanc, in_ci
-from tests.peers.netns import Host, NetnsLab, netns_available, start_postgres
+from tests.peers.netns import POSTGRES_BIN, Host, NetnsLab, netns_available, start_postgres
 from tests.peers.processes import find_tool
-from tests.peers.rabbitmq import PrivateRabbitMQ
+from tests.peers.rabbitmq import RABBITMQ_BIN, PrivateRabbitMQ
 from tests.phantom import PhantomGeometry, make_ct_phantom
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -180,6 +180,7 @@ class Cluster:
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     why = netns_available()
     missing = [t for t in ("Orthanc",) if shutil.which(t, path=os.environ.get("PATH", "") + ":/usr/sbin") is None]
+    missing += [str(p) for p in (POSTGRES_BIN / "initdb", RABBITMQ_BIN / "rabbitmq-server") if not p.exists()]
     if why or missing:
         message = why or f"missing: {missing}"
         if in_ci():

@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from tests.peers.processes import PeerError, peer_env
 
@@ -153,11 +154,15 @@ class NetnsLab:
                 return subnet
         raise PeerError("no free 10.x.y.0/24 subnet for the lab bridge")
 
-    def __enter__(self) -> NetnsLab:
+    def __enter__(self) -> Self:
         _ip("link", "add", self.bridge, "type", "bridge")
         self._made_bridge = True
-        _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
-        _ip("link", "set", self.bridge, "up")
+        try:
+            _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+            _ip("link", "set", self.bridge, "up")
+        except PeerError:
+            self.close()
+            raise
         return self
 
     def add_host(self, name: str) -> Host:

@@ -267,12 +267,12 @@ def test_hosts_killed_and_cut_off_lose_nothing_and_do_each_study_once(cluster: C
     w2.link(up=False)
     cut_at = time.monotonic()
     figures["w2_job"] = job.id
-    try:
-        cluster.wait("w2's job taken over while w2 is cut off",
-                     lambda: next((j for j in cluster.jobs() if j.id == job.id and (j.worker or "").startswith(w1.name + ":")), None),
-                     CUT_S - 1)
-        figures["w2_job_taken_over_s"] = round(time.monotonic() - cut_at, 2)
-        time.sleep(max(0.0, CUT_S - (time.monotonic() - cut_at)))
+    try:  # the figure: whether (and when) another worker took the job over during the cut
+        while time.monotonic() - cut_at < CUT_S:
+            taken = next((j for j in cluster.jobs() if j.id == job.id and (j.worker or "").startswith(w1.name + ":")), None)
+            if taken is not None and "w2_job_taken_over_s" not in figures:
+                figures["w2_job_taken_over_s"] = round(time.monotonic() - cut_at, 2)
+            time.sleep(0.2)
     finally:
         w2.link(up=True)
     back_at = time.monotonic()

@@ -321,6 +321,11 @@ def test_hosts_killed_and_cut_off_lose_nothing_and_do_each_study_once(cluster: C
         if in_pacs != expected or not expected:
             duplicates[uid] = {"pacs": sorted(in_pacs), "job": sorted(expected)}
     states = [j.state.value for j in jobs]
+    partials: dict[str, int] = {}
+    for path in store.rglob("*.partial"):  # .<name>~<host>~<pid>~<token>.partial
+        host_name = path.name.split("~")[1] if path.name.count("~") >= 3 else "?"
+        partials[host_name] = partials.get(host_name, 0) + 1
+    figures["partial_files_left"] = partials
     figures.update({
         "studies": len(uids), "instances_sent": sum(len(s.datasets) for s in sent),
         "instances_acked": sum(len(s.acked) for s in sent), "instances_indexed": len(paths),

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,21 @@ def _dataset_bytes(data: bytes) -> bytes:
     assert data[128:132] == b"DICM"
     group_length = int.from_bytes(data[140:144], "little")
     return data[144 + group_length:]
+
+
+def _takeover_s(logs: Path, killed: datetime) -> float | None:
+    """Seconds from ``l1``'s death to ``l2`` running the scheduler, when ``l1`` ran it (the
+    log lines' local-time stamps); None when ``l2`` had it already."""
+    mark = "now runs the scheduler"
+    if mark not in (logs / "l1-serve.log").read_text(errors="replace"):
+        return None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for line in (logs / "l2-serve.log").read_text(errors="replace").splitlines():
+            if mark in line:
+                return round((datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f") - killed).total_seconds(), 2)
+        time.sleep(0.2)
+    raise AssertionError("l2 did not take the scheduler over within 60 s of l1's death")
 
 
 class Cluster:
@@ -237,7 +253,7 @@ def test_hosts_killed_and_cut_off_lose_nothing_and_do_each_study_once(cluster: C
     sent += phase1
     threads = send_all(phase1, pause_s=0.05)
     cluster.wait("l1 acknowledged a few instances", lambda: sum(len(s.acked) for s in phase1[::2]) >= 6, 60, 0.01)
-    killed_at = time.monotonic()
+    killed_at, killed_wall = time.monotonic(), datetime.now()
     figures["l1_processes_killed"] = l1.kill()
     in_flight = [s for s in phase1[::2] if len(s.acked) < SLICES]
     for thread in threads:
@@ -246,6 +262,7 @@ def test_hosts_killed_and_cut_off_lose_nothing_and_do_each_study_once(cluster: C
     assert in_flight, "the listener host was killed after its associations had ended"
     assert all(len(s.acked) == SLICES for s in phase1), [s.errors for s in phase1]
     figures["associations_broken"] = sum(s.failovers for s in phase1)
+    figures["scheduler_moved_to_l2_s"] = _takeover_s(cluster.logs, killed_wall)
     cluster.serve("l1")  # the host comes back (its start-up repair clears only its own leftovers)
 
     # 2. a worker host dies mid-job; the job runs again once its lease has expired

@@ -186,9 +186,10 @@ def consumer_timeout_warning(server_version: str) -> str | None:
         return None
     return (
         f"RabbitMQ {server_version} ignores the per-consumer x-consumer-timeout: its server-wide "
-        "consumer_timeout (30 min by default) closes a worker's channel when a job runs longer, and "
-        f"the job is delivered again. Set consumer_timeout = {LONGEST_JOB_S * 1000} (or more) in "
-        "rabbitmq.conf, or upgrade RabbitMQ to 3.12 or later"
+        "consumer_timeout (30 min by default) closes a worker's channel when a job runs longer; the "
+        "worker reconnects and the job runs on, but each cut drops the worker's connection. Set "
+        f"consumer_timeout = {LONGEST_JOB_S * 1000} (or more) in rabbitmq.conf, or upgrade "
+        "RabbitMQ to 3.12 or later"
     )
 
 

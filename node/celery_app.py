@@ -149,6 +149,20 @@ def configure_celery(settings: Settings) -> Celery:
         broker_transport_options={"visibility_timeout": LONGEST_JOB_S}
         if broker.startswith(("redis", "rediss"))
         else {},
+        # each worker's remote-control queue (``<name>.celery.pidbox``) is exclusive to its
+        # connection by default: a worker cut off from RabbitMQ that reconnects before the server
+        # has given up the old connection (heartbeat timeout, ~60 s) is refused that queue
+        # (405 RESOURCE_LOCKED) and Celery stops the worker ("Unrecoverable error"), as seen in
+        # the multi-host test (tests/integration/test_multi_host.py). Shared, it is redeclared.
+        control_queue_exclusive=False,
+        # a channel closed by the server, such as RabbitMQ's consumer timeout (its server-wide
+        # consumer_timeout on < 3.12) cutting a job that outlasts it, is by default an
+        # "Unrecoverable error" that stops the worker once its running jobs end. Reconnect instead:
+        # the job runs on (its connection's loss does not cancel it), and its message, delivered
+        # again, finds the job held under a live lease and is acknowledged as done (jobs.claim)
+        # — one run, one result (tests/integration/test_model_queues.py).
+        broker_channel_error_retry=True,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         worker_send_task_events=True,
         task_send_sent_event=True,
@@ -172,9 +186,10 @@ def consumer_timeout_warning(server_version: str) -> str | None:
         return None
     return (
         f"RabbitMQ {server_version} ignores the per-consumer x-consumer-timeout: its server-wide "
-        "consumer_timeout (30 min by default) closes a worker's channel when a job runs longer, and "
-        f"the job is delivered again. Set consumer_timeout = {LONGEST_JOB_S * 1000} (or more) in "
-        "rabbitmq.conf, or upgrade RabbitMQ to 3.12 or later"
+        "consumer_timeout (30 min by default) closes a worker's channel when a job runs longer; the "
+        "worker reconnects and the job runs on, but each cut drops the worker's connection. Set "
+        f"consumer_timeout = {LONGEST_JOB_S * 1000} (or more) in rabbitmq.conf, or upgrade "
+        "RabbitMQ to 3.12 or later"
     )
 
 

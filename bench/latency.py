@@ -215,6 +215,9 @@ def run_once(code_dir: Path, code: str, study_dir: Path, study_uid: str, count: 
             print(f"  {code} {count}: {result.error}\n{node.log_tail(3000)}", file=sys.stderr)
         finally:
             node.stop(timeout_s=30)
+            if args.keep_logs is not None and (out / "mednode.log").exists():
+                args.keep_logs.mkdir(parents=True, exist_ok=True)
+                shutil.copy(out / "mednode.log", args.keep_logs / f"mednode-{count}-{code.replace(' ', '_')}-{out.name}.log")
     shutil.rmtree(out, ignore_errors=True)
     return result
 
@@ -358,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=600.0, help="for the results, after the quiet period")
     parser.add_argument("--send-timeout-s", type=float, default=600.0)
     parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
+    parser.add_argument("--keep-logs", type=Path, default=None, help="copy each run's node log into this directory")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="mednode-latency-", dir=args.work))

@@ -213,7 +213,7 @@ def test_an_sr_is_written_for_a_source_that_misspells_its_character_set(algorith
 def test_conformed_sources_are_not_checked_again(monkeypatch) -> None:
     """What conform returned (fit, or repaired copies) passes through again unchecked: a job's
     sources are conformed at load, then again by the SEG and SR builders."""
-    import dicom_io.source_header as source_header
+    from dicom_io import source_header
 
     sources = ct_variant(next(iter(VARIANTS)))
     conformed = conform_copied_attributes(sources, purpose="job 1")

@@ -199,8 +199,11 @@ def run_once(code_dir: Path, code: str, study_dir: Path, study_uid: str, count: 
                 sent = time.monotonic()
                 _wait_for_results(pacs, study_uid, sent + args.quiet_period_s + args.timeout_s)
                 result.outside_s = time.monotonic() - sent
-                if code == "this branch":
+                try:  # a baseline with the clock (issue 16's first point) is read the same way
                     study = _study(f"http://127.0.0.1:{web_port}", study_uid, deadline=time.monotonic() + 30)
+                except (KeyError, httpx.HTTPError):
+                    study = None
+                if study is not None:
                     result.clock = study["clock"]
                     result.peaks = _peaks(sampler, study)
                     job = study["jobs"][0]
@@ -215,6 +218,9 @@ def run_once(code_dir: Path, code: str, study_dir: Path, study_uid: str, count: 
             print(f"  {code} {count}: {result.error}\n{node.log_tail(3000)}", file=sys.stderr)
         finally:
             node.stop(timeout_s=30)
+            if args.keep_logs is not None and (out / "mednode.log").exists():
+                args.keep_logs.mkdir(parents=True, exist_ok=True)
+                shutil.copy(out / "mednode.log", args.keep_logs / f"mednode-{count}-{code.replace(' ', '_')}-{out.name}.log")
     shutil.rmtree(out, ignore_errors=True)
     return result
 
@@ -275,30 +281,30 @@ def _mb(value: int | None) -> str:
 
 def render(runs: list[Run], args: argparse.Namespace, study_bytes: dict[int, int]) -> str:
     lines = []
-    mine = [r for r in runs if r.code == "this branch" and not r.error]
+    mine = [r for r in runs if r.clock and not r.error]
     if mine:
-        lines += ["The node's own clock (seconds; `GET /api/v1/studies/{uid}` → `clock`):", "",
-                  ("| slices | study MB | last instance → complete | complete → queued | queued → started | load "
+        lines += ["The node's own clock (seconds; `GET /api/v1/studies/{uid}` → `clock`), in the order run:", "",
+                  ("| code | slices | study MB | last instance → complete | complete → queued | queued → started | load "
                   "| model | write | store | job's other work | deliveries (from job end) | total | overhead "
                   "(total − quiet − model) |"),
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in mine:
             total = r.total_s
             overhead = None if total is None else total - args.quiet_period_s - (r.stage("model") or 0.0)
             deliveries = ", ".join(f"{d.split()[0]} {s:.2f}" for d, s in r.deliveries)
             lines.append(
-                f"| {r.count} | {study_bytes[r.count] / MB:,.0f} | "
+                f"| {r.code} | {r.count} | {study_bytes[r.count] / MB:,.0f} | "
                 + " | ".join(_s(r.stage(s)) for s in STAGES)
                 + f" | {_s(r.worker_other_s)} | {deliveries} | {_s(total)} | **{_s(overhead)}** |")
         lines += ["", ("Peak RSS per stage (MB; worker = the embedded inference worker, listener = `mednode "
                   "serve`'s own process; 3× the series' int16 pixels is the memory target):"), ""]
         stages = list(mine[0].peaks)
-        lines += ["| slices | int16 pixels MB | 3× | " + " | ".join(f"worker: {s}" for s in stages)
+        lines += ["| code | slices | int16 pixels MB | 3× | " + " | ".join(f"worker: {s}" for s in stages)
                   + " | listener peak |",
-                  "|---|---|---|" + "---|" * len(stages) + "---|"]
+                  "|---|---|---|---|" + "---|" * len(stages) + "---|"]
         for r in mine:
             listener = max((v["listener"] or 0) for v in r.peaks.values())
-            lines.append(f"| {r.count} | {r.pixel_bytes / MB:,.0f} | {3 * r.pixel_bytes / MB:,.0f} | "
+            lines.append(f"| {r.code} | {r.count} | {r.pixel_bytes / MB:,.0f} | {3 * r.pixel_bytes / MB:,.0f} | "
                          + " | ".join(_mb(r.peaks[s]["worker"]) for s in stages) + f" | {_mb(listener)} |")
     outside = [r for r in runs if not r.error]
     if args.baseline:
@@ -358,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=600.0, help="for the results, after the quiet period")
     parser.add_argument("--send-timeout-s", type=float, default=600.0)
     parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
+    parser.add_argument("--keep-logs", type=Path, default=None, help="copy each run's node log into this directory")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="mednode-latency-", dir=args.work))

@@ -10,7 +10,7 @@ import pytest
 from dicom_io.codes import STRUCTURES
 from dicom_io.equipment import AlgorithmInfo
 from dicom_io.measurement_report import StructureMeasurement, build_volume_report
-from dicom_io.seg import build_segmentation
+from dicom_io.seg import build_segmentation, segments_overlap
 from dicom_io.uids import derived_uid
 from dicom_io.volume import Volume, load_volume
 
@@ -303,3 +303,26 @@ def test_segment_over_many_slices_references_its_source_series(algorithm: Algori
     assert body.referenced_segment.source_series_for_segmentation.value == volume.series_instance_uid
     listed = {s.referenced_sop_instance_uid for s in bone.referenced_segment.source_images_for_segmentation}
     assert listed == {str(volume.datasets[i].SOPInstanceUID) for i in range(3, 6)}
+
+
+@pytest.mark.parametrize("overlapping", [False, True])
+def test_segments_overlap_as_highdicom_says(head: Volume, algorithm: AlgorithmInfo, overlapping: bool) -> None:
+    """The faster overlap check gives highdicom's own Segments Overlap, and the same SEG."""
+    masks = masks_for(head)
+    if overlapping:
+        masks["body"] = np.zeros(head.pixels.shape, dtype=bool)
+        masks["body"][1, 4:6, 8:10] = True  # one pixel shared with the lungs, at (1, 4, 8)
+    stack = np.stack(list(masks.values()), axis=0).transpose(1, 2, 3, 0)
+    assert segments_overlap(stack) is overlapping
+    _, expected = hd.seg.Segmentation._check_and_cast_pixel_array(
+        stack, np.arange(1, len(masks) + 1), hd.seg.SegmentationTypeValues.BINARY, np.uint8)
+    ours = build(head, masks, algorithm)
+    assert ours.SegmentsOverlap == expected.value == ("YES" if overlapping else "NO")
+
+    plain = hd.seg.Segmentation(
+        source_images=head.datasets, pixel_array=stack, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[hd.seg.SegmentDescription.from_dataset(item) for item in ours.SegmentSequence],
+        series_instance_uid=SEG_SERIES, series_number=901, sop_instance_uid=SEG_SOP, instance_number=1,
+        manufacturer="m", manufacturer_model_name="m", software_versions="1", device_serial_number="1",
+    )
+    assert ours.PixelData == plain.PixelData and ours.NumberOfFrames == plain.NumberOfFrames

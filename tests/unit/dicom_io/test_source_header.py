@@ -208,3 +208,24 @@ def test_an_sr_is_written_for_a_source_that_misspells_its_character_set(algorith
     data = to_bytes(report)
     validate(data)
     assert hd.sr.srread(BytesIO(data)).SpecificCharacterSet == "ISO_IR 100"
+
+
+def test_conformed_sources_are_not_checked_again(monkeypatch) -> None:
+    """What conform returned (fit, or repaired copies) passes through again unchecked: a job's
+    sources are conformed at load, then again by the SEG and SR builders."""
+    from dicom_io import source_header
+
+    sources = ct_variant(next(iter(VARIANTS)))
+    conformed = conform_copied_attributes(sources, purpose="job 1")
+    checked: list[Dataset] = []
+    real_check = source_header.check_copied_attributes
+
+    def counting(ds: Dataset):
+        checked.append(ds)
+        return real_check(ds)
+
+    monkeypatch.setattr(source_header, "check_copied_attributes", counting)
+    again = conform_copied_attributes(conformed, purpose="SEG x")
+    assert all(a is b for a, b in zip(again, conformed, strict=True)) and checked == []
+    fresh = conform_copied_attributes(sources, purpose="job 2")  # the originals, still unfit
+    assert len(checked) == len(sources) and all(a is not b for a, b in zip(fresh, sources, strict=True))

@@ -155,3 +155,13 @@ def test_garbage_bytes_are_invalid(tmp_path) -> None:
 def test_projection_image_has_no_volume_geometry() -> None:
     with pytest.raises(InvalidInstanceError, match="Image Orientation"):
         load_volume([read_dataset(sample("xr/highdicom_dx_thorax.dcm"))])
+
+
+def test_load_keeps_no_decoded_copy_on_the_datasets() -> None:
+    """Native pixels are read as views on each Pixel Data: no copy is made, and none is left
+    cached on the datasets (``ds.pixel_array`` would keep one, 2 bytes a voxel for a CT)."""
+    datasets = series_datasets("ct/dcmqi_ct3slice")
+    volume = load_volume(datasets)
+    assert all(getattr(ds, "_pixel_array", None) is None for ds in volume.datasets)
+    for index, ds in enumerate(volume.datasets):
+        np.testing.assert_array_equal(volume.pixels[index], expected_slice(ds))

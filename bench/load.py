@@ -290,6 +290,13 @@ class Config:
         return len(self.runs) / self.wall_s * 3600 if self.wall_s else 0.0
 
     @property
+    def busy_per_hour(self) -> float:
+        """Studies ÷ (first job started → last job finished): the workers' own rate."""
+        starts = [r.started_at for r in self.runs if r.started_at]
+        ends = [r.finished_at for r in self.runs if r.finished_at]
+        return len(self.runs) / (max(ends) - min(starts)) * 3600 if starts and ends else 0.0
+
+    @property
     def instances_per_s(self) -> float:
         return sum(r.instances for r in self.runs) / self.sent_s if self.sent_s else 0.0
 
@@ -400,18 +407,29 @@ def render(configs: list[Config], studies: Studies, args: argparse.Namespace, pa
          f"each)."),
         "",
         ("| workers | run | studies | jobs/h | ÷ 1 worker (same run) | wall s (first send → last result in PACS) "
+         "| jobs/h while the workers ran (first job started → last finished) | ÷ 1 worker "
          "| inst/s in (all senders: first send → last ack) | load avg before → after |"),
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     ones = {c.repeat: c for c in configs if c.workers == min(args.workers) and not c.error}
     for c in configs:
         if c.error:
-            lines.append(f"| {c.workers} | {c.repeat + 1} | – | – | – | failed: {c.error.replace('|', '/')} | – | – |")
+            lines.append(f"| {c.workers} | {c.repeat + 1} | – | – | – | failed: {c.error.replace('|', '/')} | – | – "
+                         "| – | – |")
             continue
         base = ones.get(c.repeat)
         ratio = f"{c.per_hour / base.per_hour:.2f}×" if base and base.per_hour else "–"
+        busy = f"{c.busy_per_hour / base.busy_per_hour:.2f}×" if base and base.busy_per_hour else "–"
         lines.append(f"| {c.workers} | {c.repeat + 1} | {len(c.runs)} | {c.per_hour:,.0f} | {ratio} | "
-                     f"{c.wall_s:.1f} | {c.instances_per_s:.0f} | {c.load_before} → {c.load_after} |")
+                     f"{c.wall_s:.1f} | {c.busy_per_hour:,.0f} | {busy} | {c.instances_per_s:.0f} | "
+                     f"{c.load_before} → {c.load_after} |")
+    for workers in [w for w in args.workers if w != min(args.workers)]:
+        pairs = [(c, ones[c.repeat]) for c in configs if c.workers == workers and not c.error and c.repeat in ones]
+        if pairs:
+            wall = statistics.geometric_mean([c.per_hour / b.per_hour for c, b in pairs])
+            busy = statistics.geometric_mean([c.busy_per_hour / b.busy_per_hour for c, b in pairs])
+            lines += ["", (f"{min(args.workers)} → {workers} workers, geometric mean over {len(pairs)} run(s): "
+                           f"**{wall:.2f}×** jobs/h (first send → last result), {busy:.2f}× while the workers ran.")]
     lines += ["", ("Per study, seconds (inst/s: instances per second), median / p95 over the runs of each "
                    "configuration, from the node's clock (`GET /api/v1/studies/{uid}` → `clock`); end to end is "
                    "the sender's last instance acknowledged → the node's record of the last result stored in "

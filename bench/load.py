@@ -65,6 +65,7 @@ import yaml
 
 from bench.ingest import (
     MB,
+    _cpu_busy_idle,
     _load,
     generate_study,
     machine,
@@ -272,6 +273,24 @@ def check_pacs(pacs: Orthanc, runs: list[StudyRun]) -> list[str]:
     return missing
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """CPU seconds (user + system) a process and its waited-for children have used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, TypeError):
+        return 0.0
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(node: Node) -> dict[str, float]:
+    """CPU seconds so far of the inference workers, the rest of the node, the whole machine."""
+    busy = _cpu_busy_idle()[0] / os.sysconf("SC_CLK_TCK")
+    return {"workers": sum(cpu_seconds(p.pid) for p in node.workers if p.name.startswith("inference")),
+            "node": cpu_seconds(node.serve.pid) + sum(cpu_seconds(p.pid) for p in node.workers
+                                                      if not p.name.startswith("inference")),
+            "machine": busy, "wall": time.monotonic()}
+
+
 # -- one configuration -----------------------------------------------------------------------------
 @dataclass
 class Config:
@@ -284,6 +303,9 @@ class Config:
     error: str | None = None
 
     sent_s: float = 0.0  #: first send → last instance acknowledged
+    #: cores used on average over the wall time: the inference workers, the rest of the node
+    #: (serve, delivery worker), and everything else on the machine (Orthanc, senders, other work)
+    cores: dict[str, float] = field(default_factory=dict)
 
     @property
     def per_hour(self) -> float:
@@ -348,8 +370,10 @@ def run_config(work: Path, model_dir: Path, studies: Studies, workers: int, repe
             senders = [[studies.take(args.mix[(m + s) % len(args.mix)]) for s in range(args.studies)]
                        for m in range(args.modalities)]
             result.load_before = _load()
+            before = cpu_snapshot(node)
             result.runs, started = drive(node, senders, args.timeout_s, studies.instances)
             result.load_after = _load()
+            after = cpu_snapshot(node)
             failed = [f"{r.kind} {r.state}: {r.reason}" for r in result.runs if r.state != "delivered"]
             if failed:
                 raise PeerError("jobs not delivered: " + "; ".join(failed)[:300])
@@ -358,6 +382,10 @@ def run_config(work: Path, model_dir: Path, studies: Studies, workers: int, repe
                 raise PeerError("results missing in the PACS: " + "; ".join(missing)[:300])
             result.wall_s = max(r.delivered_at or 0.0 for r in result.runs) - started
             result.sent_s = max(r.acked_at for r in result.runs) - started
+            spent = {k: after[k] - before[k] for k in before}
+            seconds = spent.pop("wall")
+            result.cores = {k: v / seconds for k, v in spent.items()}
+            result.cores["others"] = result.cores.pop("machine") - result.cores["workers"] - result.cores["node"]
     except (PeerError, OSError, httpx.HTTPError) as exc:
         result.error = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         logs = sorted(out.glob("*.log"))
@@ -408,21 +436,23 @@ def render(configs: list[Config], studies: Studies, args: argparse.Namespace, pa
         "",
         ("| workers | run | studies | jobs/h | ÷ 1 worker (same run) | wall s (first send → last result in PACS) "
          "| jobs/h while the workers ran (first job started → last finished) | ÷ 1 worker "
-         "| inst/s in (all senders: first send → last ack) | load avg before → after |"),
-        "|---|---|---|---|---|---|---|---|---|---|",
+         "| inst/s in (all senders: first send → last ack) | cores used: inference workers / rest of the node "
+         "/ everything else | load avg before → after |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ones = {c.repeat: c for c in configs if c.workers == min(args.workers) and not c.error}
     for c in configs:
         if c.error:
             lines.append(f"| {c.workers} | {c.repeat + 1} | – | – | – | failed: {c.error.replace('|', '/')} | – | – "
-                         "| – | – |")
+                         "| – | – | – |")
             continue
         base = ones.get(c.repeat)
         ratio = f"{c.per_hour / base.per_hour:.2f}×" if base and base.per_hour else "–"
         busy = f"{c.busy_per_hour / base.busy_per_hour:.2f}×" if base and base.busy_per_hour else "–"
+        cores = " / ".join(f"{c.cores[k]:.2f}" for k in ("workers", "node", "others")) if c.cores else "–"
         lines.append(f"| {c.workers} | {c.repeat + 1} | {len(c.runs)} | {c.per_hour:,.0f} | {ratio} | "
                      f"{c.wall_s:.1f} | {c.busy_per_hour:,.0f} | {busy} | {c.instances_per_s:.0f} | "
-                     f"{c.load_before} → {c.load_after} |")
+                     f"{cores} | {c.load_before} → {c.load_after} |")
     for workers in [w for w in args.workers if w != min(args.workers)]:
         pairs = [(c, ones[c.repeat]) for c in configs if c.workers == workers and not c.error and c.repeat in ones]
         if pairs:

@@ -219,3 +219,19 @@ def test_bench_study_is_one_readable_ct_series(tmp_path: Path) -> None:
     assert {ds.SeriesInstanceUID for ds in datasets} == {datasets[0].SeriesInstanceUID}
     assert [ds.pixel_array.dtype.name for ds in datasets] == ["int16"] * 3
     assert len({ds.pixel_array.tobytes() for ds in datasets}) == 3
+
+
+def test_bench_node_env_keeps_the_developers_settings_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench.nodes import node_env, node_process
+
+    monkeypatch.setenv("MEDNODE_DESTINATION", "DEV@10.0.0.1:104")  # a developer's own setting
+    env = node_env(tmp_path, dicom_port=11112, web_port=8080, embedded_worker=False, quiet_period_s=2.5,
+                   broker_url=None)
+    assert env["MEDNODE_EMBEDDED_WORKER"] == "false" and env["MEDNODE_QUIET_PERIOD_S"] == "2.5"
+    assert env["MEDNODE_DICOM_HOST"] == env["MEDNODE_WEB_HOST"] == "127.0.0.1"
+    assert "MEDNODE_BROKER_URL" not in env and "MEDNODE_DATABASE_URL" not in env
+    process = node_process(["true"], env=env, log_dir=tmp_path)
+    assert "MEDNODE_DESTINATION" not in process.env
+    assert process.env["MEDNODE_DATA_DIR"] == str(tmp_path) and process.env["TCP_NODELAY"] == "1"

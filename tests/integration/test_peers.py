@@ -235,3 +235,20 @@ def test_bench_node_env_keeps_the_developers_settings_out(
     process = node_process(["true"], env=env, log_dir=tmp_path)
     assert "MEDNODE_DESTINATION" not in process.env
     assert process.env["MEDNODE_DATA_DIR"] == str(tmp_path) and process.env["TCP_NODELAY"] == "1"
+
+
+def test_load_bench_samples_every_listener_process_while_a_study_arrives(
+    dcmtk, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from bench import load
+
+    monkeypatch.setattr(load, "DOCS", tmp_path / "BENCHMARKS.md")
+    argv = ["--rss", "4", "--listener-processes", "2", "--idle-max-s", "1", "--work", str(tmp_path)]
+    assert load.main([*argv, "--write-docs"]) == 0
+    table = capsys.readouterr().out
+    # serve and its one `mednode listen` child, each sampled (a Python process is > 50 MB)
+    row = re.search(r"\| 4 \| \d+ \| \d+ \| (\d+) → (\d+) \| (\d+) → (\d+) \| [+-]\d+ MB \|", table)
+    assert row is not None, table
+    assert all(int(value) > 50 for value in row.groups()), table
+    assert "| serve: idle → peak | listen 1: idle → peak |" in table
+    assert "## Listener memory with study size" in (tmp_path / "BENCHMARKS.md").read_text()

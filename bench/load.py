@@ -23,7 +23,10 @@ latency (last instance → complete, quiet period included); queue wait (complet
 started); model; the job's other stages (load, write, store); delivery (job end → last object
 stored in Orthanc); end to end (the sender's last instance acknowledged → the node's record of the
 last object stored in Orthanc). Each configuration's throughput is jobs/h: studies ÷ (first send →
-last result stored in Orthanc); every result is checked in Orthanc at the end.
+last result stored in Orthanc), and the workers' own rate (first job started → last finished); every
+result is checked in Orthanc at the end. The CPU seconds the inference workers, the rest of the node
+and everything else on the machine used during the load (``/proc``) say how many cores the workers
+actually got: on a shared machine that, not the worker count, may be what bounds the rate.
 
 ``--rss 200,2000`` measures instead the listener's memory while one CT study of each size (512²
 int16, :func:`bench.ingest.generate_study`) is received over one association: the peak resident set
@@ -32,8 +35,8 @@ from ``/proc``, each size on a fresh node.
 
 Usage::
 
-    /work/main/.venv/bin/python bench/load.py                          # 1 and 2 workers
-    /work/main/.venv/bin/python bench/load.py --modalities 4 --studies 3 --repeats 2 --write-docs
+    /work/main/.venv/bin/python bench/load.py                          # 4 × 4 studies, 1 and 2 workers
+    /work/main/.venv/bin/python bench/load.py --workers 1,2,4 --repeats 3 --write-docs
     /work/main/.venv/bin/python bench/load.py --rss 200,2000 --write-docs
 """
 
@@ -576,13 +579,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ints = lambda s: [int(v) for v in s.split(",")]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modalities", type=int, default=4, help="senders at once")
-    parser.add_argument("--studies", type=int, default=3, help="studies each sender sends, one after the other")
+    parser.add_argument("--studies", type=int, default=4, help="studies each sender sends, one after the other")
     parser.add_argument("--workers", type=ints, default=[1, 2], help="inference worker processes per configuration")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--mix", type=lambda s: s.split(","), default=["ct", "cr"], help="kinds, alternating")
     parser.add_argument("--ct-slices", type=int, default=64)
     parser.add_argument("--ct-side", type=int, default=256)
-    parser.add_argument("--new-tokens", type=int, default=128, help="report length (tokens)")
+    parser.add_argument("--new-tokens", type=int, default=256, help="report length (tokens)")
     parser.add_argument("--quiet-period-s", type=float, default=2.0)
     parser.add_argument("--listener-processes", type=int, default=1)
     parser.add_argument("--timeout-s", type=float, default=600.0)

@@ -56,8 +56,8 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from bench.nodes import node_env, node_process
 from tests.peers import (
-    ManagedProcess,
     Orthanc,
     PeerError,
     StoreSCP,
@@ -335,22 +335,14 @@ def run_mednode(ctx: Context, run: int) -> tuple[float, float | None]:
         raise PeerError(f"{executable} not found: run `make venv` first")
     with Orthanc(out / "pacs", aet="PACS") as pacs:
         dicom_port = free_port()
-        env = {
-            "MEDNODE_DICOM_HOST": "127.0.0.1",
-            "MEDNODE_DICOM_PORT": str(dicom_port),
-            "MEDNODE_WEB_HOST": "127.0.0.1",
-            "MEDNODE_WEB_PORT": str(free_port()),
-            "MEDNODE_DATA_DIR": str(out / "data"),
-            "MEDNODE_DATABASE_URL": f"sqlite:///{out / 'data' / 'mednode.db'}",
-            "MEDNODE_QUIET_PERIOD_S": str(ctx.quiet_period_s),
-            "MEDNODE_DESTINATION": f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}",
-            "MEDNODE_LOG_LEVEL": "WARNING",
-        }
-        node = ManagedProcess(
-            [str(executable), "serve"], log_dir=out, name="mednode", env=env, cwd=out
+        env = node_env(
+            out / "data",
+            dicom_port=dicom_port,
+            database_url=f"sqlite:///{out / 'data' / 'mednode.db'}",
+            quiet_period_s=ctx.quiet_period_s,
+            destination=f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}",
         )
-        for key in [k for k in node.env if k.startswith("MEDNODE_") and k not in env]:
-            del node.env[key]  # the developer's own settings must not leak into the benchmark
+        node = node_process([str(executable), "serve"], env=env, log_dir=out, cwd=out)
         (out / "data").mkdir(parents=True, exist_ok=True)
         try:
             node.start(port=dicom_port, timeout_s=120)

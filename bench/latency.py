@@ -47,7 +47,8 @@ if str(REPO_ROOT) not in sys.path:
 import httpx
 
 from bench.ingest import generate_study, machine, send_study, study_uid_of, wait_until_idle
-from tests.peers import ManagedProcess, Orthanc, PeerError, free_port
+from bench.nodes import mednode_argv, node_env, node_process
+from tests.peers import Orthanc, PeerError, free_port
 
 DOCS = REPO_ROOT / "docs" / "BENCHMARKS.md"
 BEGIN = "<!-- BEGIN latency (written by bench/latency.py --write-docs) -->"
@@ -168,21 +169,11 @@ def run_once(code_dir: Path, code: str, study_dir: Path, study_uid: str, count: 
     out = Path(tempfile.mkdtemp(prefix="latency-", dir=work))
     with Orthanc(out / "pacs", aet="PACS") as pacs:
         dicom_port, web_port = free_port(), free_port()
-        env = {
-            "MEDNODE_DICOM_HOST": "127.0.0.1",
-            "MEDNODE_DICOM_PORT": str(dicom_port),
-            "MEDNODE_WEB_HOST": "127.0.0.1",
-            "MEDNODE_WEB_PORT": str(web_port),
-            "MEDNODE_DATA_DIR": str(out / "data"),
-            "MEDNODE_QUIET_PERIOD_S": str(args.quiet_period_s),
-            "MEDNODE_DESTINATION": f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}",
-            "MEDNODE_LOG_LEVEL": "INFO",
-            "PYTHONPATH": str(code_dir),
-        }
-        node = ManagedProcess([sys.executable, "-m", "node.cli", "serve"], log_dir=out, name="mednode",
-                              env=env, cwd=code_dir)
-        for key in [k for k in node.env if k.startswith("MEDNODE_") and k not in env]:
-            del node.env[key]  # the developer's own settings must not leak into the benchmark
+        env = node_env(out / "data", dicom_port=dicom_port, web_port=web_port,
+                       quiet_period_s=args.quiet_period_s,
+                       destination=f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}", log_level="INFO")
+        env["PYTHONPATH"] = str(code_dir)
+        node = node_process(mednode_argv("serve"), env=env, log_dir=out, cwd=code_dir)
         (out / "data").mkdir(parents=True, exist_ok=True)
         try:
             node.start(port=dicom_port, timeout_s=180)

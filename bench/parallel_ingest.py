@@ -42,12 +42,13 @@ if str(REPO_ROOT) not in sys.path:
 import sqlalchemy
 
 from bench.ingest import MB, _load, generate_study, machine, send_study, wait_until_idle
-from tests.peers import ManagedProcess, Orthanc, PeerError, free_port
+from bench.nodes import mednode_argv, node_env, node_process
+from tests.peers import Orthanc, PeerError, free_port
+from tests.peers.services import postgres_database
 
 DOCS = REPO_ROOT / "docs" / "BENCHMARKS.md"
 BEGIN = "<!-- BEGIN parallel ingest (written by bench/parallel_ingest.py --write-docs) -->"
 END = "<!-- END parallel ingest -->"
-POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 
 @dataclass
@@ -91,44 +92,25 @@ def run_orthanc(work: Path, studies: Studies, timeout_s: float) -> float:
 
 def run_mednode(work: Path, studies: Studies, timeout_s: float, listener_processes: int) -> float:
     out = work / f"mednode-{uuid.uuid4().hex[:6]}"
-    name = f"mednode_bench_{uuid.uuid4().hex[:10]}"
-    admin = sqlalchemy.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
     dicom_port = free_port()
-    env = {
-        "MEDNODE_DICOM_HOST": "127.0.0.1",
-        "MEDNODE_DICOM_PORT": str(dicom_port),
-        "MEDNODE_WEB_HOST": "127.0.0.1",
-        "MEDNODE_WEB_PORT": str(free_port()),
-        "MEDNODE_DATA_DIR": str(out / "data"),
-        "MEDNODE_DATABASE_URL": url,
-        "MEDNODE_QUIET_PERIOD_S": "600",
-        "MEDNODE_EMBEDDED_WORKER": "false",
-        "MEDNODE_LISTENER_PROCESSES": str(listener_processes),
-        "MEDNODE_LOG_LEVEL": "WARNING",
-        "PYTHONPATH": str(REPO_ROOT),
-    }
-    node = ManagedProcess([sys.executable, "-m", "node.cli", "serve"], log_dir=out, name="mednode", env=env, cwd=out)
-    for key in [k for k in node.env if k.startswith("MEDNODE_") and k not in env]:
-        del node.env[key]
-    (out / "data").mkdir(parents=True, exist_ok=True)
-    try:
-        node.start(port=dicom_port, timeout_s=120)
-        time.sleep(2.0 * listener_processes)  # the listener children bind the port beside serve
-        wait_until_idle()
-        seconds = send_all(dicom_port, studies, "MEDNODE", timeout_s)
-        engine = sqlalchemy.create_engine(url)
-        with engine.connect() as connection:
-            stored = connection.execute(sqlalchemy.text("SELECT count(*) FROM instance")).scalar()
-        engine.dispose()
-    finally:
-        node.stop(timeout_s=30)
-        with admin.connect() as connection:
-            connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-        shutil.rmtree(out, ignore_errors=True)
+    with postgres_database() as url:
+        env = node_env(out / "data", dicom_port=dicom_port, database_url=url, quiet_period_s=600,
+                       embedded_worker=False, listener_processes=listener_processes)
+        env["PYTHONPATH"] = str(REPO_ROOT)
+        node = node_process(mednode_argv("serve"), env=env, log_dir=out, cwd=out)
+        (out / "data").mkdir(parents=True, exist_ok=True)
+        try:
+            node.start(port=dicom_port, timeout_s=120)
+            time.sleep(2.0 * listener_processes)  # the listener children bind the port beside serve
+            wait_until_idle()
+            seconds = send_all(dicom_port, studies, "MEDNODE", timeout_s)
+            engine = sqlalchemy.create_engine(url)
+            with engine.connect() as connection:
+                stored = connection.execute(sqlalchemy.text("SELECT count(*) FROM instance")).scalar()
+            engine.dispose()
+        finally:
+            node.stop(timeout_s=30)
+            shutil.rmtree(out, ignore_errors=True)
     if stored != studies.count:
         raise PeerError(f"mednode indexed {stored} of {studies.count} instances")
     return seconds

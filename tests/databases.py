@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import pytest
 import sqlalchemy
 
 from tests.peers import in_ci
+from tests.peers.services import POSTGRES_ADMIN_URL, postgres_database
 
-POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+__all__ = ["POSTGRES_ADMIN_URL", "fresh_postgres_database"]
 
 
 @contextmanager
@@ -20,21 +20,12 @@ def fresh_postgres_database(prefix: str) -> Iterator[str]:
 
     An unreachable server fails the test under ``CI=true`` and skips it elsewhere.
     """
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
+    with ExitStack() as stack:
         try:
-            with admin.connect() as conn:
-                conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+            url = stack.enter_context(postgres_database(prefix))
         except sqlalchemy.exc.OperationalError as exc:
             message = f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc}"
             if in_ci():
                 pytest.fail(message)
             pytest.skip(message)
-        try:
-            yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-        finally:
-            with admin.connect() as conn:
-                conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
+        yield url

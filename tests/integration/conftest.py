@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,10 +15,10 @@ import httpx
 import pytest
 
 from tests.databases import fresh_postgres_database
-from tests.peers import LOOPBACK, ManagedProcess, free_port, in_ci
+from tests.peers import LOOPBACK, ManagedProcess, PeerError, free_port, in_ci
+from tests.peers.services import rabbitmq_vhost
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-RABBITMQ_HOST = "127.0.0.1:5672"
 
 
 def _unavailable(message: str) -> None:
@@ -164,19 +163,9 @@ def postgres_url() -> Iterator[str]:
 @pytest.fixture
 def rabbitmq_url() -> Iterator[str]:
     """A fresh RabbitMQ vhost (guest/guest) for one test, deleted afterwards."""
-    ctl = shutil.which("rabbitmqctl")
-    if ctl is None:
-        _unavailable("rabbitmqctl not found: RabbitMQ must run at 127.0.0.1:5672")
-    vhost = f"mednode_test_{uuid.uuid4().hex[:12]}"
-
-    def run(*args: str) -> None:
-        done = subprocess.run([ctl, *args], capture_output=True, text=True, timeout=60, check=False)
-        if done.returncode != 0:
-            _unavailable(f"rabbitmqctl {' '.join(args)} failed: {done.stderr.strip()[-500:]}")
-
-    run("add_vhost", vhost)
-    run("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    try:
-        yield f"amqp://guest:guest@{RABBITMQ_HOST}/{vhost}"
-    finally:
-        subprocess.run([ctl, "delete_vhost", vhost], capture_output=True, timeout=60, check=False)
+    with ExitStack() as stack:
+        try:
+            url = stack.enter_context(rabbitmq_vhost("mednode_test"))
+        except PeerError as exc:
+            _unavailable(str(exc))
+        yield url

@@ -219,3 +219,36 @@ def test_bench_study_is_one_readable_ct_series(tmp_path: Path) -> None:
     assert {ds.SeriesInstanceUID for ds in datasets} == {datasets[0].SeriesInstanceUID}
     assert [ds.pixel_array.dtype.name for ds in datasets] == ["int16"] * 3
     assert len({ds.pixel_array.tobytes() for ds in datasets}) == 3
+
+
+def test_bench_node_env_keeps_the_developers_settings_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench.nodes import node_env, node_process
+
+    monkeypatch.setenv("MEDNODE_DESTINATION", "DEV@10.0.0.1:104")  # a developer's own setting
+    env = node_env(tmp_path, dicom_port=11112, web_port=8080, embedded_worker=False, quiet_period_s=2.5,
+                   broker_url=None)
+    assert env["MEDNODE_EMBEDDED_WORKER"] == "false" and env["MEDNODE_QUIET_PERIOD_S"] == "2.5"
+    assert env["MEDNODE_DICOM_HOST"] == env["MEDNODE_WEB_HOST"] == "127.0.0.1"
+    assert "MEDNODE_BROKER_URL" not in env and "MEDNODE_DATABASE_URL" not in env
+    process = node_process(["true"], env=env, log_dir=tmp_path)
+    assert "MEDNODE_DESTINATION" not in process.env
+    assert process.env["MEDNODE_DATA_DIR"] == str(tmp_path) and process.env["TCP_NODELAY"] == "1"
+
+
+def test_load_bench_samples_every_listener_process_while_a_study_arrives(
+    dcmtk, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from bench import load
+
+    monkeypatch.setattr(load, "DOCS", tmp_path / "BENCHMARKS.md")
+    argv = ["--rss", "4", "--listener-processes", "2", "--idle-max-s", "1", "--work", str(tmp_path)]
+    assert load.main([*argv, "--write-docs"]) == 0
+    table = capsys.readouterr().out
+    # serve and its one `mednode listen` child, each sampled (a Python process is > 50 MB)
+    row = re.search(r"\| 4 \| \d+ \| \d+ \| (\d+) → (\d+) \| (\d+) → (\d+) \| [+-]\d+ MB \|", table)
+    assert row is not None, table
+    assert all(int(value) > 50 for value in row.groups()), table
+    assert "| serve: idle → peak | listen 1: idle → peak |" in table
+    assert "## Listener memory with study size" in (tmp_path / "BENCHMARKS.md").read_text()

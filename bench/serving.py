@@ -761,7 +761,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--studies", type=_studies, default=_studies("1:3,8:16,32:32"),
                         help="in-flight levels and the studies sent at each, IN_FLIGHT:STUDIES,...")
     parser.add_argument("--new-tokens", type=int, default=256, help="report length (forced)")
-    parser.add_argument("--size", default="tiny", choices=["tiny", "small"], help="model size")
+    parser.add_argument("--size", default="tiny", choices=["tiny", "small", "medium"], help="model size")
     parser.add_argument("--ct-side", type=int, default=256, help="CT slice rows and columns")
     parser.add_argument("--batch-size", type=int, default=8, help="models.vlm.batch_size")
     parser.add_argument("--server-workers", type=int, default=8,

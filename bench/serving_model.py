@@ -26,12 +26,17 @@ IMAGE_SIZE = 56
 IMAGE_TOKENS = 4
 STOP_TOKENS = ("<eos>", "<end_of_turn>")
 #: Decoder shapes per size: ``tiny`` (Python overhead dominates a step, as it does for eager
-#: transformers on a GPU), ``small`` (about 17 M parameters: a CPU step is bound by compute).
+#: transformers on a GPU), ``small`` (about 17 M parameters: a CPU step is bound by compute),
+#: ``medium`` (about 195 M parameters, 780 MB of float32 weights, more than this machine's L3: a
+#: batch-1 step reads every weight from memory, and decoding dominates a study's cost, as a 4B
+#: model's does on a GPU).
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 2, "num_key_value_heads": 1},
     "small": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 4,
               "num_attention_heads": 8, "num_key_value_heads": 2},
+    "medium": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 14,
+               "num_attention_heads": 16, "num_key_value_heads": 4},
 }
 
 _CORPUS = [

@@ -512,8 +512,9 @@ class Settings(BaseSettings):
     embedded_worker: bool = True
     #: jobs one worker runs at once. Inference workers run them as threads of one process that
     #: holds one copy of the model (one process per GPU), and their prompts share ``generate``
-    #: calls (``models.vlm.batch_size``); other workers run a process per job
-    worker_concurrency: int = Field(default=4, ge=1)
+    #: calls (``models.vlm.batch_size``, 8 by default: as many slots as prompts per call, or
+    #: 8 studies in flight would be run as batches of 4); other workers run a process per job
+    worker_concurrency: int = Field(default=8, ge=1)
     #: the embedded workers include one for ``inference.urgent`` (asks, priority 8-9), which
     #: starts them while a long job runs but holds its own copy of a model once it has run one;
     #: false: the inference worker takes urgent jobs too, after the job it is running

@@ -54,7 +54,7 @@ R = TypeVar("R")
 BatchObserver = Callable[[int, int, float], None]
 
 
-class Restart(Exception):  # noqa: N818 (a signal between the queue and ``generate``, not an error)
+class Restart(Exception):
     """Raised by a ``generate`` function that stopped early because :meth:`GenerationQueue.should_restart`
     said units are waiting to join the call: the queue runs them again together with those units."""
 

@@ -181,7 +181,8 @@ def worker(
     warning = consumer_timeout_warning(broker_server_version(celery) or "")
     if warning is not None:
         typer.echo(f"warning: {warning}", err=True)
-    queues = ",".join(worker_queues([q.strip() for q in queues.split(",") if q.strip()], settings))
+    queues = ",".join(q for q in worker_queues([q.strip() for q in queues.split(",") if q.strip()], settings)
+                      if not (slots and q in urgent))  # with urgent slots, only they consume those
     if inference:
         # import the model runtime (torch, transformers) now, not in the first job: an urgent
         # job must start within a second or two of being asked. Model weights still load lazily,

@@ -4,13 +4,18 @@ An inference worker runs ``worker_concurrency`` jobs as threads sharing one copy
 (:mod:`inference.vlm.batching`). If it consumed the urgent queues (``inference…urgent``: asks,
 priority 8-9) with the same slots, an ask would wait until one of the long jobs ended; a second
 worker process for urgent queues starts it at once, but loads a second copy of the model on its
-first urgent VLM job. Here the inference worker consumes the urgent queues a second time, on a
-channel of its own with ``urgent_slots`` more threads: the main consumer takes urgent and routine
-messages while it has a free slot (prefetch = its concurrency, acknowledged late, so a full
-worker takes nothing more); this one takes urgent messages only, up to ``urgent_slots`` at once,
-and runs them through Celery's own request machinery (the task's strategy, its ``Request`` with
-late acknowledgement, retries, events) on a thread pool of that size. The urgent job's prompts
-then go into the model's next ``generate`` call first (a higher priority in the generation queue).
+first urgent VLM job. Here the inference worker's main consumer takes the routine queues only,
+and a second consumer, on a channel of its own, the urgent queues, up to ``urgent_slots`` jobs at
+once, run through Celery's own request machinery (the task's strategy, its ``Request`` with late
+acknowledgement, retries, events) on a thread pool of that size. The urgent job's prompts then go
+into the model's next ``generate`` call first (a higher priority in the generation queue).
+
+The two consumers take disjoint queues: kombu's virtual transports (the embedded SQLAlchemy
+broker, Redis) keep one message callback per queue name and connection, so a queue consumed on two
+channels of one connection has its messages handed to whichever consumer registered last — an
+urgent message fetched by this consumer ran on the busy main pool (seen in a test of this module).
+So urgent jobs never take a routine slot, even a free one: ``urgent_slots`` is how many urgent
+jobs run at once.
 
 Celery has no per-queue concurrency (one prefetch count per consumer channel, one pool per
 worker), hence a consumer bootstep (``celery.bootsteps.ConsumerStep``) with its own channel,
@@ -68,16 +73,10 @@ def urgent_slots_step(queues: list[str], slots: int) -> type[bootsteps.ConsumerS
             self.pool: TaskPool | None = None
 
         def get_consumers(self, channel: Any) -> list[Consumer]:
-            consumer = self._consumer_of(channel)
+            consumer = self._consumer
             app: Celery = consumer.app
-            qos = QoS(channel.basic_qos, slots)
-            qos.update()
-            if self.pool is None:  # start() runs again after a lost connection: one pool for good
-                self.pool = TaskPool(limit=slots)
-                self.pool.start()
-            view = _SlotConsumer(consumer, self.pool, qos)
-            strategies = {name: task.start_strategy(app, view) for name, task in app.tasks.items()
-                          if name.startswith("mednode.")}
+            declared = app.amqp.queues
+            strategies: dict[str, Any] = {}
 
             def on_message(message: Any) -> None:
                 name = (message.headers or {}).get("task")
@@ -88,17 +87,21 @@ def urgent_slots_step(queues: list[str], slots: int) -> type[bootsteps.ConsumerS
                     return
                 strategy(message, None, message.ack_log_error, message.reject_log_error, [])
 
-            declared = consumer.app.amqp.queues
+            urgent = Consumer(channel, queues=[declared[q] for q in queues], on_message=on_message,
+                              accept=app.conf.accept_content, prefetch_count=slots)
+            qos = QoS(urgent.qos, slots)  # a retry's countdown holds a message: one more meanwhile
+            if self.pool is None:  # start() runs again after a lost connection: one pool for good
+                self.pool = TaskPool(limit=slots)
+                self.pool.start()
+            view = _SlotConsumer(consumer, self.pool, qos)
+            strategies.update({name: task.start_strategy(app, view) for name, task in app.tasks.items()
+                               if name.startswith("mednode.")})
             log.info("urgent slots: %d for %s", slots, ", ".join(queues))
-            return [Consumer(channel, queues=[declared[q] for q in queues], on_message=on_message,
-                             accept=app.conf.accept_content, prefetch_count=slots)]
+            return [urgent]
 
         def start(self, c: Any) -> None:
             self._consumer = c
             super().start(c)
-
-        def _consumer_of(self, channel: Any) -> Any:
-            return self._consumer
 
         def shutdown(self, c: Any) -> None:
             super().shutdown(c)

@@ -181,8 +181,8 @@ def worker(
     warning = consumer_timeout_warning(broker_server_version(celery) or "")
     if warning is not None:
         typer.echo(f"warning: {warning}", err=True)
-    queues = ",".join(q for q in worker_queues([q.strip() for q in queues.split(",") if q.strip()], settings)
-                      if not (slots and q in urgent))  # with urgent slots, only they consume those
+    consumed = worker_queues([q.strip() for q in queues.split(",") if q.strip()], settings)
+    queues = ",".join(q for q in consumed if not (slots and q in urgent))  # urgent slots take those
     if inference:
         # import the model runtime (torch, transformers) now, not in the first job: an urgent
         # job must start within a second or two of being asked. Model weights still load lazily,
@@ -206,7 +206,7 @@ def worker(
         # the embedded broker has no broadcast: the Workers page reads this file instead
         from node.worker_status import StatusFile
 
-        status = StatusFile(settings.data_dir, name, queues=queues.split(","), concurrency=processes,
+        status = StatusFile(settings.data_dir, name, queues=consumed, concurrency=processes,
                             pool=pool, urgent_slots=slots).start()
     try:
         celery.worker_main(argv)

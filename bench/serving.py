@@ -516,8 +516,12 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         "## " + (result.get("title") or f"Serving: studies through the node ({result.get('size', 'tiny')} model)"),
         "",
-        (f"**Device: CPU** — {result['machine']}, shared with other work. Model: random-weight Gemma 3 "
-         f"(MedGemma's architecture), {result['params'] / 1e6:.1f} M parameters, float32, built offline "
+        ((f"**Device: {result['gpu']}** (in-process model and baseline; host {result['machine']})"
+          if result.get("gpu") and str(result.get("device", "cpu")).startswith("cuda")
+          else f"**Device: CPU** — {result['machine']}, shared with other work")
+         + f". Model: random-weight Gemma 3 "
+         f"(MedGemma's architecture), {result['params'] / 1e6:.1f} M parameters, "
+         f"{result.get('dtype', 'float32')}, built offline "
          f"(`bench/serving_model.py`; its stop tokens never win, so every report is exactly "
          f"**{result['budget']} new tokens**, greedy, on every path). Studies: a chest radiograph "
          f"(the shared CR, 1841×1955, sent uncompressed, {IMAGE_SIZE}² input, {result['prompt_tokens']['cr']} prompt tokens) "
@@ -577,8 +581,9 @@ def render(result: dict[str, Any]) -> str:
          "it includes the quiet period. Its stages, from the job row: *to job* (last instance → "
          "job created: quiet period, completion check, routing), *queued* (→ a worker starts it), "
          "*working* (→ SR stored: reading and preparing the images, the model, the SR). One warm-up "
-         "study per kind (untimed) loads the model first. In-process, `worker_concurrency` is each "
-         "code's default (" + workers + f"); server paths: {result['server_workers']}, so that several "
+         "study per kind (untimed) loads the model first. In-process, `worker_concurrency` is "
+         + (f"{result['workers']} (`--workers`)" if result.get("workers") else
+            "each code's default (" + workers + ")") + f"; server paths: {result['server_workers']}, so that several "
          f"studies are at the server at once. `models.vlm.batch_size`: {result.get('batch_size', 8)}."),
         *(["", result["note"]] if result.get("note") else []),
         "",
@@ -654,6 +659,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "machine": machine(), "params": params, "budget": args.new_tokens, "ct_side": args.ct_side,
         "quiet_period_s": args.quiet_period_s, "max_senders": args.max_senders,
         "server_workers": args.server_workers, "threads": args.threads, "size": args.size,
+        "workers": args.workers, "device": args.device, "dtype": args.dtype,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "baseline_repeats": args.baseline_repeats, "batch_size": args.batch_size, "levels": [], "baseline_s": {k: [] for k in args.kinds},
         "prompt_tokens": {}, "load_before": _load(),
         "code_revisions": {label: _revision(path) for label, path, _ in args.codes},

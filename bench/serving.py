@@ -147,6 +147,8 @@ def write_ct_studies(out: Path, first: int, count: int, *, slices: int, side: in
 
 #: torch threads of every process that runs the model (``--threads``), the benchmark's included
 THREADS = {"n": 1}
+#: where the in-process model runs (``--device``, ``--dtype``), the baseline's too
+PLACEMENT = {"device": "cpu", "dtype": "float32"}
 
 
 def _threads_env() -> dict[str, str]:
@@ -315,12 +317,35 @@ def failed_jobs(db_path: Path) -> list[str]:
     return [f"job {job_id}: {reason}" for job_id, reason in rows]
 
 
+#: a sender where dcmtk is not installed (a GPU machine): pynetdicom, one association per study
+_PYNETDICOM_SEND = """
+import sys
+from pathlib import Path
+from pydicom import dcmread
+from pynetdicom import AE
+host, port, folder = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+datasets = [dcmread(f) for f in sorted(folder.iterdir())]
+ae = AE(ae_title="BENCH")
+for ds in datasets:
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+assoc = ae.associate(host, port, ae_title="MEDNODE")
+if not assoc.is_established:
+    sys.exit("association refused or aborted")
+failed = [ds for ds in datasets if getattr(assoc.send_c_store(ds), "Status", 0xFFFF) != 0]
+assoc.release()
+sys.exit(f"{len(failed)} instance(s) refused" if failed else 0)
+"""
+
+
 def _storescu(node: Node, study: Study) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
+    try:
         # -R: one presentation context per file's SOP class and transfer syntax
-        [find_tool("storescu"), "-aet", "BENCH", "-aec", "MEDNODE", "-R", "+sd", "127.0.0.1",
-         str(node.port), str(study.directory)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=peer_env())
+        command = [find_tool("storescu"), "-aet", "BENCH", "-aec", "MEDNODE", "-R", "+sd", "127.0.0.1",
+                   str(node.port), str(study.directory)]
+    except PeerError:
+        command = [sys.executable, "-c", _PYNETDICOM_SEND, "127.0.0.1", str(node.port), str(study.directory)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, env=peer_env())
 
 
 @dataclass
@@ -421,8 +446,8 @@ def _prepared_turn(model_dir: Path, study: Study, budget: int) -> tuple[Any, lis
 
     key = (model_dir, study.kind)
     if key not in _TURNS:
-        vlm = get_vlm(VLMConfig(path=str(model_dir), family="medgemma", device="cpu", dtype="float32",
-                                max_new_tokens=budget, batch_size=1))
+        vlm = get_vlm(VLMConfig(path=str(model_dir), family="medgemma", device=PLACEMENT["device"],
+                                dtype=PLACEMENT["dtype"], max_new_tokens=budget, batch_size=1))
         datasets = [read_dataset(p) for p in sorted(study.directory.glob("*.dcm"))]
         images, _ = prepare_images(vlm, {study.uid: datasets})
         task = TaskSpec(kind="report", language="en", max_new_tokens=budget)
@@ -449,11 +474,11 @@ def baseline(model_dir: Path, study: Study, budget: int, repeats: int) -> list[f
         start = time.perf_counter()
         inputs = processor.apply_chat_template(
             [messages], add_generation_prompt=True, tokenize=True, return_dict=True,
-            return_tensors="pt", processor_kwargs={"padding": True}).to("cpu", dtype=torch.float32)
+            return_tensors="pt", processor_kwargs={"padding": True}).to(vlm.device, dtype=vlm.dtype)
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=budget, do_sample=False)
         new = out[:, inputs["input_ids"].shape[1]:]
-        processor.batch_decode(new, skip_special_tokens=True)
+        processor.batch_decode(new.cpu(), skip_special_tokens=True)
         elapsed = time.perf_counter() - start
         if new.shape[1] != budget:
             raise RuntimeError(f"plain generate made {new.shape[1]} tokens, not {budget}")
@@ -491,8 +516,12 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         "## " + (result.get("title") or f"Serving: studies through the node ({result.get('size', 'tiny')} model)"),
         "",
-        (f"**Device: CPU** — {result['machine']}, shared with other work. Model: random-weight Gemma 3 "
-         f"(MedGemma's architecture), {result['params'] / 1e6:.1f} M parameters, float32, built offline "
+        ((f"**Device: {result['gpu']}** (in-process model and baseline; host {result['machine']})"
+          if result.get("gpu") and str(result.get("device", "cpu")).startswith("cuda")
+          else f"**Device: CPU** — {result['machine']}, shared with other work")
+         + f". Model: random-weight Gemma 3 "
+         f"(MedGemma's architecture), {result['params'] / 1e6:.1f} M parameters, "
+         f"{result.get('dtype', 'float32')}, built offline "
          f"(`bench/serving_model.py`; its stop tokens never win, so every report is exactly "
          f"**{result['budget']} new tokens**, greedy, on every path). Studies: a chest radiograph "
          f"(the shared CR, 1841×1955, sent uncompressed, {IMAGE_SIZE}² input, {result['prompt_tokens']['cr']} prompt tokens) "
@@ -552,8 +581,9 @@ def render(result: dict[str, Any]) -> str:
          "it includes the quiet period. Its stages, from the job row: *to job* (last instance → "
          "job created: quiet period, completion check, routing), *queued* (→ a worker starts it), "
          "*working* (→ SR stored: reading and preparing the images, the model, the SR). One warm-up "
-         "study per kind (untimed) loads the model first. In-process, `worker_concurrency` is each "
-         "code's default (" + workers + f"); server paths: {result['server_workers']}, so that several "
+         "study per kind (untimed) loads the model first. In-process, `worker_concurrency` is "
+         + (f"{result['workers']} (`--workers`)" if result.get("workers") else
+            "each code's default (" + workers + ")") + f"; server paths: {result['server_workers']}, so that several "
          f"studies are at the server at once. `models.vlm.batch_size`: {result.get('batch_size', 8)}."),
         *(["", result["note"]] if result.get("note") else []),
         "",
@@ -608,8 +638,10 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import transformers
 
     THREADS["n"] = args.threads
+    PLACEMENT.update(device=args.device, dtype=args.dtype)
     torch.set_num_threads(args.threads)
-    model_dir = build_serving_gemma3(work / "model", size=args.size)
+    model_dir = build_serving_gemma3(work / "model", size=args.size, dtype=args.dtype,
+                                     device=args.device if args.device.startswith("cuda") else "cpu")
     params = _params(model_dir)
     counts = args.studies  # in flight -> studies sent at that level
     levels = list(counts)
@@ -627,6 +659,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "machine": machine(), "params": params, "budget": args.new_tokens, "ct_side": args.ct_side,
         "quiet_period_s": args.quiet_period_s, "max_senders": args.max_senders,
         "server_workers": args.server_workers, "threads": args.threads, "size": args.size,
+        "workers": args.workers, "device": args.device, "dtype": args.dtype,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "baseline_repeats": args.baseline_repeats, "batch_size": args.batch_size, "levels": [], "baseline_s": {k: [] for k in args.kinds},
         "prompt_tokens": {}, "load_before": _load(),
         "code_revisions": {label: _revision(path) for label, path, _ in args.codes},
@@ -663,10 +697,10 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                                  "batch_size": args.batch_size}
                         workers = args.server_workers
                     else:
-                        model = {"path": str(model_dir), "family": "medgemma", "device": "cpu",
-                                 "dtype": "float32", "max_new_tokens": args.new_tokens,
+                        model = {"path": str(model_dir), "family": "medgemma", "device": args.device,
+                                 "dtype": args.dtype, "max_new_tokens": args.new_tokens,
                                  "batch_size": args.batch_size}
-                        workers = None  # the code's own default: what the node does
+                        workers = args.workers  # None: the code's own default, what the node does
                     config = node_config(leg, model, workers=workers, quiet_period_s=args.quiet_period_s)
                     with running_node(code, leg, config) as node:
                         for kind in args.kinds:
@@ -761,7 +795,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--studies", type=_studies, default=_studies("1:3,8:16,32:32"),
                         help="in-flight levels and the studies sent at each, IN_FLIGHT:STUDIES,...")
     parser.add_argument("--new-tokens", type=int, default=256, help="report length (forced)")
-    parser.add_argument("--size", default="tiny", choices=["tiny", "small"], help="model size")
+    parser.add_argument("--size", default="tiny", choices=["tiny", "small", "medium", "4b"], help="model size")
+    parser.add_argument("--device", default="cpu", help="models.vlm.device in-process (cuda on a GPU)")
+    parser.add_argument("--dtype", default="float32", help="models.vlm.dtype in-process (bfloat16 on a GPU)")
+    parser.add_argument("--workers", type=int,
+                        help="worker_concurrency in-process (default: the code's own default)")
     parser.add_argument("--ct-side", type=int, default=256, help="CT slice rows and columns")
     parser.add_argument("--batch-size", type=int, default=8, help="models.vlm.batch_size")
     parser.add_argument("--server-workers", type=int, default=8,

@@ -26,12 +26,23 @@ IMAGE_SIZE = 56
 IMAGE_TOKENS = 4
 STOP_TOKENS = ("<eos>", "<end_of_turn>")
 #: Decoder shapes per size: ``tiny`` (Python overhead dominates a step, as it does for eager
-#: transformers on a GPU), ``small`` (about 17 M parameters: a CPU step is bound by compute).
+#: transformers on a GPU), ``small`` (about 17 M parameters: a CPU step is bound by compute),
+#: ``medium`` (about 195 M parameters, 780 MB of float32 weights, more than this machine's L3: a
+#: batch-1 step reads every weight from memory, and decoding dominates a study's cost, as a 4B
+#: model's does on a GPU).
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 2, "num_key_value_heads": 1},
     "small": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 4,
               "num_attention_heads": 8, "num_key_value_heads": 2},
+    "medium": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 14,
+               "num_attention_heads": 16, "num_key_value_heads": 4},
+    #: Gemma 3 4B's decoder (MedGemma 1.5 4B): 34 layers of 2560, 8 heads of 256 (for a GPU; the
+    #: vocabulary and the vision tower stay small, so decoding reads ~3.2 B weights a step where
+    #: the real model reads ~3.9 B with its 262 k-row embedding/head)
+    "4b": {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
+           "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+           "query_pre_attn_scalar": 256, "sliding_window": 1024},
 }
 
 _CORPUS = [
@@ -48,8 +59,12 @@ _CORPUS = [
 NEWLINES = ("\n", "\n\n", "\n\n\n", "\n\n\n\n")
 
 
-def build_serving_gemma3(out: Path, *, size: str = "tiny", seed: int = 0) -> Path:
+def build_serving_gemma3(out: Path, *, size: str = "tiny", seed: int = 0, dtype: str = "float32",
+                         device: str = "cpu") -> Path:
     """Build the model and its processor into ``out`` (an ordinary transformers checkpoint).
+
+    ``dtype`` is what the weights are saved in; ``device`` where they are initialised (a 4B model
+    is built on the GPU in seconds, on a CPU in minutes).
 
     Returns
     -------
@@ -91,9 +106,10 @@ def build_serving_gemma3(out: Path, *, size: str = "tiny", seed: int = 0) -> Pat
         pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
     tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in NEWLINES])
     stops = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
+    shapes = {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 64, **SIZES[size]}
     text = Gemma3TextConfig(
-        vocab_size=len(tokenizer), **SIZES[size], head_dim=32, query_pre_attn_scalar=32,
-        max_position_embeddings=4096, sliding_window=64, final_logit_softcapping=None,
+        vocab_size=len(tokenizer), **shapes,
+        max_position_embeddings=4096, final_logit_softcapping=None,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id)
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -104,7 +120,8 @@ def build_serving_gemma3(out: Path, *, size: str = "tiny", seed: int = 0) -> Pat
         boi_token_index=tokenizer.boi_token_id, eoi_token_index=tokenizer.eoi_token_id,
         image_token_index=tokenizer.image_token_id, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=stops, tie_word_embeddings=True)
-    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.device(device):
+        model = Gemma3ForConditionalGeneration(config).eval()
     with torch.no_grad():
         embeddings = model.get_input_embeddings().weight
         embeddings[stops] = 0.0  # their logits are 0: never the greedy choice (module docstring)
@@ -117,7 +134,7 @@ def build_serving_gemma3(out: Path, *, size: str = "tiny", seed: int = 0) -> Pat
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
                                                bos_token_id=tokenizer.bos_token_id, do_sample=False)
-    model.save_pretrained(out)
+    model.to(getattr(torch, dtype)).save_pretrained(out)
     processor.save_pretrained(out)
     return out
 

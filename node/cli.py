@@ -125,6 +125,10 @@ def worker(
     concurrency: Annotated[int | None, typer.Option(help=(
         "Jobs run at once (default: worker_concurrency). A worker of inference queues runs them as "
         "threads of one process sharing one copy of the model; a delivery worker as processes."))] = None,
+    urgent_slots: Annotated[int | None, typer.Option(help=(
+        "Job slots kept for urgent jobs beside --concurrency, when this worker consumes both urgent "
+        "and routine inference queues (default: urgent_slots; 0: none, urgent jobs then wait for a "
+        "free slot)."))] = None,
 ) -> None:
     """Run a Celery worker (one per GPU host for scale-out)."""
     from node import multiprocess_metrics
@@ -137,6 +141,7 @@ def worker(
         broker_server_version,
         configure_celery,
         consumer_timeout_warning,
+        is_urgent_queue,
         worker_queues,
     )
     from node.children import PARENT_PID_ENV
@@ -147,25 +152,41 @@ def worker(
         die_with_parent(int(parent))
     processes = concurrency or settings.worker_concurrency
     inference = any(q.strip().startswith("inference") for q in queues.split(","))
+    urgent = [q for q in worker_queues([q.strip() for q in queues.split(",")], settings)
+              if is_urgent_queue(q)]
+    routine = any(q.startswith("inference") and not is_urgent_queue(q)
+                  for q in worker_queues([q.strip() for q in queues.split(",")], settings))
+    # urgent and routine jobs in one process: urgent ones get slots of their own (node.urgent_slots)
+    slots = (settings.urgent_slots if urgent_slots is None else urgent_slots) if urgent and routine else 0
     # one process: tasks run in the worker itself (the model stays loaded where the remote-control
     # answers come from). An inference worker runs concurrent jobs as threads of that process:
     # one copy of the model per worker (per GPU), and the jobs' prompts share its generate calls
-    # (inference.vlm.batching). Other workers: a prefork pool.
-    pool = "solo" if processes == 1 else "threads" if inference else "prefork"
+    # (inference.vlm.batching); with urgent slots, even one routine job runs on a thread, so the
+    # consumer keeps taking urgent messages meanwhile. Other workers: a prefork pool.
+    pool = "threads" if inference and (processes > 1 or slots) else "solo" if processes == 1 else "prefork"
     if pool == "prefork":
         # prefork children each run torch: one thread each, or they fight over the cores
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     context.configure(settings)
     celery = configure_celery(settings)
+    if inference:
+        from node.worker_status import URGENT_SLOTS
+
+        URGENT_SLOTS["n"] = slots
+    if slots:
+        from node.urgent_slots import urgent_slots_step
+
+        celery.steps["consumer"].add(urgent_slots_step(urgent, slots))
     requested = queues
     warning = consumer_timeout_warning(broker_server_version(celery) or "")
     if warning is not None:
         typer.echo(f"warning: {warning}", err=True)
-    queues = ",".join(worker_queues([q.strip() for q in queues.split(",") if q.strip()], settings))
+    consumed = worker_queues([q.strip() for q in queues.split(",") if q.strip()], settings)
+    queues = ",".join(q for q in consumed if not (slots and q in urgent))  # urgent slots take those
     if inference:
         # import the model runtime (torch, transformers) now, not in the first job: an urgent
         # job must start within a second or two of being asked. Model weights still load lazily,
-        # on first use, so an idle urgent worker holds no second copy of a model.
+        # on first use, so a worker that never runs a model's job holds no copy of it.
         import node.pipeline
 
         node.pipeline.warm_up()
@@ -185,8 +206,8 @@ def worker(
         # the embedded broker has no broadcast: the Workers page reads this file instead
         from node.worker_status import StatusFile
 
-        status = StatusFile(settings.data_dir, name, queues=queues.split(","), concurrency=processes,
-                            pool=pool).start()
+        status = StatusFile(settings.data_dir, name, queues=consumed, concurrency=processes,
+                            pool=pool, urgent_slots=slots).start()
     try:
         celery.worker_main(argv)
     finally:

@@ -512,12 +512,19 @@ class Settings(BaseSettings):
     embedded_worker: bool = True
     #: jobs one worker runs at once. Inference workers run them as threads of one process that
     #: holds one copy of the model (one process per GPU), and their prompts share ``generate``
-    #: calls (``models.vlm.batch_size``); other workers run a process per job
-    worker_concurrency: int = Field(default=4, ge=1)
-    #: the embedded workers include one for ``inference.urgent`` (asks, priority 8-9), which
-    #: starts them while a long job runs but holds its own copy of a model once it has run one;
-    #: false: the inference worker takes urgent jobs too, after the job it is running
-    embedded_urgent_worker: bool = True
+    #: calls (``models.vlm.batch_size``, 8 by default: as many slots as prompts per call, or
+    #: 8 studies in flight would be run as batches of 4); other workers run a process per job
+    worker_concurrency: int = Field(default=8, ge=1)
+    #: job slots an inference worker keeps for urgent jobs (asks, priority 8-9) beside
+    #: ``worker_concurrency``, when it consumes urgent and routine queues (the embedded default
+    #: does): an urgent job starts at once while the other slots run long jobs, in the same
+    #: process, on the same copy of the model (:mod:`node.urgent_slots`). 0: urgent jobs wait for
+    #: a free slot
+    urgent_slots: int = Field(default=2, ge=0)
+    #: true: the embedded workers include a process of its own for ``inference.urgent``, which
+    #: loads a second copy of a model on its first urgent job of that model (the layout before
+    #: ``urgent_slots``); false (default): the inference worker takes urgent jobs on its urgent slots
+    embedded_urgent_worker: bool = False
     #: new instances are refused (0xA700) when less than this is free on the data volume
     min_free_disk_mb: int = Field(default=200, ge=0)
     #: calling AE titles allowed to associate, each ``AET`` or ``AET@host``; None allows any peer

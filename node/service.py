@@ -58,20 +58,20 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 class WorkerSupervisor(Children):
-    """Keeps the embedded ``mednode worker`` children running, one per queue — inference, urgent
-    inference and delivery — so a slow PACS never waits behind the model, a long job never holds
-    up sending finished results, and an ask or a priority 8–9 job starts while a long job runs;
-    restarts a child that exits unexpectedly.
+    """Keeps the embedded ``mednode worker`` children running — inference (urgent and routine)
+    and delivery — so a slow PACS never waits behind the model, a long job never holds up sending
+    finished results, and an ask or a priority 8–9 job starts while long jobs run; restarts a
+    child that exits unexpectedly.
 
     The inference worker is one process running ``concurrency`` jobs as threads that share one
-    copy of the model and its ``generate`` calls (:mod:`inference.vlm.batching`). The urgent worker
-    imports the model runtime at start but loads a model only when an urgent job needs it, and then
-    keeps it: with VLM asks, plan memory for a second copy of the model, or set
-    ``embedded_urgent_worker: false`` to have the inference worker take urgent jobs too (one copy
-    per GPU; an urgent job then waits for a free job slot, not for the running jobs to finish).
+    copy of the model and its ``generate`` calls (:mod:`inference.vlm.batching`); it consumes the
+    urgent queues too, with ``urgent_slots`` job slots kept for them (:mod:`node.urgent_slots`),
+    so an ask starts at once while long jobs run, on the same copy of the model. With
+    ``urgent_worker`` (``embedded_urgent_worker: true``) a third process consumes the urgent
+    queues instead, and loads a second copy of a model on its first urgent job of that model.
     """
 
-    def __init__(self, config_path: Path | None, concurrency: int, *, urgent_worker: bool = True) -> None:
+    def __init__(self, config_path: Path | None, concurrency: int, *, urgent_worker: bool = False) -> None:
         base = [sys.executable, "-m", "node.cli", "worker"]
         if config_path is not None:
             base += ["--config", str(config_path)]

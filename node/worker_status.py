@@ -58,8 +58,12 @@ def model_info() -> list[dict[str, Any]]:
     return out
 
 
+#: this worker process's urgent slots (set by ``mednode worker``), for the remote-control answer
+URGENT_SLOTS: dict[str, int] = {}
+
+
 def process_info(*, queues: list[str] | None = None, concurrency: int | None = None,
-                 pool: str | None = None) -> dict[str, Any]:
+                 pool: str | None = None, urgent_slots: int | None = None) -> dict[str, Any]:
     """This worker process: its models and, summed over them, GPU memory (None without CUDA)."""
     models = model_info()
     allocated = [m["gpu_memory_allocated_mb"] for m in models if m["gpu_memory_allocated_mb"] is not None]
@@ -67,6 +71,7 @@ def process_info(*, queues: list[str] | None = None, concurrency: int | None = N
     first = models[0] if models else {}
     return {
         "pid": os.getpid(), "queues": queues, "concurrency": concurrency, "pool": pool,
+        "urgent_slots": URGENT_SLOTS.get("n") if urgent_slots is None else urgent_slots,
         "model": ", ".join(f"{m['name']} ({m['family']}, {m['version']})" for m in models) or None,
         "device": first.get("device"), "batch_size": first.get("batch_size"),
         "gpu_memory_mb": sum(allocated) if allocated else None,

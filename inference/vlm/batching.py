@@ -16,9 +16,17 @@ is greedy for all), left padded, and hands each job its own results. A unit's gr
 depend on what it was batched with (checked in ``tests/unit/inference/test_batching.py``).
 
 Units of a more urgent job (a higher ``priority``: an ask, a STAT rule) go into the next call first,
-filled up with waiting units of other jobs. A batch is taken as soon as the thread is free: units
-that arrive while ``generate`` runs wait for the next call (static batching between calls, not
-within one — a long report holds a short question back until the call ends).
+filled up with waiting units of other jobs. A batch is taken as soon as the thread is free.
+
+Units that arrive while ``generate`` runs: with room in the running call (fewer than ``max_batch``
+units, same settings), the call is *restarted* with them, as long as it is early in its decoding
+(``generate`` asks :meth:`GenerationQueue.should_restart` between decoding steps; the runtime asks
+only in the first quarter of the token budget, so at most that much work is thrown away). Without
+this, studies arriving a second apart were run as a batch of one followed by a batch of the rest:
+a 256-token report from one study held back the seven that arrived just after it for the whole
+call (the convoy measured in docs/BENCHMARKS.md). Greedy outputs do not depend on the batch, so a
+restarted unit gives the same answer. Otherwise units wait for the next call (a long report still
+holds a short question back until the call ends; a full call is never restarted).
 
 CUDA out of memory: the batch is split in halves and each half retried (cache emptied first), down to
 one unit; a unit that does not fit alone raises :class:`inference.errors.ModelOutOfMemoryError`, a
@@ -44,6 +52,11 @@ R = TypeVar("R")
 
 #: ``observe(units, submitters, seconds)``: called after each ``generate`` call that succeeded.
 BatchObserver = Callable[[int, int, float], None]
+
+
+class Restart(Exception):
+    """Raised by a ``generate`` function that stopped early because :meth:`GenerationQueue.should_restart`
+    said units are waiting to join the call: the queue runs them again together with those units."""
 
 
 @dataclass
@@ -93,6 +106,14 @@ class GenerationQueue(Generic[U, R]):
         self._next_submitter = 0
         self._name = name
         self._thread: threading.Thread | None = None
+        self._running: list[_Pending[U, R]] = []
+        self._joiners = False
+        self.restarts = 0
+
+    def should_restart(self) -> bool:
+        """True when units that could join the running call are waiting (there is room in it, and
+        their settings are the same): ``generate`` may then stop and raise :class:`Restart`."""
+        return self._joiners and bool(self._running)
 
     def pending(self) -> int:
         """Units waiting for a ``generate`` call (not counting the one running)."""
@@ -118,6 +139,9 @@ class GenerationQueue(Generic[U, R]):
             self._next_submitter += 1
             items = [_Pending[U, R](u, self._key(u), submitter, priority) for u in units]
             self._pending.extend(items)
+            running = self._running
+            if running and len(running) < self.max_batch and items[0].key == running[0].key:
+                self._joiners = True
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name=f"{self._name}-generate",
                                                 daemon=True)
@@ -137,6 +161,7 @@ class GenerationQueue(Generic[U, R]):
             batch = [p for p in ordered if p.key == key][:self.max_batch]
             taken = {id(p) for p in batch}
             self._pending = [p for p in self._pending if id(p) not in taken]
+            self._running, self._joiners = batch, False
             return batch
 
     def _loop(self) -> None:
@@ -144,16 +169,30 @@ class GenerationQueue(Generic[U, R]):
             batch = self._take()
             try:
                 self._run(batch)
+            except Restart:
+                with self._cond:  # back in front, in their order: the next call takes them first
+                    self._pending[:0] = batch
+                    self.restarts += 1
+                logger.info("generate: restarted %d prompt(s) to let waiting prompts join", len(batch))
             except BaseException as exc:  # noqa: BLE001 (this thread must never die with callers waiting)
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(exc)
+            finally:
+                with self._cond:
+                    self._running, self._joiners = [], False
 
     def _run(self, batch: list[_Pending[U, R]]) -> None:
         started = time.perf_counter()
         try:
             results = self._generate([p.unit for p in batch])
+        except Restart:
+            if batch is not self._running:
+                raise RuntimeError("generate raised Restart in a retry of part of a call, where "
+                                   "should_restart() is always False") from None
+            raise
         except Exception as exc:  # noqa: BLE001 (boundary: the error goes to the job that owns the unit)
+            self._running = []  # the halves and singles below are never restarted
             if _is_out_of_memory(exc):
                 _free_cached_memory()
                 if len(batch) == 1:

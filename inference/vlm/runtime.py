@@ -24,7 +24,7 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,7 +44,7 @@ from inference.results import (
     TaskResult,
 )
 from inference.tasks import TaskSpec
-from inference.vlm.batching import BatchObserver, GenerationQueue
+from inference.vlm.batching import BatchObserver, GenerationQueue, Restart
 from inference.vlm.classify import answer_position, label_outcome, yes_probability
 from inference.vlm.comparison import COMPARED_KINDS, PriorStudy
 from inference.vlm.families import YES_NO, Family
@@ -171,6 +171,24 @@ def grounded_sentences(text: str, parsed: ParsedBoxes, *, json_format: bool) -> 
 
 
 _QUEUE_LOCK = threading.Lock()
+
+
+def _restart_criteria(queue: GenerationQueue[_Unit, Generation], prompt_length: int, window: int) -> Any:
+    """A ``StoppingCriteria`` that stops every sequence when prompts are waiting to join the call
+    (:meth:`GenerationQueue.should_restart`), during its first ``window`` new tokens only; its
+    ``stopped`` then says so."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class RestartToJoin(StoppingCriteria):
+        stopped = False
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
+            stop = input_ids.shape[1] - prompt_length < window and queue.should_restart()
+            self.stopped = self.stopped or stop
+            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+    return RestartToJoin()
 
 
 class VLM:
@@ -405,13 +423,19 @@ class VLM:
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             pad_id = next(iter(self._stop_ids), None)
+        prompt_length = inputs["input_ids"].shape[1]
+        budget = units[0].budget
+        restart = _restart_criteria(self.generation_queue(), prompt_length, budget // 4) \
+            if self.shares_batches else None
         with torch.inference_mode():
             out = self.model.generate(  # type: ignore[operator]
-                **inputs, max_new_tokens=units[0].budget, do_sample=False, num_beams=1,
+                **inputs, max_new_tokens=budget, do_sample=False, num_beams=1,
                 return_dict_in_generate=True, output_logits=want_logits, pad_token_id=pad_id,
+                stopping_criteria=[restart] if restart is not None else None,
             )
+        if restart is not None and restart.stopped:
+            raise Restart
         self.generate_calls += 1
-        prompt_length = inputs["input_ids"].shape[1]
         generations = []
         for row, unit in enumerate(units):
             new_ids = out.sequences[row, prompt_length:].tolist()

@@ -350,6 +350,8 @@ class WorkerOut(BaseModel):
     #: GPU memory the worker's models hold (torch allocated / reserved); None on a CPU
     gpu_memory_mb: float | None = None
     gpu_memory_reserved_mb: float | None = None
+    #: job slots kept for urgent jobs beside ``concurrency`` (:mod:`node.urgent_slots`)
+    urgent_slots: int | None = None
     stats: dict[str, Any] = Field(default_factory=dict)
 
 

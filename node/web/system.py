@@ -146,8 +146,10 @@ def _number(info: dict[str, Any], key: str) -> float | None:
 
 def _model_fields(info: dict[str, Any]) -> dict[str, Any]:
     batch = info.get("batch_size")
+    slots = info.get("urgent_slots")
     return {"model": info.get("model"), "device": info.get("device"),
             "batch_size": batch if isinstance(batch, int) else None,
+            "urgent_slots": slots if isinstance(slots, int) else None,
             "gpu_memory_mb": _gpu_mb(info), "gpu_memory_reserved_mb": _number(info, "gpu_memory_reserved_mb")}
 
 

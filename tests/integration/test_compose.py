@@ -22,8 +22,8 @@ from tests.peers.processes import ToolMissingError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
-SERVICES = {"postgres", "rabbitmq", "node", "worker", "worker-urgent", "orthanc"}
-MEDNODE_SERVICES = ("node", "worker", "worker-urgent")
+SERVICES = {"postgres", "rabbitmq", "node", "worker", "orthanc"}
+MEDNODE_SERVICES = ("node", "worker")
 #: started only with ``--profile gpu`` (Debian's docker-compose 1.29 lists them in ``config`` anyway)
 GPU_SERVICES = {"vllm"}
 SECRET = "s" * 40
@@ -95,8 +95,7 @@ def test_services_and_healthchecks(config: dict[str, Any]) -> None:
         assert deps["rabbitmq"]["condition"] == "service_healthy"
 
 
-@pytest.mark.parametrize("name, command", [("node", ["serve"]), ("worker", ["worker"]),
-                                           ("worker-urgent", ["worker", "--queues", "inference.urgent"])])
+@pytest.mark.parametrize("name, command", [("node", ["serve"]), ("worker", ["worker"])])
 def test_node_and_worker_env(config: dict[str, Any], name: str, command: list[str]) -> None:
     service = config["services"][name]
     assert service["command"] == command
@@ -169,7 +168,7 @@ def test_listener_and_worker_share_the_instance_volume(config: dict[str, Any]) -
         return mounts
 
     data_dir = env_of(config["services"]["node"])["MEDNODE_DATA_DIR"]
-    for worker in ("worker", "worker-urgent"):
+    for worker in ("worker",):
         shared = data_mounts("node") & data_mounts(worker)
         assert any(target == data_dir for _, target in shared), shared
         assert {source for source, _ in shared} <= set(config["volumes"])

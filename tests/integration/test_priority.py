@@ -3,8 +3,10 @@ and kombu's SQLAlchemy transport, which ignores message priorities) and on Rabbi
 
 A large synthetic CT keeps the built-in CT analyzer busy on the inference worker. While it runs, a
 queued job raised to priority 9 and then an on-demand ask (a question to a tiny real-architecture
-VLM, loaded by the product's loader) must each start within 2 s: both go to ``inference.urgent``,
-which the embedded node's urgent worker consumes.
+VLM, loaded by the product's loader) must each start within 2 s: both go to the urgent queues,
+which the embedded node's inference worker consumes on job slots kept for them
+(``urgent_slots``, :mod:`node.urgent_slots`), in the same process as the long job: one copy of
+each model per worker.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from tests.integration.conftest import MednodeFactory
 from tests.integration.e2e import poll
@@ -81,28 +85,34 @@ def test_priority_9_job_and_ask_start_within_2_s_while_a_long_job_runs(
         assert done["state"] == "succeeded", done["reason"]
         assert [r["kind"] for r in done["results"]], "the ask wrote no answer"
 
-        # all of that happened while the long job ran, on another worker process
+        # all of that happened while the long job ran, in the same worker process (its urgent slots)
         long_done = poll(lambda: (j := job(client, long_job["id"]))["finished_at"] and j, 300,
                          what="the long job finished")
         assert long_done["state"] == "succeeded", long_done["reason"]
         long_start, long_end = when(long_done["started_at"]), when(long_done["finished_at"])
         for urgent in (raised, asked):
             assert long_start < when(urgent["started_at"]) < long_end  # type: ignore[operator]
-            assert urgent["worker"] != long_done["worker"]
+            assert urgent["worker"] == long_done["worker"]
         print(f"long job ran {(long_end - long_start).total_seconds():.1f} s; the ask started "  # type: ignore[operator]
               f"{(when(asked['started_at']) - long_start).total_seconds():.1f} s into it")  # type: ignore[operator]
 
 
-def test_without_the_urgent_worker_the_inference_worker_answers_asks(
+def test_one_process_holds_the_vlm_for_routine_jobs_and_asks(
     tmp_path: Path, mednode_factory: MednodeFactory, tiny_qwen2_vl: Path,  # noqa: F811
 ) -> None:
-    """``embedded_urgent_worker: false`` (no second model copy): urgent jobs are still consumed."""
-    node = mednode_factory(quiet_period_s=1.0, config=node_config(tmp_path, tiny_qwen2_vl),
-                           extra_env={"MEDNODE_WEB_API_TOKENS": json.dumps([TOKEN]),
-                                      "MEDNODE_EMBEDDED_URGENT_WORKER": "false"})
+    """The embedded default: a routine VLM job and an ask run in one worker process, the only one
+    that loads the model (the Workers view shows one process holding it, with its urgent slots)."""
+    config = node_config(tmp_path, tiny_qwen2_vl)
+    settings = yaml.safe_load(config.read_text())
+    settings["rules"][0]["tasks"] = ["ct_analysis", {"report": {"language": "en"}}]
+    config.write_text(yaml.safe_dump(settings))
+    node = mednode_factory(quiet_period_s=1.0, config=config,
+                           extra_env={"MEDNODE_WEB_API_TOKENS": json.dumps([TOKEN])})
     with api(node) as client:
         study_uid = send_phantom(tmp_path, node, SMALL_CT, "small")
         routed = poll(lambda: study_job(client, study_uid, "succeeded"), 120, what="the CT job done")
+        results = job(client, routed["id"])["results"]
+        assert any(r["kind"] == "report" for r in results), results
         answer = client.post(f"/api/v1/studies/{study_uid}/ask", json={"kind": "vqa", "text": "Any effusion?"})
         assert answer.status_code == 202, answer.text
         ask_id = answer.json()["job"]["id"]
@@ -110,6 +120,17 @@ def test_without_the_urgent_worker_the_inference_worker_answers_asks(
                     what="the ask answered")
         assert done["state"] == "succeeded", done["reason"]
         assert done["worker"] == routed["worker"]  # the one inference worker ran both
+
+        def holding() -> list[dict[str, Any]] | None:
+            workers = client.get("/api/v1/workers").json()["workers"]
+            loaded = [w for w in workers if w["model"]]
+            return loaded if len(workers) == 2 and loaded else None  # inference and delivery
+
+        loaded = poll(holding, 30, what="the workers' status with the model loaded")
+        assert len(loaded) == 1, loaded
+        assert loaded[0]["stats"]["pid"] == int(done["worker"].rsplit(":", 1)[1])
+        assert loaded[0]["urgent_slots"] == 2 and loaded[0]["concurrency"] == 8
+        assert {"inference.vlm", "inference.vlm.urgent"} <= set(loaded[0]["queues"])
     logs = node.logs()
     assert "started embedded worker for inference.urgent,inference (pid" in logs
     assert "started embedded worker for inference.urgent (pid" not in logs

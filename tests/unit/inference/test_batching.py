@@ -18,7 +18,7 @@ import torch
 from inference.errors import ModelLoadError, ModelOutOfMemoryError
 from inference.tasks import TaskSpec
 from inference.vlm import VLMConfig, load_vlm
-from inference.vlm.batching import GenerationQueue
+from inference.vlm.batching import GenerationQueue, Restart
 from inference.vlm.runtime import VLM, Request
 from tests.models import tiny_vlm_dirs  # noqa: F401  (session fixture)
 from tests.shared_data import SHARED_DICOM
@@ -125,9 +125,11 @@ def test_concurrent_studies_share_generate_calls_and_each_gets_what_it_gets_alon
     probabilities = [getattr(r, "probability", None) for r in got[2]]
     for p, q in zip(probabilities, [getattr(r, "probability", None) for r in expected[2]], strict=True):
         assert p == pytest.approx(q, abs=1e-4)
-    # the first study ran alone (held); the second and third (1 + 3 prompts) shared one call
-    assert observed == [(2, 1), (4, 2)]
-    assert held.sizes == [2, 4] and shared.generate_calls == 2
+    # the first study's call (held) had room: when the others' 1 + 3 prompts were waiting, it
+    # stopped at its first decoding step and ran again with them, all six in one call
+    assert observed == [(6, 3)]
+    assert held.sizes == [2, 6] and shared.generate_calls == 1
+    assert shared.generation_queue().restarts == 1
 
 
 def test_one_study_alone_is_chunked_as_before(tiny_vlm_dirs) -> None:  # noqa: F811
@@ -202,6 +204,58 @@ def test_a_failing_unit_fails_only_its_own_job() -> None:
         thread.join(10)
     assert out["first"] == ["A"] and out["good"] == ["B", "C"]
     assert isinstance(out["bad"], ValueError)
+
+
+def stepping(queue_ref: list[GenerationQueue[str, str]], calls: list[list[str]], *, steps: int, window: int,
+             entered: threading.Event, gate: threading.Event) -> Callable[[Sequence[str]], list[str]]:
+    """A ``generate`` of ``steps`` decoding steps that, as the runtime's does, stops to let waiting
+    units join while fewer than ``window`` steps are done; the first call waits for ``gate``."""
+    def generate(units: Sequence[str]) -> list[str]:
+        calls.append(list(units))
+        if not entered.is_set():
+            entered.set()
+            gate.wait(10)
+        for step in range(steps):
+            if step < window and queue_ref[0].should_restart():
+                raise Restart
+        return [u.upper() for u in units]
+    return generate
+
+
+def run_two_jobs(max_batch: int, first: list[str], second: list[str], *, window: int) -> tuple[
+        list[list[str]], dict[str, list[str]], int]:
+    calls: list[list[str]] = []
+    entered, gate = threading.Event(), threading.Event()
+    ref: list[GenerationQueue[str, str]] = []
+    queue: GenerationQueue[str, str] = GenerationQueue(
+        stepping(ref, calls, steps=8, window=window, entered=entered, gate=gate), key=lambda u: 0,
+        max_batch=max_batch)
+    ref.append(queue)
+    out: dict[str, list[str]] = {}
+    a = threading.Thread(target=lambda: out.__setitem__("first", queue.run(first)))
+    a.start()
+    assert entered.wait(10)
+    b = threading.Thread(target=lambda: out.__setitem__("second", queue.run(second)))
+    b.start()
+    while queue.pending() < len(second):
+        threading.Event().wait(0.01)
+    gate.set()
+    a.join(10)
+    b.join(10)
+    return calls, out, queue.restarts
+
+
+def test_units_arriving_early_in_a_call_with_room_restart_it_with_them() -> None:
+    calls, out, restarts = run_two_jobs(4, ["a"], ["b", "c"], window=2)
+    assert calls == [["a"], ["a", "b", "c"]] and restarts == 1
+    assert out == {"first": ["A"], "second": ["B", "C"]}
+
+
+def test_a_full_call_or_one_past_its_window_is_not_restarted() -> None:
+    calls, out, restarts = run_two_jobs(1, ["a"], ["b"], window=8)  # no room
+    assert calls == [["a"], ["b"]] and restarts == 0 and out == {"first": ["A"], "second": ["B"]}
+    calls, out, restarts = run_two_jobs(4, ["a"], ["b"], window=0)  # generate never asks
+    assert calls == [["a"], ["b"]] and restarts == 0 and out == {"first": ["A"], "second": ["B"]}
 
 
 def test_a_large_checkpoint_is_refused_on_a_worker_without_cuda(tiny_vlm_dirs) -> None:  # noqa: F811

@@ -12,19 +12,20 @@ def queues_of(supervisor: WorkerSupervisor) -> list[list[str]]:
     return [command[command.index("--queues") + 1].split(",") for command in supervisor.commands]
 
 
-def test_an_urgent_worker_of_its_own_by_default() -> None:
-    supervisor = WorkerSupervisor(Path("/etc/mednode.yaml"), 2)
+def test_by_default_the_inference_worker_takes_urgent_jobs_on_slots_of_its_own() -> None:
+    """One process holds the models (urgent jobs run on its urgent slots: node.urgent_slots)."""
+    supervisor = WorkerSupervisor(None, 1)
+    assert queues_of(supervisor) == [["inference.urgent", "inference"], ["delivery"]]
+    assert all("--config" not in c for c in supervisor.commands)
+
+
+def test_an_urgent_worker_of_its_own_when_asked() -> None:
+    supervisor = WorkerSupervisor(Path("/etc/mednode.yaml"), 2, urgent_worker=True)
     assert queues_of(supervisor) == [["inference"], ["inference.urgent"], ["delivery"]]
     inference, urgent, _ = supervisor.commands
     assert inference[inference.index("--concurrency") + 1] == "2"
     assert urgent[urgent.index("--concurrency") + 1] == "1"
     assert all(c[c.index("--config") + 1] == "/etc/mednode.yaml" for c in supervisor.commands)
-
-
-def test_without_the_urgent_worker_the_inference_worker_takes_urgent_jobs_first() -> None:
-    supervisor = WorkerSupervisor(None, 1, urgent_worker=False)
-    assert queues_of(supervisor) == [["inference.urgent", "inference"], ["delivery"]]
-    assert all("--config" not in c for c in supervisor.commands)
 
 
 def test_every_queue_a_job_can_go_to_is_consumed() -> None:

@@ -12,15 +12,25 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_io.errors import InvalidInstanceError
 from dicom_io.header import InstanceHeader, Part10Prefixes, ReadInstance, read_part10, read_received
 from node import metrics
-from storage.index import IndexOutcome, LateSeriesCheck, index_instance
-from storage.store import InstanceStore
+from storage.index import (
+    IndexOutcome,
+    LateSeriesCheck,
+    index_instance,
+    index_new_instance,
+    indexes_at_once,
+)
+from storage.store import InstanceStore, PendingInstance
 
 log = logging.getLogger(__name__)
+
+SQLITE_SYNC_BEFORE_LOCK = True
 
 
 class RequestMismatchError(ValueError):
@@ -67,6 +77,14 @@ class Ingestor:
         bind = session_factory.kw.get("bind")
         sqlite = bind is None or bind.dialect.name == "sqlite"
         self._lock: AbstractContextManager[object] = threading.Lock() if sqlite else nullcontext()
+        #: connections that commit each statement: the one-statement index of a new instance
+        self._at_once: Engine | None = (
+            bind.execution_options(isolation_level="AUTOCOMMIT")
+            if isinstance(bind, Engine) and indexes_at_once(bind.dialect.name) else None
+        )
+        #: wait for the file's sync before taking the lock (SQLite: the lock then covers only
+        #: the index statements and the commit, not the disk)
+        self._sync_before_lock = sqlite and SQLITE_SYNC_BEFORE_LOCK
         # the File Meta names the implementation that wrote the file: pynetdicom's SCP, as the
         # File Meta pynetdicom itself builds for a received data set does
         self._prefixes = Part10Prefixes(PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION)
@@ -129,6 +147,26 @@ class Ingestor:
         return self._store(instance, [prefix, dataset], calling_ae_title, called_ae_title,
                            sop_class_uid, sop_instance_uid)
 
+    def _index_at_once(
+        self, pending: PendingInstance, header: InstanceHeader, calling_ae_title: str | None,
+        called_ae_title: str | None,
+    ) -> bool:
+        """:func:`storage.index.index_new_instance` on a connection that commits each statement;
+        the file (synced) is kept when the row committed, or may have: the connection was lost
+        while the statement ran. Any other failure rolled the statement back, and the file goes."""
+        assert self._at_once is not None
+        try:
+            with self._at_once.connect() as connection:
+                indexed = index_new_instance(connection, header, pending.stored, calling_ae_title=calling_ae_title,
+                                             called_ae_title=called_ae_title)
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                pending.finish()  # a re-send or the start-up reconciliation indexes it
+            raise
+        if indexed:
+            pending.finish()
+        return indexed
+
     def _store(
         self,
         instance: ReadInstance,
@@ -152,17 +190,26 @@ class Ingestor:
         )
         try:
             header = instance.header()  # a refusal here removes the file (abort below)
-            with self._lock, self.session_factory() as session, session.begin():
-                outcome, obsolete_path = index_instance(
-                    session,
-                    header,
-                    pending.stored,
-                    calling_ae_title=calling_ae_title,
-                    called_ae_title=called_ae_title,
-                    late_series_check=self.late_series_check,
-                )
-                # the row commits only once the file is on disk; if that fails, it rolls back
-                stored = pending.finish()
+            indexed = False
+            if self._at_once is not None:
+                # the statement that follows commits as it runs: the file must be on disk first
+                stored = pending.sync()
+                indexed = self._index_at_once(pending, header, calling_ae_title, called_ae_title)
+                outcome, obsolete_path = IndexOutcome.NEW, None
+            elif self._sync_before_lock:
+                pending.sync()
+            if not indexed:
+                with self._lock, self.session_factory() as session, session.begin():
+                    outcome, obsolete_path = index_instance(
+                        session,
+                        header,
+                        pending.stored,
+                        calling_ae_title=calling_ae_title,
+                        called_ae_title=called_ae_title,
+                        late_series_check=self.late_series_check,
+                    )
+                    # the row commits only once the file is on disk; if that fails, it rolls back
+                    stored = pending.finish()
         finally:
             pending.abort()  # removes the file only if it was never made durable
         if obsolete_path is not None and (obsolete_path != stored.relative_path or outcome is IndexOutcome.DUPLICATE):

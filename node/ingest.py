@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
@@ -30,7 +31,6 @@ from storage.store import InstanceStore, PendingInstance
 
 log = logging.getLogger(__name__)
 
-SQLITE_SYNC_BEFORE_LOCK = True
 
 
 class RequestMismatchError(ValueError):
@@ -50,18 +50,27 @@ class Ingestor:
 
     The disk's work starts as early as it can and is waited for as late as it can: once the
     data set is read and its four UIDs (which name the file) are checked, the file is written
-    and its ``fdatasync`` starts in a store thread; the rest of the header checks and the index
-    statements run meanwhile, and the transaction commits only after the sync, so Success still
-    means durable *and* indexed. An instance refused by the later checks has its file removed
-    before the refusal is answered. (Writing and hashing in another thread was slower: those
-    need the GIL between system calls; only the sync runs without it. docs/BENCHMARKS.md.)
+    and its ``fdatasync`` starts in a store thread; the rest of the header checks run meanwhile.
+    The row naming the file commits only after the sync, so Success still means durable *and*
+    indexed. An instance refused by the later checks, or whose row fails before its commit, has
+    its file removed before the refusal is answered. (Writing and hashing in another thread was
+    slower: those need the GIL between system calls; only the sync runs without it.
+    docs/BENCHMARKS.md.)
+
+    On PostgreSQL, a new instance of a series already indexed — nearly every instance — is
+    indexed by one statement on a connection in autocommit mode, once its file is synced
+    (:func:`storage.index.index_new_instance`): one round trip to the server, its commit
+    included, where a transaction took five. Anything else (a new series, a re-send, a derived
+    object) takes the full path, :func:`storage.index.index_instance` in a transaction. There is
+    no lock: associations of this process, of other listener processes and of other hosts index
+    at once (``index_instance`` takes a peer's new patient, study or series row), and
+    PostgreSQL's commits of concurrent associations share their WAL flushes.
 
     On SQLite, index writes are serialised by a lock: SQLite has one writer anyway, and a short
-    critical section keeps commit latency predictable under several associations. The section
-    includes the wait for the file's sync, since the commit waits for it. The lock is for latency
-    only, never correctness: on PostgreSQL there is none, and associations of this process, of
-    other listener processes and of other hosts index at once
-    (:func:`storage.index.index_instance` takes a peer's new patient, study or series row).
+    critical section keeps commit latency predictable under several associations. A writer that
+    finds the lock free runs its statements while its file syncs, and commits after the sync (one
+    association: the disk's time overlaps the statements); one that finds it taken waits for its
+    own file's sync first, so that the lock is held for statements and commits, not for disks.
     """
 
     def __init__(
@@ -76,15 +85,13 @@ class Ingestor:
         self.late_series_check = late_series_check
         bind = session_factory.kw.get("bind")
         sqlite = bind is None or bind.dialect.name == "sqlite"
-        self._lock: AbstractContextManager[object] = threading.Lock() if sqlite else nullcontext()
+        #: SQLite's one writer at a time (:meth:`_writer`); None where the database has many
+        self._lock: threading.Lock | None = threading.Lock() if sqlite else None
         #: connections that commit each statement: the one-statement index of a new instance
         self._at_once: Engine | None = (
             bind.execution_options(isolation_level="AUTOCOMMIT")
             if isinstance(bind, Engine) and indexes_at_once(bind.dialect.name) else None
         )
-        #: wait for the file's sync before taking the lock (SQLite: the lock then covers only
-        #: the index statements and the commit, not the disk)
-        self._sync_before_lock = sqlite and SQLITE_SYNC_BEFORE_LOCK
         # the File Meta names the implementation that wrote the file: pynetdicom's SCP, as the
         # File Meta pynetdicom itself builds for a received data set does
         self._prefixes = Part10Prefixes(PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION)
@@ -147,6 +154,22 @@ class Ingestor:
         return self._store(instance, [prefix, dataset], calling_ae_title, called_ae_title,
                            sop_class_uid, sop_instance_uid)
 
+    @contextmanager
+    def _writer(self, pending: PendingInstance) -> Iterator[None]:
+        """Hold SQLite's writer lock (nothing elsewhere); if another association holds it, wait
+        for ``pending``'s sync first, and only then for the lock."""
+        lock = self._lock
+        if lock is None:
+            yield
+            return
+        if not lock.acquire(blocking=False):
+            pending.sync()  # may raise: then the lock was never taken
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
     def _index_at_once(
         self, pending: PendingInstance, header: InstanceHeader, calling_ae_title: str | None,
         called_ae_title: str | None,
@@ -196,10 +219,8 @@ class Ingestor:
                 stored = pending.sync()
                 indexed = self._index_at_once(pending, header, calling_ae_title, called_ae_title)
                 outcome, obsolete_path = IndexOutcome.NEW, None
-            elif self._sync_before_lock:
-                pending.sync()
             if not indexed:
-                with self._lock, self.session_factory() as session, session.begin():
+                with self._writer(pending), self.session_factory() as session, session.begin():
                     outcome, obsolete_path = index_instance(
                         session,
                         header,
@@ -211,7 +232,7 @@ class Ingestor:
                     # the row commits only once the file is on disk; if that fails, it rolls back
                     stored = pending.finish()
         finally:
-            pending.abort()  # removes the file only if it was never made durable
+            pending.abort()  # removes the file unless it was kept (its row committed, or may have)
         if obsolete_path is not None and (obsolete_path != stored.relative_path or outcome is IndexOutcome.DUPLICATE):
             # the row points at the new bytes now, or (a duplicate) still at the file held
             self.store.delete(obsolete_path)

@@ -253,7 +253,7 @@ _TOUCH_STUDY_OF_SERIES = (
 _TOUCH_STUDY = update(Study).where(Study.id == bindparam("study_pk")).values(_TOUCH_VALUES)
 
 
-def _new_instance_at_once() -> Select[tuple[int]]:
+def _new_instance_at_once() -> Select[int]:
     """PostgreSQL: ``WITH new AS (INSERT … ON CONFLICT DO NOTHING RETURNING series_pk), touched AS
     (UPDATE study … WHERE id = <the series' study, unless held>) SELECT count(*) FROM new``.
 

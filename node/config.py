@@ -481,7 +481,7 @@ class ModelsSettings(BaseModel):
 
 
 #: Most listener processes ``listener_processes: 0`` (automatic) starts on PostgreSQL: each is a
-#: Python process of its own (about 100 MB), and past a few cores the index is what limits.
+#: Python process of its own, and past a few cores the index and the disk are what limit.
 MAX_AUTO_LISTENER_PROCESSES = 8
 
 

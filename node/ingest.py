@@ -32,7 +32,6 @@ from storage.store import InstanceStore, PendingInstance
 log = logging.getLogger(__name__)
 
 
-
 class RequestMismatchError(ValueError):
     """The data set's SOP Class or Instance UID differs from the C-STORE request's (or its Study
     Instance UID from the study a STOW-RS request names)."""

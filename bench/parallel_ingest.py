@@ -59,6 +59,14 @@ IDLE_WAIT_S = 120.0
 
 
 @dataclass
+class Options:
+    idle_wait_s: float = IDLE_WAIT_S
+
+
+OPTIONS = Options()
+
+
+@dataclass
 class Studies:
     associations: int
     per_association: int
@@ -92,7 +100,7 @@ def send_all(port: int, studies: Studies, called: str, timeout_s: float) -> floa
 def run_orthanc(work: Path, studies: Studies, timeout_s: float) -> float:
     out = work / f"orthanc-{uuid.uuid4().hex[:6]}"
     with Orthanc(out) as orthanc:
-        wait_until_idle(IDLE_WAIT_S)
+        wait_until_idle(OPTIONS.idle_wait_s)
         seconds = send_all(orthanc.dicom_port, studies, orthanc.aet, timeout_s)
         stored = int(orthanc.get("/statistics")["CountInstances"])
     shutil.rmtree(out, ignore_errors=True)
@@ -104,7 +112,7 @@ def run_orthanc(work: Path, studies: Studies, timeout_s: float) -> float:
 def run_storescp(work: Path, studies: Studies, timeout_s: float) -> float:
     out = work / f"storescp-{uuid.uuid4().hex[:6]}"
     with StoreSCP(out / "in", log_dir=out, aet="STORESCP") as scp:
-        wait_until_idle(IDLE_WAIT_S)
+        wait_until_idle(OPTIONS.idle_wait_s)
         seconds = send_all(scp.port, studies, "STORESCP", timeout_s)
         received = len(scp.received())
     shutil.rmtree(out, ignore_errors=True)
@@ -145,7 +153,7 @@ def run_mednode(work: Path, studies: Studies, timeout_s: float, leg: Leg) -> flo
     try:
         node.start(port=dicom_port, timeout_s=120)
         time.sleep(2.0 * listener_processes)  # the listener children bind the port beside serve
-        wait_until_idle(IDLE_WAIT_S)
+        wait_until_idle(OPTIONS.idle_wait_s)
         seconds = send_all(dicom_port, studies, "MEDNODE", timeout_s)
         engine = sqlalchemy.create_engine(url)
         with engine.connect() as connection:
@@ -240,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="longest wait for an idle machine before each send")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args(argv)
-    globals()["IDLE_WAIT_S"] = args.idle_wait_s
+    OPTIONS.idle_wait_s = args.idle_wait_s
     counts = [int(n) for n in args.associations.split(",")]
     processes = [int(p) for p in args.listener_processes.split(",")]
     codes: list[tuple[str, Path]] = [("", REPO_ROOT)]

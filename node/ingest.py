@@ -58,8 +58,8 @@ class Ingestor:
 
     On PostgreSQL, a new instance of a series already indexed — nearly every instance — is
     indexed by one statement on a connection in autocommit mode, once its file is synced
-    (:func:`storage.index.index_new_instance`): one round trip to the server, its commit
-    included, where a transaction took five. Anything else (a new series, a re-send, a derived
+    (:func:`storage.index.index_new_instance`): two round trips to the server (the pool's
+    ping, then the statement with its commit) where a transaction took five. Anything else (a new series, a re-send, a derived
     object) takes the full path, :func:`storage.index.index_instance` in a transaction. There is
     no lock: associations of this process, of other listener processes and of other hosts index
     at once (``index_instance`` takes a peer's new patient, study or series row), and

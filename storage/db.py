@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect
-from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
@@ -31,45 +29,12 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-#: A pooled connection of a database server that was returned longer ago than this is pinged
-#: before it is handed out again (:func:`_ping_when_idle`).
-IDLE_PING_S = 1.0
-
-
-def _ping_when_idle(engine: Engine) -> None:
-    """Ping a pooled connection before it is handed out, if it idled for :data:`IDLE_PING_S`.
-
-    As ``pool_pre_ping`` (a connection to a restarted or vanished server is replaced instead of
-    failing its first statement), but a connection given back less than a second ago is handed
-    out as it is: ``pool_pre_ping`` costs a round trip to the server at every checkout, one of
-    the five an indexed instance took (docs/BENCHMARKS.md, "Parallel ingest"). A server that
-    restarts within that second fails one statement; SQLAlchemy then replaces every pooled
-    connection. Raising ``DisconnectionError`` in a checkout event makes the pool reconnect
-    (SQLAlchemy's "pessimistic disconnect handling").
-    """
-
-    @event.listens_for(engine, "checkin")
-    def returned(_dbapi_connection: Any, record: Any) -> None:
-        record.info["returned_at"] = time.monotonic()
-
-    @event.listens_for(engine, "checkout")
-    def handed_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
-        returned_at = record.info.get("returned_at")
-        if returned_at is None or time.monotonic() - returned_at < IDLE_PING_S:
-            return  # new, or in use a moment ago
-        try:
-            engine.dialect.do_ping(dbapi_connection)
-        except engine.dialect.loaded_dbapi.Error as exc:
-            raise DisconnectionError(f"pooled connection is gone: {type(exc).__name__}") from exc
-
-
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """Create an engine for ``url`` with the settings mednode relies on.
 
-    SQLite databases get WAL journaling, ``synchronous=NORMAL`` and a busy timeout; their parent
-    directory is created. Other backends ping a pooled connection that idled for a second before
-    handing it out (:func:`_ping_when_idle`), so a restarted server is reconnected to
-    transparently.
+    SQLite databases get WAL journaling, ``synchronous=FULL`` and a busy timeout; their parent
+    directory is created. Other backends get ``pool_pre_ping`` so a restarted server is reconnected
+    to transparently.
     """
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -78,10 +43,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    engine = create_engine(url, **kwargs)
-    if not kwargs.get("pool_pre_ping"):
-        _ping_when_idle(engine)
-    return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_engine(url, **kwargs)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -259,8 +259,8 @@ def _new_instance_at_once() -> Select[int]:
 
     The common case of :func:`index_instance` (its two statements) as one statement: run on a
     connection in autocommit mode it is also its own transaction, so indexing a new instance of a
-    known series takes one round trip to the server instead of five (the pool's ping, ``BEGIN``,
-    the insert, the update, ``COMMIT``). A data-modifying ``WITH`` runs once and to the end
+    known series takes two round trips to the server (the pool's ping, the statement) instead of
+    five (the ping, ``BEGIN``, the insert, the update, ``COMMIT``). A data-modifying ``WITH`` runs once and to the end
     whether or not the main query reads it (PostgreSQL docs, 7.8.4), and the update's subquery
     reads the insert's ``RETURNING``: nothing inserted, nothing touched.
     """

@@ -13,10 +13,10 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import pydicom
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import parse_basic_offsets, parse_fragments
@@ -72,12 +72,59 @@ class InstanceHeader:
 _INDEXED_LENGTH = {**MAX_VALUE_LEN, "DA": 8, "AS": 4, "PN": 324}
 
 
-def _text(ds: Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
+#: A raw value (trailing NUL and space padding removed) that reads the same in every character
+#: set DICOM allows (PS3.5 6.1.2.5.3, Annex: each keeps ISO 646 / ASCII as its G0 set): printable
+#: ASCII, no backslash (the value delimiter) and no ESC (ISO 2022 code extensions).
+_NOT_PLAIN = re.compile(rb"[^\x20-\x5b\x5d-\x7e]")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+#: what :func:`_plain_value` returns for a value it leaves to pydicom
+_UNREAD = object()
+_TAG_VR: dict[str, tuple[int, str]] = {}
+
+
+def _tag_and_vr(keyword: str) -> tuple[int, str]:
+    found = _TAG_VR.get(keyword)
+    if found is None:
+        tag = tag_for_keyword(keyword)
+        assert tag is not None, keyword
+        found = _TAG_VR[keyword] = (tag, dictionary_VR(tag))
+    return found
+
+
+def _plain_value(ds: Dataset, keyword: str) -> str | None | object:
+    """The value of a text element read from its raw bytes, as pydicom would convert it and
+    ``str(value).strip()`` then would leave it (None when absent or empty), if those bytes are
+    plain (:data:`_NOT_PLAIN`) and of the dictionary's VR; :data:`_UNREAD` for anything else,
+    which pydicom then converts.
+
+    pydicom's conversion of a value (character sets, value multiplicity, validation, the
+    value's class) took most of a received instance's header checks (about 0.25 ms for the
+    index's twenty-odd attributes, docs/BENCHMARKS.md); every value of a typical header is plain.
+    """
+    tag, vr = _tag_and_vr(keyword)
+    element = ds.get_item(tag)
+    if element is None:
         return None
-    text = str(value).strip()
-    if len(text) > _INDEXED_LENGTH.get(dictionary_VR(keyword), len(text)):
+    if not isinstance(element, RawDataElement) or element.VR not in (None, vr) or element.value is None:
+        return _UNREAD
+    value = bytes(element.value).rstrip(b"\x00 ")
+    if _NOT_PLAIN.search(value):
+        return _UNREAD
+    return value.decode("ascii").strip() or None
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    plain = _plain_value(ds, keyword)
+    if plain is _UNREAD:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return None
+        text: str | None = str(value).strip()
+    else:
+        text = cast(str | None, plain)
+    if text is None:
+        return None
+    if len(text) > _INDEXED_LENGTH.get(_tag_and_vr(keyword)[1], len(text)):
         # not indexed: each index column is as wide as its VR allows, and a de-identifier's hash
         # in a DA or a 56-character SH would make the database refuse the instance
         return None
@@ -85,6 +132,11 @@ def _text(ds: Dataset, keyword: str) -> str | None:
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
+    plain = _plain_value(ds, keyword)
+    if plain is None:
+        return None
+    if isinstance(plain, str) and _INTEGER.fullmatch(plain):
+        return int(plain)
     try:
         value = ds.get(keyword)
         return int(value) if value not in (None, "") else None
@@ -93,8 +145,12 @@ def _int(ds: Dataset, keyword: str) -> int | None:
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    text = str(value).strip().rstrip("\x00") if value is not None else ""
+    plain = _plain_value(ds, keyword)
+    if plain is _UNREAD:
+        value = ds.get(keyword)
+        text = str(value).strip().rstrip("\x00") if value is not None else ""
+    else:
+        text = cast(str | None, plain) or ""
     if not text:
         raise InvalidInstanceError(f"{keyword} is missing or empty")
     if len(text) > 64 or not _UID_RE.match(text):
@@ -102,14 +158,27 @@ def _uid(ds: Dataset, keyword: str) -> str:
     return text
 
 
+def _us(ds: Dataset, keyword: str, default: int | None = None) -> int:
+    """An unsigned short (US) element's value, from its two raw bytes when it has them, else as
+    pydicom converts it; ``default`` when absent (if given)."""
+    tag, _ = _tag_and_vr(keyword)
+    element = ds.get_item(tag)
+    if element is None and default is not None:
+        return default
+    if isinstance(element, RawDataElement) and element.VR in (None, "US") and element.value is not None \
+            and len(element.value) == 2:
+        return int.from_bytes(element.value, "little" if element.is_little_endian else "big")
+    return int(ds[tag].value)
+
+
 def _check_native_pixels(ds: Dataset, length: int) -> None:
     try:
-        rows = int(ds.Rows)
-        columns = int(ds.Columns)
-        bits = int(ds.BitsAllocated)
-        samples = int(ds.get("SamplesPerPixel", 1))
+        rows = _us(ds, "Rows")
+        columns = _us(ds, "Columns")
+        bits = _us(ds, "BitsAllocated")
+        samples = _us(ds, "SamplesPerPixel", 1)
         frames = _frames(ds)
-    except (AttributeError, TypeError, ValueError) as exc:
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise InvalidInstanceError(f"image attributes needed to read Pixel Data are invalid: {exc}")
     if min(rows, columns, bits, samples, frames) <= 0:
         raise InvalidInstanceError(

@@ -8,6 +8,7 @@ the defaults below. Everything is validated at start; :func:`load_settings` rais
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -479,6 +480,18 @@ class ModelsSettings(BaseModel):
     bundle_device: str = "auto"
 
 
+#: Most listener processes ``listener_processes: 0`` (automatic) starts on PostgreSQL: each is a
+#: Python process of its own, and past a few cores the index and the disk are what limit.
+MAX_AUTO_LISTENER_PROCESSES = 8
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the system has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class Settings(BaseSettings):
     """Configuration of one mednode installation (see ``mednode.example.yaml``)."""
 
@@ -507,7 +520,9 @@ class Settings(BaseSettings):
     job_lease_s: float = Field(default=120.0, gt=0)
     #: processes serving the DICOM port(s) together (``SO_REUSEPORT``; each association goes to
     #: one): ``serve`` itself and listener children it starts. More than 1 needs PostgreSQL.
-    listener_processes: int = Field(default=1, ge=1, le=64)
+    #: 0 (the default): one per core this process may use on PostgreSQL, at most
+    #: :data:`MAX_AUTO_LISTENER_PROCESSES`; 1 on SQLite (docs/BENCHMARKS.md, "Parallel ingest")
+    listener_processes: int = Field(default=0, ge=0, le=64)
     #: ``mednode serve`` starts a worker process itself (the embedded default)
     embedded_worker: bool = True
     #: jobs one worker runs at once. Inference workers run them as threads of one process that
@@ -570,7 +585,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _several_listeners_need_postgresql(self) -> Settings:
-        if self.listener_processes > 1 and not (self.database_url or "").startswith("postgresql"):
+        on_postgresql = (self.database_url or "").startswith("postgresql")
+        if self.listener_processes == 0:
+            self.listener_processes = min(usable_cores(), MAX_AUTO_LISTENER_PROCESSES) if on_postgresql else 1
+        if self.listener_processes > 1 and not on_postgresql:
             raise ValueError(
                 f"listener_processes: {self.listener_processes} listener processes need database_url "
                 "on PostgreSQL (SQLite has one writer at a time); set listener_processes: 1 or use PostgreSQL")

@@ -8,17 +8,26 @@ from __future__ import annotations
 
 import logging
 import threading
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_io.errors import InvalidInstanceError
 from dicom_io.header import InstanceHeader, Part10Prefixes, ReadInstance, read_part10, read_received
 from node import metrics
-from storage.index import IndexOutcome, LateSeriesCheck, index_instance
-from storage.store import InstanceStore
+from storage.index import (
+    IndexOutcome,
+    LateSeriesCheck,
+    index_instance,
+    index_new_instance,
+    indexes_at_once,
+)
+from storage.store import InstanceStore, PendingInstance
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +49,27 @@ class Ingestor:
 
     The disk's work starts as early as it can and is waited for as late as it can: once the
     data set is read and its four UIDs (which name the file) are checked, the file is written
-    and its ``fdatasync`` starts in a store thread; the rest of the header checks and the index
-    statements run meanwhile, and the transaction commits only after the sync, so Success still
-    means durable *and* indexed. An instance refused by the later checks has its file removed
-    before the refusal is answered. (Writing and hashing in another thread was slower: those
-    need the GIL between system calls; only the sync runs without it. docs/BENCHMARKS.md.)
+    and its ``fdatasync`` starts in a store thread; the rest of the header checks run meanwhile.
+    The row naming the file commits only after the sync, so Success still means durable *and*
+    indexed. An instance refused by the later checks, or whose row fails before its commit, has
+    its file removed before the refusal is answered. (Writing and hashing in another thread was
+    slower: those need the GIL between system calls; only the sync runs without it.
+    docs/BENCHMARKS.md.)
+
+    On PostgreSQL, a new instance of a series already indexed — nearly every instance — is
+    indexed by one statement on a connection in autocommit mode, once its file is synced
+    (:func:`storage.index.index_new_instance`): two round trips to the server (the pool's
+    ping, then the statement with its commit) where a transaction took five. Anything else (a new series, a re-send, a derived
+    object) takes the full path, :func:`storage.index.index_instance` in a transaction. There is
+    no lock: associations of this process, of other listener processes and of other hosts index
+    at once (``index_instance`` takes a peer's new patient, study or series row), and
+    PostgreSQL's commits of concurrent associations share their WAL flushes.
 
     On SQLite, index writes are serialised by a lock: SQLite has one writer anyway, and a short
-    critical section keeps commit latency predictable under several associations. The section
-    includes the wait for the file's sync, since the commit waits for it. The lock is for latency
-    only, never correctness: on PostgreSQL there is none, and associations of this process, of
-    other listener processes and of other hosts index at once
-    (:func:`storage.index.index_instance` takes a peer's new patient, study or series row).
+    critical section keeps commit latency predictable under several associations. A writer that
+    finds the lock free runs its statements while its file syncs, and commits after the sync (one
+    association: the disk's time overlaps the statements); one that finds it taken waits for its
+    own file's sync first, so that the lock is held for statements and commits, not for disks.
     """
 
     def __init__(
@@ -66,7 +84,13 @@ class Ingestor:
         self.late_series_check = late_series_check
         bind = session_factory.kw.get("bind")
         sqlite = bind is None or bind.dialect.name == "sqlite"
-        self._lock: AbstractContextManager[object] = threading.Lock() if sqlite else nullcontext()
+        #: SQLite's one writer at a time (:meth:`_writer`); None where the database has many
+        self._lock: threading.Lock | None = threading.Lock() if sqlite else None
+        #: connections that commit each statement: the one-statement index of a new instance
+        self._at_once: Engine | None = (
+            bind.execution_options(isolation_level="AUTOCOMMIT")
+            if isinstance(bind, Engine) and indexes_at_once(bind.dialect.name) else None
+        )
         # the File Meta names the implementation that wrote the file: pynetdicom's SCP, as the
         # File Meta pynetdicom itself builds for a received data set does
         self._prefixes = Part10Prefixes(PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION)
@@ -129,6 +153,42 @@ class Ingestor:
         return self._store(instance, [prefix, dataset], calling_ae_title, called_ae_title,
                            sop_class_uid, sop_instance_uid)
 
+    @contextmanager
+    def _writer(self, pending: PendingInstance) -> Iterator[None]:
+        """Hold SQLite's writer lock (nothing elsewhere); if another association holds it, wait
+        for ``pending``'s sync first, and only then for the lock."""
+        lock = self._lock
+        if lock is None:
+            yield
+            return
+        if not lock.acquire(blocking=False):
+            pending.sync()  # may raise: then the lock was never taken
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _index_at_once(
+        self, pending: PendingInstance, header: InstanceHeader, calling_ae_title: str | None,
+        called_ae_title: str | None,
+    ) -> bool:
+        """:func:`storage.index.index_new_instance` on a connection that commits each statement;
+        the file (synced) is kept when the row committed, or may have: the connection was lost
+        while the statement ran. Any other failure rolled the statement back, and the file goes."""
+        assert self._at_once is not None
+        try:
+            with self._at_once.connect() as connection:
+                indexed = index_new_instance(connection, header, pending.stored, calling_ae_title=calling_ae_title,
+                                             called_ae_title=called_ae_title)
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                pending.finish()  # a re-send or the start-up reconciliation indexes it
+            raise
+        if indexed:
+            pending.finish()
+        return indexed
+
     def _store(
         self,
         instance: ReadInstance,
@@ -152,19 +212,26 @@ class Ingestor:
         )
         try:
             header = instance.header()  # a refusal here removes the file (abort below)
-            with self._lock, self.session_factory() as session, session.begin():
-                outcome, obsolete_path = index_instance(
-                    session,
-                    header,
-                    pending.stored,
-                    calling_ae_title=calling_ae_title,
-                    called_ae_title=called_ae_title,
-                    late_series_check=self.late_series_check,
-                )
-                # the row commits only once the file is on disk; if that fails, it rolls back
-                stored = pending.finish()
+            indexed = False
+            if self._at_once is not None:
+                # the statement that follows commits as it runs: the file must be on disk first
+                stored = pending.sync()
+                indexed = self._index_at_once(pending, header, calling_ae_title, called_ae_title)
+                outcome, obsolete_path = IndexOutcome.NEW, None
+            if not indexed:
+                with self._writer(pending), self.session_factory() as session, session.begin():
+                    outcome, obsolete_path = index_instance(
+                        session,
+                        header,
+                        pending.stored,
+                        calling_ae_title=calling_ae_title,
+                        called_ae_title=called_ae_title,
+                        late_series_check=self.late_series_check,
+                    )
+                    # the row commits only once the file is on disk; if that fails, it rolls back
+                    stored = pending.finish()
         finally:
-            pending.abort()  # removes the file only if it was never made durable
+            pending.abort()  # removes the file unless it was kept (its row committed, or may have)
         if obsolete_path is not None and (obsolete_path != stored.relative_path or outcome is IndexOutcome.DUPLICATE):
             # the row points at the new bytes now, or (a duplicate) still at the file held
             self.store.delete(obsolete_path)

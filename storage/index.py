@@ -6,7 +6,18 @@ import enum
 from collections.abc import Callable
 from datetime import datetime
 
-from sqlalchemy import Insert, bindparam, case, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Insert,
+    Select,
+    bindparam,
+    case,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -240,6 +251,73 @@ _TOUCH_STUDY_OF_SERIES = (
     .values(_TOUCH_VALUES)
 )
 _TOUCH_STUDY = update(Study).where(Study.id == bindparam("study_pk")).values(_TOUCH_VALUES)
+
+
+def _new_instance_at_once() -> Select[int]:
+    """PostgreSQL: ``WITH new AS (INSERT … ON CONFLICT DO NOTHING RETURNING series_pk), touched AS
+    (UPDATE study … WHERE id = <the series' study, unless held>) SELECT count(*) FROM new``.
+
+    The common case of :func:`index_instance` (its two statements) as one statement: run on a
+    connection in autocommit mode it is also its own transaction, so indexing a new instance of a
+    known series takes two round trips to the server (the pool's ping, the statement) instead of
+    five (the ping, ``BEGIN``, the insert, the update, ``COMMIT``). A data-modifying ``WITH`` runs once and to the end
+    whether or not the main query reads it (PostgreSQL docs, 7.8.4), and the update's subquery
+    reads the insert's ``RETURNING``: nothing inserted, nothing touched.
+    """
+    new = _INSERT_IF_NEW["postgresql"].returning(Instance.series_pk).cte("new_instance")
+    study_of_new = (
+        select(Series.study_pk).where(Series.id == new.c.series_pk, Series.held_reason.is_(None)).scalar_subquery()
+    )
+    touched = update(Study).where(Study.id == study_of_new).values(_TOUCH_VALUES).returning(Study.id).cte("touched")
+    return select(func.count()).select_from(new).add_cte(touched)
+
+
+#: by dialect name: dialects that can run :func:`index_new_instance` (data-modifying ``WITH``)
+_NEW_INSTANCE_AT_ONCE = {"postgresql": _new_instance_at_once()}
+
+
+def indexes_at_once(dialect_name: str) -> bool:
+    """Whether :func:`index_new_instance` can run on this dialect."""
+    return dialect_name in _NEW_INSTANCE_AT_ONCE
+
+
+def index_new_instance(
+    connection: Connection,
+    header: InstanceHeader,
+    stored: StoredFile,
+    *,
+    calling_ae_title: str | None,
+    called_ae_title: str | None,
+    now: datetime | None = None,
+) -> bool:
+    """Index a new image instance of a series already indexed, in one statement; return whether
+    it did (else nothing changed: run :func:`index_instance`).
+
+    What :func:`index_instance` does for :attr:`IndexOutcome.NEW` instances of a known series —
+    the row, and its study touched unless the series is held — as one statement
+    (:func:`_new_instance_at_once`). On a connection in autocommit mode the row is committed (and,
+    with PostgreSQL's ``synchronous_commit`` on, durable) when this returns. Derived objects
+    (SR, SEG…), new series and instances seen before return False: they take the full path.
+    Only for dialects where :func:`indexes_at_once` holds.
+    """
+    if is_derived_object(header.sop_class_uid):
+        return False
+    now = now or utcnow()
+    inserted = connection.execute(_NEW_INSTANCE_AT_ONCE[connection.dialect.name], {
+        "sop_instance_uid": header.sop_instance_uid,
+        "series_uid": header.series_instance_uid,
+        "sop_class_uid": header.sop_class_uid,
+        "transfer_syntax_uid": header.transfer_syntax_uid,
+        "instance_number": header.instance_number,
+        "path": stored.relative_path,
+        "size_bytes": stored.size_bytes,
+        "sha256": stored.sha256,
+        "received_at": now,
+        "now": now,
+        "calling": calling_ae_title,
+        "called": called_ae_title,
+    }).scalar_one()
+    return bool(inserted)
 
 
 def index_instance(

@@ -153,11 +153,13 @@ def _process_exists(pid: int) -> bool:
 class PendingInstance:
     """An instance file that is written but not yet known to be on disk.
 
-    :meth:`finish` makes it durable (or raises, leaving nothing); :meth:`abort` removes a file
-    this write created and did not finish, and does nothing otherwise, so it can always be called
-    in a ``finally``. A file that was already there (an identical re-send, or the same bytes
-    written at once by another association, process or host) is synced too before it counts, and
-    never removed here.
+    :meth:`finish` makes it durable and keeps it (or raises, leaving nothing); :meth:`abort`
+    removes a file this write created and did not finish, and does nothing otherwise, so it can
+    always be called in a ``finally``. :meth:`sync` makes it durable without keeping it yet: a
+    caller that must know the file is on disk before it commits the row naming it, and that
+    removes the file again if the row fails, syncs, runs its statements, then finishes. A file
+    that was already there (an identical re-send, or the same bytes written at once by another
+    association, process or host) is synced too before it counts, and never removed here.
     """
 
     def __init__(
@@ -170,11 +172,12 @@ class PendingInstance:
         self.stored = stored
         self._fd = fd
         self._created = fd is not None
+        self._synced = False
         self._finished = False
         self._sync: Future[None] | None = None  # the fdatasync of ``fd`` in a sync thread
 
     def finish(self) -> StoredFile:
-        """Wait until the file is on disk and return what was stored.
+        """Wait until the file is on disk (:meth:`sync`), keep it, and return what was stored.
 
         Raises
         ------
@@ -183,7 +186,20 @@ class PendingInstance:
         StorageError
             If a file of these bytes is still being written by another association.
         """
-        if self._finished:
+        stored = self.sync()
+        self._finished = True
+        return stored
+
+    def sync(self) -> StoredFile:
+        """Wait until the file is on disk and return what was stored; :meth:`abort` still removes
+        it until :meth:`finish` is called.
+
+        Raises
+        ------
+        StorageFullError, StorageError
+            As :meth:`finish` (and then the file is removed).
+        """
+        if self._synced:
             return self.stored
         try:
             fd = self._synced_descriptor()
@@ -200,7 +216,7 @@ class PendingInstance:
             raise
         os.close(fd)
         self._fd = None
-        self._finished = True
+        self._synced = True
         return self.stored
 
     def _synced_descriptor(self) -> int:

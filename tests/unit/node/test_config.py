@@ -108,6 +108,22 @@ def test_database_and_broker_urls_are_used_as_given(monkeypatch: pytest.MonkeyPa
     assert settings.broker == "amqp://guest:guest@mq:5672//"
 
 
+def test_listener_processes_default_to_the_cores_on_postgresql_and_one_on_sqlite(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from node import config as config_module
+
+    monkeypatch.setattr(config_module, "usable_cores", lambda: 3)
+    assert load_settings().listener_processes == 1  # SQLite: one writer at a time
+    postgres = "postgresql+psycopg://u@db:5432/m"
+    assert load_settings(database_url=postgres).listener_processes == 3
+    assert load_settings(database_url=postgres, listener_processes=1).listener_processes == 1
+    monkeypatch.setattr(config_module, "usable_cores", lambda: 64)
+    assert load_settings(database_url=postgres).listener_processes == config_module.MAX_AUTO_LISTENER_PROCESSES
+    with pytest.raises(ConfigError, match="need database_url on PostgreSQL"):
+        load_settings(listener_processes=2)
+
+
 def test_destination_env_feeds_the_default_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MEDNODE_DESTINATION", "PACS@[::1]:104")
     settings = load_settings()

@@ -446,3 +446,18 @@ def test_the_second_of_two_writers_of_the_same_bytes_takes_the_first_ones_file(
     path = tmp_path / stored.relative_path
     assert path.read_bytes() == data and path.stat().st_mtime == 1  # the first file, untouched
     assert _partials(tmp_path) == []
+
+
+def test_a_synced_instance_is_removed_on_abort_until_it_is_finished(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path / "store")
+    uids = ("1.2.3", "1.2.3.4")
+    dropped = store.begin_instance(*uids, "1.2.3.4.1", b"row failed")
+    assert dropped.sync().size_bytes == len(b"row failed")
+    dropped.abort()  # its row failed before committing: the synced file goes
+    assert not store.absolute(dropped.stored.relative_path).exists()
+
+    kept = store.begin_instance(*uids, "1.2.3.4.2", b"row committed")
+    kept.sync()
+    assert kept.finish() == kept.stored  # already synced: kept without another sync
+    kept.abort()
+    assert store.read(kept.stored.relative_path) == b"row committed"

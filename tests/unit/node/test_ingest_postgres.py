@@ -1,0 +1,142 @@
+"""The ingestor on PostgreSQL: a new instance of a known series is indexed by one statement that
+commits itself, after its file's sync, and leaves the index as the full path does; a failed
+statement leaves no file, a lost connection leaves the (synced) file for a re-send."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event, select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from node import ingest as ingest_module
+from node.ingest import Ingestor
+from storage import store as store_module
+from storage.db import make_engine, make_session_factory, upgrade
+from storage.index import IndexOutcome
+from storage.models import Instance, Series, Study, StudyState
+from storage.store import InstanceStore
+from tests.databases import fresh_postgres_database
+
+from .conftest import make_dataset, to_bytes
+
+STUDY, SERIES = "1.2.826.0.1.3680043.8.498.7", "1.2.826.0.1.3680043.8.498.7.1"
+
+
+@pytest.fixture
+def postgres() -> Iterator[Engine]:
+    with fresh_postgres_database("mednode_ingest") as url:
+        engine = make_engine(url)
+        upgrade(engine)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
+
+
+@pytest.fixture
+def pg_sessions(postgres: Engine) -> sessionmaker[Session]:
+    return make_session_factory(postgres)
+
+
+def _files(store: InstanceStore) -> list[Path]:
+    return [p for p in store.root.rglob("*") if p.is_file()]
+
+
+def _ingest(ingestor: Ingestor, number: int, calling: str = "CT1", **attributes: object) -> IndexOutcome:
+    data = to_bytes(make_dataset(STUDY, SERIES, number, **attributes))
+    return ingestor.ingest(data, calling_ae_title=calling, called_ae_title="MEDNODE").outcome
+
+
+def test_a_new_instance_of_a_known_series_takes_one_statement_committed_after_the_sync(
+    postgres: Engine, pg_sessions: sessionmaker[Session], store: InstanceStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ingestor = Ingestor(store, pg_sessions)
+    assert _ingest(ingestor, 1) is IndexOutcome.NEW  # a new series: the full path
+    statements: list[str] = []
+    synced: list[int] = []
+
+    @event.listens_for(postgres, "before_cursor_execute")
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(f"{len(synced)} synced: {statement.split()[0]}")
+
+    sync_data = store_module._sync_data
+    monkeypatch.setattr(store_module, "_sync_data", lambda fd: (sync_data(fd), synced.append(fd)))
+    commits: list[object] = []
+    event.listen(postgres, "commit", commits.append)
+
+    assert _ingest(ingestor, 2, calling="CT2") is IndexOutcome.NEW
+    # one statement (WITH … INSERT … UPDATE … SELECT), after the file's sync; no BEGIN/COMMIT
+    assert statements == ["1 synced: WITH"]
+    assert commits == []
+    with pg_sessions() as session:
+        study = session.scalars(select(Study)).one()
+        rows = session.scalars(select(Instance).order_by(Instance.instance_number)).all()
+    assert [r.instance_number for r in rows] == [1, 2]
+    assert study.calling_ae_title == "CT2" and study.last_received_at == rows[1].received_at
+    assert [p.relative_to(store.root).as_posix() for p in sorted(_files(store))] == sorted(r.path for r in rows)
+    # a re-send changes nothing, and takes the full path
+    assert _ingest(ingestor, 2, calling="CT2") is IndexOutcome.UNCHANGED
+
+
+def test_one_statement_reopens_a_complete_study_and_leaves_a_held_series_alone(
+    pg_sessions: sessionmaker[Session], store: InstanceStore
+) -> None:
+    ingestor = Ingestor(store, pg_sessions)
+    _ingest(ingestor, 1)
+    since = datetime(2020, 1, 1, tzinfo=UTC)
+    with pg_sessions() as session, session.begin():
+        study = session.scalars(select(Study)).one()
+        study.state, study.receiving_since, study.version = StudyState.ROUTED, since, 1
+    assert _ingest(ingestor, 2) is IndexOutcome.NEW  # a late instance of an image series
+    with pg_sessions() as session:
+        study = session.scalars(select(Study)).one()
+    assert study.state == StudyState.RECEIVING and study.receiving_since != since
+
+    with pg_sessions() as session, session.begin():
+        study = session.scalars(select(Study)).one()
+        study.state, study.receiving_since = StudyState.ROUTED, since
+        session.scalars(select(Series)).one().held_reason = "held for the test"
+    assert _ingest(ingestor, 3) is IndexOutcome.NEW
+    with pg_sessions() as session:
+        study = session.scalars(select(Study)).one()
+        count = len(session.scalars(select(Instance)).all())
+    assert (study.state, study.receiving_since, count) == (StudyState.ROUTED, since, 3)
+
+
+def _failing_statement(invalidated: bool) -> Any:
+    def fail(*_args: object, **_kwargs: object) -> bool:
+        raise OperationalError("WITH new_instance …", {}, Exception("server gone"),
+                               connection_invalidated=invalidated)
+    return fail
+
+
+def test_a_failed_statement_leaves_no_file(
+    pg_sessions: sessionmaker[Session], store: InstanceStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ingestor = Ingestor(store, pg_sessions)
+    _ingest(ingestor, 1)
+    before = _files(store)
+    monkeypatch.setattr(ingest_module, "index_new_instance", _failing_statement(invalidated=False))
+    with pytest.raises(OperationalError):
+        _ingest(ingestor, 2)
+    assert _files(store) == before
+
+
+def test_a_connection_lost_during_the_statement_keeps_the_synced_file_for_a_resend(
+    pg_sessions: sessionmaker[Session], store: InstanceStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ingestor = Ingestor(store, pg_sessions)
+    _ingest(ingestor, 1)
+    with monkeypatch.context() as patch:
+        patch.setattr(ingest_module, "index_new_instance", _failing_statement(invalidated=True))
+        with pytest.raises(OperationalError):
+            _ingest(ingestor, 2)  # the statement may have committed: its file must stay
+    assert len(_files(store)) == 2
+    assert _ingest(ingestor, 2) is IndexOutcome.NEW  # the re-send takes the file as it is
+    assert len(_files(store)) == 2

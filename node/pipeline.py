@@ -17,6 +17,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any, Self
 
+import numpy as np
 from pydicom.dataset import Dataset
 from sqlalchemy.exc import OperationalError
 
@@ -54,6 +55,8 @@ SEG_SERIES_NUMBER = 9901
 SR_SERIES_NUMBER = 9902
 BUNDLE_SERIES_NUMBER = 9940
 REJECTION_SERIES_NUMBER = 9990
+#: Values longer than this (Pixel Data) are read when the volume decodes them, not with the header.
+_DEFER_PIXELS_BYTES = 64 * 1024
 
 
 class TransientError(RuntimeError):
@@ -114,10 +117,13 @@ def load_series_volume(ctx: NodeContext, job: jobs.ClaimedJob, modalities: tuple
         raise InvalidInputError(f"the study has no {'/'.join(modalities)} series for this rule")
     _, series_uid = max(candidates)
     started = time.perf_counter()
-    datasets = [read_dataset(ctx.store.absolute(p)) for p in job.instance_paths[series_uid]]
+    # headers now, each slice's pixels read while it is decoded into the volume and then dropped:
+    # the series' encoded pixels and the volume are never in memory side by side
+    datasets = [read_dataset(ctx.store.absolute(p), defer_size=_DEFER_PIXELS_BYTES)
+                for p in job.instance_paths[series_uid]]
     # once per job, so one warning names what is left empty in all its results
     datasets = conform_copied_attributes(datasets, purpose=f"job {job.id}")
-    volume = load_volume(datasets)
+    volume = load_volume(datasets, release_pixel_data=True)
     _timed("load_volume", started, job.key)
     return volume
 
@@ -128,13 +134,16 @@ def ct_analysis(volume: Volume, job_key: str, amendment: jobs.Amendment | None =
     started = time.perf_counter()
     analysis = analyze_ct(volume.pixels, volume.spacing_mm)
     _timed("ct_analyzer", started, job_key)
+    # the SEG and SR need the masks, the geometry and the headers: the pixels go before the
+    # SEG's one byte a voxel and segment is allocated
+    volume.release_pixels()
     found = [s for s in analysis.structures if not s.is_empty]
     if not found:
         raise InvalidInputError("the CT analyzer found no structure (body, lungs, bone) in the series")
     started = time.perf_counter()
     seg = build_segmentation(
         volume,
-        {s.label: s.mask for s in found},
+        {s.label: s.packed_mask for s in found},
         series_instance_uid=derived_uid(job_key, "seg", "series"),
         sop_instance_uid=derived_uid(job_key, "seg", "instance"),
         series_number=SEG_SERIES_NUMBER,
@@ -292,7 +301,9 @@ def bundle_segmentation(bundle: MonaiBundle, volume: Volume, job_key: str, *, se
     """Segment ``volume`` with a MONAI bundle and write its SEG and TID 1500 SR (volume per label,
     mean HU on CT)."""
     started = time.perf_counter()
-    masks = bundle.segment(volume.pixels, volume.spacing_mm, affine_lps=volume.affine)
+    # bundles were written for float32 volumes (load_volume's dtype before int16 HU): the same input
+    pixels = volume.pixels.astype(np.float32, copy=False)
+    masks = bundle.segment(pixels, volume.spacing_mm, affine_lps=volume.affine)
     _timed("monai_bundle", started, job_key)
     found = {label: mask for label, mask in masks.items() if mask.any()}
     if not found:
@@ -311,7 +322,7 @@ def bundle_segmentation(bundle: MonaiBundle, volume: Volume, job_key: str, *, se
     measurements = [
         StructureMeasurement(
             label=label, segment_number=number, volume_ml=float(mask.sum()) * voxel_ml,
-            mean_hu=float(volume.pixels[mask].mean()) if is_ct else math.nan,
+            mean_hu=float(pixels[mask].mean()) if is_ct else math.nan,
         )
         for number, (label, mask) in enumerate(found.items(), start=1)
     ]

@@ -303,3 +303,38 @@ def test_segment_over_many_slices_references_its_source_series(algorithm: Algori
     assert body.referenced_segment.source_series_for_segmentation.value == volume.series_instance_uid
     listed = {s.referenced_sop_instance_uid for s in bone.referenced_segment.source_images_for_segmentation}
     assert listed == {str(volume.datasets[i].SOPInstanceUID) for i in range(3, 6)}
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapping", "disjoint"])
+def test_slab_wise_overlap_check_answers_as_highdicoms_own(overlap: bool) -> None:
+    from dicom_io.seg import _Segmentation
+
+    rng = np.random.default_rng(7)
+    stack = rng.random((70, 9, 11, 3)) < 0.3  # more frames than one slab
+    if not overlap:
+        first = stack.argmax(axis=-1)
+        stack = (np.arange(3) == first[..., None]) & stack.any(axis=-1, keepdims=True)
+    numbers = np.array([1, 2, 3])
+    binary = hd.seg.SegmentationTypeValues.BINARY
+    ours = _Segmentation._check_and_cast_pixel_array(stack, numbers, binary, np.uint8)
+    theirs = hd.seg.Segmentation._check_and_cast_pixel_array(stack, numbers, binary, np.uint8)
+    assert ours[1] == theirs[1] == (hd.seg.SegmentsOverlapValues.YES if overlap else hd.seg.SegmentsOverlapValues.NO)
+    assert ours[0] is stack
+
+
+def test_packed_masks_of_a_released_volume_give_the_same_seg(algorithm: AlgorithmInfo, validate) -> None:
+    from dicom_io.packed_mask import PackedMask
+
+    volume = load_volume(series_datasets("ct/pydicom_head_ct2"))
+    masks = masks_for(volume)
+    masks["body"] = np.ones(volume.shape, dtype=bool)  # overlaps both
+    plain = build(volume, masks, algorithm)
+    volume.release_pixels()
+    packed = build(volume, {key: PackedMask.from_array(mask) for key, mask in masks.items()}, algorithm)
+    validate(to_bytes(packed))
+    assert packed.SegmentsOverlap == plain.SegmentsOverlap == "YES"
+    assert packed.PixelData == plain.PixelData
+    # everything but the moment of creation
+    for keyword in ("PerFrameFunctionalGroupsSequence", "SegmentSequence", "ReferencedSeriesSequence",
+                    "NumberOfFrames", "SharedFunctionalGroupsSequence"):
+        assert packed.get(keyword) == plain.get(keyword), keyword

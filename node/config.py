@@ -514,6 +514,12 @@ class Settings(BaseSettings):
     #: holds one copy of the model (one process per GPU), and their prompts share ``generate``
     #: calls (``models.vlm.batch_size``); other workers run a process per job
     worker_concurrency: int = Field(default=4, ge=1)
+    #: most memory (MiB) the volume jobs (built-in CT analyzer, segmentation bundles) of one worker
+    #: process hold at once, by estimate: each reserves a multiple of its series' int16 pixel bytes
+    #: before it loads the series (CT analyzer: 2x, measured; bundle: 4x) and waits, in arrival
+    #: order, while the others hold too much; one job larger than the budget runs alone.
+    #: None: no bound
+    volume_memory_budget_mb: int | None = Field(default=4096, ge=1)
     #: the embedded workers include one for ``inference.urgent`` (asks, priority 8-9), which
     #: starts them while a long job runs but holds its own copy of a model once it has run one;
     #: false: the inference worker takes urgent jobs too, after the job it is running

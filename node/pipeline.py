@@ -45,6 +45,7 @@ from node.context import NodeContext
 from node.failures import failure_reason
 from node.prior_stage import job_priors, rule_priors
 from node.vlm_stage import read_series, run_vlm_tasks
+from node.volume_budget import VolumeBudget, process_budget
 from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,12 @@ BUNDLE_SERIES_NUMBER = 9940
 REJECTION_SERIES_NUMBER = 9990
 #: Values longer than this (Pixel Data) are read when the volume decodes them, not with the header.
 _DEFER_PIXELS_BYTES = 64 * 1024
+#: A volume job's peak memory above the worker's baseline, in multiples of its series' int16 pixel
+#: bytes, reserved from the worker's volume memory budget: the built-in CT analyzer measured
+#: 1.9x at 300 and 1,000 slices (bench/memory.py, docs/BENCHMARKS.md); a bundle also holds a
+#: float32 copy of the volume and its network's activations (not measured: an estimate)
+CT_ANALYSIS_PEAK_FACTOR = 2.0
+BUNDLE_PEAK_FACTOR = 4.0
 
 
 class TransientError(RuntimeError):
@@ -100,8 +107,8 @@ def warm_up() -> None:
 
 
 # -- stages ---------------------------------------------------------------------------------------
-def load_series_volume(ctx: NodeContext, job: jobs.ClaimedJob, modalities: tuple[str, ...]) -> Volume:
-    """Read the largest matched series of one of ``modalities`` into a volume.
+def select_series(ctx: NodeContext, job: jobs.ClaimedJob, modalities: tuple[str, ...]) -> tuple[str, int]:
+    """The largest of the job's series of one of ``modalities``, and its pixels' bytes in int16.
 
     Raises
     ------
@@ -112,10 +119,26 @@ def load_series_volume(ctx: NodeContext, job: jobs.ClaimedJob, modalities: tuple
     for series_uid, paths in job.instance_paths.items():
         first = read_dataset(ctx.store.absolute(paths[0]), stop_before_pixels=True) if paths else None
         if first is not None and str(first.get("Modality", "")).upper() in modalities:
-            candidates.append((len(paths), series_uid))
+            pixels = int(first.get("Rows", 0) or 0) * int(first.get("Columns", 0) or 0)
+            candidates.append((len(paths), series_uid, len(paths) * pixels * 2))
     if not candidates:
         raise InvalidInputError(f"the study has no {'/'.join(modalities)} series for this rule")
-    _, series_uid = max(candidates)
+    _, series_uid, pixel_bytes = max(candidates)
+    return series_uid, pixel_bytes
+
+
+def load_series_volume(ctx: NodeContext, job: jobs.ClaimedJob, modalities: tuple[str, ...],
+                       series_uid: str | None = None) -> Volume:
+    """Read ``series_uid`` (by default the largest matched series of one of ``modalities``) into a
+    volume.
+
+    Raises
+    ------
+    InvalidInputError
+        If the job's series hold no series of that modality.
+    """
+    if series_uid is None:
+        series_uid, _ = select_series(ctx, job, modalities)
     started = time.perf_counter()
     # headers now, each slice's pixels read while it is decoded into the volume and then dropped:
     # the series' encoded pixels and the volume are never in memory side by side
@@ -126,6 +149,12 @@ def load_series_volume(ctx: NodeContext, job: jobs.ClaimedJob, modalities: tuple
     volume = load_volume(datasets, release_pixel_data=True)
     _timed("load_volume", started, job.key)
     return volume
+
+
+def volume_budget(ctx: NodeContext) -> VolumeBudget:
+    """The volume memory budget of this worker process (``volume_memory_budget_mb``)."""
+    limit_mb = ctx.settings.volume_memory_budget_mb
+    return process_budget(None if limit_mb is None else limit_mb * 1024 * 1024)
 
 
 def ct_analysis(volume: Volume, job_key: str, amendment: jobs.Amendment | None = None) -> list[Output]:
@@ -185,16 +214,22 @@ def run_tasks(ctx: NodeContext, job: jobs.ClaimedJob) -> list[Output]:
     specs = list(plan.model_tasks)
     outputs: list[Output] = []
     if plan.ct_analysis:
-        volume = load_series_volume(ctx, job, ("CT",))
-        outputs.extend(ct_analysis(volume, job.key, job.amendment))
+        series_uid, pixel_bytes = select_series(ctx, job, ("CT",))
+        with volume_budget(ctx).reserve(int(CT_ANALYSIS_PEAK_FACTOR * pixel_bytes), job.key):
+            volume = load_series_volume(ctx, job, ("CT",), series_uid)
+            outputs.extend(ct_analysis(volume, job.key, job.amendment))
+            del volume
     for index, name in enumerate(plan.bundles):
         path = ctx.settings.models.bundles.get(name)
         if path is None:
             raise ModelNotConfiguredError(f"segmentation bundle {name!r} is not in models.bundles")
-        volume = load_series_volume(ctx, job, ("CT", "MR"))
-        bundle = load_bundle(path, ctx.settings.models.bundle_device)
-        outputs.extend(bundle_segmentation(bundle, volume, job.key, series_offset=2 * index,
-                                           amendment=job.amendment))
+        series_uid, pixel_bytes = select_series(ctx, job, ("CT", "MR"))
+        with volume_budget(ctx).reserve(int(BUNDLE_PEAK_FACTOR * pixel_bytes), job.key):
+            volume = load_series_volume(ctx, job, ("CT", "MR"), series_uid)
+            bundle = load_bundle(path, ctx.settings.models.bundle_device)
+            outputs.extend(bundle_segmentation(bundle, volume, job.key, series_offset=2 * index,
+                                               amendment=job.amendment))
+            del volume
     if specs:
         vlm_settings = ctx.settings.models.vlm
         if vlm_settings is None:

@@ -63,3 +63,58 @@ def test_no_limit_never_waits_and_a_failed_job_gives_its_share_back() -> None:
 def test_the_process_budget_follows_the_configured_limit() -> None:
     assert process_budget(100) is process_budget(100)
     assert process_budget(200).limit_bytes == 200
+
+
+def test_a_ct_job_waits_for_the_budget_before_loading_its_volume(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from datetime import timedelta
+
+    from dicom_io.header import parse_header
+    from node import pipeline
+    from node.completion import complete_due_studies
+    from node.config import load_settings
+    from node.context import NodeContext
+    from storage.db import upgrade
+    from storage.index import index_instance
+    from storage.models import utcnow
+    from tests.shared_data import SHARED_DICOM
+
+    series = SHARED_DICOM / "ct" / "dcmqi_ct3slice"
+    if not series.is_dir():
+        pytest.skip(f"sample series {series} is missing")
+    settings = load_settings(data_dir=tmp_path / "var", quiet_period_s=1, volume_memory_budget_mb=1,
+                             destinations={"pacs": "PACS@127.0.0.1:104"},
+                             rules=[{"name": "ct", "match": {"modality": "CT"}, "tasks": ["ct_analysis"],
+                                     "destinations": ["pacs"]}])
+    ctx = NodeContext.create(settings)
+    try:
+        upgrade(ctx.engine)
+        now = utcnow() - timedelta(hours=1)
+        for path in sorted(series.glob("*.dcm")):
+            data = path.read_bytes()
+            header, _ = parse_header(data)
+            stored = ctx.store.write_instance(header.study_instance_uid, header.series_instance_uid,
+                                              header.sop_instance_uid, data)
+            with ctx.sessions() as session, session.begin():
+                index_instance(session, header, stored, calling_ae_title="MODALITY", called_ae_title="MEDNODE",
+                               now=now)
+        [(job_id, _)] = complete_due_studies(ctx.sessions, ctx.settings, now=now + timedelta(seconds=5))
+        loaded = threading.Event()
+        load_volume = pipeline.load_volume
+
+        def recording_load(*args, **kwargs):  # type: ignore[no-untyped-def]
+            loaded.set()
+            return load_volume(*args, **kwargs)
+
+        monkeypatch.setattr(pipeline, "load_volume", recording_load)
+        deliveries: list[int] = []
+        budget = pipeline.volume_budget(ctx)
+        with budget.reserve(1, "another job"):
+            worker = threading.Thread(target=lambda: deliveries.extend(pipeline.run_job(ctx, job_id)))
+            worker.start()
+            assert not loaded.wait(1.0), "the job loaded its volume while the budget was held"
+        worker.join(60)
+        assert loaded.is_set() and not worker.is_alive()
+        assert len(deliveries) == 2  # SEG and SR, each to the PACS
+        assert budget.held_bytes == 0
+    finally:
+        ctx.close()

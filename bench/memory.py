@@ -121,6 +121,23 @@ def dciodvfy(path: str) -> str:
     return f"{len(errors)} errors" + (f": {errors[:3]}" if errors else "")
 
 
+def add_lungs(study: Path) -> None:
+    """Two air cylinders (-850 HU) inside the generator's water cylinder, in every slice: the
+    analyzer then finds body, lungs and bone, as in a chest CT (three SEG segments)."""
+    import numpy as np
+    import pydicom
+
+    for path in sorted(study.iterdir()):
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array.copy()
+        size = pixels.shape[0]
+        yy, xx = np.mgrid[:size, :size]
+        for cx in (0.32 * size, 0.68 * size):
+            pixels[np.hypot(yy - size / 2, xx - cx) < 0.11 * size] = -850
+        ds.PixelData = pixels.tobytes()
+        ds.save_as(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.ingest import generate_study, machine
 
@@ -128,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--counts", type=lambda s: [int(v) for v in s.split(",")], default=[300, 1000])
     parser.add_argument("--code", action="append", default=[], help="NAME=DIR: also run this tree")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--lungs", action="store_true",
+                        help="add two air-filled lungs (-850 HU) inside the body: three segments, not two")
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args(argv)
     codes = [(name, Path(path).resolve()) for name, _, path in (c.partition("=") for c in args.code)]
@@ -138,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         for count in args.counts:
             study = work / f"ct{count}"
             generate_study(study, count)
+            if args.lungs:
+                add_lungs(study)
             pixel_bytes = count * 512 * 512 * 2
             digests = {}
             for repeat in range(args.repeats):

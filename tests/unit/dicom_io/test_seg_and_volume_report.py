@@ -306,35 +306,54 @@ def test_segment_over_many_slices_references_its_source_series(algorithm: Algori
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlapping", "disjoint"])
-def test_slab_wise_overlap_check_answers_as_highdicoms_own(overlap: bool) -> None:
-    from dicom_io.seg import _Segmentation
+def test_packed_stack_answers_highdicoms_checks_as_highdicom(overlap: bool) -> None:
+    from dicom_io.packed_mask import PackedMask
+    from dicom_io.seg import _PackedStack, _Segmentation
 
     rng = np.random.default_rng(7)
-    stack = rng.random((70, 9, 11, 3)) < 0.3  # more frames than one slab
+    dense = rng.random((70, 9, 11, 3)) < 0.02  # more frames than one slab, some empty
+    dense[5:9] = False
     if not overlap:
-        first = stack.argmax(axis=-1)
-        stack = (np.arange(3) == first[..., None]) & stack.any(axis=-1, keepdims=True)
+        first = dense.argmax(axis=-1)
+        dense = (np.arange(3) == first[..., None]) & dense.any(axis=-1, keepdims=True)
+    stack = _PackedStack([PackedMask.from_array(np.ascontiguousarray(dense[..., i])) for i in range(3)])
+    assert stack.shape == dense.shape and stack.ndim == 4 and stack.dtype == dense.dtype
+    for frame in (0, 6, 69):
+        np.testing.assert_array_equal(stack[frame], dense[frame])
     numbers = np.array([1, 2, 3])
     binary = hd.seg.SegmentationTypeValues.BINARY
     ours = _Segmentation._check_and_cast_pixel_array(stack, numbers, binary, np.uint8)
-    theirs = hd.seg.Segmentation._check_and_cast_pixel_array(stack, numbers, binary, np.uint8)
+    theirs = hd.seg.Segmentation._check_and_cast_pixel_array(dense, numbers, binary, np.uint8)
     assert ours[1] == theirs[1] == (hd.seg.SegmentsOverlapValues.YES if overlap else hd.seg.SegmentsOverlapValues.NO)
-    assert ours[0] is stack
+    assert _Segmentation._get_nonempty_plane_indices(stack) == hd.seg.Segmentation._get_nonempty_plane_indices(dense)
+    empty = _PackedStack([PackedMask.zeros((4, 9, 11))])
+    assert _Segmentation._get_nonempty_plane_indices(empty) == ([0, 1, 2, 3], True)
 
 
-def test_packed_masks_of_a_released_volume_give_the_same_seg(algorithm: AlgorithmInfo, validate) -> None:
+def test_seg_from_packed_masks_equals_highdicoms_own_from_the_dense_array(
+    algorithm: AlgorithmInfo, validate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicom_io import seg as seg_module
     from dicom_io.packed_mask import PackedMask
 
     volume = load_volume(series_datasets("ct/pydicom_head_ct2"))
     masks = masks_for(volume)
     masks["body"] = np.ones(volume.shape, dtype=bool)  # overlaps both
-    plain = build(volume, masks, algorithm)
+    masks["body"][3] = False
     volume.release_pixels()
     packed = build(volume, {key: PackedMask.from_array(mask) for key, mask in masks.items()}, algorithm)
+    from_bool = build(volume, masks, algorithm)
+    # highdicom's own class on the dense (frames, rows, columns, segments) array
+    monkeypatch.setattr(seg_module, "_Segmentation", hd.seg.Segmentation)
+    monkeypatch.setattr(seg_module, "_PackedStack",
+                        lambda masks: np.stack([m.to_array() for m in masks]).transpose(1, 2, 3, 0))
+    plain = build(volume, masks, algorithm)
     validate(to_bytes(packed))
     assert packed.SegmentsOverlap == plain.SegmentsOverlap == "YES"
-    assert packed.PixelData == plain.PixelData
-    # everything but the moment of creation
-    for keyword in ("PerFrameFunctionalGroupsSequence", "SegmentSequence", "ReferencedSeriesSequence",
-                    "NumberOfFrames", "SharedFunctionalGroupsSequence"):
-        assert packed.get(keyword) == plain.get(keyword), keyword
+    assert packed.NumberOfFrames == plain.NumberOfFrames == 2 + 3 + 1
+    for built in (packed, from_bool):
+        assert built.PixelData == plain.PixelData
+        # everything but the moment of creation and the random Dimension Organization UID
+        for keyword in ("PerFrameFunctionalGroupsSequence", "SegmentSequence", "ReferencedSeriesSequence",
+                        "SharedFunctionalGroupsSequence"):
+            assert built.get(keyword) == plain.get(keyword), keyword

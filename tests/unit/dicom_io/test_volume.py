@@ -198,3 +198,20 @@ def test_garbage_bytes_are_invalid(tmp_path) -> None:
 def test_projection_image_has_no_volume_geometry() -> None:
     with pytest.raises(InvalidInstanceError, match="Image Orientation"):
         load_volume([read_dataset(sample("xr/highdicom_dx_thorax.dcm"))])
+
+
+def test_deferred_pixels_of_repaired_copies_are_read_from_their_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # conform_copied_attributes replaces a source with a problem by a copy sharing its elements:
+    # the copy's deferred Pixel Data must still be read from the file
+    from dicom_io.source_header import conform_copied_attributes
+
+    for path in sorted(sample("ct/dcmqi_ct3slice").glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        del ds.PatientSex  # Type 2, missing: repaired
+        ds.save_as(tmp_path / path.name)
+    paths = sorted(tmp_path.iterdir())
+    deferred = [read_dataset(p, defer_size=64 * 1024) for p in paths]
+    conformed = conform_copied_attributes(deferred, purpose="test")
+    assert all(c is not d for c, d in zip(conformed, deferred, strict=True))
+    volume = load_volume(conformed, release_pixel_data=True)
+    np.testing.assert_array_equal(volume.pixels, load_volume([read_dataset(p) for p in paths]).pixels)

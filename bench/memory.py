@@ -17,7 +17,7 @@ each run (SEG PixelData, SR measurement values) are compared across codes.
 Usage::
 
     .venv/bin/python bench/memory.py --counts 300,1000
-    .venv/bin/python bench/memory.py --counts 1000 --code before=/tmp/main-tree
+    .venv/bin/python bench/memory.py --counts 1000 --lungs --code before=/tmp/main-tree  # 3 segments
 """
 
 from __future__ import annotations

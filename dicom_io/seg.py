@@ -10,6 +10,7 @@ import numpy as np
 
 from dicom_io.codes import ARTIFICIAL_INTELLIGENCE
 from dicom_io.equipment import IHE_CODING_SCHEME, AlgorithmInfo, add_contributing_equipment
+from dicom_io.packed_mask import PackedMask
 from dicom_io.source_header import character_set_of, conform_copied_attributes
 from dicom_io.sr_common import structure_for
 from dicom_io.uids import derived_uid
@@ -17,52 +18,101 @@ from dicom_io.volume import Volume
 
 logger = logging.getLogger(__name__)
 
+#: Frames at a time in the overlap check.
+_SLAB_FRAMES = 32
 
-def segments_overlap(pixel_array: np.ndarray) -> bool:
-    """Whether any pixel belongs to two segments of a boolean ``(frames, rows, columns, segments)``
-    array.
 
-    Pair by pair, each segment a contiguous block when the array is laid out segment by segment
-    (as :func:`build_segmentation` makes it), stopping at the first overlap: for the CT analyzer's
-    three segments of 300 × 512² about 0.1 s, where highdicom 0.28 sums the array over its segments
-    axis into int64 (1.3 s) after taking its maximum (0.35 s).
+class _PackedStack:
+    """The (frames, rows, columns, segments) boolean array highdicom takes, made one frame at a
+    time from packed masks when highdicom reads that frame.
+
+    The whole array would hold one byte a voxel and segment (786 MB for three segments of a
+    1,000-slice 512² CT) for the length of the SEG build, the largest allocation of the CT job;
+    a frame is 0.8 MB. highdicom 0.28 reads the array only through ``ndim``, ``shape``, ``dtype``
+    and ``array[frame]``, apart from two checks :class:`_Segmentation` answers from the packed
+    bits (empty frames, overlapping segments). Each frame is laid out segment by segment, so a
+    segment's frame, which highdicom encodes, is contiguous.
     """
-    count = pixel_array.shape[-1]
-    for first in range(count):
-        for second in range(first + 1, count):
-            if np.logical_and(pixel_array[..., first], pixel_array[..., second]).any():
-                return True
-    return False
+
+    ndim = 4
+    dtype = np.dtype(np.bool_)
+
+    def __init__(self, masks: list[PackedMask]) -> None:
+        self.masks = masks
+        self.shape = (*masks[0].shape, len(masks))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, frame: int) -> np.ndarray:
+        if not isinstance(frame, int | np.integer):
+            raise TypeError(f"masks are read one frame at a time, got index {frame!r}")
+        planes = np.empty((len(self.masks), *self.shape[1:3]), dtype=np.bool_)
+        for index, mask in enumerate(self.masks):
+            planes[index] = mask.slab(int(frame), int(frame) + 1)[0]
+        return planes.transpose(1, 2, 0)
+
+    def nonempty_frames(self) -> list[int]:
+        """Frames where any segment has a voxel, ascending."""
+        frames = self.shape[0]
+        present = np.zeros(frames, dtype=bool)
+        for mask in self.masks:
+            present |= mask.bits.reshape(frames, -1).any(axis=1)
+        return [int(i) for i in np.flatnonzero(present)]
+
+    def overlap(self) -> bool:
+        """Whether some voxel is in more than one segment."""
+        for first in range(len(self.masks)):
+            for second in range(first + 1, len(self.masks)):
+                a, b = self.masks[first].bits, self.masks[second].bits
+                for start in range(0, self.shape[0], _SLAB_FRAMES):
+                    if np.bitwise_and(a[start : start + _SLAB_FRAMES], b[start : start + _SLAB_FRAMES]).any():
+                        return True
+        return False
 
 
 class _Segmentation(hd.seg.Segmentation):
-    """highdicom's Segmentation with a faster overlap check for boolean segment stacks.
+    """highdicom's Segmentation, built from a :class:`_PackedStack` of masks.
 
-    Only :meth:`_check_and_cast_pixel_array` changes, and only for a 4-D boolean array of several
-    segments, where highdicom 0.28 returns the array unchanged with Segments Overlap YES or NO: this
-    returns the same, computed by :func:`segments_overlap`. Every other input goes to highdicom.
-    (A private method of highdicom: ``setup.cfg`` pins highdicom below 0.29, and the unit tests
-    compare this with highdicom's own answer.)
+    It answers highdicom's two whole-array checks from the packed bits, with highdicom's own
+    answers: whether the segments overlap (highdicom 0.28 sums the array over the segments axis
+    into an int64 array of 8 bytes a voxel: 2.1 GB for a 1,000-slice 512² CT) and which frames
+    are empty. The version range of highdicom in setup.cfg pins the private methods this
+    overrides; tests compare its SEG with highdicom's own built from the dense array.
     """
 
     @classmethod
-    def _check_and_cast_pixel_array(
+    def _check_and_cast_pixel_array(  # type: ignore[override]
         cls,
-        pixel_array: np.ndarray | hd.Volume,
+        pixel_array: np.ndarray | hd.Volume | _PackedStack,
         segment_numbers: np.ndarray,
         segmentation_type: hd.seg.SegmentationTypeValues,
         dtype: type,
-    ) -> tuple[np.ndarray | hd.Volume, hd.seg.SegmentsOverlapValues]:
-        if (
-            isinstance(pixel_array, np.ndarray)
-            and pixel_array.dtype == np.bool_
-            and pixel_array.ndim == 4
-            and pixel_array.shape[-1] == len(segment_numbers) > 1
-            and segmentation_type == hd.seg.SegmentationTypeValues.BINARY
-        ):
-            overlap = segments_overlap(pixel_array)
-            return pixel_array, (hd.seg.SegmentsOverlapValues.YES if overlap else hd.seg.SegmentsOverlapValues.NO)
-        return super()._check_and_cast_pixel_array(pixel_array, segment_numbers, segmentation_type, dtype)
+    ) -> tuple[np.ndarray | hd.Volume | _PackedStack, hd.seg.SegmentsOverlapValues]:
+        if not isinstance(pixel_array, _PackedStack):
+            return super()._check_and_cast_pixel_array(  # type: ignore[no-any-return]
+                pixel_array, segment_numbers, segmentation_type, dtype
+            )
+        if segmentation_type != hd.seg.SegmentationTypeValues.BINARY:
+            raise ValueError("packed masks make BINARY segmentations only")
+        if pixel_array.shape[-1] != len(segment_numbers):
+            raise ValueError(
+                f"The number of segments in last dimension of the pixel array "
+                f"({pixel_array.shape[-1]}) does not match the number of described segments "
+                f"({len(segment_numbers)})."
+            )
+        overlap = pixel_array.overlap()
+        return pixel_array, (hd.seg.SegmentsOverlapValues.YES if overlap else hd.seg.SegmentsOverlapValues.NO)
+
+    @staticmethod
+    def _get_nonempty_plane_indices(pixel_array: np.ndarray | _PackedStack) -> tuple[list[int], bool]:
+        if not isinstance(pixel_array, _PackedStack):
+            return hd.seg.Segmentation._get_nonempty_plane_indices(pixel_array)  # type: ignore[no-any-return]
+        frames = pixel_array.nonempty_frames()
+        if not frames:  # highdicom then keeps every frame (a SEG needs one)
+            logger.warning("all segments are empty: the SEG keeps every frame")
+            return list(range(pixel_array.shape[0])), True
+        return frames, False
 
 
 def algorithm_identification(algorithm: AlgorithmInfo) -> hd.AlgorithmIdentificationSequence:
@@ -86,7 +136,7 @@ def ihe_coding_scheme() -> hd.coding_schemes.CodingSchemeIdentificationItem:
 
 def build_segmentation(
     volume: Volume,
-    masks: Mapping[str, np.ndarray],
+    masks: Mapping[str, np.ndarray | PackedMask],
     *,
     series_instance_uid: str,
     sop_instance_uid: str,
@@ -101,8 +151,9 @@ def build_segmentation(
     volume
         Source volume; its ``datasets`` are the source images, in ``pixels`` order.
     masks
-        Key (a :data:`dicom_io.codes.STRUCTURES` key) to a boolean array shaped like
-        ``volume.pixels``. Segment numbers follow the mapping order, starting at 1.
+        Key (a :data:`dicom_io.codes.STRUCTURES` key) to a boolean array, or a
+        :class:`~dicom_io.packed_mask.PackedMask`, of the volume's shape (``volume.shape``: its
+        pixels may be released already). Segment numbers follow the mapping order, starting at 1.
     series_instance_uid, sop_instance_uid, series_number
         Identity of the new instance (derive them from the job for reproducibility).
     algorithm
@@ -123,23 +174,22 @@ def build_segmentation(
     ------
     ValueError
         If ``masks`` is empty, a key is not a known structure, or a mask's shape
-        differs from ``volume.pixels``.
+        differs from the volume's.
     """
     if not masks:
         raise ValueError("build_segmentation needs at least one mask.")
-    arrays = []
     for key, mask in masks.items():
-        if mask.shape != volume.pixels.shape:
+        if tuple(mask.shape) != tuple(volume.shape):
             raise ValueError(
-                f"mask {key!r} has shape {mask.shape}, the volume {volume.pixels.shape}: "
+                f"mask {key!r} has shape {tuple(mask.shape)}, the volume {tuple(volume.shape)}: "
                 "resample masks onto the source grid first."
             )
-        arrays.append(np.asarray(mask, dtype=bool))
-    # (frames, rows, columns, segments) as highdicom takes it, laid out segment by segment in
-    # memory: highdicom's overlap check sums over the segments axis, which numpy does ~3x faster
-    # when each segment is one contiguous block than when segments interleave (4.6 s → 1.7 s for
-    # 3 segments of 300 × 512²), and each frame of one segment it encodes is contiguous too
-    pixel_array = np.stack(arrays, axis=0).transpose(1, 2, 3, 0)
+    # (frames, rows, columns, segments) as highdicom takes it, made a frame at a time from the
+    # packed masks as highdicom encodes it: no array of one byte a voxel and segment
+    pixel_array = _PackedStack(
+        [mask if isinstance(mask, PackedMask) else PackedMask.from_array(np.asarray(mask, dtype=bool))
+         for mask in masks.values()]
+    )
 
     identification = algorithm_identification(algorithm)
     descriptions = []
@@ -162,7 +212,7 @@ def build_segmentation(
     sources = conform_copied_attributes(volume.datasets, purpose=f"SEG {sop_instance_uid}")
     seg = _Segmentation(
         source_images=sources,
-        pixel_array=pixel_array,
+        pixel_array=pixel_array,  # type: ignore[arg-type]
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=series_instance_uid,

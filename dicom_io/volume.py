@@ -25,6 +25,7 @@ _DUPLICATE_POSITION_TOLERANCE_MM = 1e-3
 _ORIENTATION_TOLERANCE = 1e-4
 #: Relative deviation from the median slice gap above which spacing is non-uniform.
 _UNIFORM_SPACING_TOLERANCE = 0.01
+_INT16 = np.iinfo(np.int16)
 
 
 @dataclass
@@ -34,12 +35,15 @@ class Volume:
     Attributes
     ----------
     pixels
-        ``float32`` array ``(slices, rows, cols)``, modality LUT applied (HU for CT).
+        Array ``(slices, rows, cols)``, modality LUT applied (HU for CT): ``int16`` when every
+        slice's Rescale Slope and Intercept are integers and its values fit (most CT: exact, and
+        half the memory of ``float32``), else ``float32``.
     spacing_mm
         ``(slice, row, col)`` spacing. The slice spacing is the median gap between
         Image Position (Patient) values along the slice normal, not SliceThickness.
     datasets
-        Source datasets, in the same order as ``pixels``' first axis.
+        Source datasets, in the same order as ``pixels``' first axis (without their Pixel Data
+        when :func:`load_volume` was asked to release it).
     image_orientation
         Image Orientation (Patient) shared by all slices: row cosines then column cosines.
     origin_mm
@@ -54,6 +58,17 @@ class Volume:
     image_orientation: tuple[float, float, float, float, float, float] = (1, 0, 0, 0, 1, 0)
     origin_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
     slice_positions_mm: tuple[float, ...] = field(default_factory=tuple)
+    #: ``(slices, rows, cols)``; still known after :meth:`release_pixels`
+    shape: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(n) for n in self.pixels.shape)
+
+    def release_pixels(self) -> None:
+        """Free the pixels once no stage reads them (a SEG and its SR need only the geometry
+        and the headers): ``pixels`` becomes an array of no slices, so a late reader fails on
+        its shape instead of reading stale values. :attr:`shape` keeps the volume's shape."""
+        self.pixels = np.empty((0, *self.shape[1:]), dtype=self.pixels.dtype)
 
     @property
     def slice_normal(self) -> np.ndarray:
@@ -103,7 +118,10 @@ class Volume:
 
 
 def read_dataset(
-    path: str | PathLike[str] | BinaryIO, *, stop_before_pixels: bool = False
+    path: str | PathLike[str] | BinaryIO,
+    *,
+    stop_before_pixels: bool = False,
+    defer_size: int | None = None,
 ) -> Dataset:
     """Read one DICOM Part 10 file.
 
@@ -113,6 +131,10 @@ def read_dataset(
         File path or binary file-like object.
     stop_before_pixels
         Skip Pixel Data (faster when only the header is needed).
+    defer_size
+        Values longer than this many bytes (Pixel Data) are read from the file only when
+        accessed (pydicom's ``defer_size``; ``path`` must be a path that stays readable), so a
+        series' datasets can be held while their pixels are decoded one at a time.
 
     Returns
     -------
@@ -130,7 +152,7 @@ def read_dataset(
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, defer_size=defer_size)
     except InvalidDicomError as exc:
         raise InvalidInstanceError(
             f"{name} is not a DICOM Part 10 file (no preamble, 'DICM' prefix or File Meta "
@@ -228,11 +250,29 @@ def _decode(ds: Dataset) -> np.ndarray:
     return raw
 
 
-def _decode_into(ds: Dataset, out: np.ndarray) -> None:
-    """Decode ``ds``'s pixels into ``out`` (float32, its shape) with the modality LUT applied.
+def _integer_rescale(ds: Dataset) -> tuple[int, int] | None:
+    """Rescale Slope and Intercept when both are integers (and no Modality LUT Sequence applies)."""
+    if "ModalityLUTSequence" in ds:
+        return None
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if not (slope.is_integer() and intercept.is_integer()):
+        return None
+    return int(slope), int(intercept)
 
-    A linear rescale is computed in float32 in place; a Modality LUT Sequence goes through
-    pydicom's :func:`apply_modality_lut` (which computes in float64).
+
+def _decode_into(ds: Dataset, out: np.ndarray) -> bool:
+    """Decode ``ds``'s pixels into ``out`` (its shape) with the modality LUT applied.
+
+    ``out`` is ``int16`` (only for an integral rescale: computed exactly in ``int32``, then
+    stored) or ``float32`` (a linear rescale computed in float32 in place, as before; a Modality
+    LUT Sequence goes through pydicom's :func:`apply_modality_lut`, which computes in float64).
+
+    Returns
+    -------
+    bool
+        False, with ``out`` untouched, when ``out`` is ``int16`` and the slice's values do not
+        fit in it.
     """
     raw = _decode(ds)
     if raw.shape != out.shape:
@@ -240,9 +280,21 @@ def _decode_into(ds: Dataset, out: np.ndarray) -> None:
             f"instance {ds.SOPInstanceUID} decodes to {raw.shape}, the series is {out.shape}: "
             "Rows/Columns and the pixel data disagree."
         )
+    if out.dtype == np.int16:
+        rescale = _integer_rescale(ds)
+        assert rescale is not None, "int16 volumes are only made for integral rescales"
+        values = raw.astype(np.int32)
+        if rescale[0] != 1:
+            values *= rescale[0]
+        if rescale[1] != 0:
+            values += rescale[1]
+        if values.size and (values.min() < _INT16.min or values.max() > _INT16.max):
+            return False
+        out[...] = values
+        return True
     if "ModalityLUTSequence" in ds:
         out[...] = apply_modality_lut(raw, ds)
-        return
+        return True
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     out[...] = raw
@@ -250,9 +302,16 @@ def _decode_into(ds: Dataset, out: np.ndarray) -> None:
         out *= np.float32(slope)
     if intercept != 0:
         out += np.float32(intercept)
+    return True
 
 
-def load_volume(datasets: Sequence[Dataset]) -> Volume:
+def _release_pixel_data(ds: Dataset) -> None:
+    """Drop Pixel Data (and pydicom's cached array of it) from ``ds``: the volume holds the pixels."""
+    if "PixelData" in ds:
+        del ds.PixelData
+
+
+def load_volume(datasets: Sequence[Dataset], *, release_pixel_data: bool = False) -> Volume:
     """Stack the single-frame images of one series into a :class:`Volume`.
 
     Slices are sorted along the slice normal (row x column cosines), ascending.
@@ -260,7 +319,12 @@ def load_volume(datasets: Sequence[Dataset]) -> Volume:
     Parameters
     ----------
     datasets
-        Datasets of one series, read with pixel data, in any order.
+        Datasets of one series, read with pixel data (or with it deferred:
+        :func:`read_dataset`'s ``defer_size``), in any order.
+    release_pixel_data
+        Delete each dataset's Pixel Data once it is decoded into the volume (the datasets are
+        changed): the volume and the encoded pixels are then never held side by side, and
+        the datasets read with deferred pixel data are read one slice at a time.
 
     Returns
     -------
@@ -331,10 +395,20 @@ def load_volume(datasets: Sequence[Dataset]) -> Volume:
         slice_spacing = float(thickness) if thickness else 1.0
 
     sorted_datasets = [datasets[i] for i in order]
-    # decoded slice by slice into the volume: no list of slices beside it (that doubled the peak)
-    pixels = np.empty((len(sorted_datasets), *shape), dtype=np.float32)
+    # decoded slice by slice into one preallocated volume: no list of slices beside it (that
+    # doubled the peak); int16 when every rescale is integral (exact, half the bytes of float32),
+    # float32 otherwise or from the first slice whose values leave int16 (the slices decoded so
+    # far are converted then)
+    integral = all(_integer_rescale(ds) is not None for ds in sorted_datasets)
+    pixels = np.empty((len(sorted_datasets), *shape), dtype=np.int16 if integral else np.float32)
     for index, ds in enumerate(sorted_datasets):
-        _decode_into(ds, pixels[index])
+        if not _decode_into(ds, pixels[index]):
+            converted = np.empty(pixels.shape, dtype=np.float32)
+            converted[:index] = pixels[:index]
+            pixels = converted
+            _decode_into(ds, pixels[index])
+        if release_pixel_data:
+            _release_pixel_data(ds)
     volume = Volume(
         pixels=pixels,
         spacing_mm=(slice_spacing, ref_spacing[0], ref_spacing[1]),

@@ -530,6 +530,12 @@ class Settings(BaseSettings):
     #: calls (``models.vlm.batch_size``, 8 by default: as many slots as prompts per call, or
     #: 8 studies in flight would be run as batches of 4); other workers run a process per job
     worker_concurrency: int = Field(default=8, ge=1)
+    #: most memory (MiB) the volume jobs (built-in CT analyzer, segmentation bundles) of one worker
+    #: process hold at once, by estimate: each reserves a multiple of its series' int16 pixel bytes
+    #: before it loads the series (CT analyzer: 2x, measured; bundle: 4x) and waits, in arrival
+    #: order, while the others hold too much; one job larger than the budget runs alone.
+    #: None: no bound
+    volume_memory_budget_mb: int | None = Field(default=4096, ge=1)
     #: job slots an inference worker keeps for urgent jobs (asks, priority 8-9) beside
     #: ``worker_concurrency``, when it consumes urgent and routine queues (the embedded default
     #: does): an urgent job starts at once while the other slots run long jobs, in the same

@@ -17,6 +17,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any, Self
 
+import numpy as np
 from pydicom.dataset import Dataset
 from sqlalchemy.exc import OperationalError
 
@@ -44,6 +45,7 @@ from node.context import NodeContext
 from node.failures import failure_reason
 from node.prior_stage import job_priors, rule_priors
 from node.vlm_stage import read_series, run_vlm_tasks
+from node.volume_budget import VolumeBudget, process_budget
 from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,14 @@ SEG_SERIES_NUMBER = 9901
 SR_SERIES_NUMBER = 9902
 BUNDLE_SERIES_NUMBER = 9940
 REJECTION_SERIES_NUMBER = 9990
+#: Values longer than this (Pixel Data) are read when the volume decodes them, not with the header.
+_DEFER_PIXELS_BYTES = 64 * 1024
+#: A volume job's peak memory above the worker's baseline, in multiples of its series' int16 pixel
+#: bytes, reserved from the worker's volume memory budget: the built-in CT analyzer measured
+#: 1.9x at 300 and 1,000 slices (bench/memory.py, docs/BENCHMARKS.md); a bundle also holds a
+#: float32 copy of the volume and its network's activations (not measured: an estimate)
+CT_ANALYSIS_PEAK_FACTOR = 2.0
+BUNDLE_PEAK_FACTOR = 4.0
 
 
 class TransientError(RuntimeError):
@@ -97,8 +107,8 @@ def warm_up() -> None:
 
 
 # -- stages ---------------------------------------------------------------------------------------
-def load_series_volume(ctx: NodeContext, job: jobs.ClaimedJob, modalities: tuple[str, ...]) -> Volume:
-    """Read the largest matched series of one of ``modalities`` into a volume.
+def select_series(ctx: NodeContext, job: jobs.ClaimedJob, modalities: tuple[str, ...]) -> tuple[str, int]:
+    """The largest of the job's series of one of ``modalities``, and its pixels' bytes in int16.
 
     Raises
     ------
@@ -109,17 +119,42 @@ def load_series_volume(ctx: NodeContext, job: jobs.ClaimedJob, modalities: tuple
     for series_uid, paths in job.instance_paths.items():
         first = read_dataset(ctx.store.absolute(paths[0]), stop_before_pixels=True) if paths else None
         if first is not None and str(first.get("Modality", "")).upper() in modalities:
-            candidates.append((len(paths), series_uid))
+            pixels = int(first.get("Rows", 0) or 0) * int(first.get("Columns", 0) or 0)
+            candidates.append((len(paths), series_uid, len(paths) * pixels * 2))
     if not candidates:
         raise InvalidInputError(f"the study has no {'/'.join(modalities)} series for this rule")
-    _, series_uid = max(candidates)
+    _, series_uid, pixel_bytes = max(candidates)
+    return series_uid, pixel_bytes
+
+
+def load_series_volume(ctx: NodeContext, job: jobs.ClaimedJob, modalities: tuple[str, ...],
+                       series_uid: str | None = None) -> Volume:
+    """Read ``series_uid`` (by default the largest matched series of one of ``modalities``) into a
+    volume.
+
+    Raises
+    ------
+    InvalidInputError
+        If the job's series hold no series of that modality.
+    """
+    if series_uid is None:
+        series_uid, _ = select_series(ctx, job, modalities)
     started = time.perf_counter()
-    datasets = [read_dataset(ctx.store.absolute(p)) for p in job.instance_paths[series_uid]]
+    # headers now, each slice's pixels read while it is decoded into the volume and then dropped:
+    # the series' encoded pixels and the volume are never in memory side by side
+    datasets = [read_dataset(ctx.store.absolute(p), defer_size=_DEFER_PIXELS_BYTES)
+                for p in job.instance_paths[series_uid]]
     # once per job, so one warning names what is left empty in all its results
     datasets = conform_copied_attributes(datasets, purpose=f"job {job.id}")
-    volume = load_volume(datasets)
+    volume = load_volume(datasets, release_pixel_data=True)
     _timed("load_volume", started, job.key)
     return volume
+
+
+def volume_budget(ctx: NodeContext) -> VolumeBudget:
+    """The volume memory budget of this worker process (``volume_memory_budget_mb``)."""
+    limit_mb = ctx.settings.volume_memory_budget_mb
+    return process_budget(None if limit_mb is None else limit_mb * 1024 * 1024)
 
 
 def ct_analysis(volume: Volume, job_key: str, amendment: jobs.Amendment | None = None) -> list[Output]:
@@ -128,13 +163,16 @@ def ct_analysis(volume: Volume, job_key: str, amendment: jobs.Amendment | None =
     started = time.perf_counter()
     analysis = analyze_ct(volume.pixels, volume.spacing_mm)
     _timed("ct_analyzer", started, job_key)
+    # the SEG and SR need the masks, the geometry and the headers: the pixels go before the
+    # SEG's one byte a voxel and segment is allocated
+    volume.release_pixels()
     found = [s for s in analysis.structures if not s.is_empty]
     if not found:
         raise InvalidInputError("the CT analyzer found no structure (body, lungs, bone) in the series")
     started = time.perf_counter()
     seg = build_segmentation(
         volume,
-        {s.label: s.mask for s in found},
+        {s.label: s.packed_mask for s in found},
         series_instance_uid=derived_uid(job_key, "seg", "series"),
         sop_instance_uid=derived_uid(job_key, "seg", "instance"),
         series_number=SEG_SERIES_NUMBER,
@@ -176,16 +214,22 @@ def run_tasks(ctx: NodeContext, job: jobs.ClaimedJob) -> list[Output]:
     specs = list(plan.model_tasks)
     outputs: list[Output] = []
     if plan.ct_analysis:
-        volume = load_series_volume(ctx, job, ("CT",))
-        outputs.extend(ct_analysis(volume, job.key, job.amendment))
+        series_uid, pixel_bytes = select_series(ctx, job, ("CT",))
+        with volume_budget(ctx).reserve(int(CT_ANALYSIS_PEAK_FACTOR * pixel_bytes), job.key):
+            volume = load_series_volume(ctx, job, ("CT",), series_uid)
+            outputs.extend(ct_analysis(volume, job.key, job.amendment))
+            del volume
     for index, name in enumerate(plan.bundles):
         path = ctx.settings.models.bundles.get(name)
         if path is None:
             raise ModelNotConfiguredError(f"segmentation bundle {name!r} is not in models.bundles")
-        volume = load_series_volume(ctx, job, ("CT", "MR"))
-        bundle = load_bundle(path, ctx.settings.models.bundle_device)
-        outputs.extend(bundle_segmentation(bundle, volume, job.key, series_offset=2 * index,
-                                           amendment=job.amendment))
+        series_uid, pixel_bytes = select_series(ctx, job, ("CT", "MR"))
+        with volume_budget(ctx).reserve(int(BUNDLE_PEAK_FACTOR * pixel_bytes), job.key):
+            volume = load_series_volume(ctx, job, ("CT", "MR"), series_uid)
+            bundle = load_bundle(path, ctx.settings.models.bundle_device)
+            outputs.extend(bundle_segmentation(bundle, volume, job.key, series_offset=2 * index,
+                                               amendment=job.amendment))
+            del volume
     if specs:
         vlm_settings = ctx.settings.models.vlm
         if vlm_settings is None:
@@ -292,7 +336,9 @@ def bundle_segmentation(bundle: MonaiBundle, volume: Volume, job_key: str, *, se
     """Segment ``volume`` with a MONAI bundle and write its SEG and TID 1500 SR (volume per label,
     mean HU on CT)."""
     started = time.perf_counter()
-    masks = bundle.segment(volume.pixels, volume.spacing_mm, affine_lps=volume.affine)
+    # bundles were written for float32 volumes (load_volume's dtype before int16 HU): the same input
+    pixels = volume.pixels.astype(np.float32, copy=False)
+    masks = bundle.segment(pixels, volume.spacing_mm, affine_lps=volume.affine)
     _timed("monai_bundle", started, job_key)
     found = {label: mask for label, mask in masks.items() if mask.any()}
     if not found:
@@ -311,7 +357,7 @@ def bundle_segmentation(bundle: MonaiBundle, volume: Volume, job_key: str, *, se
     measurements = [
         StructureMeasurement(
             label=label, segment_number=number, volume_ml=float(mask.sum()) * voxel_ml,
-            mean_hu=float(volume.pixels[mask].mean()) if is_ct else math.nan,
+            mean_hu=float(pixels[mask].mean()) if is_ct else math.nan,
         )
         for number, (label, mask) in enumerate(found.items(), start=1)
     ]

@@ -35,12 +35,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
+from dicom_io.packed_mask import PackedMask
 from inference.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -58,6 +61,12 @@ MIN_IN_PLANE_PIXELS = 8
 _FACE_3D = ndimage.generate_binary_structure(3, 1)
 _IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
 _IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+
+#: Slices processed at a time. Every whole-volume intermediate (int32 labels: 4 bytes a voxel,
+#: boolean masks) exists for one slab only; the masks are kept packed to bits
+#: (:class:`~dicom_io.packed_mask.PackedMask`). So the analyzer holds the volume plus 3/8 of a byte
+#: a voxel, plus ~6 bytes a voxel of one slab (32 slices of 512²: ~50 MB).
+SLAB_SLICES = 32
 
 
 @dataclass(frozen=True)
@@ -119,8 +128,9 @@ class StructureStats:
     ----------
     label
         ``"body"``, ``"lungs"`` or ``"bone"``.
-    mask
-        Read-only boolean array on the input grid, shape (slices, rows, columns).
+    packed_mask
+        The mask on the input grid, packed to bits (1/8 of the memory of a boolean array);
+        :attr:`mask` unpacks it.
     volume_ml
         ``voxel_count`` times the voxel volume, in millilitres.
     mean_hu
@@ -131,10 +141,17 @@ class StructureStats:
     """
 
     label: str
-    mask: np.ndarray
+    packed_mask: PackedMask
     volume_ml: float
     mean_hu: float
     voxel_count: int
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The mask as a new read-only boolean array, shape (slices, rows, columns)."""
+        mask = self.packed_mask.to_array()
+        mask.flags.writeable = False
+        return mask
 
     @property
     def is_empty(self) -> bool:
@@ -203,7 +220,7 @@ def analyze_ct(
 
     body = _body_mask(volume, params)
     lungs = _lung_mask(volume, body, voxel_ml, params)
-    bone = body & (volume > params.bone_threshold_hu)
+    bone = _bone_mask(volume, body, params)
 
     analysis = CTAnalysis(
         structures=(
@@ -249,14 +266,16 @@ def _validated_volume(hu: object, params: CTAnalyzerParams) -> np.ndarray:
         raise InvalidInputError(
             f"the CT analyzer needs at least {MIN_IN_PLANE_PIXELS} rows and columns, got {rows} x {columns}."
         )
-    if np.issubdtype(hu.dtype, np.floating) and not np.isfinite(hu).all():
+    if np.issubdtype(hu.dtype, np.floating) and not all(
+        np.isfinite(hu[start:stop]).all() for start, stop in _slabs(slices)
+    ):
         raise InvalidInputError("hu contains NaN or infinite values; pass Hounsfield units only.")
     if hu.min() >= 0:
         raise InvalidInputError(
             "hu has no value below 0 HU, so there is neither air nor fat in it: it looks like stored "
             "pixel values; apply RescaleSlope and RescaleIntercept before calling analyze_ct."
         )
-    if not (hu > params.body_threshold_hu).any():
+    if not hu.max() > params.body_threshold_hu:
         raise InvalidInputError(
             f"no voxel is above the body threshold ({params.body_threshold_hu} HU): "
             "the volume contains only air, so there is no patient to measure."
@@ -283,12 +302,108 @@ def _validated_spacing(spacing_mm: Sequence[float]) -> tuple[float, float, float
     return values[0], values[1], values[2]
 
 
-def _body_mask(volume: np.ndarray, params: CTAnalyzerParams) -> np.ndarray:
-    labels, count = ndimage.label(volume > params.body_threshold_hu, structure=_FACE_3D)
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+def _slabs(slices: int) -> list[tuple[int, int]]:
+    return [(start, min(slices, start + SLAB_SLICES)) for start in range(0, slices, SLAB_SLICES)]
+
+
+@dataclass(frozen=True)
+class _Components:
+    """The 3-D face-connected components of a mask made slab by slab (:func:`_components`).
+
+    Attributes
+    ----------
+    sizes
+        Voxels of each component, indexed by the label :func:`scipy.ndimage.label` gives it on
+        the whole volume (index 0, the background, is 0).
+    label_of_piece
+        Whole-volume label of each slab-wise piece, pieces numbered across slabs from 0.
+    first_piece
+        Index of each slab's first piece in ``label_of_piece``, and the total at the end.
+    """
+
+    sizes: np.ndarray
+    label_of_piece: np.ndarray
+    first_piece: list[int]
+
+
+def _components(mask_of: Callable[[int, int], np.ndarray], slices: int) -> _Components:
+    """Label the components of a mask one slab at a time and join them across slab borders.
+
+    ``mask_of(start, stop)`` gives the mask's slices ``start`` to ``stop``. The result is what
+    :func:`scipy.ndimage.label` with face connectivity gives on the whole mask, without its
+    whole-volume int32 label array: pieces touching across a slab border are joined with
+    :func:`scipy.sparse.csgraph.connected_components`, and components are numbered as
+    ``ndimage.label`` numbers them, by their first voxel in C order (the first voxel of a
+    component lies in its piece with the lowest slab-wise number).
+    """
+    sizes: list[np.ndarray] = []
+    first_piece = [0]
+    links: list[np.ndarray] = []
+    previous_last: np.ndarray | None = None
+    for start, stop in _slabs(slices):
+        labels, count = ndimage.label(mask_of(start, stop), structure=_FACE_3D)
+        offset = first_piece[-1]
+        sizes.append(np.bincount(labels.ravel(), minlength=count + 1)[1:])
+        if previous_last is not None:
+            touching = (previous_last > 0) & (labels[0] > 0)
+            # pieces numbered from 0 across slabs: slab-wise label - 1 + offset
+            pairs = np.stack((previous_last[touching] + (first_piece[-2] - 1), labels[0][touching] + (offset - 1)))
+            links.append(np.unique(pairs, axis=1))
+        previous_last = labels[-1].copy()
+        first_piece.append(offset + count)
+    total = first_piece[-1]
+    if total == 0:
+        return _Components(np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64), first_piece)
+    piece_sizes = np.concatenate(sizes).astype(np.int64)
+    edges = np.concatenate(links, axis=1) if links else np.zeros((2, 0), dtype=np.int64)
+    graph = coo_matrix((np.ones(edges.shape[1], dtype=np.int8), (edges[0], edges[1])), shape=(total, total))
+    count, component = connected_components(graph, directed=False)
+    first = np.full(count, total, dtype=np.int64)
+    np.minimum.at(first, component, np.arange(total, dtype=np.int64))
+    label_of_component = np.empty(count, dtype=np.int64)
+    label_of_component[np.argsort(first)] = np.arange(1, count + 1)
+    label_of_piece = label_of_component[component]
+    whole_sizes = np.zeros(count + 1, dtype=np.int64)
+    np.add.at(whole_sizes, label_of_piece, piece_sizes)
+    return _Components(whole_sizes, label_of_piece, first_piece)
+
+
+def _keep_components(
+    mask_of: Callable[[int, int], np.ndarray],
+    components: _Components,
+    keep: np.ndarray,
+    shape: tuple[int, int, int],
+    then: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> PackedMask:
+    """The voxels of the components whose whole-volume label is set in ``keep``, slab by slab
+    (labelling a slab again where it has pieces both kept and dropped), ``then`` applied to each
+    slab before it is packed."""
+    out = PackedMask.zeros(shape)
+    for index, (start, stop) in enumerate(_slabs(shape[0])):
+        kept = keep[components.label_of_piece[components.first_piece[index] : components.first_piece[index + 1]]]
+        if kept.all():
+            slab = mask_of(start, stop)
+        elif not kept.any():
+            slab = np.zeros((stop - start, *shape[1:]), dtype=bool)
+        else:
+            labels, _ = ndimage.label(mask_of(start, stop), structure=_FACE_3D)
+            lookup = np.zeros(len(kept) + 1, dtype=bool)
+            lookup[1:] = kept
+            slab = lookup[labels]
+        out.set_slab(start, then(slab) if then is not None else slab)
+    return out
+
+
+def _body_mask(volume: np.ndarray, params: CTAnalyzerParams) -> PackedMask:
+    def above(start: int, stop: int) -> np.ndarray:
+        return volume[start:stop] > params.body_threshold_hu
+
+    components = _components(above, volume.shape[0])
+    sizes = components.sizes.copy()
     sizes[0] = 0
-    body = labels == int(sizes.argmax())
-    return _fill_holes_slicewise(body)
+    keep = np.zeros(len(sizes), dtype=bool)
+    keep[int(sizes.argmax())] = True
+    return _keep_components(above, components, keep, volume.shape, then=_fill_holes_slicewise)
 
 
 def _fill_holes_slicewise(mask: np.ndarray) -> np.ndarray:
@@ -309,28 +424,51 @@ def _fill_holes_slicewise(mask: np.ndarray) -> np.ndarray:
 
 
 def _lung_mask(
-    volume: np.ndarray, body: np.ndarray, voxel_ml: float, params: CTAnalyzerParams
-) -> np.ndarray:
-    labels, count = ndimage.label(body & (volume < params.lung_threshold_hu), structure=_FACE_3D)
+    volume: np.ndarray, body: PackedMask, voxel_ml: float, params: CTAnalyzerParams
+) -> PackedMask:
+    def enclosed_air(start: int, stop: int) -> np.ndarray:
+        air = body.slab(start, stop)
+        air &= volume[start:stop] < params.lung_threshold_hu
+        return air
+
+    components = _components(enclosed_air, volume.shape[0])
+    count = len(components.sizes) - 1
     if count == 0:
-        return np.zeros(volume.shape, dtype=bool)
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+        return PackedMask.zeros(volume.shape)
+    sizes = components.sizes.copy()
     sizes[0] = 0
     min_voxels = max(1, math.ceil(params.min_lung_component_ml / voxel_ml))
     largest = np.argsort(sizes, kind="stable")[::-1][: params.max_lung_components]
     keep = np.zeros(count + 1, dtype=bool)
     kept = [label for label in largest if sizes[label] >= min_voxels]
     keep[np.asarray(kept, dtype=np.intp)] = True
-    return keep[labels]
+    return _keep_components(enclosed_air, components, keep, volume.shape)
 
 
-def _stats(label: str, mask: np.ndarray, volume: np.ndarray, voxel_ml: float) -> StructureStats:
-    mask.flags.writeable = False
-    voxel_count = int(np.count_nonzero(mask))
-    mean_hu = float(volume[mask].mean(dtype=np.float64)) if voxel_count else math.nan
+def _bone_mask(volume: np.ndarray, body: PackedMask, params: CTAnalyzerParams) -> PackedMask:
+    bone = PackedMask.zeros(volume.shape)
+    for start, stop in _slabs(volume.shape[0]):
+        slab = body.slab(start, stop)
+        slab &= volume[start:stop] > params.bone_threshold_hu
+        bone.set_slab(start, slab)
+    return bone
+
+
+def _stats(label: str, mask: PackedMask, volume: np.ndarray, voxel_ml: float) -> StructureStats:
+    voxel_count = mask.count_nonzero()
+    mean_hu = math.nan
+    if voxel_count:
+        # integers are summed exactly (int64), so the mean equals the whole-volume
+        # volume[mask].mean(dtype=float64) it replaces; floats in float64 per slab
+        integral = np.issubdtype(volume.dtype, np.integer)
+        total: float | int = 0
+        for start, stop in _slabs(volume.shape[0]):
+            values = volume[start:stop][mask.slab(start, stop)]
+            total += int(values.sum(dtype=np.int64)) if integral else float(values.sum(dtype=np.float64))
+        mean_hu = float(total) / voxel_count
     return StructureStats(
         label=label,
-        mask=mask,
+        packed_mask=mask,
         volume_ml=voxel_count * voxel_ml,
         mean_hu=mean_hu,
         voxel_count=voxel_count,

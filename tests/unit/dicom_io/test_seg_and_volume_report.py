@@ -10,7 +10,7 @@ import pytest
 from dicom_io.codes import STRUCTURES
 from dicom_io.equipment import AlgorithmInfo
 from dicom_io.measurement_report import StructureMeasurement, build_volume_report
-from dicom_io.seg import build_segmentation, segments_overlap
+from dicom_io.seg import build_segmentation
 from dicom_io.uids import derived_uid
 from dicom_io.volume import Volume, load_volume
 
@@ -305,24 +305,55 @@ def test_segment_over_many_slices_references_its_source_series(algorithm: Algori
     assert listed == {str(volume.datasets[i].SOPInstanceUID) for i in range(3, 6)}
 
 
-@pytest.mark.parametrize("overlapping", [False, True])
-def test_segments_overlap_as_highdicom_says(head: Volume, algorithm: AlgorithmInfo, overlapping: bool) -> None:
-    """The faster overlap check gives highdicom's own Segments Overlap, and the same SEG."""
-    masks = masks_for(head)
-    if overlapping:
-        masks["body"] = np.zeros(head.pixels.shape, dtype=bool)
-        masks["body"][1, 4:6, 8:10] = True  # one pixel shared with the lungs, at (1, 4, 8)
-    stack = np.stack(list(masks.values()), axis=0).transpose(1, 2, 3, 0)
-    assert segments_overlap(stack) is overlapping
-    _, expected = hd.seg.Segmentation._check_and_cast_pixel_array(
-        stack, np.arange(1, len(masks) + 1), hd.seg.SegmentationTypeValues.BINARY, np.uint8)
-    ours = build(head, masks, algorithm)
-    assert ours.SegmentsOverlap == expected.value == ("YES" if overlapping else "NO")
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapping", "disjoint"])
+def test_packed_stack_answers_highdicoms_checks_as_highdicom(overlap: bool) -> None:
+    from dicom_io.packed_mask import PackedMask
+    from dicom_io.seg import _PackedStack, _Segmentation
 
-    plain = hd.seg.Segmentation(
-        source_images=head.datasets, pixel_array=stack, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[hd.seg.SegmentDescription.from_dataset(item) for item in ours.SegmentSequence],
-        series_instance_uid=SEG_SERIES, series_number=901, sop_instance_uid=SEG_SOP, instance_number=1,
-        manufacturer="m", manufacturer_model_name="m", software_versions="1", device_serial_number="1",
-    )
-    assert ours.PixelData == plain.PixelData and ours.NumberOfFrames == plain.NumberOfFrames
+    rng = np.random.default_rng(7)
+    dense = rng.random((70, 9, 11, 3)) < 0.02  # more frames than one slab, some empty
+    dense[5:9] = False
+    if not overlap:
+        first = dense.argmax(axis=-1)
+        dense = (np.arange(3) == first[..., None]) & dense.any(axis=-1, keepdims=True)
+    stack = _PackedStack([PackedMask.from_array(np.ascontiguousarray(dense[..., i])) for i in range(3)])
+    assert stack.shape == dense.shape and stack.ndim == 4 and stack.dtype == dense.dtype
+    for frame in (0, 6, 69):
+        np.testing.assert_array_equal(stack[frame], dense[frame])
+    numbers = np.array([1, 2, 3])
+    binary = hd.seg.SegmentationTypeValues.BINARY
+    ours = _Segmentation._check_and_cast_pixel_array(stack, numbers, binary, np.uint8)
+    theirs = hd.seg.Segmentation._check_and_cast_pixel_array(dense, numbers, binary, np.uint8)
+    assert ours[1] == theirs[1] == (hd.seg.SegmentsOverlapValues.YES if overlap else hd.seg.SegmentsOverlapValues.NO)
+    assert _Segmentation._get_nonempty_plane_indices(stack) == hd.seg.Segmentation._get_nonempty_plane_indices(dense)
+    empty = _PackedStack([PackedMask.zeros((4, 9, 11))])
+    assert _Segmentation._get_nonempty_plane_indices(empty) == ([0, 1, 2, 3], True)
+
+
+def test_seg_from_packed_masks_equals_highdicoms_own_from_the_dense_array(
+    algorithm: AlgorithmInfo, validate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicom_io import seg as seg_module
+    from dicom_io.packed_mask import PackedMask
+
+    volume = load_volume(series_datasets("ct/pydicom_head_ct2"))
+    masks = masks_for(volume)
+    masks["body"] = np.ones(volume.shape, dtype=bool)  # overlaps both
+    masks["body"][3] = False
+    volume.release_pixels()
+    packed = build(volume, {key: PackedMask.from_array(mask) for key, mask in masks.items()}, algorithm)
+    from_bool = build(volume, masks, algorithm)
+    # highdicom's own class on the dense (frames, rows, columns, segments) array
+    monkeypatch.setattr(seg_module, "_Segmentation", hd.seg.Segmentation)
+    monkeypatch.setattr(seg_module, "_PackedStack",
+                        lambda masks: np.stack([m.to_array() for m in masks]).transpose(1, 2, 3, 0))
+    plain = build(volume, masks, algorithm)
+    validate(to_bytes(packed))
+    assert packed.SegmentsOverlap == plain.SegmentsOverlap == "YES"
+    assert packed.NumberOfFrames == plain.NumberOfFrames == 2 + 3 + 1
+    for built in (packed, from_bool):
+        assert built.PixelData == plain.PixelData
+        # everything but the moment of creation and the random Dimension Organization UID
+        for keyword in ("PerFrameFunctionalGroupsSequence", "SegmentSequence", "ReferencedSeriesSequence",
+                        "SharedFunctionalGroupsSequence"):
+            assert built.get(keyword) == plain.get(keyword), keyword

@@ -23,7 +23,8 @@ def expected_slice(ds: Dataset) -> np.ndarray:
 def test_ct_three_slices_sorted_along_normal_with_hu() -> None:
     volume = load_volume(series_datasets("ct/dcmqi_ct3slice"))
     assert volume.pixels.shape == (3, 512, 512)
-    assert volume.pixels.dtype == np.float32
+    # integral rescale (slope 1, intercept -1024): HU exactly, in half the bytes of float32
+    assert volume.pixels.dtype == np.int16
     # axial, normal +z: ascending z, so instance 3 (z=-128.69) comes first
     assert [int(ds.InstanceNumber) for ds in volume.datasets] == [3, 2, 1]
     z = [float(ds.ImagePositionPatient[2]) for ds in volume.datasets]
@@ -42,6 +43,48 @@ def test_ct_three_slices_sorted_along_normal_with_hu() -> None:
     np.testing.assert_allclose(
         affine @ [1, 0, 0, 1], [-235.199997, -226.800003, -127.690002, 1], atol=1e-4
     )
+
+
+def test_non_integral_rescale_gives_float32_hu() -> None:
+    datasets = series_datasets("ct/dcmqi_ct3slice")
+    for ds in datasets:
+        ds.RescaleSlope = "0.5"
+    volume = load_volume(datasets)
+    assert volume.pixels.dtype == np.float32
+    for index, ds in enumerate(volume.datasets):
+        np.testing.assert_allclose(volume.pixels[index], expected_slice(ds))
+
+
+def test_values_beyond_int16_switch_the_volume_to_float32() -> None:
+    datasets = series_datasets("ct/dcmqi_ct3slice")
+    # sorted last (highest z) is instance 1: only its values leave int16
+    last = next(ds for ds in datasets if int(ds.InstanceNumber) == 1)
+    last.RescaleIntercept = "32000"
+    volume = load_volume(datasets)
+    assert volume.pixels.dtype == np.float32
+    assert volume.pixels[2].max() > np.iinfo(np.int16).max
+    for index, ds in enumerate(volume.datasets):
+        np.testing.assert_allclose(volume.pixels[index], expected_slice(ds))
+
+
+def test_deferred_pixels_released_after_decoding_give_the_same_volume() -> None:
+    paths = sorted(sample("ct/dcmqi_ct3slice").glob("*.dcm"))
+    eager = load_volume([read_dataset(p) for p in paths])
+    deferred = [read_dataset(p, defer_size=64 * 1024) for p in paths]
+    volume = load_volume(deferred, release_pixel_data=True)
+    np.testing.assert_array_equal(volume.pixels, eager.pixels)
+    assert volume.pixels.dtype == eager.pixels.dtype
+    assert all("PixelData" not in ds for ds in deferred)
+    assert [ds.SOPInstanceUID for ds in volume.datasets] == [ds.SOPInstanceUID for ds in eager.datasets]
+
+
+def test_released_pixels_keep_the_shape_and_fail_late_readers() -> None:
+    volume = load_volume(series_datasets("ct/dcmqi_ct3slice"))
+    volume.release_pixels()
+    assert volume.shape == (3, 512, 512)
+    assert volume.pixels.shape == (0, 512, 512)
+    with pytest.raises(IndexError):
+        volume.pixels[1]
 
 
 def test_head_ct_with_gap_sorted_and_median_spacing() -> None:
@@ -165,3 +208,20 @@ def test_load_keeps_no_decoded_copy_on_the_datasets() -> None:
     assert all(getattr(ds, "_pixel_array", None) is None for ds in volume.datasets)
     for index, ds in enumerate(volume.datasets):
         np.testing.assert_array_equal(volume.pixels[index], expected_slice(ds))
+
+
+def test_deferred_pixels_of_repaired_copies_are_read_from_their_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # conform_copied_attributes replaces a source with a problem by a copy sharing its elements:
+    # the copy's deferred Pixel Data must still be read from the file
+    from dicom_io.source_header import conform_copied_attributes
+
+    for path in sorted(sample("ct/dcmqi_ct3slice").glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        del ds.PatientSex  # Type 2, missing: repaired
+        ds.save_as(tmp_path / path.name)
+    paths = sorted(tmp_path.iterdir())
+    deferred = [read_dataset(p, defer_size=64 * 1024) for p in paths]
+    conformed = conform_copied_attributes(deferred, purpose="test")
+    assert all(c is not d for c, d in zip(conformed, deferred, strict=True))
+    volume = load_volume(conformed, release_pixel_data=True)
+    np.testing.assert_array_equal(volume.pixels, load_volume([read_dataset(p) for p in paths]).pixels)

@@ -237,3 +237,94 @@ def test_bad_spacing_is_refused(spacing: object) -> None:
 def test_inconsistent_params_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(InvalidInputError):
         CTAnalyzerParams(**kwargs)  # type: ignore[arg-type]
+
+
+# -- slab by slab: the same masks and numbers as the whole-volume computation -------------------
+def _whole_volume_reference(hu: np.ndarray, params: CTAnalyzerParams, voxel_ml: float) -> dict[str, np.ndarray]:
+    """The analyzer as it was before it worked slab by slab (whole-volume labels in int32)."""
+    from scipy import ndimage
+
+    face = ndimage.generate_binary_structure(3, 1)
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    labels, count = ndimage.label(hu > params.body_threshold_hu, structure=face)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    sizes[0] = 0
+    body = labels == int(sizes.argmax())
+    holes, count = ndimage.label(~body, structure=in_plane)
+    border = np.concatenate((holes[:, 0, :].ravel(), holes[:, -1, :].ravel(), holes[:, :, 0].ravel(),
+                             holes[:, :, -1].ravel()))
+    outside = np.zeros(count + 1, dtype=bool)
+    outside[np.unique(border)] = True
+    outside[0] = False
+    body = ~outside[holes]
+    labels, count = ndimage.label(body & (hu < params.lung_threshold_hu), structure=face)
+    lungs = np.zeros(hu.shape, dtype=bool)
+    if count:
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)
+        sizes[0] = 0
+        min_voxels = max(1, math.ceil(params.min_lung_component_ml / voxel_ml))
+        largest = np.argsort(sizes, kind="stable")[::-1][: params.max_lung_components]
+        keep = np.zeros(count + 1, dtype=bool)
+        keep[np.asarray([label for label in largest if sizes[label] >= min_voxels], dtype=np.intp)] = True
+        lungs = keep[labels]
+    return {"body": body, "lungs": lungs, "bone": body & (hu > params.bone_threshold_hu)}
+
+
+@pytest.mark.parametrize("slab_slices", [1, 3, 7, 64])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_slab_by_slab_masks_and_means_equal_the_whole_volume_computation(
+    slab_slices: int, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # air pockets, tables and noise that cross slab borders in every direction: components
+    # joined across borders, ties in size, the table as the second-largest component
+    from inference.builtin import ct_analyzer
+
+    monkeypatch.setattr(ct_analyzer, "SLAB_SLICES", slab_slices)
+    rng = np.random.default_rng(seed)
+    size = 40
+    yy, xx = np.mgrid[:size, :size]
+    hu = np.full((30, size, size), -1000, dtype=np.int16)
+    hu[:, np.hypot(yy - 20, xx - 20) < 15] = 40
+    hu[:, 37:39, 5:35] = 100  # a table, apart from the body
+    for _ in range(8):
+        cy, cx = rng.integers(10, 30, 2)
+        z0, z1 = sorted(rng.integers(0, 30, 2))
+        hu[z0 : z1 + 1, np.hypot(yy - cy, xx - cx) < rng.integers(1, 5)] = -850
+    hu[:, np.hypot(yy - 20, xx - 20) < 3] = 700
+    hu += rng.integers(-30, 31, hu.shape).astype(np.int16)
+    hu[rng.random(hu.shape) < 0.002] = -900  # single-voxel air inside and outside
+    spacing = (1.0, 1.0, 1.0)
+    for params in (CTAnalyzerParams(min_lung_component_ml=0.0),
+                   CTAnalyzerParams(min_lung_component_ml=0.005, max_lung_components=1)):
+        expected = _whole_volume_reference(hu, params, voxel_ml=0.001)
+        for volume in (hu, hu.astype(np.float32)):
+            analysis = analyze_ct(volume, spacing, params=params)
+            for stats in analysis.structures:
+                mask = expected[stats.label]
+                np.testing.assert_array_equal(stats.mask, mask, err_msg=stats.label)
+                assert stats.voxel_count == int(mask.sum())
+                if stats.voxel_count:
+                    assert stats.mean_hu == float(hu[mask].mean(dtype=np.float64)), stats.label
+
+
+@pytest.mark.parametrize("slab_slices", [1, 4, 64])
+def test_ties_in_size_are_broken_as_on_the_whole_volume(slab_slices: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # two bodies of one size (the first in C order wins), and in it two air pockets of one size
+    # that both span slab borders (max_lung_components=1 keeps the one the stable sort puts last)
+    from inference.builtin import ct_analyzer
+
+    monkeypatch.setattr(ct_analyzer, "SLAB_SLICES", slab_slices)
+    hu = np.full((12, 30, 40), -1000, dtype=np.int16)
+    hu[1:11, 5:25, 2:18] = 40
+    hu[1:11, 5:25, 22:38] = 40
+    for offset in (0, 20):  # the same pockets in both bodies keep them of one size
+        hu[3:9, 10:14, 5 + offset : 8 + offset] = -900
+        hu[3:9, 15:19, 10 + offset : 13 + offset] = -900
+    params = CTAnalyzerParams(min_lung_component_ml=0.0, max_lung_components=1)
+    expected = _whole_volume_reference(hu, params, voxel_ml=0.001)
+    assert expected["body"][:, :, :20].any() and not expected["body"][:, :, 20:].any()
+    analysis = analyze_ct(hu, (1.0, 1.0, 1.0), params=params)
+    for stats in analysis.structures:
+        np.testing.assert_array_equal(stats.mask, expected[stats.label], err_msg=stats.label)
+    assert analysis.structure("lungs").voxel_count == 6 * 4 * 3

@@ -1,0 +1,120 @@
+"""Volume jobs of one worker wait for their memory instead of holding more than the budget."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from node.volume_budget import VolumeBudget, process_budget
+
+
+def test_reservations_beyond_the_limit_wait_and_go_in_arrival_order() -> None:
+    budget = VolumeBudget(limit_bytes=100)
+    order: list[str] = []
+    peak = [0]
+    first_in = threading.Event()
+    release_first = threading.Event()
+
+    def job(name: str, nbytes: int, hold: threading.Event | None = None) -> None:
+        with budget.reserve(nbytes, name):
+            order.append(name)
+            peak[0] = max(peak[0], budget.held_bytes)
+            if hold is not None:
+                first_in.set()
+                hold.wait(5)
+
+    first = threading.Thread(target=job, args=("first", 60, release_first))
+    first.start()
+    assert first_in.wait(5)
+    # 60 held: the second (60) must wait; the third (10) would fit but arrived later
+    second = threading.Thread(target=job, args=("second", 60))
+    second.start()
+    time.sleep(0.1)
+    third = threading.Thread(target=job, args=("third", 10))
+    third.start()
+    time.sleep(0.1)
+    assert order == ["first"]
+    release_first.set()
+    for thread in (first, second, third):
+        thread.join(5)
+    assert order == ["first", "second", "third"]
+    assert peak[0] <= 100
+    assert budget.held_bytes == 0
+
+
+def test_a_job_larger_than_the_budget_runs_alone() -> None:
+    budget = VolumeBudget(limit_bytes=100)
+    with budget.reserve(500, "huge") as waited_s:
+        assert waited_s < 1
+        assert budget.held_bytes == 100
+
+
+def test_no_limit_never_waits_and_a_failed_job_gives_its_share_back() -> None:
+    with VolumeBudget(None).reserve(10**12, "any") as waited_s:
+        assert waited_s == 0.0
+    budget = VolumeBudget(limit_bytes=100)
+    with pytest.raises(RuntimeError), budget.reserve(80, "failing"):
+        raise RuntimeError("model crashed")
+    assert budget.held_bytes == 0
+
+
+def test_the_process_budget_follows_the_configured_limit() -> None:
+    assert process_budget(100) is process_budget(100)
+    assert process_budget(200).limit_bytes == 200
+
+
+def test_a_ct_job_waits_for_the_budget_before_loading_its_volume(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from datetime import timedelta
+
+    from dicom_io.header import parse_header
+    from node import pipeline
+    from node.completion import complete_due_studies
+    from node.config import load_settings
+    from node.context import NodeContext
+    from storage.db import upgrade
+    from storage.index import index_instance
+    from storage.models import utcnow
+    from tests.shared_data import SHARED_DICOM
+
+    series = SHARED_DICOM / "ct" / "dcmqi_ct3slice"
+    if not series.is_dir():
+        pytest.skip(f"sample series {series} is missing")
+    settings = load_settings(data_dir=tmp_path / "var", quiet_period_s=1, volume_memory_budget_mb=1,
+                             destinations={"pacs": "PACS@127.0.0.1:104"},
+                             rules=[{"name": "ct", "match": {"modality": "CT"}, "tasks": ["ct_analysis"],
+                                     "destinations": ["pacs"]}])
+    ctx = NodeContext.create(settings)
+    try:
+        upgrade(ctx.engine)
+        now = utcnow() - timedelta(hours=1)
+        for path in sorted(series.glob("*.dcm")):
+            data = path.read_bytes()
+            header, _ = parse_header(data)
+            stored = ctx.store.write_instance(header.study_instance_uid, header.series_instance_uid,
+                                              header.sop_instance_uid, data)
+            with ctx.sessions() as session, session.begin():
+                index_instance(session, header, stored, calling_ae_title="MODALITY", called_ae_title="MEDNODE",
+                               now=now)
+        [(job_id, _)] = complete_due_studies(ctx.sessions, ctx.settings, now=now + timedelta(seconds=5))
+        loaded = threading.Event()
+        load_volume = pipeline.load_volume
+
+        def recording_load(*args, **kwargs):  # type: ignore[no-untyped-def]
+            loaded.set()
+            return load_volume(*args, **kwargs)
+
+        monkeypatch.setattr(pipeline, "load_volume", recording_load)
+        deliveries: list[int] = []
+        budget = pipeline.volume_budget(ctx)
+        with budget.reserve(1, "another job"):
+            worker = threading.Thread(target=lambda: deliveries.extend(pipeline.run_job(ctx, job_id)))
+            worker.start()
+            assert not loaded.wait(1.0), "the job loaded its volume while the budget was held"
+        worker.join(60)
+        assert loaded.is_set() and not worker.is_alive()
+        assert len(deliveries) == 2  # SEG and SR, each to the PACS
+        assert budget.held_bytes == 0
+    finally:
+        ctx.close()

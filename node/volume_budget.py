@@ -40,12 +40,19 @@ class VolumeBudget:
         self._condition = threading.Condition()
         self._tickets = itertools.count()
         self._serving = 0  # the ticket whose turn it is: later arrivals wait behind it
+        self._waiting = 0
 
     @property
     def held_bytes(self) -> int:
         """Bytes reserved now."""
         with self._condition:
             return self._held
+
+    @property
+    def waiting(self) -> int:
+        """Reservations waiting for their turn or for memory now."""
+        with self._condition:
+            return self._waiting
 
     @contextmanager
     def reserve(self, nbytes: int, job_key: str) -> Iterator[float]:
@@ -58,12 +65,14 @@ class VolumeBudget:
         with self._condition:
             ticket = next(self._tickets)
             logged = False
+            self._waiting += 1
             while ticket != self._serving or (self._held and self._held + amount > self.limit_bytes):
                 if not logged and ticket == self._serving:
                     log.info("%s: waits for %d MB of the volume memory budget (%d of %d MB held)",
                              job_key, amount // MB, self._held // MB, self.limit_bytes // MB)
                     logged = True
                 self._condition.wait()
+            self._waiting -= 1
             self._held += amount
             self._serving += 1
             self._condition.notify_all()

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
 from node.volume_budget import VolumeBudget, process_budget
+
+
+def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
 
 
 def test_reservations_beyond_the_limit_wait_and_go_in_arrival_order() -> None:
@@ -31,10 +39,11 @@ def test_reservations_beyond_the_limit_wait_and_go_in_arrival_order() -> None:
     # 60 held: the second (60) must wait; the third (10) would fit but arrived later
     second = threading.Thread(target=job, args=("second", 60))
     second.start()
-    time.sleep(0.1)
+    _until(lambda: budget.waiting == 1)
     third = threading.Thread(target=job, args=("third", 10))
     third.start()
-    time.sleep(0.1)
+    _until(lambda: budget.waiting == 2)
+    time.sleep(0.05)  # a third let through out of order would have appended by now
     assert order == ["first"]
     release_first.set()
     for thread in (first, second, third):

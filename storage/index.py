@@ -276,6 +276,19 @@ def _new_instance_at_once() -> Select[int]:
 _NEW_INSTANCE_AT_ONCE = {"postgresql": _new_instance_at_once()}
 
 
+def _instance_values(header: InstanceHeader, stored: StoredFile, now: datetime) -> dict[str, object]:
+    """An instance row's values from its header and file (the statements' bound parameters)."""
+    return {
+        "sop_class_uid": header.sop_class_uid,
+        "transfer_syntax_uid": header.transfer_syntax_uid,
+        "instance_number": header.instance_number,
+        "path": stored.relative_path,
+        "size_bytes": stored.size_bytes,
+        "sha256": stored.sha256,
+        "received_at": now,
+    }
+
+
 def indexes_at_once(dialect_name: str) -> bool:
     """Whether :func:`index_new_instance` can run on this dialect."""
     return dialect_name in _NEW_INSTANCE_AT_ONCE
@@ -304,15 +317,9 @@ def index_new_instance(
         return False
     now = now or utcnow()
     inserted = connection.execute(_NEW_INSTANCE_AT_ONCE[connection.dialect.name], {
+        **_instance_values(header, stored, now),
         "sop_instance_uid": header.sop_instance_uid,
         "series_uid": header.series_instance_uid,
-        "sop_class_uid": header.sop_class_uid,
-        "transfer_syntax_uid": header.transfer_syntax_uid,
-        "instance_number": header.instance_number,
-        "path": stored.relative_path,
-        "size_bytes": stored.size_bytes,
-        "sha256": stored.sha256,
-        "received_at": now,
         "now": now,
         "calling": calling_ae_title,
         "called": called_ae_title,
@@ -352,15 +359,7 @@ def index_instance(
     """
     now = now or utcnow()
     connection = session.connection()
-    values = {
-        "sop_class_uid": header.sop_class_uid,
-        "transfer_syntax_uid": header.transfer_syntax_uid,
-        "instance_number": header.instance_number,
-        "path": stored.relative_path,
-        "size_bytes": stored.size_bytes,
-        "sha256": stored.sha256,
-        "received_at": now,
-    }
+    values = _instance_values(header, stored, now)
     derived = is_derived_object(header.sop_class_uid)
     insert_if_new = _INSERT_IF_NEW.get(connection.dialect.name)
     touch = {"now": now, "calling": calling_ae_title, "called": called_ae_title}

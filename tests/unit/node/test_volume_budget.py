@@ -77,14 +77,12 @@ def test_the_process_budget_follows_the_configured_limit() -> None:
 def test_a_ct_job_waits_for_the_budget_before_loading_its_volume(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from datetime import timedelta
 
-    from dicom_io.header import parse_header
     from node import pipeline
-    from node.completion import complete_due_studies
     from node.config import load_settings
     from node.context import NodeContext
     from storage.db import upgrade
-    from storage.index import index_instance
     from storage.models import utcnow
+    from tests.received import receive_and_complete
     from tests.shared_data import SHARED_DICOM
 
     series = SHARED_DICOM / "ct" / "dcmqi_ct3slice"
@@ -98,15 +96,7 @@ def test_a_ct_job_waits_for_the_budget_before_loading_its_volume(tmp_path, monke
     try:
         upgrade(ctx.engine)
         now = utcnow() - timedelta(hours=1)
-        for path in sorted(series.glob("*.dcm")):
-            data = path.read_bytes()
-            header, _ = parse_header(data)
-            stored = ctx.store.write_instance(header.study_instance_uid, header.series_instance_uid,
-                                              header.sop_instance_uid, data)
-            with ctx.sessions() as session, session.begin():
-                index_instance(session, header, stored, calling_ae_title="MODALITY", called_ae_title="MEDNODE",
-                               now=now)
-        [(job_id, _)] = complete_due_studies(ctx.sessions, ctx.settings, now=now + timedelta(seconds=5))
+        job_id = receive_and_complete(ctx, (p.read_bytes() for p in sorted(series.glob("*.dcm"))), now)
         loaded = threading.Event()
         load_volume = pipeline.load_volume
 

@@ -446,3 +446,57 @@ def test_the_second_of_two_writers_of_the_same_bytes_takes_the_first_ones_file(
     path = tmp_path / stored.relative_path
     assert path.read_bytes() == data and path.stat().st_mtime == 1  # the first file, untouched
     assert _partials(tmp_path) == []
+
+
+def _resident_fraction(path: Path) -> float:
+    """The share of ``path``'s pages in the page cache (``mincore`` on a read-only mapping, made
+    with libc's ``mmap`` so that nothing touches, and thereby reads, the pages)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * pages)()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap")
+        try:
+            if libc.mincore(address, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
+    return sum(v & 1 for v in vec) / pages
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise is Linux/BSD only")
+def test_prefetch_reads_the_named_instances_back_into_the_page_cache(tmp_path: Path) -> None:
+    """Instances leave the page cache once synced; a prefetch brings back exactly those named."""
+    store = InstanceStore(tmp_path / "store")
+    data = [os.urandom(512 * 1024) for _ in range(3)]
+    paths = [store.write_instance("1.2.3", "1.2.3.4", f"1.2.3.4.{i}", d).relative_path
+             for i, d in enumerate(data)]
+    files = [store.absolute(p) for p in paths]
+    dropped = [_resident_fraction(f) for f in files]
+    if max(dropped) > 0.5:
+        pytest.skip(f"this file system keeps synced pages cached ({dropped}): nothing to measure")
+
+    asked = store.prefetch([paths[0], paths[2], "instances/1.2.3/1.2.3.4/gone.dcm"])
+
+    assert asked == [files[0], files[2]]  # the missing file skipped
+    deadline = time.monotonic() + 10
+    while min(_resident_fraction(files[0]), _resident_fraction(files[2])) < 1.0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _resident_fraction(files[0]) == 1.0
+    assert _resident_fraction(files[2]) == 1.0
+    assert _resident_fraction(files[1]) < 0.5  # not named, not read
+    assert store.read(paths[0]) == data[0]

@@ -11,7 +11,6 @@ from node import jobs, retention
 from node.completion import complete_due_studies, next_due_at
 from node.context import NodeContext
 from node.leadership import Leadership
-from node.prefetch import Prefetcher
 from storage.models import utcnow
 
 log = logging.getLogger(__name__)
@@ -38,7 +37,6 @@ class Scheduler:
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._last_sweep = 0.0
         self._last_retention = float("-inf")
-        self.prefetcher = Prefetcher(ctx.sessions, ctx.settings, ctx.store)
 
     def start(self) -> None:
         self._thread.start()
@@ -49,14 +47,13 @@ class Scheduler:
         self.leadership.release()
 
     def tick(self) -> None:
-        """One round: complete due studies, enqueue their jobs; read quiet studies back into the
-        page cache (:mod:`node.prefetch`); sweep when due. Nothing unless this process leads."""
+        """One round: complete due studies, enqueue their jobs; sweep when due. Nothing unless
+        this process leads."""
         if not self.leadership.is_leader():
             return
         created = complete_due_studies(self.ctx.sessions, self.ctx.settings)
         for job_id, priority in created:
             jobs.enqueue_job(self.ctx.sessions, job_id, priority)
-        self.prefetcher.run()
         if time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
             self._last_sweep = time.monotonic()
             lost_jobs, due_deliveries = jobs.sweep(self.ctx.sessions)
@@ -82,17 +79,14 @@ class Scheduler:
 
     def wait_s(self) -> float:
         """Seconds to the next round: ``completion_poll_s``, or less when a study's quiet period
-        ends sooner (:func:`~node.completion.next_due_at`), so it completes on time, or when a
-        study becomes quiet enough to read back (:meth:`~node.prefetch.Prefetcher.next_at`)."""
+        ends sooner (:func:`~node.completion.next_due_at`), so it completes on time."""
         poll_s = self.ctx.settings.completion_poll_s
         try:
-            moments = [m for m in (next_due_at(self.ctx.sessions, self.ctx.settings),
-                                   self.prefetcher.next_at()) if m is not None]
+            due = next_due_at(self.ctx.sessions, self.ctx.settings)
         except Exception:  # boundary: a database hiccup leaves the regular poll
             log.exception("could not read when the next study is due; polling")
             return poll_s
-        if not moments:
+        if due is None:
             return poll_s
-        due = min(moments)
         # a few milliseconds past the moment: the round's own clock must see it as due
         return min(poll_s, max(0.0, (due - utcnow()).total_seconds() + WAKE_LATE_S))

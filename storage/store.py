@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -490,37 +490,6 @@ class InstanceStore:
 
     def read(self, relative_path: str) -> bytes:
         return self.absolute(relative_path).read_bytes()
-
-    def prefetch(self, relative_paths: Iterable[str]) -> list[Path]:
-        """Ask the kernel to read these files back into the page cache, without waiting for it.
-
-        The listener drops each synced instance from the page cache (:func:`_dont_need`, for
-        ingest speed), so a job would read its study from disk; a prefetch issued while the study
-        is still quiet (the scheduler's, :mod:`node.prefetch`) lets that read hit memory instead.
-        ``POSIX_FADV_WILLNEED`` starts asynchronous readahead of the whole file and returns: it
-        costs a system call per file, never the read itself. Files that are gone (a study being
-        deleted) are skipped; nothing is read where the call does not exist (macOS, Windows).
-
-        Returns
-        -------
-        list of Path
-            The files the kernel was asked to read.
-        """
-        if not hasattr(os, "posix_fadvise"):
-            return []
-        asked: list[Path] = []
-        for relative_path in relative_paths:
-            path = self.absolute(relative_path)
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
-            asked.append(path)
-        return asked
 
     def delete(self, relative_path: str) -> None:
         self.absolute(relative_path).unlink(missing_ok=True)

@@ -44,13 +44,10 @@ class _PackedStack:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __getitem__(self, frame: int) -> np.ndarray:
+    def __getitem__(self, frame: int) -> _PackedPlane:
         if not isinstance(frame, int | np.integer):
             raise TypeError(f"masks are read one frame at a time, got index {frame!r}")
-        planes = np.empty((len(self.masks), *self.shape[1:3]), dtype=np.bool_)
-        for index, mask in enumerate(self.masks):
-            planes[index] = mask.slab(int(frame), int(frame) + 1)[0]
-        return planes.transpose(1, 2, 0)
+        return _PackedPlane(self, int(frame))
 
     def nonempty_frames(self) -> list[int]:
         """Frames where any segment has a voxel, ascending."""
@@ -69,6 +66,29 @@ class _PackedStack:
                     if np.bitwise_and(a[start : start + _SLAB_FRAMES], b[start : start + _SLAB_FRAMES]).any():
                         return True
         return False
+
+
+class _PackedPlane:
+    """Frame ``frame`` of a :class:`_PackedStack`, (rows, columns, segments): highdicom 0.28 reads
+    a frame once per segment and keeps only that segment's plane
+    (:meth:`_Segmentation._get_segment_pixel_array`), which is then the only one unpacked."""
+
+    ndim = 3
+    dtype = np.dtype(np.bool_)
+
+    def __init__(self, stack: _PackedStack, frame: int) -> None:
+        self.stack = stack
+        self.frame = frame
+        self.shape = stack.shape[1:]
+
+    def segment(self, index: int) -> np.ndarray:
+        """Segment ``index``'s plane (0-based), one byte a pixel, 0 or 1."""
+        bits = self.stack.masks[index].bits[self.frame]
+        return np.unpackbits(bits, axis=-1, count=self.shape[1])
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        planes = np.stack([self.segment(i).view(np.bool_) for i in range(self.shape[2])], axis=-1)
+        return planes if dtype is None else planes.astype(dtype)
 
 
 class _Segmentation(hd.seg.Segmentation):
@@ -103,6 +123,23 @@ class _Segmentation(hd.seg.Segmentation):
             )
         overlap = pixel_array.overlap()
         return pixel_array, (hd.seg.SegmentsOverlapValues.YES if overlap else hd.seg.SegmentsOverlapValues.NO)
+
+    @staticmethod
+    def _get_segment_pixel_array(  # type: ignore[override]
+        pixel_array: np.ndarray | _PackedPlane,
+        segment_number: int,
+        described_segment_numbers: np.ndarray,
+        segmentation_type: hd.seg.SegmentationTypeValues,
+        max_fractional_value: int,
+        dtype: type,
+    ) -> np.ndarray:
+        if not isinstance(pixel_array, _PackedPlane):
+            return hd.seg.Segmentation._get_segment_pixel_array(  # type: ignore[no-any-return]
+                pixel_array, segment_number, described_segment_numbers, segmentation_type,
+                max_fractional_value, dtype,
+            )
+        plane = pixel_array.segment(segment_number - 1)  # uint8, as highdicom casts a binary plane
+        return plane if plane.dtype == np.dtype(dtype) else plane.astype(dtype)
 
     @staticmethod
     def _get_nonempty_plane_indices(pixel_array: np.ndarray | _PackedStack) -> tuple[list[int], bool]:

@@ -83,14 +83,6 @@ def _steps(paths: list[Path]) -> dict[str, Any]:
     from inference.builtin.ct_analyzer import analyze_ct
     from node.pipeline import CT_ANALYZER
 
-    try:  # as the store does (dicom_io.encode is newer than some baselines)
-        from dicom_io.encode import encode_dataset as encode
-    except ImportError:
-        def encode(dataset: Any) -> bytes:
-            buffer = BytesIO()
-            dataset.save_as(buffer, enforce_file_format=True)
-            return buffer.getvalue()
-
     seconds: dict[str, float] = {}
 
     started = time.perf_counter()
@@ -114,7 +106,11 @@ def _steps(paths: list[Path]) -> dict[str, Any]:
     seconds["SR"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    encoded = [encode(dataset) for dataset in (seg, sr)]
+    encoded = []
+    for dataset in (seg, sr):
+        buffer = BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        encoded.append(buffer.getvalue())
     seconds["encode"] = time.perf_counter() - started
 
     started = time.perf_counter()

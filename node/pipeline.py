@@ -13,6 +13,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any, Self
 
@@ -20,7 +21,6 @@ import numpy as np
 from pydicom.dataset import Dataset
 from sqlalchemy.exc import OperationalError
 
-from dicom_io.encode import encode_dataset
 from dicom_io.equipment import AlgorithmInfo
 from dicom_io.errors import DicomIOError
 from dicom_io.measurement_report import StructureMeasurement, build_volume_report
@@ -384,8 +384,10 @@ def store_outputs(ctx: NodeContext, job_id: int, outputs: list[Output]) -> list[
     started = time.perf_counter()
     stored = []
     for output in outputs:
+        buffer = BytesIO()
+        output.dataset.save_as(buffer, enforce_file_format=True)
         sop_uid = str(output.dataset.SOPInstanceUID)
-        written = ctx.store.write(ctx.store.result_path(job_id, sop_uid), encode_dataset(output.dataset))
+        written = ctx.store.write(ctx.store.result_path(job_id, sop_uid), buffer.getvalue())
         stored.append(
             jobs.ResultObject(
                 kind=output.kind,

@@ -357,32 +357,3 @@ def test_seg_from_packed_masks_equals_highdicoms_own_from_the_dense_array(
         for keyword in ("PerFrameFunctionalGroupsSequence", "SegmentSequence", "ReferencedSeriesSequence",
                         "SharedFunctionalGroupsSequence"):
             assert built.get(keyword) == plain.get(keyword), keyword
-
-
-def test_encode_dataset_writes_the_bytes_save_as_writes(head: Volume, algorithm: AlgorithmInfo, validate) -> None:
-    """The store's encoder skips pydicom's repeated ambiguous-VR walks, not a byte of the file:
-    the SEG and SR built here, and a data set with an ambiguous VR in a nested item and a nested
-    item read from a file, encode as ``save_as`` encodes them."""
-    import copy
-
-    from pydicom import Dataset
-    from pydicom.dataelem import DataElement
-    from pydicom.sequence import Sequence
-
-    from dicom_io.encode import encode_dataset
-
-    masks = masks_for(head)
-    seg = build(head, masks, algorithm)
-    sr = volume_report(head, seg, [StructureMeasurement(label="lungs", segment_number=1, volume_ml=1.0,
-                                                        mean_hu=-800.0)], algorithm)
-    mixed = copy.deepcopy(sr)
-    item = Dataset()
-    item.PixelRepresentation = 1
-    item.add(DataElement(0x00280106, "US or SS", -5))  # SmallestImagePixelValue: SS once corrected
-    read_back = hd.seg.segread(BytesIO(to_bytes(seg))).SegmentSequence[0]
-    mixed.ContentSequence[0].ReferencedImageSequence = Sequence([item, read_back])
-    for dataset in (seg, sr, mixed):
-        expected = to_bytes(copy.deepcopy(dataset))
-        assert encode_dataset(dataset) == expected
-    assert "SS" in str(mixed.ContentSequence[0].ReferencedImageSequence[0][0x00280106].VR)
-    validate(encode_dataset(build(head, masks, algorithm)))

@@ -36,8 +36,9 @@ def test_reservations_beyond_the_limit_wait_and_go_in_arrival_order() -> None:
     first = threading.Thread(target=job, args=("first", 60, release_first))
     first.start()
     assert first_in.wait(5)
-    # 60 held: the second (60) must wait; the third (10) would fit but arrived later
-    second = threading.Thread(target=job, args=("second", 60))
+    # 60 held: the second (95) must wait; the third (10) would fit beside the first but arrived
+    # later, and does not fit beside the second, so the order of the appends is the order of grants
+    second = threading.Thread(target=job, args=("second", 95))
     second.start()
     _until(lambda: budget.waiting == 1)
     third = threading.Thread(target=job, args=("third", 10))

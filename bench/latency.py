@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -85,10 +86,11 @@ def cmdline(pid: int) -> list[str]:
 
 
 def inference_worker(serve_pid: int) -> int | None:
-    """The embedded worker consuming ``inference`` (not the urgent one, not delivery)."""
+    """The embedded worker consuming ``inference`` (with its urgent slots, or beside an urgent
+    worker of its own in earlier layouts; not delivery)."""
     for pid in children(serve_pid):
         argv = cmdline(pid)
-        if "--queues" in argv and argv[argv.index("--queues") + 1] == "inference":
+        if "--queues" in argv and "inference" in argv[argv.index("--queues") + 1].split(","):
             return pid
     return None
 
@@ -220,7 +222,9 @@ def _wait_ready(log: Path, deadline: float) -> None:
     """Until the inference worker says it is ready (it imports torch after the port opens)."""
     while time.monotonic() < deadline:
         text = log.read_text(errors="replace") if log.exists() else ""
-        if "mednode-inference-" in text and "ready." in text.split("mednode-inference-", 1)[1]:
+        # "mednode-inference-<pid>@host ready." (or "mednode-inference.urgent-inference-…" for a
+        # worker that also takes the urgent queues on its urgent slots)
+        if re.search(r"mednode-(?:[\w.]+-)?inference-\d+@\S+ ready\.", text):
             return
         time.sleep(0.5)
     raise PeerError("the inference worker never became ready")

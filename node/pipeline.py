@@ -26,6 +26,7 @@ from dicom_io.errors import DicomIOError
 from dicom_io.measurement_report import StructureMeasurement, build_volume_report
 from dicom_io.rejection_note import build_rejection_note
 from dicom_io.seg import build_segmentation
+from dicom_io.slice_stack import number_of_frames
 from dicom_io.source_header import conform_copied_attributes
 from dicom_io.sr_common import InstanceReference, versioned_description
 from dicom_io.uids import derived_uid
@@ -47,6 +48,7 @@ from node.prior_stage import job_priors, rule_priors
 from node.vlm_stage import read_series, run_vlm_tasks
 from node.volume_budget import VolumeBudget, process_budget
 from storage.errors import StorageError
+from storage.store import InstanceStore
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +109,12 @@ def warm_up() -> None:
 
 
 # -- stages ---------------------------------------------------------------------------------------
-def select_series(ctx: NodeContext, job: jobs.ClaimedJob, modalities: tuple[str, ...]) -> tuple[str, int]:
-    """The largest of the job's series of one of ``modalities``, and its pixels' bytes in int16.
+def select_series(store: InstanceStore, job: jobs.ClaimedJob, modalities: tuple[str, ...]) -> tuple[str, int]:
+    """The largest (most frames) of the job's series of one of ``modalities``, and its pixels'
+    bytes in int16: Rows × Columns × Number of Frames × 2 summed over its instances.
+
+    A classic series has one frame of one size per instance, so its first header tells them all; an
+    enhanced (multi-frame) CT or MR instance may hold a whole volume, so each one's header is read.
 
     Raises
     ------
@@ -117,10 +123,15 @@ def select_series(ctx: NodeContext, job: jobs.ClaimedJob, modalities: tuple[str,
     """
     candidates = []
     for series_uid, paths in job.instance_paths.items():
-        first = read_dataset(ctx.store.absolute(paths[0]), stop_before_pixels=True) if paths else None
-        if first is not None and str(first.get("Modality", "")).upper() in modalities:
-            pixels = int(first.get("Rows", 0) or 0) * int(first.get("Columns", 0) or 0)
-            candidates.append((len(paths), series_uid, len(paths) * pixels * 2))
+        first = read_dataset(store.absolute(paths[0]), stop_before_pixels=True) if paths else None
+        if first is None or str(first.get("Modality", "")).upper() not in modalities:
+            continue
+        headers = ([first] * len(paths) if number_of_frames(first) == 1 else
+                   [first] + [read_dataset(store.absolute(p), stop_before_pixels=True) for p in paths[1:]])
+        frames = [number_of_frames(h) for h in headers]
+        pixel_bytes = sum(int(h.get("Rows", 0) or 0) * int(h.get("Columns", 0) or 0) * n * 2
+                          for h, n in zip(headers, frames, strict=True))
+        candidates.append((sum(frames), series_uid, pixel_bytes))
     if not candidates:
         raise InvalidInputError(f"the study has no {'/'.join(modalities)} series for this rule")
     _, series_uid, pixel_bytes = max(candidates)
@@ -138,7 +149,7 @@ def load_series_volume(ctx: NodeContext, job: jobs.ClaimedJob, modalities: tuple
         If the job's series hold no series of that modality.
     """
     if series_uid is None:
-        series_uid, _ = select_series(ctx, job, modalities)
+        series_uid, _ = select_series(ctx.store, job, modalities)
     started = time.perf_counter()
     # headers now, each slice's pixels read while it is decoded into the volume and then dropped:
     # the series' encoded pixels and the volume are never in memory side by side
@@ -214,7 +225,7 @@ def run_tasks(ctx: NodeContext, job: jobs.ClaimedJob) -> list[Output]:
     specs = list(plan.model_tasks)
     outputs: list[Output] = []
     if plan.ct_analysis:
-        series_uid, pixel_bytes = select_series(ctx, job, ("CT",))
+        series_uid, pixel_bytes = select_series(ctx.store, job, ("CT",))
         with volume_budget(ctx).reserve(int(CT_ANALYSIS_PEAK_FACTOR * pixel_bytes), job.key):
             volume = load_series_volume(ctx, job, ("CT",), series_uid)
             outputs.extend(ct_analysis(volume, job.key, job.amendment))
@@ -223,7 +234,7 @@ def run_tasks(ctx: NodeContext, job: jobs.ClaimedJob) -> list[Output]:
         path = ctx.settings.models.bundles.get(name)
         if path is None:
             raise ModelNotConfiguredError(f"segmentation bundle {name!r} is not in models.bundles")
-        series_uid, pixel_bytes = select_series(ctx, job, ("CT", "MR"))
+        series_uid, pixel_bytes = select_series(ctx.store, job, ("CT", "MR"))
         with volume_budget(ctx).reserve(int(BUNDLE_PEAK_FACTOR * pixel_bytes), job.key):
             volume = load_series_volume(ctx, job, ("CT", "MR"), series_uid)
             bundle = load_bundle(path, ctx.settings.models.bundle_device)

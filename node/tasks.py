@@ -46,12 +46,13 @@ def deliver(delivery_id: int, attempts: int | None = None) -> None:
 
 @inspect_command(name="mednode_info")
 def mednode_info(state: Any) -> dict[str, Any]:
-    """Remote-control answer for the dashboard (RabbitMQ, Redis): the models this worker holds,
-    their device, batch size and GPU memory (:func:`node.worker_status.process_info`).
+    """Remote-control answer for the dashboard (RabbitMQ, Redis): the queues this worker consumes
+    (urgent slots included), the models it holds, their device, batch size and GPU memory
+    (:func:`node.worker_status.process_info`).
 
     Answered by the worker's main process, which is where an inference worker's jobs run (solo
     pool, or the threads pool for several jobs at once), so it sees the model they share.
     """
-    from node.worker_status import process_info
+    from node.worker_status import consumed_queues, process_info
 
-    return process_info()
+    return process_info(queues=consumed_queues(state.consumer))

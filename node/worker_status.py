@@ -1,4 +1,5 @@
-"""What a worker process holds — its model, device, GPU memory, batch settings — for the Workers page.
+"""What a worker process consumes and holds — its queues, model, device, GPU memory, batch settings —
+for the Workers page.
 
 Two ways it reaches the web process, one per kind of broker:
 
@@ -20,6 +21,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from celery import bootsteps
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +65,21 @@ def model_info() -> list[dict[str, Any]]:
 URGENT_SLOTS: dict[str, int] = {}
 
 
+def consumed_queues(consumer: Any) -> list[str]:
+    """The queues a running worker's ``consumer`` (``celery.worker.consumer.Consumer``) takes
+    messages from: its task consumer's and those of its consumer bootsteps, such as the urgent
+    slots (:mod:`node.urgent_slots`), which Celery's ``active_queues`` does not list."""
+    kombu_consumers = [consumer.task_consumer] if consumer.task_consumer is not None else []
+    for step in consumer.blueprint.steps.values():
+        if isinstance(step, bootsteps.ConsumerStep):
+            kombu_consumers.extend(step.consumers or [])
+    return [queue.name for kombu_consumer in kombu_consumers for queue in kombu_consumer.queues]
+
+
 def process_info(*, queues: list[str] | None = None, concurrency: int | None = None,
                  pool: str | None = None, urgent_slots: int | None = None) -> dict[str, Any]:
-    """This worker process: its models and, summed over them, GPU memory (None without CUDA)."""
+    """This worker process: the queues it consumes, its models and, summed over them, GPU memory
+    (None without CUDA)."""
     models = model_info()
     allocated = [m["gpu_memory_allocated_mb"] for m in models if m["gpu_memory_allocated_mb"] is not None]
     reserved = [m["gpu_memory_reserved_mb"] for m in models if m["gpu_memory_reserved_mb"] is not None]

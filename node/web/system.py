@@ -144,10 +144,13 @@ def _number(info: dict[str, Any], key: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _model_fields(info: dict[str, Any]) -> dict[str, Any]:
+def _reported_fields(info: dict[str, Any]) -> dict[str, Any]:
+    """What a worker reports of itself (:func:`node.worker_status.process_info`): the queues it
+    consumes, its model, device and GPU memory."""
     batch = info.get("batch_size")
     slots = info.get("urgent_slots")
-    return {"model": info.get("model"), "device": info.get("device"),
+    return {"queues": [str(q) for q in info.get("queues") or []],
+            "model": info.get("model"), "device": info.get("device"),
             "batch_size": batch if isinstance(batch, int) else None,
             "urgent_slots": slots if isinstance(slots, int) else None,
             "gpu_memory_mb": _gpu_mb(info), "gpu_memory_reserved_mb": _number(info, "gpu_memory_reserved_mb")}
@@ -158,9 +161,9 @@ def workers_from_status_files(data_dir: Path) -> WorkersOut:
     from node.worker_status import read_status_files
 
     workers = [
-        WorkerOut(name=name, queues=list(info.get("queues") or []), active=[], reserved=0,
+        WorkerOut(name=name, active=[], reserved=0,
                   concurrency=info.get("concurrency"), stats={"pid": info.get("pid"), "pool": info.get("pool")},
-                  **_model_fields(info))
+                  **_reported_fields(info))
         for name, info in sorted(read_status_files(data_dir).items())
     ]
     error = None if workers else (
@@ -174,7 +177,9 @@ def inspect_workers(settings: Settings | None = None, timeout_s: float = INSPECT
 
     On the embedded SQLite broker, from the status files its workers write
     (:mod:`node.worker_status`); on RabbitMQ or Redis, by broadcast (one per question, in parallel),
-    the model, device and GPU memory from the ``mednode_info`` remote-control command.
+    the queues, model, device and GPU memory from the ``mednode_info`` remote-control command (the
+    queues as the worker consumes them, its urgent slots' included: Celery's ``active_queues``
+    lists only the main consumer's).
     """
     from node.celery_app import app
 
@@ -184,7 +189,7 @@ def inspect_workers(settings: Settings | None = None, timeout_s: float = INSPECT
         inspector = app.control.inspect(timeout=timeout_s)
         calls = {
             "ping": inspector.ping, "active": inspector.active, "reserved": inspector.reserved,
-            "stats": inspector.stats, "queues": inspector.active_queues,
+            "stats": inspector.stats,
             "info": lambda: _broadcast_info(app, timeout_s),
         }
         with ThreadPoolExecutor(max_workers=len(calls)) as executor:
@@ -200,12 +205,11 @@ def inspect_workers(settings: Settings | None = None, timeout_s: float = INSPECT
         pool = stats.get("pool") or {}
         workers.append(WorkerOut(
             name=name,
-            queues=[q.get("name", "?") for q in answers["queues"].get(name) or []],
             active=[{"id": t.get("id"), "name": t.get("name"), "args": t.get("args"),
                      "time_start": t.get("time_start")} for t in answers["active"].get(name) or []],
             reserved=len(answers["reserved"].get(name) or []),
             concurrency=pool.get("max-concurrency") if isinstance(pool, dict) else None,
-            **_model_fields(info if isinstance(info, dict) else {}),
+            **_reported_fields(info if isinstance(info, dict) else {}),
             stats={k: stats[k] for k in ("pid", "uptime", "total") if k in stats},
         ))
     error = None if workers else (

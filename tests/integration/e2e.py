@@ -4,6 +4,7 @@ what comes back."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -72,14 +73,18 @@ def measurement_groups(sr: hd.sr.ComprehensiveSR | hd.sr.Comprehensive3DSR) -> d
     return out
 
 
-def poll(predicate, timeout_s: float, interval_s: float = 0.2, what: str = "condition"):  # type: ignore[no-untyped-def]
+def poll(predicate, timeout_s: float, interval_s: float = 0.2, what: str = "condition",  # type: ignore[no-untyped-def]
+         on_timeout: Callable[[], str] | None = None):
+    """``predicate()``'s first truthy value within ``timeout_s``; on timeout a ``TimeoutError``
+    naming ``what``, followed by ``on_timeout()`` (the state that tells why) when given."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(interval_s)
-    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+    why = "" if on_timeout is None else f"; {on_timeout()}"
+    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}{why}")
 
 
 def source_sop_uids(seg: hd.seg.Segmentation) -> list[str]:

@@ -38,6 +38,7 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session
 
 from storage.models import Instance, Job, JobState, Result, Study
+from tests.integration.e2e import poll
 from tests.peers import Orthanc, in_ci
 from tests.peers.netns import POSTGRES_BIN, Host, NetnsLab, netns_available, start_postgres
 from tests.peers.processes import find_tool
@@ -119,13 +120,9 @@ def _takeover_s(logs: Path, killed: datetime) -> float | None:
     mark = "now runs the scheduler"
     if mark not in (logs / "l1-serve.log").read_text(errors="replace"):
         return None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        for line in (logs / "l2-serve.log").read_text(errors="replace").splitlines():
-            if mark in line:
-                return round((datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f") - killed).total_seconds(), 2)
-        time.sleep(0.2)
-    raise AssertionError("l2 did not take the scheduler over within 60 s of l1's death")
+    line = poll(lambda: next((line for line in (logs / "l2-serve.log").read_text(errors="replace").splitlines()
+                              if mark in line), None), 60, what="l2 taking the scheduler over after l1's death")
+    return round((datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f") - killed).total_seconds(), 2)
 
 
 class Cluster:
@@ -182,14 +179,12 @@ class Cluster:
         return next((j for j in self.jobs() if j.state is JobState.RUNNING and (j.worker or "").startswith(host.name + ":")), None)
 
     def wait(self, what: str, condition, timeout_s: float, poll_s: float = 0.05):  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            value = condition()
-            if value:
-                return value
-            time.sleep(poll_s)
+        return poll(condition, timeout_s, poll_s, what, on_timeout=self.state)
+
+    def state(self) -> str:
+        """The jobs and the tail of every host's log, for a wait that timed out."""
         logs = "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in sorted(self.logs.glob("*.log")))
-        raise AssertionError(f"{what}: not within {timeout_s:.0f} s; jobs {[(j.id, j.state.value, j.worker, j.attempts) for j in self.jobs()]}\n{logs}")
+        return f"jobs {[(j.id, j.state.value, j.worker, j.attempts) for j in self.jobs()]}\n{logs}"
 
 
 @pytest.fixture

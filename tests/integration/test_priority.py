@@ -97,16 +97,21 @@ def test_priority_9_job_and_ask_start_within_2_s_while_a_long_job_runs(
               f"{(when(asked['started_at']) - long_start).total_seconds():.1f} s into it")  # type: ignore[operator]
 
 
+@pytest.mark.parametrize("broker", ["embedded", "rabbitmq"])
 def test_one_process_holds_the_vlm_for_routine_jobs_and_asks(
-    tmp_path: Path, mednode_factory: MednodeFactory, tiny_qwen2_vl: Path,  # noqa: F811
+    tmp_path: Path, mednode_factory: MednodeFactory, tiny_qwen2_vl: Path, broker: str,  # noqa: F811
+    request: pytest.FixtureRequest,
 ) -> None:
-    """The embedded default: a routine VLM job and an ask run in one worker process, the only one
-    that loads the model (the Workers view shows one process holding it, with its urgent slots)."""
+    """``mednode serve``'s workers: a routine VLM job and an ask run in one worker process, the only
+    one that loads the model. The Workers view shows one process holding it, with its urgent slots
+    and their queues: from the workers' status files on the embedded broker, from their broadcast
+    answer on RabbitMQ (where Celery's ``active_queues`` lists only the main consumer's)."""
+    broker_url = request.getfixturevalue("rabbitmq_url") if broker == "rabbitmq" else None
     config = node_config(tmp_path, tiny_qwen2_vl)
     settings = yaml.safe_load(config.read_text())
     settings["rules"][0]["tasks"] = ["ct_analysis", {"report": {"language": "en"}}]
     config.write_text(yaml.safe_dump(settings))
-    node = mednode_factory(quiet_period_s=1.0, config=config,
+    node = mednode_factory(quiet_period_s=1.0, config=config, broker_url=broker_url,
                            extra_env={"MEDNODE_WEB_API_TOKENS": json.dumps([TOKEN])})
     with api(node) as client:
         study_uid = send_phantom(tmp_path, node, SMALL_CT, "small")

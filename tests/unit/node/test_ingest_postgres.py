@@ -4,7 +4,6 @@ statement leaves no file, a lost connection leaves the (synced) file for a re-se
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from node import ingest as ingest_module
 from node.ingest import Ingestor
 from storage import store as store_module
-from storage.db import make_engine, make_session_factory, upgrade
+from storage.db import make_session_factory, upgrade
 from storage.index import IndexOutcome
 from storage.models import Instance, Series, Study, StudyState
 from storage.store import InstanceStore
-from tests.databases import fresh_postgres_database
 
 from .conftest import make_dataset, to_bytes
 
@@ -29,19 +27,9 @@ STUDY, SERIES = "1.2.826.0.1.3680043.8.498.7", "1.2.826.0.1.3680043.8.498.7.1"
 
 
 @pytest.fixture
-def postgres() -> Iterator[Engine]:
-    with fresh_postgres_database("mednode_ingest") as url:
-        engine = make_engine(url)
-        upgrade(engine)
-        try:
-            yield engine
-        finally:
-            engine.dispose()
-
-
-@pytest.fixture
-def pg_sessions(postgres: Engine) -> sessionmaker[Session]:
-    return make_session_factory(postgres)
+def pg_sessions(postgres_engine: Engine) -> sessionmaker[Session]:
+    upgrade(postgres_engine)
+    return make_session_factory(postgres_engine)
 
 
 def _files(store: InstanceStore) -> list[Path]:
@@ -54,21 +42,21 @@ def _ingest(ingestor: Ingestor, number: int, calling: str = "CT1", **attributes:
 
 
 def test_a_new_instance_of_a_known_series_takes_one_statement_committed_after_the_sync(
-    postgres: Engine, pg_sessions: sessionmaker[Session], store: InstanceStore, monkeypatch: pytest.MonkeyPatch
+    postgres_engine: Engine, pg_sessions: sessionmaker[Session], store: InstanceStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ingestor = Ingestor(store, pg_sessions)
     assert _ingest(ingestor, 1) is IndexOutcome.NEW  # a new series: the full path
     statements: list[str] = []
     synced: list[int] = []
 
-    @event.listens_for(postgres, "before_cursor_execute")
+    @event.listens_for(postgres_engine, "before_cursor_execute")
     def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         statements.append(f"{len(synced)} synced: {statement.split()[0]}")
 
     sync_data = store_module._sync_data
     monkeypatch.setattr(store_module, "_sync_data", lambda fd: (sync_data(fd), synced.append(fd)))
     commits: list[object] = []
-    event.listen(postgres, "commit", commits.append)
+    event.listen(postgres_engine, "commit", commits.append)
 
     assert _ingest(ingestor, 2, calling="CT2") is IndexOutcome.NEW
     # one statement (WITH … INSERT … UPDATE … SELECT), after the file's sync; no BEGIN/COMMIT

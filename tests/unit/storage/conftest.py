@@ -1,5 +1,5 @@
-"""Fixtures of the storage tests: a migrated SQLite index, a fresh PostgreSQL database, and
-instance headers made to order."""
+"""Fixtures of the storage tests: a migrated SQLite index and instance headers made to order
+(a fresh PostgreSQL database: ``postgres_engine`` of ``tests/unit/conftest.py``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_io.header import InstanceHeader
 from storage.db import make_engine, make_session_factory, upgrade
-from tests.databases import fresh_postgres_database
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
@@ -28,17 +27,6 @@ def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
     upgrade(engine)
     yield engine
     engine.dispose()
-
-
-@pytest.fixture
-def postgres_engine() -> Iterator[Engine]:
-    """A fresh, empty PostgreSQL database on 127.0.0.1:5432, dropped afterwards."""
-    with fresh_postgres_database("mednode_unit") as url:
-        engine = make_engine(url)
-        try:
-            yield engine
-        finally:
-            engine.dispose()
 
 
 @pytest.fixture

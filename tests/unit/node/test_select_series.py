@@ -1,0 +1,41 @@
+"""The series a volume job reads, and the bytes it reserves of the volume budget: an enhanced
+(multi-frame) instance counts all its frames, not one."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from node.jobs import ClaimedJob
+from node.pipeline import select_series
+from storage.store import InstanceStore
+
+ENHANCED_MR = "multiframe/emri_small.dcm"  # 64 × 64, 10 frames
+LEGACY_ENHANCED_CT = "multiframe/dcmqi_legacy_converted_ct.dcm"  # 38 rows × 24 columns, 3 frames
+CLASSIC_MR = "compressed/mr_series_j2k"  # 4 single-frame instances, 256 × 256
+
+
+def _job(store: InstanceStore, shared_dicom: Path, series: dict[str, list[str]]) -> ClaimedJob:
+    """A job whose series hold copies of the shared files (series UID -> shared paths)."""
+    instance_paths: dict[str, list[str]] = {}
+    for series_uid, sources in series.items():
+        for number, source in enumerate(sources):
+            relative = f"{series_uid}/{number}.dcm"
+            store.absolute(relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(shared_dicom / source, store.absolute(relative))
+            instance_paths.setdefault(series_uid, []).append(relative)
+    return ClaimedJob(id=1, study_instance_uid="1.2.3", study_version=1, rule_name="r", tasks=[],
+                      series_uids=list(instance_paths), destinations=[], attempt=1,
+                      instance_paths=instance_paths)
+
+
+def test_multi_frame_instances_count_every_frame(tmp_path: Path, shared_dicom: Path) -> None:
+    store = InstanceStore(tmp_path / "store")
+    classic = sorted(str(p.relative_to(shared_dicom)) for p in (shared_dicom / CLASSIC_MR).glob("*.dcm"))
+    job = _job(store, shared_dicom, {"enhanced": [ENHANCED_MR, ENHANCED_MR], "classic": classic,
+                                     "ct": [LEGACY_ENHANCED_CT]})
+    # two enhanced instances of 10 frames outnumber the classic series' 4 frames
+    assert select_series(store, job, ("MR",)) == ("enhanced", 2 * 64 * 64 * 10 * 2)
+    assert select_series(store, job, ("CT",)) == ("ct", 38 * 24 * 3 * 2)
+    classic_only = _job(store, shared_dicom, {"classic": classic})
+    assert select_series(store, classic_only, ("MR",)) == ("classic", 4 * 256 * 256 * 2)

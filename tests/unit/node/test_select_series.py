@@ -34,8 +34,11 @@ def test_multi_frame_instances_count_every_frame(tmp_path: Path, shared_dicom: P
     classic = sorted(str(p.relative_to(shared_dicom)) for p in (shared_dicom / CLASSIC_MR).glob("*.dcm"))
     job = _job(store, shared_dicom, {"enhanced": [ENHANCED_MR, ENHANCED_MR], "classic": classic,
                                      "ct": [LEGACY_ENHANCED_CT]})
-    # two enhanced instances of 10 frames outnumber the classic series' 4 frames
-    assert select_series(store, job, ("MR",)) == ("enhanced", 2 * 64 * 64 * 10 * 2)
+    # the classic series goes first (load_volume reads single-frame series only) ...
+    assert select_series(store, job, ("MR",)) == ("classic", 4 * 256 * 256 * 2)
+    # ... and an enhanced one, alone of its modality, counts every frame of every instance
     assert select_series(store, job, ("CT",)) == ("ct", 38 * 24 * 3 * 2)
+    enhanced_only = _job(store, shared_dicom, {"enhanced": [ENHANCED_MR, ENHANCED_MR]})
+    assert select_series(store, enhanced_only, ("MR",)) == ("enhanced", 2 * 64 * 64 * 10 * 2)
     classic_only = _job(store, shared_dicom, {"classic": classic})
     assert select_series(store, classic_only, ("MR",)) == ("classic", 4 * 256 * 256 * 2)

@@ -7,10 +7,12 @@ from collections.abc import Mapping
 
 import highdicom as hd
 import numpy as np
+from pydicom.dataset import Dataset
 
 from dicom_io.codes import ARTIFICIAL_INTELLIGENCE
 from dicom_io.equipment import IHE_CODING_SCHEME, AlgorithmInfo, add_contributing_equipment
 from dicom_io.packed_mask import PackedMask
+from dicom_io.slice_stack import frame_plane
 from dicom_io.source_header import character_set_of, conform_copied_attributes
 from dicom_io.sr_common import structure_for
 from dicom_io.uids import derived_uid
@@ -152,6 +154,37 @@ class _Segmentation(hd.seg.Segmentation):
         return frames, False
 
 
+def _source_arguments(volume: Volume, sources: list[Dataset]) -> dict[str, object]:
+    """highdicom's source arguments for the SEG of ``volume``, whose datasets are ``sources``.
+
+    A single-frame series: its images, in the volume's order (highdicom takes each plane's
+    position from its image). A multi-frame series: highdicom takes one multi-frame source image
+    and, without plane positions, maps plane ``i`` to its frame ``i + 1``, which is not the volume's
+    order when the frames are not stored along the normal; so the volume's planes are given with
+    their frames' own positions and highdicom matches each to its source frame (Derivation Image
+    Sequence with the Referenced Frame Number, PS3.3 C.7.6.16.2.6). The instances after the first
+    of a series of several go to ``further_source_images``, matched frame by frame the same way.
+    """
+    if not volume.is_multi_frame:
+        return {"source_images": sources}
+    positions = []
+    for index in range(volume.shape[0]):
+        instance, frame_number = volume.source_frames[index]
+        _, position = frame_plane(sources[instance], frame_number - 1)
+        assert position is not None, "load_volume refuses frames without a position"
+        positions.append(hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, position))
+    return {
+        "source_images": sources[:1],
+        "further_source_images": sources[1:] or None,
+        "plane_positions": positions,
+        "plane_orientation": hd.PlaneOrientationSequence(hd.CoordinateSystemNames.PATIENT,
+                                                         volume.image_orientation),
+        "pixel_measures": hd.PixelMeasuresSequence(
+            pixel_spacing=volume.spacing_mm[1:], slice_thickness=volume.spacing_mm[0],
+            spacing_between_slices=volume.spacing_mm[0]),
+    }
+
+
 def algorithm_identification(algorithm: AlgorithmInfo) -> hd.AlgorithmIdentificationSequence:
     """Algorithm Identification Sequence (PS3.3 C.8.20.2) of ``algorithm``."""
     parameters = {"family": algorithm.family} if algorithm.family else None
@@ -248,7 +281,7 @@ def build_segmentation(
     # patient and study attributes highdicom copies: a missing or invalid one is left empty
     sources = conform_copied_attributes(volume.datasets, purpose=f"SEG {sop_instance_uid}")
     seg = _Segmentation(
-        source_images=sources,
+        **_source_arguments(volume, sources),
         pixel_array=pixel_array,  # type: ignore[arg-type]
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import TypedDict
 
 import highdicom as hd
 import numpy as np
@@ -193,7 +194,15 @@ class _Segmentation(hd.seg.Segmentation):
         return frames, False
 
 
-def _source_arguments(volume: Volume, sources: list[Dataset]) -> dict[str, object]:
+class _SourceArguments(TypedDict, total=False):
+    source_images: Sequence[Dataset]
+    further_source_images: Sequence[Dataset] | None
+    plane_positions: Sequence[hd.PlanePositionSequence] | None
+    plane_orientation: hd.PlaneOrientationSequence | None
+    pixel_measures: hd.PixelMeasuresSequence | None
+
+
+def _source_arguments(volume: Volume, sources: list[Dataset]) -> _SourceArguments:
     """highdicom's source arguments for the SEG of ``volume``, whose datasets are ``sources``.
 
     A single-frame series: its images, in the volume's order (highdicom takes each plane's

@@ -1,4 +1,4 @@
-"""Read DICOM instances and assemble single-frame series into volumes with geometry."""
+"""Read DICOM instances and assemble a series, single-frame or enhanced multi-frame, into a volume."""
 
 from __future__ import annotations
 

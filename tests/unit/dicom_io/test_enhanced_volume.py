@@ -304,3 +304,18 @@ def test_seg_and_sr_of_a_series_of_two_enhanced_instances(
         items = group.referenced_segment.source_images_for_segmentation
         assert {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in items} <= evidence
         assert all(len(i.ReferencedSOPSequence[0].ReferencedFrameNumber) >= 1 for i in items)
+
+
+def test_repaired_copy_of_an_enhanced_ct_still_reads_its_frames_from_the_file(tmp_path: Path) -> None:
+    # conform_copied_attributes replaces a source missing a Type 2 attribute by a copy: its Pixel
+    # Data stays deferred (not the whole instance loaded at once), read frame by frame from the file
+    from dicom_io.source_header import conform_copied_attributes
+
+    classic = _classic()
+    enhanced = _convert(classic)
+    del enhanced.PatientSex
+    ds = read_dataset(_write(enhanced, tmp_path / "enhanced.dcm"), defer_size=64 * 1024)
+    [copy_] = conform_copied_attributes([ds], purpose="test")
+    assert copy_ is not ds and copy_.get_item("PixelData", keep_deferred=True).value is None
+    volume = load_volume([copy_], release_pixel_data=True)
+    _assert_same_volume(volume, load_volume(classic))

@@ -146,6 +146,21 @@ def test_dcmqi_legacy_converted_ct_in_hu() -> None:
 
 
 @requires_shared
+def test_a_frame_beyond_int16_switches_the_enhanced_volume_to_float32() -> None:
+    ds = read_dataset(sample(LEGACY_CT))
+    # frame 3 only: its own Pixel Value Transformation, whose values leave int16
+    transform = copy.deepcopy(ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence)
+    transform[0].RescaleIntercept = "40000"
+    ds.PerFrameFunctionalGroupsSequence[2].PixelValueTransformationSequence = transform
+    volume = load_volume([ds])
+    assert volume.pixels.dtype == np.float32
+    shared = ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
+    raw = ds.pixel_array.astype(np.float64)
+    np.testing.assert_array_equal(volume.pixels[:2], raw[:2] * float(shared.RescaleSlope) + float(shared.RescaleIntercept))
+    np.testing.assert_array_equal(volume.pixels[2], raw[2] * float(shared.RescaleSlope) + 40000)
+
+
+@requires_shared
 def test_siemens_enhanced_mr_with_per_frame_geometry_only() -> None:
     # no Shared Functional Groups: orientation, spacing and rescale come from each frame's groups
     ds = read_dataset(sample(SIEMENS_MR))

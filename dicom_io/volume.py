@@ -285,10 +285,10 @@ def _integer_rescale(ds: Dataset) -> tuple[int, int] | None:
 def _decode_into(ds: Dataset, out: np.ndarray) -> bool:
     """Decode ``ds``'s pixels into ``out`` (its shape) with the modality LUT applied
     (:func:`_rescale_into`)."""
-    return _rescale_into(_decode(ds), out, ds, str(ds.SOPInstanceUID))
+    return _rescale_into(_decode(ds), out, ds, f"instance {ds.SOPInstanceUID}")
 
 
-def _rescale_into(raw: np.ndarray, out: np.ndarray, rescale: Dataset, uid: str) -> bool:
+def _rescale_into(raw: np.ndarray, out: np.ndarray, rescale: Dataset, name: str) -> bool:
     """Write ``raw`` into ``out`` (its shape) with the modality LUT of ``rescale`` applied.
 
     ``rescale`` holds Rescale Slope and Intercept (or a Modality LUT Sequence): a single-frame
@@ -305,7 +305,7 @@ def _rescale_into(raw: np.ndarray, out: np.ndarray, rescale: Dataset, uid: str) 
     """
     if raw.shape != out.shape:
         raise InconsistentSeriesError(
-            f"instance {uid} decodes to {raw.shape}, the series is {out.shape}: "
+            f"{name} decodes to {raw.shape}, the series is {out.shape}: "
             "Rows/Columns and the pixel data disagree."
         )
     if out.dtype == np.int16:

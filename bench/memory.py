@@ -14,9 +14,14 @@ with ``bench/latency.py``'s 20 ms sampling of a running node.
 main) on the same study, alternating with this tree, for before/after in one run; the outputs of
 each run (SEG PixelData, SR measurement values) are compared across codes.
 
+``--enhanced`` also runs this tree on the same study converted into one Legacy Converted Enhanced
+CT instance (highdicom's converter): the enhanced path (frames decoded one at a time from the file)
+against the classic one, with the same outputs.
+
 Usage::
 
     .venv/bin/python bench/memory.py --counts 300,1000
+    .venv/bin/python bench/memory.py --counts 300 --enhanced --repeats 2
     .venv/bin/python bench/memory.py --counts 1000 --lungs --code before=/tmp/main-tree  # 3 segments
 """
 
@@ -138,6 +143,20 @@ def add_lungs(study: Path) -> None:
         ds.save_as(path)
 
 
+def to_enhanced(study: Path, out_dir: Path) -> Path:
+    """``study``'s series as one Legacy Converted Enhanced CT instance in ``out_dir``."""
+    import highdicom as hd
+    import pydicom
+
+    out_dir.mkdir()
+    classic = [pydicom.dcmread(p) for p in sorted(study.iterdir())]
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        classic, series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(), instance_number=1)
+    del classic
+    enhanced.save_as(out_dir / "enhanced.dcm", enforce_file_format=True)
+    return out_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.ingest import generate_study, machine
 
@@ -148,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lungs", action="store_true",
                         help="add two air-filled lungs (-850 HU) inside the body: three segments, not two")
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--enhanced", action="store_true",
+                        help="also run this tree on the study as one Legacy Converted Enhanced CT instance")
     args = parser.parse_args(argv)
     codes = [(name, Path(path).resolve()) for name, _, path in (c.partition("=") for c in args.code)]
     codes.append(("this tree", REPO_ROOT))
@@ -160,13 +181,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.lungs:
                 add_lungs(study)
             pixel_bytes = count * 512 * 512 * 2
+            runs = [(name, code_dir, study) for name, code_dir in codes]
+            if args.enhanced:
+                runs.append(("this tree, enhanced", REPO_ROOT, to_enhanced(study, work / f"ct{count}-enhanced")))
             digests = {}
             for repeat in range(args.repeats):
-                for name, code_dir in codes:
+                for name, code_dir, study_dir in runs:
                     scratch = work / f"out-{name.replace(' ', '_')}-{count}-{repeat}"
                     scratch.mkdir()
                     print(f"{count} slices, {name}, run {repeat + 1}", file=sys.stderr, flush=True)
-                    report = run_child(code_dir, study, scratch)
+                    report = run_child(code_dir, study_dir, scratch)
                     checks = "; ".join(f"{kind} {dciodvfy(f)}" for kind, f in zip(("SEG", "SR"), report["files"]))
                     digests[name] = (report["seg_pixel_sha256"], json.dumps(report["measurements"]))
                     rows.append((count, name, pixel_bytes, report, checks))
@@ -178,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, value in digests.items():
                     print(f"  {name}: {value}", file=sys.stderr)
             shutil.rmtree(study, ignore_errors=True)
+            shutil.rmtree(work / f"ct{count}-enhanced", ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     stages = ["load", "model", "write SEG", "write SR", "store"]

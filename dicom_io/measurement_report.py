@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import highdicom as hd
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from dicom_io.codes import (
     ATTENUATION_COEFFICIENT,
@@ -63,7 +64,8 @@ class StructureMeasurement:
 
 
 def referenced_segment(segmentation: Dataset, segment_number: int) -> hd.sr.ReferencedSegment:
-    """Reference one segment of a SEG, with the source images of its frames.
+    """Reference one segment of a SEG, with the source images of its frames (and, for a
+    multi-frame source, the numbers of those frames: PS3.3 C.18.3 Referenced Frame Number).
 
     ``hd.sr.ReferencedSegment.from_segmentation`` fails on a single-segment SEG in
     highdicom 0.28 (its segment identification sits in the shared functional groups),
@@ -80,6 +82,8 @@ def referenced_segment(segmentation: Dataset, segment_number: int) -> hd.sr.Refe
     # UID → SOP Class UID; the highdicom items are made only if they are listed (making 600 of
     # them for a 300-slice SEG took ~0.35 s, to be dropped for the source series)
     source_images: dict[str, str] = {}
+    # UID → the frames referenced of a multi-frame source (an enhanced CT/MR)
+    source_frames: dict[str, set[int]] = {}
     for item in segmentation.PerFrameFunctionalGroupsSequence:
         # A single-segment SEG carries the segment identification in the shared groups.
         identification = item.get("SegmentIdentificationSequence") or shared.get(
@@ -92,14 +96,19 @@ def referenced_segment(segmentation: Dataset, segment_number: int) -> hd.sr.Refe
                 uid = str(source.ReferencedSOPInstanceUID)
                 if uid not in source_images:
                     source_images[uid] = str(source.ReferencedSOPClassUID)
+                if source.get("ReferencedFrameNumber") is not None:
+                    numbers = source.ReferencedFrameNumber
+                    source_frames.setdefault(uid, set()).update(
+                        int(n) for n in (numbers if isinstance(numbers, MultiValue) else [numbers]))
     if source_images and len(source_images) <= MAX_LISTED_SOURCE_IMAGES:
         return hd.sr.ReferencedSegment(
             sop_class_uid=str(segmentation.SOPClassUID),
             sop_instance_uid=str(segmentation.SOPInstanceUID),
             segment_number=segment_number,
             source_images=[
-                hd.sr.SourceImageForSegmentation(referenced_sop_class_uid=sop_class_uid,
-                                                 referenced_sop_instance_uid=uid)
+                hd.sr.SourceImageForSegmentation(
+                    referenced_sop_class_uid=sop_class_uid, referenced_sop_instance_uid=uid,
+                    referenced_frame_numbers=sorted(source_frames[uid]) if uid in source_frames else None)
                 for uid, sop_class_uid in source_images.items()
             ],
         )

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import TypedDict
 
 import highdicom as hd
 import numpy as np
+from pydicom.dataset import Dataset
 
 from dicom_io.codes import ARTIFICIAL_INTELLIGENCE
 from dicom_io.equipment import IHE_CODING_SCHEME, AlgorithmInfo, add_contributing_equipment
 from dicom_io.packed_mask import PackedMask
+from dicom_io.slice_stack import frame_plane, number_of_frames
 from dicom_io.source_header import character_set_of, conform_copied_attributes
 from dicom_io.sr_common import structure_for
 from dicom_io.uids import derived_uid
@@ -20,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 #: Frames at a time in the overlap check.
 _SLAB_FRAMES = 32
+#: A plane and a source frame this close are at one position (highdicom's own tolerance).
+_SAME_POSITION_MM = 1e-3
 
 
 class _PackedStack:
@@ -97,8 +102,9 @@ class _Segmentation(hd.seg.Segmentation):
     It answers highdicom's two whole-array checks from the packed bits, with highdicom's own
     answers: whether the segments overlap (highdicom 0.28 sums the array over the segments axis
     into an int64 array of 8 bytes a voxel: 2.1 GB for a 1,000-slice 512² CT) and which frames
-    are empty. The version range of highdicom in setup.cfg pins the private methods this
-    overrides; tests compare its SEG with highdicom's own built from the dense array.
+    are empty. It also references the source frames of an enhanced series of several instances
+    (:meth:`_match_planes`). The version range of highdicom in setup.cfg pins the private methods
+    this overrides; tests compare its SEG with highdicom's own built from the dense array.
     """
 
     @classmethod
@@ -142,6 +148,42 @@ class _Segmentation(hd.seg.Segmentation):
         return plane if plane.dtype == np.dtype(dtype) else plane.astype(dtype)
 
     @staticmethod
+    def _match_planes(  # type: ignore[override]
+        source_plane_orientation: Sequence[float],
+        plane_position_values: np.ndarray,
+        source_images: Sequence[Dataset],
+        all_but_positions_preserved: bool,
+    ) -> tuple[list[list[Dataset]] | None, bool]:
+        """highdicom's matching of the planes to the frames of one source image, also for a
+        multi-frame source holding only some of the planes (an enhanced series of several
+        instances: highdicom 0.28 references the frames of an instance only when it holds every
+        plane). Each plane then gets the frame at its position, of whichever instance has it
+        (highdicom adds up the items of ``source_images`` and ``further_source_images``)."""
+        items, preserved = hd.seg.Segmentation._match_planes(
+            source_plane_orientation, plane_position_values, source_images, all_but_positions_preserved
+        )
+        source = source_images[0]
+        if (items is not None or len(source_images) != 1 or not all_but_positions_preserved
+                or "PerFrameFunctionalGroupsSequence" not in source):
+            return items, preserved
+        positions = [frame_plane(source, f)[1] for f in range(number_of_frames(source))]
+        if any(p is None for p in positions):
+            return items, preserved
+        distances = np.linalg.norm(
+            np.asarray(plane_position_values, dtype=float)[:, None, :] - np.asarray(positions, dtype=float)[None],
+            axis=-1,
+        )
+        nearest = distances.argmin(axis=1)
+        matched = distances[np.arange(len(nearest)), nearest] < _SAME_POSITION_MM
+        if not matched.any():
+            return None, False
+        # False: the planes are not all this image's, so highdicom keeps the positions given
+        return [
+            [hd.image._Image._get_derivation_source_image_item(source, int(frame) + 1, True)] if found else []
+            for frame, found in zip(nearest, matched, strict=True)
+        ], False
+
+    @staticmethod
     def _get_nonempty_plane_indices(pixel_array: np.ndarray | _PackedStack) -> tuple[list[int], bool]:
         if not isinstance(pixel_array, _PackedStack):
             return hd.seg.Segmentation._get_nonempty_plane_indices(pixel_array)  # type: ignore[no-any-return]
@@ -150,6 +192,45 @@ class _Segmentation(hd.seg.Segmentation):
             logger.warning("all segments are empty: the SEG keeps every frame")
             return list(range(pixel_array.shape[0])), True
         return frames, False
+
+
+class _SourceArguments(TypedDict, total=False):
+    source_images: Sequence[Dataset]
+    further_source_images: Sequence[Dataset] | None
+    plane_positions: Sequence[hd.PlanePositionSequence] | None
+    plane_orientation: hd.PlaneOrientationSequence | None
+    pixel_measures: hd.PixelMeasuresSequence | None
+
+
+def _source_arguments(volume: Volume, sources: list[Dataset]) -> _SourceArguments:
+    """highdicom's source arguments for the SEG of ``volume``, whose datasets are ``sources``.
+
+    A single-frame series: its images, in the volume's order (highdicom takes each plane's
+    position from its image). A multi-frame series: highdicom takes one multi-frame source image
+    and, without plane positions, maps plane ``i`` to its frame ``i + 1``, which is not the volume's
+    order when the frames are not stored along the normal; so the volume's planes are given with
+    their frames' own positions and highdicom matches each to its source frame (Derivation Image
+    Sequence with the Referenced Frame Number, PS3.3 C.7.6.16.2.6). The instances after the first
+    of a series of several go to ``further_source_images``, matched frame by frame the same way.
+    """
+    if not volume.is_multi_frame:
+        return {"source_images": sources}
+    positions = []
+    for index in range(volume.shape[0]):
+        instance, frame_number = volume.source_frames[index]
+        _, position = frame_plane(sources[instance], frame_number - 1)
+        assert position is not None, "load_volume refuses frames without a position"
+        positions.append(hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, position))
+    return {
+        "source_images": sources[:1],
+        "further_source_images": sources[1:] or None,
+        "plane_positions": positions,
+        "plane_orientation": hd.PlaneOrientationSequence(hd.CoordinateSystemNames.PATIENT,
+                                                         volume.image_orientation),
+        "pixel_measures": hd.PixelMeasuresSequence(
+            pixel_spacing=volume.spacing_mm[1:], slice_thickness=volume.spacing_mm[0],
+            spacing_between_slices=volume.spacing_mm[0]),
+    }
 
 
 def algorithm_identification(algorithm: AlgorithmInfo) -> hd.AlgorithmIdentificationSequence:
@@ -248,7 +329,7 @@ def build_segmentation(
     # patient and study attributes highdicom copies: a missing or invalid one is left empty
     sources = conform_copied_attributes(volume.datasets, purpose=f"SEG {sop_instance_uid}")
     seg = _Segmentation(
-        source_images=sources,
+        **_source_arguments(volume, sources),
         pixel_array=pixel_array,  # type: ignore[arg-type]
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,

@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, pixel_array
+from pydicom.pixels import apply_modality_lut, iter_pixels, pixel_array
 
 from dicom_io.errors import InvalidInstanceError
 
@@ -62,8 +62,9 @@ def number_of_frames(ds: Dataset) -> int:
         return 1
 
 
-def _functional_group(ds: Dataset, frame_index: int, keyword: str) -> Dataset | None:
-    """The first item of ``keyword`` for one frame: per-frame group first, then the shared group."""
+def functional_group(ds: Dataset, frame_index: int, keyword: str) -> Dataset | None:
+    """The first item of ``keyword`` for one frame (0-based): per-frame group first, then the shared
+    group (PS3.3 C.7.6.16); ``None`` when neither has it."""
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame is not None and frame_index < len(per_frame):
         found = per_frame[frame_index].get(keyword)
@@ -85,12 +86,12 @@ def _floats(values: object, count: int) -> tuple[float, ...] | None:
     return out if len(out) == count else None
 
 
-def _plane(ds: Dataset, frame_index: int | None) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
-    """(orientation, position) of one slice: from the functional groups for a frame of a
-    multi-frame instance, else from the top-level Image Plane module."""
+def frame_plane(ds: Dataset, frame_index: int | None) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """(orientation, position) of one slice: from the functional groups for a frame (0-based) of a
+    multi-frame instance, else from the top-level Image Plane module; ``None`` for what is missing."""
     if frame_index is not None:
-        orientation_item = _functional_group(ds, frame_index, "PlaneOrientationSequence")
-        position_item = _functional_group(ds, frame_index, "PlanePositionSequence")
+        orientation_item = functional_group(ds, frame_index, "PlaneOrientationSequence")
+        position_item = functional_group(ds, frame_index, "PlanePositionSequence")
         orientation = _floats(orientation_item.get("ImageOrientationPatient"), 6) if orientation_item else None
         position = _floats(position_item.get("ImagePositionPatient"), 3) if position_item else None
         if orientation is not None and position is not None:
@@ -126,7 +127,7 @@ def stack_slices(datasets: Sequence[Dataset]) -> list[SliceRef]:
     for ds in sorted(datasets, key=_instance_number):
         frames = number_of_frames(ds)
         for frame in range(frames) if frames > 1 else [None]:
-            orientation, position = _plane(ds, frame)
+            orientation, position = frame_plane(ds, frame)
             entries.append((ds, frame, orientation, position))
     if any(o is None or p is None for _, _, o, p in entries):
         return [SliceRef(ds, frame, None) for ds, frame, _, _ in entries]
@@ -147,18 +148,39 @@ def _rescaled(raw: np.ndarray, ref: SliceRef) -> np.ndarray:
     Rescale Slope/Intercept in the functional groups, PS3.3 C.7.6.16.2.9), else the top level."""
     ds = ref.dataset
     if ref.frame_index is not None:
-        item = _functional_group(ds, ref.frame_index, "PixelValueTransformationSequence")
+        item = functional_group(ds, ref.frame_index, "PixelValueTransformationSequence")
         if item is not None and "RescaleSlope" in item and "RescaleIntercept" in item:
             slope, intercept = float(item.RescaleSlope), float(item.RescaleIntercept)
             return (raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32)
     return np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
 
 
+def pixel_source(ds: Dataset) -> Dataset | str:
+    """Where ``ds``'s pixels are read from: the dataset when it holds its Pixel Data, else the file
+    it was read from (``ds.filename``), where pydicom reads only the frames asked for. Pixel Data
+    left deferred by ``dcmread(defer_size=...)`` counts as not held: touching it would load every
+    frame at once.
+
+    Raises
+    ------
+    InvalidInstanceError
+        If the dataset has neither Pixel Data nor a file.
+    """
+    if "PixelData" in ds and ds.get_item("PixelData", keep_deferred=True).value is not None:
+        return ds
+    if isinstance(getattr(ds, "filename", None), (str, os.PathLike)):
+        return os.fspath(ds.filename)
+    if "PixelData" in ds:
+        return ds
+    raise InvalidInstanceError(
+        f"instance {ds.get('SOPInstanceUID', '<unknown>')} was read without pixel data and without "
+        "its file name; read it from a file (dcmread keeps the name) or with its pixel data.")
+
+
 def read_frame(ds: Dataset, frame_index: int | None) -> np.ndarray:
     """Decode one frame (all of a single-frame instance) and nothing else.
 
-    From the dataset's own Pixel Data when it holds one; else from the file the header was read
-    from (``ds.filename``), where pydicom reads only that frame's bytes.
+    From :func:`pixel_source`: the dataset's own Pixel Data, or the file it was read from.
 
     Raises
     ------
@@ -166,19 +188,35 @@ def read_frame(ds: Dataset, frame_index: int | None) -> np.ndarray:
         If the dataset has neither Pixel Data nor a file, or the frame cannot be decoded.
     """
     uid = ds.get("SOPInstanceUID", "<unknown>")
-    source: Dataset | str
-    if "PixelData" in ds:
-        source = ds
-    elif isinstance(getattr(ds, "filename", None), (str, os.PathLike)):
-        source = os.fspath(ds.filename)
-    else:
-        raise InvalidInstanceError(
-            f"instance {uid} was read without pixel data and without its file name; read it from "
-            "a file (dcmread keeps the name) or with its pixel data.")
+    source = pixel_source(ds)
     try:
         return np.asarray(pixel_array(source, index=frame_index))
     except Exception as exc:  # decoders raise many types; the boundary names the instance
         raise InvalidInstanceError(f"frame {frame_index} of instance {uid} cannot be decoded: {exc}") from exc
+
+
+def iter_frames(ds: Dataset) -> Iterator[tuple[int, np.ndarray]]:
+    """Every frame of a multi-frame instance, ``(0-based index, frame)``, decoded one at a time.
+
+    The file (or Pixel Data) is opened once and the frames are decoded in their order, so the
+    instance's header is parsed once, not once a frame as :func:`read_frame` would, and only one
+    decoded frame is held at a time.
+
+    Raises
+    ------
+    InvalidInstanceError
+        If the dataset has neither Pixel Data nor a file, or a frame cannot be decoded.
+    """
+    uid = ds.get("SOPInstanceUID", "<unknown>")
+    source = pixel_source(ds)
+    index = 0
+    try:
+        for index, frame in enumerate(iter_pixels(source)):
+            yield index, frame
+    except InvalidInstanceError:
+        raise
+    except Exception as exc:  # decoders raise many types; the boundary names the instance
+        raise InvalidInstanceError(f"frame {index} of instance {uid} cannot be decoded: {exc}") from exc
 
 
 def read_slice(ref: SliceRef) -> np.ndarray:

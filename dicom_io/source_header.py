@@ -34,7 +34,7 @@ from pydicom import config
 from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.multival import MultiValue
 
 from dicom_io.values import value_problem
@@ -155,11 +155,18 @@ def _quietly(ds: Dataset, tag: int) -> DataElement | None:
 
 def _repaired(ds: Dataset, repairs: Iterable[Repair]) -> Dataset:
     """A copy of ``ds`` sharing its elements, with each repaired attribute present and empty."""
-    fixed = Dataset({tag: ds.get_item(tag) for tag in ds.keys()})  # noqa: SIM118 (tags, not elements)
-    if hasattr(ds, "file_meta"):
-        fixed.file_meta = ds.file_meta
-    if getattr(ds, "filename", None):
-        fixed.filename = ds.filename  # a header-only source still finds its pixels
+    if isinstance(ds, FileDataset) and isinstance(ds.filename, str):
+        # deferred values (Pixel Data read with defer_size) stay deferred: the copy reads them
+        # from the file as its source would, a slice or frame at a time, instead of all here
+        fixed: Dataset = FileDataset(ds.filename, {tag: ds.get_item(tag, keep_deferred=True) for tag in ds.keys()},  # noqa: SIM118
+                                     preamble=ds.preamble, file_meta=ds.file_meta)
+        fixed.timestamp = ds.timestamp
+    else:
+        fixed = Dataset({tag: ds.get_item(tag) for tag in ds.keys()})  # noqa: SIM118 (tags, not elements)
+        if hasattr(ds, "file_meta"):
+            fixed.file_meta = ds.file_meta
+        if getattr(ds, "filename", None):
+            fixed.filename = ds.filename  # a header-only source still finds its pixels
     for repair in repairs:
         fixed.add(DataElement(repair.tag, repair.vr, None))
     return fixed

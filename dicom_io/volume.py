@@ -1,4 +1,4 @@
-"""Read DICOM instances and assemble single-frame series into volumes with geometry."""
+"""Read DICOM instances and assemble a series, single-frame or enhanced multi-frame, into a volume."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, pixel_array
 
 from dicom_io.errors import InconsistentSeriesError, InvalidInstanceError
+from dicom_io.slice_stack import frame_plane, functional_group, iter_frames
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,8 @@ _INT16 = np.iinfo(np.int16)
 
 @dataclass
 class Volume:
-    """A single-frame series stacked into one array, with its patient geometry.
+    """A series stacked into one array, with its patient geometry: one slice per single-frame
+    instance, or one per frame of enhanced (multi-frame) instances.
 
     Attributes
     ----------
@@ -42,14 +44,19 @@ class Volume:
         ``(slice, row, col)`` spacing. The slice spacing is the median gap between
         Image Position (Patient) values along the slice normal, not SliceThickness.
     datasets
-        Source datasets, in the same order as ``pixels``' first axis (without their Pixel Data
-        when :func:`load_volume` was asked to release it).
+        Source datasets (without their Pixel Data when :func:`load_volume` was asked to release
+        it): for a single-frame series one per slice, in the same order as ``pixels``' first axis;
+        for a multi-frame series each instance once, in the order of its first slice
+        (:attr:`source_frames` tells which frame each slice is).
     image_orientation
         Image Orientation (Patient) shared by all slices: row cosines then column cosines.
     origin_mm
         Image Position (Patient) of the first slice (centre of its top-left pixel).
     slice_positions_mm
         Position of every slice along the slice normal, ascending.
+    source_frames
+        For a multi-frame series, each slice's source in ``pixels`` order: ``(index into
+        datasets, 1-based frame number)``; empty for a single-frame series.
     """
 
     pixels: np.ndarray
@@ -58,6 +65,7 @@ class Volume:
     image_orientation: tuple[float, float, float, float, float, float] = (1, 0, 0, 0, 1, 0)
     origin_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
     slice_positions_mm: tuple[float, ...] = field(default_factory=tuple)
+    source_frames: tuple[tuple[int, int], ...] = ()
     #: ``(slices, rows, cols)``; still known after :meth:`release_pixels`
     shape: tuple[int, ...] = field(init=False)
 
@@ -69,6 +77,19 @@ class Volume:
         and the headers): ``pixels`` becomes an array of no slices, so a late reader fails on
         its shape instead of reading stale values. :attr:`shape` keeps the volume's shape."""
         self.pixels = np.empty((0, *self.shape[1:]), dtype=self.pixels.dtype)
+
+    @property
+    def is_multi_frame(self) -> bool:
+        """Whether the slices are frames of enhanced (multi-frame) instances."""
+        return bool(self.source_frames)
+
+    def slice_source(self, index: int) -> tuple[Dataset, int | None]:
+        """The instance holding slice ``index`` and its 1-based frame number (``None`` for a
+        single-frame instance)."""
+        if self.source_frames:
+            instance, frame_number = self.source_frames[index]
+            return self.datasets[instance], frame_number
+        return self.datasets[index], None
 
     @property
     def slice_normal(self) -> np.ndarray:
@@ -262,11 +283,19 @@ def _integer_rescale(ds: Dataset) -> tuple[int, int] | None:
 
 
 def _decode_into(ds: Dataset, out: np.ndarray) -> bool:
-    """Decode ``ds``'s pixels into ``out`` (its shape) with the modality LUT applied.
+    """Decode ``ds``'s pixels into ``out`` (its shape) with the modality LUT applied
+    (:func:`_rescale_into`)."""
+    return _rescale_into(_decode(ds), out, ds, f"instance {ds.SOPInstanceUID}")
 
-    ``out`` is ``int16`` (only for an integral rescale: computed exactly in ``int32``, then
-    stored) or ``float32`` (a linear rescale computed in float32 in place, as before; a Modality
-    LUT Sequence goes through pydicom's :func:`apply_modality_lut`, which computes in float64).
+
+def _rescale_into(raw: np.ndarray, out: np.ndarray, rescale: Dataset, name: str) -> bool:
+    """Write ``raw`` into ``out`` (its shape) with the modality LUT of ``rescale`` applied.
+
+    ``rescale`` holds Rescale Slope and Intercept (or a Modality LUT Sequence): a single-frame
+    instance, or a frame's Pixel Value Transformation item. ``out`` is ``int16`` (only for an
+    integral rescale: computed exactly in ``int32``, then stored) or ``float32`` (a linear rescale
+    computed in float32 in place, as before; a Modality LUT Sequence goes through pydicom's
+    :func:`apply_modality_lut`, which computes in float64).
 
     Returns
     -------
@@ -274,35 +303,40 @@ def _decode_into(ds: Dataset, out: np.ndarray) -> bool:
         False, with ``out`` untouched, when ``out`` is ``int16`` and the slice's values do not
         fit in it.
     """
-    raw = _decode(ds)
     if raw.shape != out.shape:
         raise InconsistentSeriesError(
-            f"instance {ds.SOPInstanceUID} decodes to {raw.shape}, the series is {out.shape}: "
+            f"{name} decodes to {raw.shape}, the series is {out.shape}: "
             "Rows/Columns and the pixel data disagree."
         )
     if out.dtype == np.int16:
-        rescale = _integer_rescale(ds)
-        assert rescale is not None, "int16 volumes are only made for integral rescales"
+        integral = _integer_rescale(rescale)
+        assert integral is not None, "int16 volumes are only made for integral rescales"
         values = raw.astype(np.int32)
-        if rescale[0] != 1:
-            values *= rescale[0]
-        if rescale[1] != 0:
-            values += rescale[1]
+        if integral[0] != 1:
+            values *= integral[0]
+        if integral[1] != 0:
+            values += integral[1]
         if values.size and (values.min() < _INT16.min or values.max() > _INT16.max):
             return False
         out[...] = values
         return True
-    if "ModalityLUTSequence" in ds:
-        out[...] = apply_modality_lut(raw, ds)
+    if "ModalityLUTSequence" in rescale:
+        out[...] = apply_modality_lut(raw, rescale)
         return True
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    slope = float(rescale.get("RescaleSlope", 1) or 1)
+    intercept = float(rescale.get("RescaleIntercept", 0) or 0)
     out[...] = raw
     if slope != 1:
         out *= np.float32(slope)
     if intercept != 0:
         out += np.float32(intercept)
     return True
+
+
+def _is_multi_frame(ds: Dataset) -> bool:
+    """Whether ``ds`` is an enhanced (multi-frame) image: several frames, or functional groups
+    (an enhanced instance of one frame keeps its plane there too)."""
+    return _number_of_frames(ds) > 1 or "PerFrameFunctionalGroupsSequence" in ds
 
 
 def _release_pixel_data(ds: Dataset) -> None:
@@ -312,9 +346,12 @@ def _release_pixel_data(ds: Dataset) -> None:
 
 
 def load_volume(datasets: Sequence[Dataset], *, release_pixel_data: bool = False) -> Volume:
-    """Stack the single-frame images of one series into a :class:`Volume`.
+    """Stack the images of one series into a :class:`Volume`.
 
-    Slices are sorted along the slice normal (row x column cosines), ascending.
+    A series is either single-frame instances (CT/MR Image Storage: one slice each) or enhanced
+    multi-frame instances (Enhanced or Legacy Converted Enhanced CT/MR: one or more instances,
+    each frame a slice with its plane in the functional groups, :func:`_load_frames`). Slices are
+    sorted along the slice normal (row x column cosines), ascending.
 
     Parameters
     ----------
@@ -324,7 +361,7 @@ def load_volume(datasets: Sequence[Dataset], *, release_pixel_data: bool = False
     release_pixel_data
         Delete each dataset's Pixel Data once it is decoded into the volume (the datasets are
         changed): the volume and the encoded pixels are then never held side by side, and
-        the datasets read with deferred pixel data are read one slice at a time.
+        the datasets read with deferred pixel data are read one slice (or frame) at a time.
 
     Returns
     -------
@@ -333,11 +370,11 @@ def load_volume(datasets: Sequence[Dataset], *, release_pixel_data: bool = False
     Raises
     ------
     InvalidInstanceError
-        If an instance is multi-frame or colour, lacks geometry, or its pixel data
-        cannot be decoded.
+        If an instance is colour, lacks geometry, or its pixel data cannot be decoded.
     InconsistentSeriesError
-        If no datasets are given, or they mix series, Rows/Columns, orientation or
-        pixel spacing, or two share one slice position.
+        If no datasets are given, or they mix series, single- and multi-frame instances,
+        Rows/Columns, orientation or pixel spacing, or two slices share one position (several
+        stacks, echoes or phases in one series).
     """
     if not datasets:
         raise InconsistentSeriesError("load_volume needs at least one dataset.")
@@ -347,11 +384,15 @@ def load_volume(datasets: Sequence[Dataset], *, release_pixel_data: bool = False
             f"datasets belong to {len(series_uids)} series ({sorted(series_uids)}); "
             "split them with group_by_series first."
         )
-    for ds in datasets:
-        if _number_of_frames(ds) > 1:
-            raise InvalidInstanceError(
-                f"instance {ds.SOPInstanceUID} is multi-frame; load_volume reads single-frame series."
-            )
+    enhanced = [ds for ds in datasets if _is_multi_frame(ds)]
+    if len(enhanced) == len(datasets):
+        return _load_frames(datasets, release_pixel_data=release_pixel_data)
+    if enhanced:
+        raise InconsistentSeriesError(
+            f"series {next(iter(series_uids))} mixes {len(enhanced)} multi-frame instance(s) "
+            f"(e.g. {enhanced[0].SOPInstanceUID}) with {len(datasets) - len(enhanced)} single-frame "
+            "one(s); a volume is made of either. Route the series' images to separate series."
+        )
     first = datasets[0]
     ref_orientation, _, ref_spacing = _geometry(first)
     shape = (int(first.Rows), int(first.Columns))
@@ -424,4 +465,182 @@ def load_volume(datasets: Sequence[Dataset], *, release_pixel_data: bool = False
             np.round(gaps, 3).tolist(),
             slice_spacing,
         )
+    return volume
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """One frame of an enhanced instance, with the geometry and rescale its functional groups give."""
+
+    instance: int
+    frame_index: int
+    orientation: np.ndarray
+    position: np.ndarray
+    spacing: tuple[float, float]
+    rescale: Dataset
+    stack_id: str | None
+
+    def name(self, datasets: Sequence[Dataset]) -> str:
+        return f"frame {self.frame_index + 1} of instance {datasets[self.instance].SOPInstanceUID}"
+
+
+def _pair(values: object) -> tuple[float, float] | None:
+    try:
+        out = tuple(float(v) for v in values)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return None
+    return (out[0], out[1]) if len(out) == 2 else None
+
+
+def _frames_of(ds: Dataset, instance: int) -> list[_Frame]:
+    """The frames of one enhanced instance, from its Per-Frame and Shared Functional Groups
+    (PS3.3 C.7.6.16): Plane Orientation, Plane Position, Pixel Measures, Pixel Value
+    Transformation (else the top-level rescale), Frame Content's Stack ID."""
+    uid = ds.SOPInstanceUID
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples != 1:
+        raise InvalidInstanceError(
+            f"instance {uid} is colour ({ds.get('PhotometricInterpretation', '?')}, {samples} samples "
+            "a pixel); only greyscale images form volumes."
+        )
+    frames = []
+    for index in range(_number_of_frames(ds)):
+        orientation, position = frame_plane(ds, index)
+        measures = functional_group(ds, index, "PixelMeasuresSequence")
+        spacing = _pair(measures.get("PixelSpacing")) if measures is not None else None
+        spacing = spacing or _pair(ds.get("PixelSpacing"))
+        if orientation is None or position is None or spacing is None:
+            raise InvalidInstanceError(
+                f"frame {index + 1} of instance {uid} has no Plane Orientation, Plane Position or "
+                "Pixel Measures (Per-Frame or Shared Functional Groups, PS3.3 C.7.6.16.2): only "
+                "frames with patient geometry (CT, MR, PT) form volumes."
+            )
+        if min(spacing) <= 0:
+            raise InvalidInstanceError(
+                f"frame {index + 1} of instance {uid} has non-positive Pixel Spacing {spacing}."
+            )
+        transform = functional_group(ds, index, "PixelValueTransformationSequence")
+        rescale = (transform if transform is not None and "RescaleSlope" in transform
+                   and "RescaleIntercept" in transform else ds)
+        content = functional_group(ds, index, "FrameContentSequence")
+        stack_id = content.get("StackID") if content is not None else None
+        frames.append(_Frame(instance, index, np.asarray(orientation, dtype=float),
+                             np.asarray(position, dtype=float), spacing, rescale,
+                             None if stack_id in (None, "") else str(stack_id)))
+    return frames
+
+
+def _load_frames(datasets: Sequence[Dataset], *, release_pixel_data: bool) -> Volume:
+    """:func:`load_volume` of enhanced multi-frame instances: every frame is a slice.
+
+    The frames are checked as the classic slices are (one matrix size, orientation and pixel
+    spacing; distinct positions along the normal) and sorted along the normal, whatever their
+    instance, frame order or Dimension Organization. Frames of several stacks (Stack ID) are
+    refused: one volume is one stack. Each instance's frames are decoded one at a time, from its
+    file when its Pixel Data was deferred (:func:`dicom_io.slice_stack.iter_frames`), into their
+    slots of one preallocated volume.
+    """
+    first = datasets[0]
+    shape = (int(first.Rows), int(first.Columns))
+    frames: list[_Frame] = []
+    for instance, ds in enumerate(datasets):
+        if (int(ds.Rows), int(ds.Columns)) != shape:
+            raise InconsistentSeriesError(
+                f"instance {ds.SOPInstanceUID} is {ds.Rows}x{ds.Columns}, "
+                f"instance {first.SOPInstanceUID} is {shape[0]}x{shape[1]}: mixed matrix sizes."
+            )
+        frames.extend(_frames_of(ds, instance))
+    stacks = sorted({f.stack_id for f in frames if f.stack_id is not None})
+    if len(stacks) > 1:
+        raise InconsistentSeriesError(
+            f"series {first.SeriesInstanceUID} holds {len(stacks)} stacks (Stack IDs {stacks}); "
+            "one volume is one stack: send each stack as its own series."
+        )
+    reference = frames[0]
+    for frame in frames:
+        if not np.allclose(frame.orientation, reference.orientation, atol=_ORIENTATION_TOLERANCE):
+            raise InconsistentSeriesError(
+                f"{frame.name(datasets)} has orientation {frame.orientation.tolist()}, "
+                f"{reference.name(datasets)} {reference.orientation.tolist()}: mixed orientations."
+            )
+        if not np.allclose(frame.spacing, reference.spacing, rtol=1e-4):
+            raise InconsistentSeriesError(
+                f"{frame.name(datasets)} has Pixel Spacing {frame.spacing}, "
+                f"{reference.name(datasets)} {reference.spacing}: mixed pixel spacing."
+            )
+    normal = np.cross(reference.orientation[:3], reference.orientation[3:])
+    distances = np.asarray([float(np.dot(f.position, normal)) for f in frames])
+    order = np.argsort(distances, kind="stable")
+    sorted_distances = distances[order]
+    gaps = np.diff(sorted_distances)
+    if np.any(gaps < _DUPLICATE_POSITION_TOLERANCE_MM):
+        i = int(np.argmax(gaps < _DUPLICATE_POSITION_TOLERANCE_MM))
+        raise InconsistentSeriesError(
+            f"{frames[order[i]].name(datasets)} and {frames[order[i + 1]].name(datasets)} share one "
+            f"slice position ({sorted_distances[i]:.3f} mm along the normal): several echoes, "
+            "phases or temporal positions in one series; one volume has one frame a position."
+        )
+    if len(gaps) > 0:
+        slice_spacing = float(np.median(gaps))
+    else:
+        measures = functional_group(first, 0, "PixelMeasuresSequence")
+        thickness = (measures.get("SliceThickness") if measures is not None else None) or first.get("SliceThickness")
+        slice_spacing = float(thickness) if thickness else 1.0
+
+    sorted_frames = [frames[i] for i in order]
+    # instances in the order of their first slice; each slice's (instance, 1-based frame)
+    instance_order: list[int] = []
+    for frame in sorted_frames:
+        if frame.instance not in instance_order:
+            instance_order.append(frame.instance)
+    new_index = {old: new for new, old in enumerate(instance_order)}
+    slot = {(f.instance, f.frame_index): i for i, f in enumerate(sorted_frames)}
+
+    # as the classic path: int16 when every rescale is integral, float32 otherwise or from the
+    # first frame whose values leave int16 (the whole volume is converted then)
+    integral = all(_integer_rescale(f.rescale) is not None for f in frames)
+    pixels = np.empty((len(frames), *shape), dtype=np.int16 if integral else np.float32)
+    decoded = 0
+    for instance, ds in enumerate(datasets):
+        count = 0
+        for frame_index, raw in iter_frames(ds):
+            index = slot.get((instance, frame_index))
+            if index is None:
+                raise InconsistentSeriesError(
+                    f"instance {ds.SOPInstanceUID} decodes to more frames than its Number of Frames "
+                    f"{_number_of_frames(ds)}.")
+            frame = sorted_frames[index]
+            if raw.ndim != 2:
+                raise InvalidInstanceError(
+                    f"{frame.name(datasets)} decodes to shape {raw.shape}; only greyscale frames "
+                    "form volumes.")
+            if not _rescale_into(raw, pixels[index], frame.rescale, frame.name(datasets)):
+                pixels = pixels.astype(np.float32)
+                _rescale_into(raw, pixels[index], frame.rescale, frame.name(datasets))
+            count += 1
+        if count != _number_of_frames(ds):
+            raise InvalidInstanceError(
+                f"instance {ds.SOPInstanceUID} decodes to {count} frames, its Number of Frames is "
+                f"{_number_of_frames(ds)}.")
+        decoded += count
+        if release_pixel_data:
+            _release_pixel_data(ds)
+    volume = Volume(
+        pixels=pixels,
+        spacing_mm=(slice_spacing, reference.spacing[0], reference.spacing[1]),
+        datasets=[datasets[i] for i in instance_order],
+        image_orientation=tuple(float(v) for v in reference.orientation),  # type: ignore[arg-type]
+        origin_mm=tuple(float(v) for v in sorted_frames[0].position),  # type: ignore[arg-type]
+        slice_positions_mm=tuple(float(d) for d in sorted_distances),
+        source_frames=tuple((new_index[f.instance], f.frame_index + 1) for f in sorted_frames),
+    )
+    if not volume.is_uniformly_spaced:
+        logger.warning(
+            "series %s has non-uniform slice gaps %s mm; using the median %.3f mm",
+            volume.series_instance_uid,
+            np.round(gaps, 3).tolist(),
+            slice_spacing,
+        )
+    logger.info("series %s: %d frame(s) of %d multi-frame instance(s) form a volume",
+                volume.series_instance_uid, decoded, len(datasets))
     return volume

@@ -110,9 +110,9 @@ def warm_up() -> None:
 
 # -- stages ---------------------------------------------------------------------------------------
 def select_series(store: InstanceStore, job: jobs.ClaimedJob, modalities: tuple[str, ...]) -> tuple[str, int]:
-    """The largest (most frames) of the job's series of one of ``modalities``, single-frame series
-    first, and its pixels' bytes in int16: Rows × Columns × Number of Frames × 2 summed over its
-    instances.
+    """The largest (most frames) of the job's series of one of ``modalities``, single-frame or
+    enhanced (multi-frame) alike, and its pixels' bytes in int16: Rows × Columns × Number of
+    Frames × 2 summed over its instances.
 
     A classic series has one frame of one size per instance, so its first header tells them all; an
     enhanced (multi-frame) CT or MR instance may hold a whole volume, so each one's header is read.
@@ -132,9 +132,7 @@ def select_series(store: InstanceStore, job: jobs.ClaimedJob, modalities: tuple[
         frames = [number_of_frames(h) for h in headers]
         pixel_bytes = sum(int(h.get("Rows", 0) or 0) * int(h.get("Columns", 0) or 0) * n * 2
                           for h, n in zip(headers, frames, strict=True))
-        # load_volume reads single-frame series only: a study's classic series goes before an
-        # enhanced one (scanners often send both), and an enhanced one alone is refused there
-        candidates.append((all(n == 1 for n in frames), sum(frames), series_uid, pixel_bytes))
+        candidates.append((sum(frames), series_uid, pixel_bytes))
     if not candidates:
         raise InvalidInputError(f"the study has no {'/'.join(modalities)} series for this rule")
     *_, series_uid, pixel_bytes = max(candidates)

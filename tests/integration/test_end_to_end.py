@@ -179,3 +179,40 @@ def test_deidentified_ct_gets_its_seg_and_sr(tmp_path, orthanc_factory, mednode_
         assert keyword in warning
     for secret in (HASHED_BIRTH_DATE, LONG_ACCESSION, HASHED_BIRTH_DATE[:16]):
         assert secret not in logs, "a de-identified value reached the node's logs"
+
+
+def test_enhanced_ct_gets_the_seg_and_sr_of_its_classic_series(tmp_path, orthanc_factory, mednode_factory):
+    """Orthanc pushes one Legacy Converted Enhanced CT instance (a phantom series converted by
+    highdicom): the SEG and SR in Orthanc are valid, reference the enhanced instance's frames, and
+    report what the analyzer measures on the classic series."""
+    import highdicom as hd
+
+    geometry = PhantomGeometry(rows=96, columns=96, pixel_spacing_mm=(3.2, 3.2), slice_spacing_mm=10.0, num_slices=18)
+    classic = make_ct_phantom(geometry=geometry, noise_hu_sd=10.0, seed=7)
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        classic, series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(), instance_number=1)
+    path = tmp_path / "enhanced.dcm"
+    enhanced.save_as(path, enforce_file_format=True)
+    orthanc, node = _orthanc_with_node(orthanc_factory, mednode_factory)
+
+    _push_from_orthanc(orthanc, [path])  # dcmtk's storescu proposes no Legacy Converted Enhanced CT
+    returned = wait_for_results(orthanc, enhanced.StudyInstanceUID)
+    assert_valid(tmp_path, "seg", returned.seg_bytes)
+    assert_valid(tmp_path, "sr", returned.sr_bytes)
+    assert set(source_sop_uids(returned.seg)) == {enhanced.SOPInstanceUID}
+    volume = load_volume(classic)
+    expected = [s for s in analyze_ct(volume.pixels, volume.spacing_mm).structures if not s.is_empty]
+    groups = measurement_groups(returned.sr)
+    for structure in expected:
+        group = groups[STRUCTURES[structure.label].label]
+        assert group[VOLUME.meaning] == pytest.approx(structure.volume_ml, rel=1e-3)
+        assert group[ATTENUATION_COEFFICIENT.meaning] == pytest.approx(structure.mean_hu, abs=0.01)
+    # the masks land on the frames at their positions: the SEG read back by source frame
+    frames = list(range(1, geometry.num_slices + 1))
+    by_frame = returned.seg.get_pixels_by_source_frame(
+        source_sop_instance_uid=enhanced.SOPInstanceUID, source_frame_numbers=frames, combine_segments=False)
+    enhanced_volume = load_volume([pydicom.dcmread(path)])
+    slice_of = {frame: index for index, (_, frame) in enumerate(enhanced_volume.source_frames)}
+    for index, structure in enumerate(expected):
+        np.testing.assert_array_equal(by_frame[..., index].astype(bool),
+                                      structure.mask[[slice_of[f] for f in frames]], err_msg=structure.label)

@@ -64,3 +64,28 @@ def test_segment_tasks_name_a_configured_bundle(tmp_path: Path) -> None:
         load_settings(rules=[rule])
     settings = load_settings(rules=[rule], models={"bundles": {"spleen": str(tmp_path)}})
     assert settings.models.bundles["spleen"] == tmp_path
+
+
+def test_bundle_on_an_enhanced_ct_references_its_frames(tmp_path: Path) -> None:
+    bundle = load_bundle(build_threshold_bundle(tmp_path / "bundle", exclusive=False, dictionary=True), "cpu")
+    geometry = PhantomGeometry(rows=80, columns=80, pixel_spacing_mm=(4.0, 4.0), slice_spacing_mm=10.0,
+                               num_slices=18)
+    classic = make_ct_phantom(geometry=geometry)
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        classic, series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(), instance_number=1)
+    volume = load_volume([enhanced])
+    expected = MonaiBundle.load(bundle.bundle_dir).segment(volume.pixels, volume.spacing_mm, affine_lps=volume.affine)
+    found = {k: v for k, v in expected.items() if v.any()}
+
+    seg_out, sr_out = bundle_segmentation(bundle, volume, "study/2/rule")
+
+    seg = hd.seg.segread(BytesIO(_valid(tmp_path, "seg", seg_out.dataset)))
+    frames = list(range(1, geometry.num_slices + 1))
+    by_frame = seg.get_pixels_by_source_frame(source_sop_instance_uid=enhanced.SOPInstanceUID,
+                                              source_frame_numbers=frames, combine_segments=False)
+    slice_of = {frame: index for index, (_, frame) in enumerate(volume.source_frames)}
+    for index, mask in enumerate(found.values()):
+        np.testing.assert_array_equal(by_frame[..., index].astype(bool), mask[[slice_of[f] for f in frames]])
+    sr = hd.sr.srread(BytesIO(_valid(tmp_path, "sr", sr_out.dataset)))
+    assert [g.referenced_segment.source_images_for_segmentation[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for g in sr.content.get_volumetric_roi_measurement_groups()] == [enhanced.SOPInstanceUID] * len(found)

@@ -34,11 +34,20 @@ def test_multi_frame_instances_count_every_frame(tmp_path: Path, shared_dicom: P
     classic = sorted(str(p.relative_to(shared_dicom)) for p in (shared_dicom / CLASSIC_MR).glob("*.dcm"))
     job = _job(store, shared_dicom, {"enhanced": [ENHANCED_MR, ENHANCED_MR], "classic": classic,
                                      "ct": [LEGACY_ENHANCED_CT]})
-    # the classic series goes first (load_volume reads single-frame series only) ...
-    assert select_series(store, job, ("MR",)) == ("classic", 4 * 256 * 256 * 2)
-    # ... and an enhanced one, alone of its modality, counts every frame of every instance
+    # the series with most frames wins, enhanced or classic (load_volume reads both): 20 frames
+    # of two enhanced instances before 4 single-frame instances ...
+    assert select_series(store, job, ("MR",)) == ("enhanced", 2 * 64 * 64 * 10 * 2)
+    # ... and an enhanced one counts every frame of every instance
     assert select_series(store, job, ("CT",)) == ("ct", 38 * 24 * 3 * 2)
     enhanced_only = _job(store, shared_dicom, {"enhanced": [ENHANCED_MR, ENHANCED_MR]})
     assert select_series(store, enhanced_only, ("MR",)) == ("enhanced", 2 * 64 * 64 * 10 * 2)
     classic_only = _job(store, shared_dicom, {"classic": classic})
     assert select_series(store, classic_only, ("MR",)) == ("classic", 4 * 256 * 256 * 2)
+
+
+def test_a_classic_series_with_more_frames_wins_over_an_enhanced_one(tmp_path: Path, shared_dicom: Path) -> None:
+    store = InstanceStore(tmp_path / "store")
+    head = sorted(str(p.relative_to(shared_dicom)) for p in (shared_dicom / "ct/pydicom_head_ct2").glob("*.dcm"))
+    job = _job(store, shared_dicom, {"enhanced": [LEGACY_ENHANCED_CT], "classic": head})
+    # 4 single-frame 16 × 16 slices against one instance of 3 frames: the frames decide, not the bytes
+    assert select_series(store, job, ("CT",)) == ("classic", 4 * 16 * 16 * 2)

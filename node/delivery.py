@@ -2,8 +2,9 @@
 
 Files are sent as stored, in their own transfer syntax, their data set's bytes read from the file
 as they go out (pynetdicom's chunked sending: without it pynetdicom decodes a file path's data set
-and encodes it again, which for a 300-slice SEG of 600 frames was ~0.16 s of each delivery's
-0.5 s), one association per call, one presentation context per (SOP Class, Transfer Syntax) pair.
+and encodes it again: the sender's CPU for a 300-slice SEG of 600 frames and its SR was 0.069 s,
+0.037 s without), one association per call, one presentation context per (SOP Class, Transfer
+Syntax) pair.
 
 Every failure is either *transient* (worth trying again later: no connection, a timeout, an
 abort, a peer out of resources, an association rejected transiently) or *permanent* (the peer

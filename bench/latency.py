@@ -23,6 +23,8 @@ Usage::
     .venv/bin/python bench/latency.py                                # 300 and 1,000 slices
     .venv/bin/python bench/latency.py --counts 300 --baseline 52859a5
     .venv/bin/python bench/latency.py --write-docs                   # update docs/BENCHMARKS.md
+    .venv/bin/python bench/latency.py --counts 300 --studies-per-node 4 --baseline 170f28f
+                                # the first job of a node, then those of a worker that has run jobs
 """
 
 from __future__ import annotations
@@ -132,6 +134,7 @@ class Run:
     code: str  #: "this branch" or the baseline ref
     count: int
     pixel_bytes: int
+    job_no: int = 1  #: the study's place among those sent to the same node (``--studies-per-node``)
     send_s: float = 0.0
     #: last instance sent (storescu done) → SEG and SR both in Orthanc, from the outside
     outside_s: float | None = None
@@ -165,9 +168,13 @@ def _when(value: str) -> float:
     return moment.timestamp()
 
 
-def run_once(code_dir: Path, code: str, study_dir: Path, study_uid: str, count: int, work: Path,
-             args: argparse.Namespace) -> Run:
-    result = Run(code=code, count=count, pixel_bytes=count * 512 * 512 * 2)
+def run_once(code_dir: Path, code: str, studies: list[tuple[Path, str]], count: int, work: Path,
+             args: argparse.Namespace) -> list[Run]:
+    """Start a fresh node and Orthanc for ``code`` and send it ``studies`` (directory, Study
+    Instance UID) one after the other, each once the previous one's results are in Orthanc: one
+    :class:`Run` per study (the node's first job, then a worker that has run jobs before)."""
+    results = [Run(code=code, count=count, pixel_bytes=count * 512 * 512 * 2, job_no=k + 1)
+               for k in range(len(studies))]
     out = Path(tempfile.mkdtemp(prefix="latency-", dir=work))
     with Orthanc(out / "pacs", aet="PACS") as pacs:
         dicom_port, web_port = free_port(), free_port()
@@ -177,6 +184,7 @@ def run_once(code_dir: Path, code: str, study_dir: Path, study_uid: str, count: 
         env["PYTHONPATH"] = str(code_dir)
         node = node_process(mednode_argv("serve"), env=env, log_dir=out, cwd=code_dir)
         (out / "data").mkdir(parents=True, exist_ok=True)
+        result = results[0]
         try:
             node.start(port=dicom_port, timeout_s=180)
             assert node.pid is not None
@@ -186,26 +194,27 @@ def run_once(code_dir: Path, code: str, study_dir: Path, study_uid: str, count: 
             if worker is None:
                 raise PeerError("the embedded inference worker did not start")
             _wait_ready(out / "mednode.log", deadline)
-            wait_until_idle(max_s=args.idle_max_s)
-            with Sampler({"worker": worker, "listener": node.pid}, args.sample_ms / 1000) as sampler:
-                result.send_s = send_study(dicom_port, study_dir, "MEDNODE", args.send_timeout_s)
-                sent = time.monotonic()
-                _wait_for_results(pacs, study_uid, sent + args.quiet_period_s + args.timeout_s)
-                result.outside_s = time.monotonic() - sent
-                try:  # a baseline with the clock (issue 16's first point) is read the same way
-                    study = _study(f"http://127.0.0.1:{web_port}", study_uid, deadline=time.monotonic() + 30)
-                except (KeyError, httpx.HTTPError):
-                    study = None
-                if study is not None:
-                    result.clock = study["clock"]
-                    result.peaks = _peaks(sampler, study)
-                    job = study["jobs"][0]
-                    run_s = _when(job["finished_at"]) - _when(job["started_at"])
-                    result.worker_other_s = max(0.0, run_s - sum(result.stage(s) or 0 for s in
-                                                                 ("load", "model", "write", "store")))
-                else:
-                    result.peaks = {"whole run": {"worker": sampler.peak("worker"),
-                                                  "listener": sampler.peak("listener")}}
+            for result, (study_dir, study_uid) in zip(results, studies, strict=True):
+                wait_until_idle(max_s=args.idle_max_s)
+                with Sampler({"worker": worker, "listener": node.pid}, args.sample_ms / 1000) as sampler:
+                    result.send_s = send_study(dicom_port, study_dir, "MEDNODE", args.send_timeout_s)
+                    sent = time.monotonic()
+                    _wait_for_results(pacs, study_uid, sent + args.quiet_period_s + args.timeout_s)
+                    result.outside_s = time.monotonic() - sent
+                    try:  # a baseline with the clock (issue 16's first point) is read the same way
+                        study = _study(f"http://127.0.0.1:{web_port}", study_uid, deadline=time.monotonic() + 30)
+                    except (KeyError, httpx.HTTPError):
+                        study = None
+                    if study is not None:
+                        result.clock = study["clock"]
+                        result.peaks = _peaks(sampler, study)
+                        job = study["jobs"][0]
+                        run_s = _when(job["finished_at"]) - _when(job["started_at"])
+                        result.worker_other_s = max(0.0, run_s - sum(result.stage(s) or 0 for s in
+                                                                     ("load", "model", "write", "store")))
+                    else:
+                        result.peaks = {"whole run": {"worker": sampler.peak("worker"),
+                                                      "listener": sampler.peak("listener")}}
         except Exception as exc:  # noqa: BLE001 (one failed run is reported, the others go on)
             result.error = f"{type(exc).__name__}: {exc}"
             print(f"  {code} {count}: {result.error}\n{node.log_tail(3000)}", file=sys.stderr)
@@ -215,7 +224,7 @@ def run_once(code_dir: Path, code: str, study_dir: Path, study_uid: str, count: 
                 args.keep_logs.mkdir(parents=True, exist_ok=True)
                 shutil.copy(out / "mednode.log", args.keep_logs / f"mednode-{count}-{code.replace(' ', '_')}-{out.name}.log")
     shutil.rmtree(out, ignore_errors=True)
-    return result
+    return results
 
 
 def _wait_ready(log: Path, deadline: float) -> None:
@@ -274,6 +283,10 @@ def _mb(value: int | None) -> str:
     return "–" if value is None else f"{value / MB:,.0f}"
 
 
+def _label(run: Run, args: argparse.Namespace) -> str:
+    return f"{run.code}, job {run.job_no}" if args.studies_per_node > 1 else run.code
+
+
 def render(runs: list[Run], args: argparse.Namespace, study_bytes: dict[int, int]) -> str:
     lines = []
     mine = [r for r in runs if r.clock and not r.error]
@@ -288,7 +301,7 @@ def render(runs: list[Run], args: argparse.Namespace, study_bytes: dict[int, int
             overhead = None if total is None else total - args.quiet_period_s - (r.stage("model") or 0.0)
             deliveries = ", ".join(f"{d.split()[0]} {s:.2f}" for d, s in r.deliveries)
             lines.append(
-                f"| {r.code} | {r.count} | {study_bytes[r.count] / MB:,.0f} | "
+                f"| {_label(r, args)} | {r.count} | {study_bytes[r.count] / MB:,.0f} | "
                 + " | ".join(_s(r.stage(s)) for s in STAGES)
                 + f" | {_s(r.worker_other_s)} | {deliveries} | {_s(total)} | **{_s(overhead)}** |")
         lines += ["", ("Peak RSS per stage (MB; worker = the embedded inference worker, listener = `mednode "
@@ -299,7 +312,7 @@ def render(runs: list[Run], args: argparse.Namespace, study_bytes: dict[int, int
                   "|---|---|---|---|" + "---|" * len(stages) + "---|"]
         for r in mine:
             listener = max((v["listener"] or 0) for v in r.peaks.values())
-            lines.append(f"| {r.code} | {r.count} | {r.pixel_bytes / MB:,.0f} | {3 * r.pixel_bytes / MB:,.0f} | "
+            lines.append(f"| {_label(r, args)} | {r.count} | {r.pixel_bytes / MB:,.0f} | {3 * r.pixel_bytes / MB:,.0f} | "
                          + " | ".join(_mb(r.peaks[s]["worker"]) for s in stages) + f" | {_mb(listener)} |")
     outside = [r for r in runs if not r.error]
     if args.baseline:
@@ -353,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet-period-s", type=float, default=2.0)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--baseline", help="also run this git commit (before/after in one run)")
+    parser.add_argument("--studies-per-node", type=int, default=1,
+                        help="send this many different studies (of each count) to each fresh node, one after "
+                             "the other: the first job of a node, then jobs of a worker that has run some")
     parser.add_argument("--sample-ms", type=int, default=20)
     parser.add_argument("--idle-max-s", type=float, default=120.0,
                         help="longest wait for an idle machine before each send (then it sends anyway)")
@@ -370,14 +386,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.baseline:
             codes.insert(0, (args.baseline, export(args.baseline, work / "baseline")))
         for count in args.counts:
-            study_dir = work / f"ct{count}"
-            study_bytes[count] = generate_study(study_dir, count)
-            uid = study_uid_of(next(iter(sorted(study_dir.iterdir()))))
+            studies = []
+            for k in range(args.studies_per_node):
+                study_dir = work / f"ct{count}-{k}"
+                study_bytes[count] = generate_study(study_dir, count, seed=20240501 + k)
+                studies.append((study_dir, study_uid_of(next(iter(sorted(study_dir.iterdir()))))))
             for repeat in range(args.repeats):
                 for code, code_dir in codes:
                     print(f"{count} slices, {code}, run {repeat + 1}", file=sys.stderr, flush=True)
-                    runs.append(run_once(code_dir, code, study_dir, uid, count, work, args))
-            shutil.rmtree(study_dir, ignore_errors=True)
+                    runs.extend(run_once(code_dir, code, studies, count, work, args))
+            for study_dir, _ in studies:
+                shutil.rmtree(study_dir, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     section = render(runs, args, study_bytes)

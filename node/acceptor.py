@@ -24,6 +24,9 @@ pynetdicom set each association up, then:
   for it to send) instead of polling it, and read each PDU with as few
   ``recv_into`` calls as the kernel allows (:class:`AcceptorSocket`).
 
+C-STORE responses are encoded by :class:`QuickStoreResponses` (pynetdicom's own encoding of a
+C-STORE-RSP took about 0.3 ms of each instance's CPU, byte for byte the same command set).
+
 And the server copies its presentation contexts for each new association without ``deepcopy``
 (:class:`SupportedContexts`, installed by :func:`copy_contexts_quickly`).
 
@@ -46,12 +49,15 @@ import queue
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
 
@@ -272,6 +278,83 @@ class ServeStoreOnArrival(SignallingQueue):
         super().put(item, block, timeout)
 
 
+#: Command Field of a C-STORE-RSP (PS3.7 9.3.1.2) and Command Data Set Type "no data set" (PS3.7 E.2)
+C_STORE_RSP_COMMAND_FIELD = 0x8001
+NO_DATA_SET = 0x0101
+#: PDV item header (item length, presentation context ID, message control header, PS3.8 9.3.5.1)
+PDV_HEADER_BYTES = 6
+#: Message control header of a command's last (here: only) fragment (PS3.8 E.2)
+LAST_COMMAND_FRAGMENT = b"\x03"
+
+
+def _command_element(element: int, value: bytes) -> bytes:
+    """One element of group 0000 in Implicit VR Little Endian (every command set's encoding,
+    PS3.7 6.3.1)."""
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+def _ui(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw  # UI pads with NUL to an even length (PS3.5 6.2)
+
+
+def encode_store_response(
+    message_id_being_responded_to: int, affected_sop_class_uid: str, affected_sop_instance_uid: str, status: int
+) -> bytes:
+    """The command set of a C-STORE-RSP without Offending Element or Error Comment (PS3.7 9.3.1.2),
+    as pynetdicom encodes it: elements in tag order, the group length first."""
+    body = b"".join((
+        _command_element(0x0002, _ui(affected_sop_class_uid)),
+        _command_element(0x0100, struct.pack("<H", C_STORE_RSP_COMMAND_FIELD)),
+        _command_element(0x0120, struct.pack("<H", message_id_being_responded_to)),
+        _command_element(0x0800, struct.pack("<H", NO_DATA_SET)),
+        _command_element(0x0900, struct.pack("<H", status)),
+        _command_element(0x1000, _ui(affected_sop_instance_uid)),
+    ))
+    return _command_element(0x0000, struct.pack("<I", len(body))) + body
+
+
+class QuickStoreResponses:
+    """An association's ``dimse.send_msg``: C-STORE responses encoded by
+    :func:`encode_store_response`, everything else by pynetdicom.
+
+    pynetdicom turns a response primitive into a message whose command set is a pydicom data set,
+    encodes it twice (once for its group length) and splits it into P-DATA: about 0.3 ms of CPU,
+    a tenth of what the listener spent per instance. A response with an Error Comment or an
+    Offending Element (a refusal), one whose command set would not fit in one of the peer's
+    PDUs, or one sent while a handler is bound to ``EVT_DIMSE_SENT`` goes through pynetdicom.
+    """
+
+    def __init__(self, assoc: Association) -> None:
+        self._assoc = assoc
+        self._pynetdicom_send_msg = assoc.dimse.send_msg
+
+    def __call__(self, primitive: Any, context_id: int) -> None:
+        encoded = self._encoded(primitive)
+        if encoded is None:
+            self._pynetdicom_send_msg(primitive, context_id)
+            return
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, LAST_COMMAND_FRAGMENT + encoded))
+        self._assoc.dul.send_pdu(pdata)
+
+    def _encoded(self, primitive: Any) -> bytes | None:
+        if type(primitive) is not C_STORE or self._assoc.get_handlers(evt.EVT_DIMSE_SENT):
+            return None
+        message_id = primitive.MessageIDBeingRespondedTo
+        status = primitive.Status
+        sop_class = primitive.AffectedSOPClassUID
+        sop_instance = primitive.AffectedSOPInstanceUID
+        if (message_id is None or not isinstance(status, int) or sop_class is None or sop_instance is None
+                or primitive.ErrorComment is not None or primitive.OffendingElement is not None):
+            return None
+        encoded = encode_store_response(message_id, sop_class, sop_instance, status)
+        maximum = self._assoc.dimse.maximum_pdu_size
+        if maximum and len(encoded) > maximum - PDV_HEADER_BYTES:
+            return None  # pynetdicom sends it in fragments
+        return encoded
+
+
 class StoreRequestHandler(RequestHandler):
     """pynetdicom's connection handler, with the association set up as the module describes.
 
@@ -293,6 +376,7 @@ class StoreRequestHandler(RequestHandler):
             sock = cast(AcceptorSocket, assoc.dul.socket)
             sock.__class__ = AcceptorSocket
             sock.doorbell = doorbell
+            assoc.dimse.send_msg = QuickStoreResponses(assoc)  # type: ignore[method-assign]
         return assoc
 
 
@@ -363,6 +447,9 @@ def shortcuts_supported(assoc: Association) -> bool:
         and type(getattr(dul, "to_provider_queue", None)) is queue.Queue
         and dul.to_provider_queue.empty()
         and type(dul.socket) is AssociationSocket
+        and "send_msg" not in vars(assoc.dimse)
+        and callable(getattr(assoc.dimse, "send_msg", None))
+        and callable(getattr(dul, "send_pdu", None))
     )
     if not supported:
         _warn_once()

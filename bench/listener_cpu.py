@@ -36,6 +36,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: instances of the study sent before the measured ones (not measured)
+WARM_UP_INSTANCES = 5
 
 
 def _cpu_of(pid: int) -> float:
@@ -51,7 +53,7 @@ def child(args: argparse.Namespace) -> None:
     """One run, in the process under test: prints one JSON line."""
     import sqlalchemy
 
-    import node.celery_app  # noqa: F401  (what serve's process holds besides the listener)
+    import node.celery_app  # what serve's process holds besides the listener
     import node.web.app  # noqa: F401
     from bench.ingest import send_study
     from node.ingest import Ingestor
@@ -81,12 +83,13 @@ def child(args: argparse.Namespace) -> None:
             print("sending", file=sys.stderr, flush=True)  # a profiler may attach now
             gc_before = [g["collections"] for g in gc.get_stats()]
             gc_seconds = [0.0]
+            gc_started = [0.0]
 
-            def gc_timer(phase: str, info: dict[str, int], started: list[float] = [0.0]) -> None:
+            def gc_timer(phase: str, info: dict[str, int]) -> None:
                 if phase == "start":
-                    started[0] = time.process_time()
+                    gc_started[0] = time.process_time()
                 else:
-                    gc_seconds[0] += time.process_time() - started[0]
+                    gc_seconds[0] += time.process_time() - gc_started[0]
 
             gc.callbacks.append(gc_timer)
             before = resource.getrusage(resource.RUSAGE_SELF)
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, d in enumerate(dirs):
             generate_study(d, args.per_association, seed=7000 + i)
         warm_up = Path(tmp) / "warm-up"
-        generate_study(warm_up, 5, seed=6999)
+        generate_study(warm_up, WARM_UP_INSTANCES, seed=6999)
         for round_ in range(args.rounds):
             for name, code in codes:
                 env = dict(os.environ, PYTHONPATH=str(code), TCP_NODELAY="1")
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{name}: failed\n{done.stderr[-3000:]}", file=sys.stderr)
                     return 1
                 run = json.loads(done.stdout.strip().splitlines()[-1])
-                if run["stored"] != count:
+                if run["stored"] != count + WARM_UP_INSTANCES:
                     print(f"{name}: indexed {run['stored']} of {count}", file=sys.stderr)
                     return 1
                 results[name].append(run)

@@ -18,7 +18,7 @@ from pydicom.uid import CTImageStorage
 from pynetdicom import AE, evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
-from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.transport import AssociationSocket
 
@@ -27,6 +27,7 @@ from node.acceptor import (
     CONTEXT_ATTRIBUTES,
     AcceptorSocket,
     Doorbell,
+    QuickStoreRequests,
     QuickStoreResponses,
     ReactorCheckpoint,
     ServeStoreOnArrival,
@@ -35,6 +36,7 @@ from node.acceptor import (
     copy_contexts_quickly,
     encode_store_response,
     shortcuts_supported,
+    store_request_primitive,
 )
 
 
@@ -215,6 +217,63 @@ def test_store_responses_go_out_quickly_unless_pynetdicom_must_encode_them() -> 
     tiny = FakeResponder(maximum_pdu_size=64)  # the command set would take two PDUs
     QuickStoreResponses(tiny)(success, 5)  # type: ignore[arg-type]
     assert watched.by_pynetdicom == tiny.by_pynetdicom == [(success, 5)] and not watched.sent and not tiny.sent
+
+
+def _received(request: C_STORE, context_id: int = 3) -> DIMSEMessage:
+    """``request`` as pynetdicom's DIMSE provider assembles it from the P-DATA a peer sends."""
+    sent = C_STORE_RQ()
+    sent.primitive_to_message(request)
+    message = DIMSEMessage()
+    assert [message.decode_msg(p) for p in sent.encode_msg(context_id, 16384)][-1]
+    return message
+
+
+def _parameters(primitive: C_STORE) -> dict[str, object]:
+    names = ("MessageID", "Priority", "AffectedSOPClassUID", "AffectedSOPInstanceUID",
+             "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID", "_context_id",
+             "_dataset_path", "_dataset_file")
+    values: dict[str, object] = {name: getattr(primitive, name) for name in names}
+    values["DataSet"] = primitive.DataSet.getvalue() if primitive.DataSet is not None else None
+    return values
+
+
+@pytest.mark.parametrize("sop_instance_uid", ["1.2.3.4", "1.2.3.45", "2.25." + "9" * 59])
+@pytest.mark.parametrize(("message_id", "priority", "move_originator_id"), [(1, 0, None), (0xFFFF, 2, 77)])
+def test_a_store_request_becomes_the_primitive_pynetdicom_makes(
+    sop_instance_uid: str, message_id: int, priority: int, move_originator_id: int | None
+) -> None:
+    request = _store_request()
+    request.MessageID, request.Priority = message_id, priority
+    request.AffectedSOPInstanceUID = sop_instance_uid
+    request.MoveOriginatorMessageID = move_originator_id
+    pynetdicoms = _received(request).message_to_primitive()
+    ours = store_request_primitive(_received(request))
+    assert ours is not None and type(ours) is C_STORE
+    assert _parameters(ours) == _parameters(pynetdicoms)
+    assert _parameters(ours)["AffectedSOPInstanceUID"] == sop_instance_uid
+
+
+def test_store_requests_it_cannot_read_are_left_to_pynetdicom() -> None:
+    moved = _store_request()
+    moved.MoveOriginatorApplicationEntityTitle = "PACS"
+    moved.MoveOriginatorMessageID = 5
+    assert store_request_primitive(_received(moved)) is None
+    two_values = _received(_store_request())
+    two_values.command_set.AffectedSOPClassUID = [CTImageStorage, CTImageStorage]  # not a raw element now
+    assert store_request_primitive(two_values) is None
+
+    # through the association's receive_primitive: pynetdicom's conversion for the first
+    queued: list[object] = []
+    dimse = SimpleNamespace(message=None)
+    dimse.receive_primitive = lambda pdata: queued.append(dimse.message.decode_msg(pdata) and dimse.message)
+    receive = QuickStoreRequests(dimse)
+    sent = C_STORE_RQ()
+    sent.primitive_to_message(moved)
+    for pdata in sent.encode_msg(1, 16384):
+        receive(pdata)
+    message = queued[-1]
+    assert isinstance(message, C_STORE_RQ)
+    assert message.message_to_primitive().MoveOriginatorApplicationEntityTitle == "PACS"
 
 
 def test_pynetdicom_associations_have_what_the_shortcuts_replace() -> None:

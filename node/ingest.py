@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from sqlalchemy import Engine
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -44,6 +44,12 @@ class IngestResult:
     size_bytes: int
 
 
+def _unpinged_autocommit(bind: Engine) -> Engine:
+    """An engine like ``bind`` whose connections commit each statement and are not pinged when
+    taken from its pool (its own pool: ``bind``'s pings at every checkout)."""
+    return create_engine(bind.url, isolation_level="AUTOCOMMIT", pool_pre_ping=False)
+
+
 class Ingestor:
     """Writes received instances to the store and the index.
 
@@ -58,8 +64,9 @@ class Ingestor:
 
     On PostgreSQL, a new instance of a series already indexed — nearly every instance — is
     indexed by one statement on a connection in autocommit mode, once its file is synced
-    (:func:`storage.index.index_new_instance`): two round trips to the server (the pool's
-    ping, then the statement with its commit) where a transaction took five. Anything else (a new series, a re-send, a derived
+    (:func:`storage.index.index_new_instance`): one round trip to the server, the statement with
+    its commit (those connections are not pinged at checkout, :meth:`_index_at_once`), where a
+    transaction took five. Anything else (a new series, a re-send, a derived
     object) takes the full path, :func:`storage.index.index_instance` in a transaction. There is
     no lock: associations of this process, of other listener processes and of other hosts index
     at once (``index_instance`` takes a peer's new patient, study or series row), and
@@ -86,10 +93,10 @@ class Ingestor:
         sqlite = bind is None or bind.dialect.name == "sqlite"
         #: SQLite's one writer at a time (:meth:`_writer`); None where the database has many
         self._lock: threading.Lock | None = threading.Lock() if sqlite else None
-        #: connections that commit each statement: the one-statement index of a new instance
+        #: connections that commit each statement, not pinged at checkout: the one-statement
+        #: index of a new instance (:meth:`_index_at_once`)
         self._at_once: Engine | None = (
-            bind.execution_options(isolation_level="AUTOCOMMIT")
-            if isinstance(bind, Engine) and indexes_at_once(bind.dialect.name) else None
+            _unpinged_autocommit(bind) if isinstance(bind, Engine) and indexes_at_once(bind.dialect.name) else None
         )
         # the File Meta names the implementation that wrote the file: pynetdicom's SCP, as the
         # File Meta pynetdicom itself builds for a received data set does
@@ -169,22 +176,40 @@ class Ingestor:
         finally:
             lock.release()
 
+    def close(self) -> None:
+        """Close the connections this ingestor opened itself (those of :meth:`_index_at_once`)."""
+        if self._at_once is not None:
+            self._at_once.dispose()
+
     def _index_at_once(
         self, pending: PendingInstance, header: InstanceHeader, calling_ae_title: str | None,
         called_ae_title: str | None,
     ) -> bool:
         """:func:`storage.index.index_new_instance` on a connection that commits each statement;
         the file (synced) is kept when the row committed, or may have: the connection was lost
-        while the statement ran. Any other failure rolled the statement back, and the file goes."""
+        while the statement ran. Any other failure rolled the statement back, and the file goes.
+
+        The connection is not pinged at checkout (a round trip per instance): one the server
+        dropped (a restart, ``pg_terminate_backend``) fails the statement instead, SQLAlchemy
+        then renews the pool's connections, and the statement runs once more on a new one. That
+        is safe even if the first run committed before the connection was lost: the row is
+        there, the statement inserts nothing, and the full path finds the instance unchanged.
+        """
         assert self._at_once is not None
-        try:
-            with self._at_once.connect() as connection:
-                indexed = index_new_instance(connection, header, pending.stored, calling_ae_title=calling_ae_title,
-                                             called_ae_title=called_ae_title)
-        except DBAPIError as exc:
-            if exc.connection_invalidated:
-                pending.finish()  # a re-send or the start-up reconciliation indexes it
-            raise
+        for attempt in range(2):
+            try:
+                with self._at_once.connect() as connection:
+                    indexed = index_new_instance(connection, header, pending.stored, calling_ae_title=calling_ae_title,
+                                                 called_ae_title=called_ae_title)
+                break
+            except DBAPIError as exc:
+                if not exc.connection_invalidated:
+                    raise
+                if attempt:
+                    pending.finish()  # a re-send or the start-up reconciliation indexes it
+                    raise
+                log.info("index connection lost (%s); %s indexed on a new one", type(exc.orig).__name__,
+                         header.sop_instance_uid)
         if indexed:
             pending.finish()
         return indexed

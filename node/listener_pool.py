@@ -60,4 +60,5 @@ def run_listener(settings: Settings) -> None:
     stop.wait()
     for server in servers:
         server.shutdown()
+    ingestor.close()
     ctx.close()

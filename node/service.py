@@ -181,4 +181,5 @@ def serve(settings: Settings, config_path: Path | None) -> None:
         scheduler.stop()
         if supervisor is not None:
             supervisor.stop()
+        ingestor.close()
         ctx.close()

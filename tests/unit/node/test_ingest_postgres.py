@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, select
+from sqlalchemy import Engine, event, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -49,17 +49,20 @@ def test_a_new_instance_of_a_known_series_takes_one_statement_committed_after_th
     statements: list[str] = []
     synced: list[int] = []
 
-    @event.listens_for(postgres_engine, "before_cursor_execute")
     def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         statements.append(f"{len(synced)} synced: {statement.split()[0]}")
 
     sync_data = store_module._sync_data
     monkeypatch.setattr(store_module, "_sync_data", lambda fd: (sync_data(fd), synced.append(fd)))
     commits: list[object] = []
-    event.listen(postgres_engine, "commit", commits.append)
+    assert ingestor._at_once is not None
+    for engine in (postgres_engine, ingestor._at_once):  # the one statement has its own (unpinged) pool
+        event.listen(engine, "before_cursor_execute", record)
+        event.listen(engine, "commit", commits.append)
 
     assert _ingest(ingestor, 2, calling="CT2") is IndexOutcome.NEW
-    # one statement (WITH … INSERT … UPDATE … SELECT), after the file's sync; no BEGIN/COMMIT
+    # one statement (WITH … INSERT … UPDATE … SELECT), after the file's sync; no BEGIN/COMMIT,
+    # no ping
     assert statements == ["1 synced: WITH"]
     assert commits == []
     with pg_sessions() as session:
@@ -128,3 +131,24 @@ def test_a_connection_lost_during_the_statement_keeps_the_synced_file_for_a_rese
     assert len(_files(store)) == 2
     assert _ingest(ingestor, 2) is IndexOutcome.NEW  # the re-send takes the file as it is
     assert len(_files(store)) == 2
+
+
+def test_a_connection_the_server_dropped_is_replaced_once_and_the_instance_indexed(
+    postgres_engine: Engine, pg_sessions: sessionmaker[Session], store: InstanceStore
+) -> None:
+    ingestor = Ingestor(store, pg_sessions)
+    try:
+        _ingest(ingestor, 1)
+        assert _ingest(ingestor, 2) is IndexOutcome.NEW  # the one statement's pool holds a connection
+        with postgres_engine.connect() as connection:  # what a server restart does to it
+            killed = connection.execute(text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar_one()
+        assert killed >= 1
+        assert _ingest(ingestor, 3) is IndexOutcome.NEW  # not pinged: fails once, runs again
+        assert _ingest(ingestor, 4) is IndexOutcome.NEW
+        with pg_sessions() as session:
+            assert len(session.scalars(select(Instance)).all()) == 4
+        assert len(_files(store)) == 4
+    finally:
+        ingestor.close()

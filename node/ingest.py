@@ -26,8 +26,9 @@ from storage.index import (
     index_instance,
     index_new_instance,
     indexes_at_once,
+    unindex_instance,
 )
-from storage.store import InstanceStore, PendingInstance
+from storage.store import InstanceStore, PendingInstance, StoredFile
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +174,14 @@ class Ingestor:
         self, pending: PendingInstance, header: InstanceHeader, calling_ae_title: str | None,
         called_ae_title: str | None,
     ) -> bool:
-        """:func:`storage.index.index_new_instance` on a connection that commits each statement;
-        the file (synced) is kept when the row committed, or may have: the connection was lost
-        while the statement ran. Any other failure rolled the statement back, and the file goes."""
+        """:func:`storage.index.index_new_instance` on a connection that commits each statement,
+        while the file's sync may still run; then wait for the sync.
+
+        The file is kept once synced when the row committed, or may have (the connection was lost
+        while the statement ran: a re-send or the start-up reconciliation settles it). Any other
+        failure of the statement rolled it back, and the file goes. A sync that fails after the
+        row committed takes the row back out before the error is raised (:meth:`_unindex`).
+        """
         assert self._at_once is not None
         try:
             with self._at_once.connect() as connection:
@@ -183,11 +189,34 @@ class Ingestor:
                                              called_ae_title=called_ae_title)
         except DBAPIError as exc:
             if exc.connection_invalidated:
-                pending.finish()  # a re-send or the start-up reconciliation indexes it
+                pending.finish()  # a re-send or the start-up reconciliation settles the row
             raise
         if indexed:
-            pending.finish()
+            try:
+                pending.finish()
+            except Exception:
+                self._unindex(header, pending.stored)
+                raise
         return indexed
+
+    def _unindex(self, header: InstanceHeader, stored: StoredFile) -> None:
+        """Delete the row just committed for a file whose sync then failed, before the failure is
+        answered and the file removed: an instance not acknowledged leaves nothing.
+
+        Only the row naming this very file goes (a re-send by another association may have
+        pointed it at other bytes meanwhile). The study it touched stays touched (receiving):
+        its completion waits one more quiet period. If the delete fails too, the row stays
+        without its file until the peer's re-send writes the file again (the row names the same
+        path: the re-send is unchanged) or the start-up reconciliation removes it
+        (:func:`storage.reconcile.remove_lost_instances`).
+        """
+        assert self._at_once is not None
+        try:
+            with self._at_once.connect() as connection:
+                unindex_instance(connection, header.sop_instance_uid, stored.relative_path)
+        except Exception:
+            log.exception("could not remove the index row of %s after its file's sync failed; a re-send or "
+                          "the start-up reconciliation removes it", header.sop_instance_uid)
 
     def _store(
         self,
@@ -214,9 +243,14 @@ class Ingestor:
             header = instance.header()  # a refusal here removes the file (abort below)
             indexed = False
             if self._at_once is not None:
-                # the statement that follows commits as it runs: the file must be on disk first
-                stored = pending.sync()
+                if not pending.syncing_in_background:
+                    # no mark of an unconfirmed sync (a file that was there, or replaced a torn
+                    # one): the statement that follows commits as it runs, so the file goes first
+                    pending.sync()
+                # else the statement and its commit run while the file's sync does; Success
+                # waits for both
                 indexed = self._index_at_once(pending, header, calling_ae_title, called_ae_title)
+                stored = pending.stored
                 outcome, obsolete_path = IndexOutcome.NEW, None
             if not indexed:
                 with self._writer(pending), self.session_factory() as session, session.begin():

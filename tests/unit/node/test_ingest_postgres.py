@@ -4,6 +4,7 @@ statement leaves no file, a lost connection leaves the (synced) file for a re-se
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,27 +54,36 @@ def _ingest(ingestor: Ingestor, number: int, calling: str = "CT1", **attributes:
     return ingestor.ingest(data, calling_ae_title=calling, called_ae_title="MEDNODE").outcome
 
 
-def test_a_new_instance_of_a_known_series_takes_one_statement_committed_after_the_sync(
+def test_a_new_instance_of_a_known_series_takes_one_statement_committed_while_its_file_syncs(
     postgres: Engine, pg_sessions: sessionmaker[Session], store: InstanceStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ingestor = Ingestor(store, pg_sessions)
     assert _ingest(ingestor, 1) is IndexOutcome.NEW  # a new series: the full path
-    statements: list[str] = []
-    synced: list[int] = []
+    order: list[str] = []
+    statement_ran = threading.Event()
 
-    @event.listens_for(postgres, "before_cursor_execute")
+    @event.listens_for(postgres, "after_cursor_execute")
     def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        statements.append(f"{len(synced)} synced: {statement.split()[0]}")
+        order.append(f"statement {statement.split()[0]}")
+        statement_ran.set()
 
     sync_data = store_module._sync_data
-    monkeypatch.setattr(store_module, "_sync_data", lambda fd: (sync_data(fd), synced.append(fd)))
+
+    def slow_sync(fd: int) -> None:  # a slow disk: the statement must not wait for it
+        statement_ran.wait(timeout=5)
+        sync_data(fd)
+        order.append("synced")
+
+    monkeypatch.setattr(store_module, "_sync_data", slow_sync)
     commits: list[object] = []
     event.listen(postgres, "commit", commits.append)
 
     assert _ingest(ingestor, 2, calling="CT2") is IndexOutcome.NEW
-    # one statement (WITH … INSERT … UPDATE … SELECT), after the file's sync; no BEGIN/COMMIT
-    assert statements == ["1 synced: WITH"]
+    # one statement (WITH … INSERT … UPDATE … SELECT) committed by itself while the sync ran, and
+    # the ingest returned (Success) only after both; no BEGIN/COMMIT
+    assert order == ["statement WITH", "synced"]
     assert commits == []
+    assert not list(store.root.rglob("*.partial"))  # the mark of an unconfirmed sync is gone
     with pg_sessions() as session:
         study = session.scalars(select(Study)).one()
         rows = session.scalars(select(Instance).order_by(Instance.instance_number)).all()

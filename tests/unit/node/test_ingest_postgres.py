@@ -4,6 +4,8 @@ statement leaves no file, a lost connection leaves the (synced) file for a re-se
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -21,6 +23,7 @@ from storage import store as store_module
 from storage.db import make_engine, make_session_factory, upgrade
 from storage.index import IndexOutcome
 from storage.models import Instance, Series, Study, StudyState
+from storage.errors import StorageFullError
 from storage.store import InstanceStore
 from tests.databases import fresh_postgres_database
 
@@ -150,3 +153,57 @@ def test_a_connection_lost_during_the_statement_keeps_the_synced_file_for_a_rese
     assert len(_files(store)) == 2
     assert _ingest(ingestor, 2) is IndexOutcome.NEW  # the re-send takes the file as it is
     assert len(_files(store)) == 2
+
+
+def _sync_failing_after_the_commit(postgres: Engine, monkeypatch: pytest.MonkeyPatch, error: int) -> None:
+    """The next file's sync fails, once the statement indexing it has committed (autocommit)."""
+    committed = threading.Event()
+    event.listen(postgres, "after_cursor_execute", lambda *_args: committed.set())
+
+    def failing(_fd: int) -> None:
+        assert committed.wait(timeout=5), "the statement did not run while the file synced"
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(store_module, "_sync_data", failing)
+
+
+def _rows(pg_sessions: sessionmaker[Session]) -> list[int | None]:
+    with pg_sessions() as session:
+        return sorted(r.instance_number for r in session.scalars(select(Instance)))
+
+
+@pytest.mark.parametrize(("error", "raised"), [(errno.EIO, OSError), (errno.ENOSPC, StorageFullError)])
+def test_a_sync_that_fails_after_the_row_committed_takes_the_row_back_out(
+    postgres: Engine, pg_sessions: sessionmaker[Session], store: InstanceStore, monkeypatch: pytest.MonkeyPatch,
+    error: int, raised: type[Exception],
+) -> None:
+    ingestor = Ingestor(store, pg_sessions)
+    _ingest(ingestor, 1)
+    with monkeypatch.context() as patch:
+        _sync_failing_after_the_commit(postgres, patch, error)
+        with pytest.raises(raised):
+            _ingest(ingestor, 2)  # the peer is answered a failure: nothing of instance 2 stays
+    assert _rows(pg_sessions) == [1]
+    assert len(_files(store)) == 1 and not list(store.root.rglob("*.partial"))
+    assert _ingest(ingestor, 2) is IndexOutcome.NEW  # the peer's re-send
+    assert _rows(pg_sessions) == [1, 2]
+
+
+def test_a_row_that_cannot_be_taken_back_is_mended_by_the_resend(
+    postgres: Engine, pg_sessions: sessionmaker[Session], store: InstanceStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sync failed after the commit and the database went away before the row could be
+    deleted: the row names a file that is removed. The peer's re-send writes it again at the
+    path the row names (the same bytes, the same name)."""
+    ingestor = Ingestor(store, pg_sessions)
+    _ingest(ingestor, 1)
+    with monkeypatch.context() as patch:
+        _sync_failing_after_the_commit(postgres, patch, errno.EIO)
+        patch.setattr(ingest_module, "unindex_instance", _failing_statement(invalidated=True))
+        with pytest.raises(OSError):
+            _ingest(ingestor, 2)
+    assert _rows(pg_sessions) == [1, 2] and len(_files(store)) == 1
+    assert _ingest(ingestor, 2) is IndexOutcome.UNCHANGED
+    with pg_sessions() as session:
+        paths = set(session.scalars(select(Instance.path)))
+    assert {p.relative_to(store.root).as_posix() for p in _files(store)} == paths

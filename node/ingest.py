@@ -51,20 +51,36 @@ class Ingestor:
     The disk's work starts as early as it can and is waited for as late as it can: once the
     data set is read and its four UIDs (which name the file) are checked, the file is written
     and its ``fdatasync`` starts in a store thread; the rest of the header checks run meanwhile.
-    The row naming the file commits only after the sync, so Success still means durable *and*
-    indexed. An instance refused by the later checks, or whose row fails before its commit, has
-    its file removed before the refusal is answered. (Writing and hashing in another thread was
-    slower: those need the GIL between system calls; only the sync runs without it.
-    docs/BENCHMARKS.md.)
+    Success is answered only once the file is synced *and* its row committed. An instance
+    refused by the later checks, or whose row fails, has its file removed before the refusal is
+    answered. (Writing and hashing in another thread was slower: those need the GIL between
+    system calls; only the sync runs without it. docs/BENCHMARKS.md.)
 
     On PostgreSQL, a new instance of a series already indexed — nearly every instance — is
-    indexed by one statement on a connection in autocommit mode, once its file is synced
+    indexed by one statement on a connection in autocommit mode
     (:func:`storage.index.index_new_instance`): two round trips to the server (the pool's
-    ping, then the statement with its commit) where a transaction took five. Anything else (a new series, a re-send, a derived
-    object) takes the full path, :func:`storage.index.index_instance` in a transaction. There is
-    no lock: associations of this process, of other listener processes and of other hosts index
-    at once (``index_instance`` takes a peer's new patient, study or series row), and
-    PostgreSQL's commits of concurrent associations share their WAL flushes.
+    ping, then the statement with its commit) where a transaction took five. That statement and
+    its commit (a WAL flush) run *while* the file's sync runs, so an instance waits for one disk
+    flush, not two in a row (docs/BENCHMARKS.md, "Per-instance cost"). The row may so be
+    committed for a file that is not yet durable; what keeps that safe:
+
+    - Success waits for both; a sync that fails after the commit deletes the row again before
+      the failure is answered (:meth:`_unindex`);
+    - until its sync returns, the file keeps its partial name, naming this host and process
+      (:meth:`storage.store.InstanceStore.unconfirmed_instances`): after a power loss the
+      start-up repair reads each such file and removes it with its row if it is torn, and
+      removes rows whose file is missing (:func:`storage.reconcile.remove_lost_instances`) —
+      instances never acknowledged, which the peer sends again;
+    - readers meanwhile see the file whole: it has its name, with all its bytes written, before
+      its row commits; only a power loss can take it away again.
+
+    A file that was already there (an identical re-send) or that replaced a torn one has no
+    such mark: it is synced before its statement, as before. Anything else (a new series, a
+    re-send, a derived object) takes the full path, :func:`storage.index.index_instance` in a
+    transaction that commits after the sync. There is no lock: associations of this process, of
+    other listener processes and of other hosts index at once (``index_instance`` takes a peer's
+    new patient, study or series row), and PostgreSQL's commits of concurrent associations share
+    their WAL flushes.
 
     On SQLite, index writes are serialised by a lock: SQLite has one writer anyway, and a short
     critical section keeps commit latency predictable under several associations. A writer that
@@ -121,8 +137,8 @@ class Ingestor:
             The file could not be written durably.
         sqlalchemy.exc.SQLAlchemyError
             The index could not be updated. A file written for this request is removed again,
-            unless the failure was the commit itself: then it stays, and a re-send or the
-            start-up reconciliation (:func:`storage.reconcile.reindex_orphans`) indexes it.
+            unless the failure was the commit itself: then it stays (once synced), and a re-send
+            or the start-up reconciliation (:func:`storage.reconcile.reindex_orphans`) indexes it.
         """
         return self._store(read_part10(data), [data], calling_ae_title, called_ae_title,
                            expected_sop_class_uid, expected_sop_instance_uid, expected_study_instance_uid)

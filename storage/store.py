@@ -10,10 +10,13 @@ removes only the partial files of its own host whose process is gone.
 A result file is synced (``fdatasync``) and renamed into place, and the directory is synced. A
 received instance is written once under a name that carries its SHA-256
 (:meth:`InstanceStore.begin_instance`) and counts only once synced
-(:meth:`PendingInstance.finish`); the index row that makes it visible commits after that. A crash
-in between leaves a whole file the index does not know: the start-up reconciliation
-(:mod:`storage.reconcile`) re-indexes it; a power loss may leave one whose content does not match
-its name, which it removes.
+(:meth:`PendingInstance.finish`). Its index row commits after that, or — PostgreSQL's hot path,
+:class:`node.ingest.Ingestor` — while the sync runs; the peer is answered only after both. A
+crash in between leaves a whole file the index does not know, which the start-up reconciliation
+(:mod:`storage.reconcile`) re-indexes; a power loss may leave one whose content does not match
+its name, which it removes, and a row whose file is torn or missing, which it removes too: a new
+file keeps its partial name until its sync returns, the mark that tells the reconciliation which
+files to read (:meth:`InstanceStore.unconfirmed_instances`).
 """
 
 from __future__ import annotations
@@ -174,10 +177,13 @@ class PendingInstance:
     """An instance file that is written but not yet known to be on disk.
 
     :meth:`finish` makes it durable and keeps it (or raises, leaving nothing); :meth:`abort`
-    removes a file this write created and did not finish, and does nothing otherwise, so it can
-    always be called in a ``finally``. :meth:`sync` makes it durable without keeping it yet: a
-    caller that must know the file is on disk before it commits the row naming it, and that
-    removes the file again if the row fails, syncs, runs its statements, then finishes. A file
+    removes a file this write created and did not finish (and its partial name), and does
+    nothing otherwise, so it can always be called in a ``finally``. :meth:`sync` makes it durable
+    without keeping it yet: a caller that must know the file is on disk before it commits the row
+    naming it, and that removes the file again if the row fails, syncs, runs its statements, then
+    finishes. A caller may instead commit the row while the sync runs where
+    :attr:`syncing_in_background` holds, and must then remove the row itself if
+    :meth:`finish` fails. A file
     that was already there (an identical re-send, or the same bytes written at once by another
     association, process or host) is synced too before it counts, and never removed here.
     """
@@ -417,9 +423,13 @@ class InstanceStore:
         The name carries the SHA-256 of the bytes. The bytes go to a partial file naming this
         host and process (:meth:`partial_path`), which is then hard-linked to the file's name
         — only if no file has that name: the same bytes written at once by another association,
-        process or host are taken as they are, never overwritten, never removed — and unlinked.
-        The ``fdatasync`` of the file follows; on journaling filesystems (ext4, XFS) it also
-        commits the new directory entries, so no directory sync is needed. An identical re-send
+        process or host are taken as they are, never overwritten, never removed. The
+        ``fdatasync`` of the file follows; on journaling filesystems (ext4, XFS) it also
+        commits the new directory entries, so no directory sync is needed. The partial name is
+        unlinked only once that sync returned: until then it marks a file that a power loss may
+        lose or tear although a row names it already (a caller may commit the row while the
+        sync runs, :attr:`PendingInstance.syncing_in_background`; the start-up reconciliation
+        reads the marks, :meth:`unconfirmed_instances`). An identical re-send
         finds the file and writes nothing. A file under its own name is whole: one of the wrong
         size is what a power loss left, and is replaced; one of the right size whose content a
         power loss tore is removed at start by :func:`storage.reconcile.reindex_orphans` (it was

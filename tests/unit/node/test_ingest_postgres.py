@@ -21,9 +21,9 @@ from node import ingest as ingest_module
 from node.ingest import Ingestor
 from storage import store as store_module
 from storage.db import make_engine, make_session_factory, upgrade
+from storage.errors import StorageFullError
 from storage.index import IndexOutcome
 from storage.models import Instance, Series, Study, StudyState
-from storage.errors import StorageFullError
 from storage.store import InstanceStore
 from tests.databases import fresh_postgres_database
 

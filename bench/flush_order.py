@@ -12,7 +12,7 @@ time per instance, per order. No network, no pynetdicom: only the handler's own 
 
 Usage::
 
-    /work/main/.venv/bin/python bench/flush_order.py --instances 600 --rounds 2
+    /work/main/.venv/bin/python bench/flush_order.py --instances 600 --rounds 3
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ ORDERS = ("two flushes", "one flush")
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=600)
-    parser.add_argument("--block", type=int, default=25)
+    parser.add_argument("--block", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     background = PendingInstance.syncing_in_background

@@ -87,7 +87,9 @@ def remove_lost_instances(store: InstanceStore, sessions: sessionmaker[Session])
       file is removed only after its row, so only a power loss leaves a row without a file (the
       file's name and partial name both lost, so nothing marks it). Rows of other hosts are
       safe: the delete names the path it found missing, so a row pointed at new bytes meanwhile
-      stays.
+      stays. A row whose series directory is missing too stays: that is a store not mounted or
+      not the one the index was written against, not a power loss (new directories are synced
+      before their first file is written).
 
     Run it before :meth:`~storage.store.InstanceStore.remove_partials`, which would remove the
     marks, and before :func:`reindex_orphans`.
@@ -102,7 +104,10 @@ def remove_lost_instances(store: InstanceStore, sessions: sessionmaker[Session])
         ).all()
     root = store.root
     for instance_pk, relative in recent:
-        if not (root / relative).exists():
+        path = root / relative
+        # its series directory was synced before any file went in (begin_instance): where it is
+        # missing too, the store is not what the index was written against (not mounted, say)
+        if not path.exists() and path.parent.is_dir():
             gone = _delete_rows_naming(sessions, relative, instance_pk)
             if gone:
                 log.warning("removed the index row of %s: its file is missing (a power loss before its "

@@ -177,3 +177,12 @@ def test_rows_of_files_a_power_loss_lost_or_tore_are_removed(store: InstanceStor
     assert not whole_marker.exists() and list(store.root.rglob("*.partial")) == []
     assert remove_lost_instances(store, sessions) == 0  # idempotent
     assert reindex_orphans(store, sessions) == 0
+
+
+def test_a_store_that_is_not_there_costs_no_row(store: InstanceStore, sessions, tmp_path: Path) -> None:
+    """A shared store not mounted at start looks empty: that is no power loss, and every row stays."""
+    indexed = [_received(store, sessions, _instance(n), indexed=True) for n in (1, 2)]
+    unmounted = InstanceStore(tmp_path / "empty mount point")
+
+    assert remove_lost_instances(unmounted, sessions) == 0
+    assert _paths(sessions) == sorted(indexed)

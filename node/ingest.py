@@ -26,8 +26,9 @@ from storage.index import (
     index_instance,
     index_new_instance,
     indexes_at_once,
+    unindex_instance,
 )
-from storage.store import InstanceStore, PendingInstance
+from storage.store import InstanceStore, PendingInstance, StoredFile
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +57,37 @@ class Ingestor:
     The disk's work starts as early as it can and is waited for as late as it can: once the
     data set is read and its four UIDs (which name the file) are checked, the file is written
     and its ``fdatasync`` starts in a store thread; the rest of the header checks run meanwhile.
-    The row naming the file commits only after the sync, so Success still means durable *and*
-    indexed. An instance refused by the later checks, or whose row fails before its commit, has
-    its file removed before the refusal is answered. (Writing and hashing in another thread was
-    slower: those need the GIL between system calls; only the sync runs without it.
-    docs/BENCHMARKS.md.)
+    Success is answered only once the file is synced *and* its row committed. An instance
+    refused by the later checks, or whose row fails, has its file removed before the refusal is
+    answered. (Writing and hashing in another thread was slower: those need the GIL between
+    system calls; only the sync runs without it. docs/BENCHMARKS.md.)
 
     On PostgreSQL, a new instance of a series already indexed — nearly every instance — is
-    indexed by one statement on a connection in autocommit mode, once its file is synced
+    indexed by one statement on a connection in autocommit mode
     (:func:`storage.index.index_new_instance`): one round trip to the server, the statement with
     its commit (those connections are not pinged at checkout, :meth:`_index_at_once`), where a
-    transaction took five. Anything else (a new series, a re-send, a derived
-    object) takes the full path, :func:`storage.index.index_instance` in a transaction. There is
-    no lock: associations of this process, of other listener processes and of other hosts index
-    at once (``index_instance`` takes a peer's new patient, study or series row), and
-    PostgreSQL's commits of concurrent associations share their WAL flushes.
+    transaction took five. That statement and
+    its commit (a WAL flush) run *while* the file's sync runs, so an instance waits for one disk
+    flush, not two in a row (docs/BENCHMARKS.md, "Per-instance cost"). The row may so be
+    committed for a file that is not yet durable; what keeps that safe:
+
+    - Success waits for both; a sync that fails after the commit deletes the row again before
+      the failure is answered (:meth:`_unindex`);
+    - until its sync returns, the file keeps its partial name, naming this host and process
+      (:meth:`storage.store.InstanceStore.unconfirmed_instances`): after a power loss the
+      start-up repair reads each such file and removes it with its row if it is torn, and
+      removes rows whose file is missing (:func:`storage.reconcile.remove_lost_instances`) —
+      instances never acknowledged, which the peer sends again;
+    - readers meanwhile see the file whole: it has its name, with all its bytes written, before
+      its row commits; only a power loss can take it away again.
+
+    A file that was already there (an identical re-send) or that replaced a torn one has no
+    such mark: it is synced before its statement, as before. Anything else (a new series, a
+    re-send, a derived object) takes the full path, :func:`storage.index.index_instance` in a
+    transaction that commits after the sync. There is no lock: associations of this process, of
+    other listener processes and of other hosts index at once (``index_instance`` takes a peer's
+    new patient, study or series row), and PostgreSQL's commits of concurrent associations share
+    their WAL flushes.
 
     On SQLite, index writes are serialised by a lock: SQLite has one writer anyway, and a short
     critical section keeps commit latency predictable under several associations. A writer that
@@ -127,8 +144,8 @@ class Ingestor:
             The file could not be written durably.
         sqlalchemy.exc.SQLAlchemyError
             The index could not be updated. A file written for this request is removed again,
-            unless the failure was the commit itself: then it stays, and a re-send or the
-            start-up reconciliation (:func:`storage.reconcile.reindex_orphans`) indexes it.
+            unless the failure was the commit itself: then it stays (once synced), and a re-send
+            or the start-up reconciliation (:func:`storage.reconcile.reindex_orphans`) indexes it.
         """
         return self._store(read_part10(data), [data], calling_ae_title, called_ae_title,
                            expected_sop_class_uid, expected_sop_instance_uid, expected_study_instance_uid)
@@ -185,9 +202,13 @@ class Ingestor:
         self, pending: PendingInstance, header: InstanceHeader, calling_ae_title: str | None,
         called_ae_title: str | None,
     ) -> bool:
-        """:func:`storage.index.index_new_instance` on a connection that commits each statement;
-        the file (synced) is kept when the row committed, or may have: the connection was lost
-        while the statement ran. Any other failure rolled the statement back, and the file goes.
+        """:func:`storage.index.index_new_instance` on a connection that commits each statement,
+        while the file's sync may still run; then wait for the sync.
+
+        The file is kept once synced when the row committed, or may have (the connection was lost
+        while the statement ran: a re-send or the start-up reconciliation settles it). Any other
+        failure of the statement rolled it back, and the file goes. A sync that fails after the
+        row committed takes the row back out before the error is raised (:meth:`_unindex`).
 
         The connection is not pinged at checkout (a round trip per instance): one the server
         dropped (a restart, ``pg_terminate_backend``) fails the statement instead, SQLAlchemy
@@ -206,13 +227,36 @@ class Ingestor:
                 if not exc.connection_invalidated:
                     raise
                 if attempt:
-                    pending.finish()  # a re-send or the start-up reconciliation indexes it
+                    pending.finish()  # a re-send or the start-up reconciliation settles the row
                     raise
                 log.info("index connection lost (%s); %s indexed on a new one", type(exc.orig).__name__,
                          header.sop_instance_uid)
         if indexed:
-            pending.finish()
+            try:
+                pending.finish()
+            except Exception:
+                self._unindex(header, pending.stored)
+                raise
         return indexed
+
+    def _unindex(self, header: InstanceHeader, stored: StoredFile) -> None:
+        """Delete the row just committed for a file whose sync then failed, before the failure is
+        answered and the file removed: an instance not acknowledged leaves nothing.
+
+        Only the row naming this very file goes (a re-send by another association may have
+        pointed it at other bytes meanwhile). The study it touched stays touched (receiving):
+        its completion waits one more quiet period. If the delete fails too, the row stays
+        without its file until the peer's re-send writes the file again (the row names the same
+        path: the re-send is unchanged) or the start-up reconciliation removes it
+        (:func:`storage.reconcile.remove_lost_instances`).
+        """
+        assert self._at_once is not None
+        try:
+            with self._at_once.connect() as connection:
+                unindex_instance(connection, header.sop_instance_uid, stored.relative_path)
+        except Exception:
+            log.exception("could not remove the index row of %s after its file's sync failed; a re-send or "
+                          "the start-up reconciliation removes it", header.sop_instance_uid)
 
     def _store(
         self,
@@ -239,9 +283,14 @@ class Ingestor:
             header = instance.header()  # a refusal here removes the file (abort below)
             indexed = False
             if self._at_once is not None:
-                # the statement that follows commits as it runs: the file must be on disk first
-                stored = pending.sync()
+                if not pending.syncing_in_background:
+                    # no mark of an unconfirmed sync (a file that was there, or replaced a torn
+                    # one): the statement that follows commits as it runs, so the file goes first
+                    pending.sync()
+                # else the statement and its commit run while the file's sync does; Success
+                # waits for both
                 indexed = self._index_at_once(pending, header, calling_ae_title, called_ae_title)
+                stored = pending.stored
                 outcome, obsolete_path = IndexOutcome.NEW, None
             if not indexed:
                 with self._writer(pending), self.session_factory() as session, session.begin():

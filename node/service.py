@@ -28,7 +28,7 @@ from node.listener_pool import ListenerPool
 from node.peer_policy import ListenerSecurity
 from node.scheduler import Scheduler
 from storage.db import upgrade
-from storage.reconcile import reindex_orphans
+from storage.reconcile import reindex_orphans, remove_lost_instances
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ def prepare(settings: Settings) -> NodeContext:
     context.configure(settings)
     ctx = context.current()
     upgrade(ctx.engine)
+    remove_lost_instances(ctx.store, ctx.sessions)  # before remove_partials: it reads their marks
     ctx.store.remove_partials()
     reindex_orphans(ctx.store, ctx.sessions, late_series_check(settings.effective_rules))
     return ctx

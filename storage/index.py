@@ -12,6 +12,7 @@ from sqlalchemy import (
     Select,
     bindparam,
     case,
+    delete,
     func,
     insert,
     or_,
@@ -287,6 +288,21 @@ def _instance_values(header: InstanceHeader, stored: StoredFile, now: datetime) 
         "sha256": stored.sha256,
         "received_at": now,
     }
+
+
+def unindex_instance(connection: Connection, sop_instance_uid: str, relative_path: str) -> int:
+    """Delete an instance's row while it names the file ``relative_path``; return how many rows
+    went (0 or 1). On a connection in autocommit mode the delete is committed when this returns.
+    For a row committed while its file's sync ran, when that sync then failed
+    (:class:`node.ingest.Ingestor`)."""
+    return connection.execute(_UNINDEX, {"uid": sop_instance_uid, "path": relative_path}).rowcount
+
+
+_UNINDEX = (
+    delete(Instance)
+    .where(Instance.sop_instance_uid == bindparam("uid"), Instance.path == bindparam("path"))
+    .execution_options(preserve_rowcount=True)
+)
 
 
 def indexes_at_once(dialect_name: str) -> bool:

@@ -1,9 +1,15 @@
-"""Re-index instance files the index does not know: the repair after a crash or power loss.
+"""Repair at start after a crash or power loss: index rows and instance files agree again.
 
-The listener syncs each instance file to disk before it answers Success, then commits its index
-row. A crash between the two, or a power loss that rolls back the last SQLite commits, leaves a
-whole file without a row: the peer may never send it again, so the file itself is the record and
-is indexed here, at start, before the listener opens.
+The listener answers Success only once an instance's file is synced and its index row committed.
+What an interruption can leave, and what is done here, at start, before the listener opens:
+
+- a whole file without a row (a crash after the sync, before the commit; a power loss that rolled
+  back the last SQLite commits): the peer may never send it again, so the file itself is the
+  record and is indexed (:func:`reindex_orphans`);
+- a row whose file is missing or torn (on PostgreSQL the row of a new instance commits while its
+  file's sync runs, :class:`node.ingest.Ingestor`; a power loss before the sync returned): the
+  instance was never acknowledged, the peer sends it again, and the row goes
+  (:func:`remove_lost_instances`, run first).
 """
 
 from __future__ import annotations
@@ -12,14 +18,14 @@ import hashlib
 import logging
 from datetime import timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_io.errors import InvalidInstanceError
 from dicom_io.header import parse_header
 from storage.index import IndexOutcome, LateSeriesCheck, index_instance
 from storage.models import Instance
-from storage.store import InstanceStore, StoredFile
+from storage.store import InstanceStore, StoredFile, UnconfirmedInstance
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +38,82 @@ def _mtime_ns(store: InstanceStore, relative: str) -> int:
         return store.absolute(relative).stat().st_mtime_ns
     except FileNotFoundError:
         return -1
+
+
+def _delete_rows_naming(sessions: sessionmaker[Session], relative: str, instance_pk: int | None = None) -> int:
+    """Delete the instance rows that name ``relative`` (only row ``instance_pk``, if given, and
+    only while it still names that file: a re-send may have pointed it at new bytes meanwhile)."""
+    statement = delete(Instance).where(Instance.path == relative)
+    if instance_pk is not None:
+        statement = statement.where(Instance.id == instance_pk)
+    with sessions() as session, session.begin():
+        result = session.execute(statement.execution_options(synchronize_session=False, preserve_rowcount=True))
+        return int(getattr(result, "rowcount", 0))
+
+
+def _settle(store: InstanceStore, sessions: sessionmaker[Session], unconfirmed: UnconfirmedInstance) -> int:
+    """Keep an unconfirmed file that is whole; else remove it and the rows naming it. Return the
+    rows removed."""
+    relative, removed = unconfirmed.relative_path, 0
+    if unconfirmed.state == "written":
+        if not store.name_matches_content(relative, store.read(relative)):
+            log.warning("removing %s and its index row: a power loss tore it before its sync returned "
+                        "(never acknowledged)", relative)
+            removed = _delete_rows_naming(sessions, relative)
+            store.delete(relative)
+    elif unconfirmed.state == "missing":
+        removed = _delete_rows_naming(sessions, relative)
+        if removed:
+            log.warning("removed the index row of %s: a power loss lost the file before its sync returned "
+                        "(never acknowledged)", relative)
+    unconfirmed.marker.unlink(missing_ok=True)
+    return removed
+
+
+def remove_lost_instances(store: InstanceStore, sessions: sessionmaker[Session]) -> int:
+    """Delete the index rows whose instance files a power loss lost or tore; return how many.
+
+    Such a row was committed while its file's sync ran and the listener never answered Success
+    for it (it waits for both): the peer sends the instance again. Two checks, cheap enough for
+    every start:
+
+    - this host's files whose sync was never seen to return
+      (:meth:`storage.store.InstanceStore.unconfirmed_instances`, at most one per association
+      that was receiving) are read whole and checked against the digest in their name: a torn
+      one goes with its rows, a whole one stays (a crash of the process alone leaves its files
+      whole: they were in the page cache);
+    - rows received up to :data:`MARGIN` before the newest whose file does not exist go: a row
+      is committed only once its file has its name, on every host sharing the store, and a
+      file is removed only after its row, so only a power loss leaves a row without a file (the
+      file's name and partial name both lost, so nothing marks it). Rows of other hosts are
+      safe: the delete names the path it found missing, so a row pointed at new bytes meanwhile
+      stays. A row whose series directory is missing too stays: that is a store not mounted or
+      not the one the index was written against, not a power loss (new directories are synced
+      before their first file is written).
+
+    Run it before :meth:`~storage.store.InstanceStore.remove_partials`, which would remove the
+    marks, and before :func:`reindex_orphans`.
+    """
+    removed = sum(_settle(store, sessions, unconfirmed) for unconfirmed in store.unconfirmed_instances())
+    with sessions() as session:
+        newest = session.scalar(select(func.max(Instance.received_at)))
+        if newest is None:
+            return removed
+        recent = session.execute(
+            select(Instance.id, Instance.path).where(Instance.received_at >= newest - MARGIN)
+        ).all()
+    root = store.root
+    for instance_pk, relative in recent:
+        path = root / relative
+        # its series directory was synced before any file went in (begin_instance): where it is
+        # missing too, the store is not what the index was written against (not mounted, say)
+        if not path.exists() and path.parent.is_dir():
+            gone = _delete_rows_naming(sessions, relative, instance_pk)
+            if gone:
+                log.warning("removed the index row of %s: its file is missing (a power loss before its "
+                            "sync returned; never acknowledged)", relative)
+            removed += gone
+    return removed
 
 
 def reindex_orphans(

@@ -10,10 +10,13 @@ removes only the partial files of its own host whose process is gone.
 A result file is synced (``fdatasync``) and renamed into place, and the directory is synced. A
 received instance is written once under a name that carries its SHA-256
 (:meth:`InstanceStore.begin_instance`) and counts only once synced
-(:meth:`PendingInstance.finish`); the index row that makes it visible commits after that. A crash
-in between leaves a whole file the index does not know: the start-up reconciliation
-(:mod:`storage.reconcile`) re-indexes it; a power loss may leave one whose content does not match
-its name, which it removes.
+(:meth:`PendingInstance.finish`). Its index row commits after that, or — PostgreSQL's hot path,
+:class:`node.ingest.Ingestor` — while the sync runs; the peer is answered only after both. A
+crash in between leaves a whole file the index does not know, which the start-up reconciliation
+(:mod:`storage.reconcile`) re-indexes; a power loss may leave one whose content does not match
+its name, which it removes, and a row whose file is torn or missing, which it removes too: a new
+file keeps its partial name until its sync returns, the mark that tells the reconciliation which
+files to read (:meth:`InstanceStore.unconfirmed_instances`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from storage.errors import InvalidUIDError, StorageError, StorageFullError
 
@@ -82,9 +86,13 @@ def _sync_data(fd: int) -> None:
         os.fsync(fd)
 
 
-def _sync_started(fd: int, started: threading.Event) -> None:
+def _sync_started(fd: int, started: threading.Event, marker: Path | None = None) -> None:
     started.set()  # the caller wakes once this thread releases the GIL: inside the sync
     _sync_data(fd)
+    if marker is not None:
+        # the bytes are on disk: the file's partial name, kept as the mark of a sync not yet
+        # confirmed (:meth:`InstanceStore.unconfirmed_instances`), can go
+        marker.unlink(missing_ok=True)
 
 
 def _dont_need(fd: int) -> None:
@@ -140,6 +148,21 @@ def partial_writer(name: str) -> PartialWriter | None:
     return PartialWriter(fields[1], int(fields[2]))
 
 
+@dataclass(frozen=True)
+class UnconfirmedInstance:
+    """An instance file whose sync its writer, a process of this host now gone, never saw return
+    (:meth:`InstanceStore.unconfirmed_instances`)."""
+
+    #: the file's own name, relative to the store: what an index row names
+    relative_path: str
+    #: its partial name, still linked
+    marker: Path
+    #: ``written``: the file's name holds the partial's bytes (whole, or torn by a power loss);
+    #: ``missing``: the file's name is gone (never linked, or lost); ``another``: the name holds
+    #: another writer's file of the same bytes, which this one never touched
+    state: Literal["written", "missing", "another"]
+
+
 def _process_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -154,10 +177,13 @@ class PendingInstance:
     """An instance file that is written but not yet known to be on disk.
 
     :meth:`finish` makes it durable and keeps it (or raises, leaving nothing); :meth:`abort`
-    removes a file this write created and did not finish, and does nothing otherwise, so it can
-    always be called in a ``finally``. :meth:`sync` makes it durable without keeping it yet: a
-    caller that must know the file is on disk before it commits the row naming it, and that
-    removes the file again if the row fails, syncs, runs its statements, then finishes. A file
+    removes a file this write created and did not finish (and its partial name), and does
+    nothing otherwise, so it can always be called in a ``finally``. :meth:`sync` makes it durable
+    without keeping it yet: a caller that must know the file is on disk before it commits the row
+    naming it, and that removes the file again if the row fails, syncs, runs its statements, then
+    finishes. A caller may instead commit the row while the sync runs where
+    :attr:`syncing_in_background` holds, and must then remove the row itself if
+    :meth:`finish` fails. A file
     that was already there (an identical re-send, or the same bytes written at once by another
     association, process or host) is synced too before it counts, and never removed here.
     """
@@ -167,6 +193,7 @@ class PendingInstance:
         target: Path,
         stored: StoredFile,
         fd: int | None = None,
+        marker: Path | None = None,
     ) -> None:
         self.target = target
         self.stored = stored
@@ -175,6 +202,17 @@ class PendingInstance:
         self._synced = False
         self._finished = False
         self._sync: Future[None] | None = None  # the fdatasync of ``fd`` in a sync thread
+        #: the partial name still linked to ``target`` until its sync is confirmed
+        self._marker = marker
+
+    @property
+    def syncing_in_background(self) -> bool:
+        """Whether this write created the file and its sync is under way in a store thread, with
+        its partial name kept until the sync returns: then a crash before the sync is confirmed
+        leaves that name beside the file (:meth:`InstanceStore.unconfirmed_instances`), so a
+        row may name the file before :meth:`finish` — the start-up reconciliation finds it and
+        removes the row if the file did not survive whole (:func:`storage.reconcile.remove_lost_instances`)."""
+        return self._sync is not None and self._marker is not None
 
     def finish(self) -> StoredFile:
         """Wait until the file is on disk (:meth:`sync`), keep it, and return what was stored.
@@ -217,6 +255,7 @@ class PendingInstance:
         os.close(fd)
         self._fd = None
         self._synced = True
+        self._marker = None  # the sync thread removed it
         return self.stored
 
     def _synced_descriptor(self) -> int:
@@ -251,6 +290,9 @@ class PendingInstance:
         if self._created and not self._finished:
             self.target.unlink(missing_ok=True)
             self._created = False
+        if self._marker is not None:  # the sync failed or never ran
+            self._marker.unlink(missing_ok=True)
+            self._marker = None
 
 
 class InstanceStore:
@@ -381,9 +423,13 @@ class InstanceStore:
         The name carries the SHA-256 of the bytes. The bytes go to a partial file naming this
         host and process (:meth:`partial_path`), which is then hard-linked to the file's name
         — only if no file has that name: the same bytes written at once by another association,
-        process or host are taken as they are, never overwritten, never removed — and unlinked.
-        The ``fdatasync`` of the file follows; on journaling filesystems (ext4, XFS) it also
-        commits the new directory entries, so no directory sync is needed. An identical re-send
+        process or host are taken as they are, never overwritten, never removed. The
+        ``fdatasync`` of the file follows; on journaling filesystems (ext4, XFS) it also
+        commits the new directory entries, so no directory sync is needed. The partial name is
+        unlinked only once that sync returned: until then it marks a file that a power loss may
+        lose or tear although a row names it already (a caller may commit the row while the
+        sync runs, :attr:`PendingInstance.syncing_in_background`; the start-up reconciliation
+        reads the marks, :meth:`unconfirmed_instances`). An identical re-send
         finds the file and writes nothing. A file under its own name is whole: one of the wrong
         size is what a power loss left, and is replaced; one of the right size whose content a
         power loss tore is removed at start by :func:`storage.reconcile.reindex_orphans` (it was
@@ -430,18 +476,22 @@ class InstanceStore:
             return PendingInstance(target, stored)  # the same bytes: finish() syncs them
         partial = self.partial_path(target)
         fd = self._write_new(partial, parts, size)
+        replace = existing_size is not None
         try:
-            if not self._publish(partial, target, replace=existing_size is not None):
+            if not self._publish(partial, target, replace=replace, keep_partial=not replace):
                 os.close(fd)  # another writer of these very bytes was first: take its file
                 return PendingInstance(target, stored)
         except BaseException:
             os.close(fd)
             partial.unlink(missing_ok=True)
             raise
-        pending = PendingInstance(target, stored, fd)
+        # the partial name stays linked to the file until its sync returns (not where a torn
+        # file was replaced: os.replace moved that name; then the caller syncs before its row)
+        marker = None if replace else partial
+        pending = PendingInstance(target, stored, fd, marker)
         try:
             started = threading.Event()
-            pending._sync = self._syncer.submit(_sync_started, fd, started)
+            pending._sync = self._syncer.submit(_sync_started, fd, started, marker)
             # hand the GIL over until the sync is in the kernel: left waiting for it, the sync
             # thread would start only when this one next blocks (the index statements)
             started.wait()
@@ -451,13 +501,15 @@ class InstanceStore:
         return pending
 
     @staticmethod
-    def _publish(partial: Path, target: Path, *, replace: bool) -> bool:
+    def _publish(partial: Path, target: Path, *, replace: bool, keep_partial: bool = False) -> bool:
         """Give the whole partial file its own name; False when a file of that name appeared
         meanwhile (then the partial is removed and the other stays).
 
         ``replace``: the name holds a torn file (of the wrong size) a power loss left, replaced
-        atomically.
+        atomically. ``keep_partial``: once linked, the partial name stays too (the caller removes
+        it once the file is synced).
         """
+        published = False
         try:
             if replace:
                 os.replace(partial, target)
@@ -466,13 +518,15 @@ class InstanceStore:
                 os.link(partial, target)
             except FileExistsError:
                 return False
+            published = True
             return True
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise StorageFullError(f"disk full writing {target.name}") from exc
             raise
         finally:
-            partial.unlink(missing_ok=True)
+            if not (published and keep_partial):
+                partial.unlink(missing_ok=True)
 
     def _write_new(self, target: Path, parts: Sequence[bytes], size: int) -> int:
         """Create ``target`` with ``parts``, start its writeback and return the open descriptor."""
@@ -530,7 +584,7 @@ class InstanceStore:
                 except FileNotFoundError:
                     continue
             else:
-                stale = writer.host == self.host and (writer.pid == os.getpid() or not _process_exists(writer.pid))
+                stale = self._left_by_dead_process(writer)
             if not stale:
                 kept += 1
                 continue
@@ -541,6 +595,45 @@ class InstanceStore:
         if kept:
             log.info("left %d partial files of other hosts or running processes in place", kept)
         return count
+
+    def _left_by_dead_process(self, writer: PartialWriter) -> bool:
+        """Whether a partial file's writer is a process of this host that no longer runs (or this
+        very process: a predecessor with the same process id, as in a restarted container)."""
+        return writer.host == self.host and (writer.pid == os.getpid() or not _process_exists(writer.pid))
+
+    def unconfirmed_instances(self) -> list[UnconfirmedInstance]:
+        """Instance files whose sync a process of this host that no longer runs never saw return.
+
+        :meth:`begin_instance` keeps a new file's partial name linked to it until its
+        ``fdatasync`` returns, so that name marks a file that may be lost or torn after a power
+        loss and may already be named by an index row (:func:`storage.reconcile.remove_lost_instances`
+        settles them; call it at start, before :meth:`remove_partials`). Why the mark survives
+        whenever the file's own name does: the partial name is created before the file's name
+        is linked, and is removed only after the sync returned, and a journaling filesystem
+        (ext4, XFS) commits metadata in order — a file's name that survived a power loss
+        without its sync brings the partial name with it. Other hosts' and live processes'
+        partial files are not listed.
+        """
+        found: list[UnconfirmedInstance] = []
+        instances = self.root / "instances"
+        if not instances.is_dir():
+            return found
+        for path in instances.rglob(f"*{PARTIAL_SUFFIX}"):
+            writer = partial_writer(path.name)
+            if writer is None or not self._left_by_dead_process(writer):
+                continue
+            target = path.parent / path.name[1:].split(PARTIAL_SEPARATOR, 1)[0]
+            try:
+                inode = path.stat().st_ino
+            except FileNotFoundError:
+                continue
+            state: Literal["written", "missing", "another"]
+            try:
+                state = "written" if target.stat().st_ino == inode else "another"
+            except FileNotFoundError:
+                state = "missing"
+            found.append(UnconfirmedInstance(target.relative_to(self.root).as_posix(), path, state))
+        return found
 
     def remove_area(self, relative_dir: str) -> None:
         """Delete a folder of the store (e.g. a job's :meth:`prior_area`) and what it holds."""

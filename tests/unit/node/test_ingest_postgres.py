@@ -4,6 +4,9 @@ statement leaves no file, a lost connection leaves the (synced) file for a re-se
 
 from __future__ import annotations
 
+import errno
+import os
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ from node import ingest as ingest_module
 from node.ingest import Ingestor
 from storage import store as store_module
 from storage.db import make_session_factory, upgrade
+from storage.errors import StorageFullError
 from storage.index import IndexOutcome
 from storage.models import Instance, Series, Study, StudyState
 from storage.store import InstanceStore
@@ -41,30 +45,38 @@ def _ingest(ingestor: Ingestor, number: int, calling: str = "CT1", **attributes:
     return ingestor.ingest(data, calling_ae_title=calling, called_ae_title="MEDNODE").outcome
 
 
-def test_a_new_instance_of_a_known_series_takes_one_statement_committed_after_the_sync(
+def test_a_new_instance_of_a_known_series_takes_one_statement_committed_while_its_file_syncs(
     postgres_engine: Engine, pg_sessions: sessionmaker[Session], store: InstanceStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ingestor = Ingestor(store, pg_sessions)
     assert _ingest(ingestor, 1) is IndexOutcome.NEW  # a new series: the full path
-    statements: list[str] = []
-    synced: list[int] = []
+    order: list[str] = []
+    statement_ran = threading.Event()
 
     def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        statements.append(f"{len(synced)} synced: {statement.split()[0]}")
+        order.append(f"statement {statement.split()[0]}")
+        statement_ran.set()
 
     sync_data = store_module._sync_data
-    monkeypatch.setattr(store_module, "_sync_data", lambda fd: (sync_data(fd), synced.append(fd)))
+
+    def slow_sync(fd: int) -> None:  # a slow disk: the statement must not wait for it
+        statement_ran.wait(timeout=5)
+        sync_data(fd)
+        order.append("synced")
+
+    monkeypatch.setattr(store_module, "_sync_data", slow_sync)
     commits: list[object] = []
     assert ingestor._at_once is not None
     for engine in (postgres_engine, ingestor._at_once):  # the one statement has its own (unpinged) pool
-        event.listen(engine, "before_cursor_execute", record)
+        event.listen(engine, "after_cursor_execute", record)
         event.listen(engine, "commit", commits.append)
 
     assert _ingest(ingestor, 2, calling="CT2") is IndexOutcome.NEW
-    # one statement (WITH … INSERT … UPDATE … SELECT), after the file's sync; no BEGIN/COMMIT,
-    # no ping
-    assert statements == ["1 synced: WITH"]
+    # one statement (WITH … INSERT … UPDATE … SELECT) committed by itself while the sync ran, and
+    # the ingest returned (Success) only after both; no BEGIN/COMMIT
+    assert order == ["statement WITH", "synced"]
     assert commits == []
+    assert not list(store.root.rglob("*.partial"))  # the mark of an unconfirmed sync is gone
     with pg_sessions() as session:
         study = session.scalars(select(Study)).one()
         rows = session.scalars(select(Instance).order_by(Instance.instance_number)).all()
@@ -131,6 +143,62 @@ def test_a_connection_lost_during_the_statement_keeps_the_synced_file_for_a_rese
     assert len(_files(store)) == 2
     assert _ingest(ingestor, 2) is IndexOutcome.NEW  # the re-send takes the file as it is
     assert len(_files(store)) == 2
+
+
+def _sync_failing_after_the_commit(ingestor: Ingestor, monkeypatch: pytest.MonkeyPatch, error: int) -> None:
+    """The next file's sync fails, once the statement indexing it has committed (autocommit, on
+    the one statement's own pool)."""
+    committed = threading.Event()
+    assert ingestor._at_once is not None
+    event.listen(ingestor._at_once, "after_cursor_execute", lambda *_args: committed.set())
+
+    def failing(_fd: int) -> None:
+        assert committed.wait(timeout=5), "the statement did not run while the file synced"
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(store_module, "_sync_data", failing)
+
+
+def _rows(pg_sessions: sessionmaker[Session]) -> list[int | None]:
+    with pg_sessions() as session:
+        return sorted(r.instance_number for r in session.scalars(select(Instance)))
+
+
+@pytest.mark.parametrize(("error", "raised"), [(errno.EIO, OSError), (errno.ENOSPC, StorageFullError)])
+def test_a_sync_that_fails_after_the_row_committed_takes_the_row_back_out(
+    postgres_engine: Engine, pg_sessions: sessionmaker[Session], store: InstanceStore, monkeypatch: pytest.MonkeyPatch,
+    error: int, raised: type[Exception],
+) -> None:
+    ingestor = Ingestor(store, pg_sessions)
+    _ingest(ingestor, 1)
+    with monkeypatch.context() as patch:
+        _sync_failing_after_the_commit(ingestor, patch, error)
+        with pytest.raises(raised):
+            _ingest(ingestor, 2)  # the peer is answered a failure: nothing of instance 2 stays
+    assert _rows(pg_sessions) == [1]
+    assert len(_files(store)) == 1 and not list(store.root.rglob("*.partial"))
+    assert _ingest(ingestor, 2) is IndexOutcome.NEW  # the peer's re-send
+    assert _rows(pg_sessions) == [1, 2]
+
+
+def test_a_row_that_cannot_be_taken_back_is_mended_by_the_resend(
+    postgres_engine: Engine, pg_sessions: sessionmaker[Session], store: InstanceStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sync failed after the commit and the database went away before the row could be
+    deleted: the row names a file that is removed. The peer's re-send writes it again at the
+    path the row names (the same bytes, the same name)."""
+    ingestor = Ingestor(store, pg_sessions)
+    _ingest(ingestor, 1)
+    with monkeypatch.context() as patch:
+        _sync_failing_after_the_commit(ingestor, patch, errno.EIO)
+        patch.setattr(ingest_module, "unindex_instance", _failing_statement(invalidated=True))
+        with pytest.raises(OSError):
+            _ingest(ingestor, 2)
+    assert _rows(pg_sessions) == [1, 2] and len(_files(store)) == 1
+    assert _ingest(ingestor, 2) is IndexOutcome.UNCHANGED
+    with pg_sessions() as session:
+        paths = set(session.scalars(select(Instance.path)))
+    assert {p.relative_to(store.root).as_posix() for p in _files(store)} == paths
 
 
 def test_a_connection_the_server_dropped_is_replaced_once_and_the_instance_indexed(

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_io.header import parse_header
 from storage.index import index_instance
 from storage.models import Instance, Series, Study, StudyState
-from storage.reconcile import reindex_orphans
+from storage.reconcile import reindex_orphans, remove_lost_instances
 from storage.store import InstanceStore
 
 STUDY, SERIES = "1.2.826.0.1.3680043.8.498.40", "1.2.826.0.1.3680043.8.498.40.1"
@@ -141,3 +141,48 @@ def test_another_hosts_writes_in_progress_are_neither_indexed_nor_removed(store:
     assert store.remove_partials() == 0
     assert half.read_bytes() == _instance(2)[:40]
     assert _paths(sessions) == [indexed]
+
+
+def _unconfirmed(store: InstanceStore, relative: str) -> Path:
+    """What a crash before the file's sync returned leaves: its partial name, still linked to it
+    (storage.store.InstanceStore.begin_instance), naming this host and this process id (a
+    predecessor's, as far as the store can tell)."""
+    target = store.absolute(relative)
+    marker = store.partial_path(target)
+    os.link(target, marker)
+    return marker
+
+
+def test_rows_of_files_a_power_loss_lost_or_tore_are_removed(store: InstanceStore, sessions) -> None:
+    """On PostgreSQL a new instance's row commits while its file syncs; a power loss before the
+    sync returned may leave the row with a torn or missing file. Never acknowledged: the row goes,
+    and every other row and file stays."""
+    acknowledged = _received(store, sessions, _instance(1), indexed=True)
+    whole = _received(store, sessions, _instance(2), indexed=True)
+    whole_marker = _unconfirmed(store, whole)  # a crash of the process alone: the file is whole
+    torn = _received(store, sessions, _instance(3), indexed=True)
+    _unconfirmed(store, torn)
+    data = store.read(torn)
+    store.absolute(torn).write_bytes(data[:-16] + bytes(16))  # the right size, the end never written
+    name_lost = _received(store, sessions, _instance(4), indexed=True)
+    _unconfirmed(store, name_lost)
+    store.absolute(name_lost).unlink()  # the file's name lost, its partial name kept
+    all_lost = _received(store, sessions, _instance(5), indexed=True)
+    store.absolute(all_lost).unlink()  # both names lost: nothing marks it
+
+    assert remove_lost_instances(store, sessions) == 3
+
+    assert _paths(sessions) == sorted([acknowledged, whole])
+    assert store.read(whole) and not store.absolute(torn).exists()
+    assert not whole_marker.exists() and list(store.root.rglob("*.partial")) == []
+    assert remove_lost_instances(store, sessions) == 0  # idempotent
+    assert reindex_orphans(store, sessions) == 0
+
+
+def test_a_store_that_is_not_there_costs_no_row(store: InstanceStore, sessions, tmp_path: Path) -> None:
+    """A shared store not mounted at start looks empty: that is no power loss, and every row stays."""
+    indexed = [_received(store, sessions, _instance(n), indexed=True) for n in (1, 2)]
+    unmounted = InstanceStore(tmp_path / "empty mount point")
+
+    assert remove_lost_instances(unmounted, sessions) == 0
+    assert _paths(sessions) == sorted(indexed)

@@ -461,3 +461,86 @@ def test_a_synced_instance_is_removed_on_abort_until_it_is_finished(tmp_path: Pa
     assert kept.finish() == kept.stored  # already synced: kept without another sync
     kept.abort()
     assert store.read(kept.stored.relative_path) == b"row committed"
+
+
+def test_a_new_instance_files_partial_name_marks_its_sync_until_it_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row may name the file before its sync returns (PostgreSQL, node.ingest): until then the
+    partial name stays linked to it, the mark start-up repair reads after a power loss."""
+    store = InstanceStore(tmp_path)
+    release = threading.Event()
+    sync_data = store_module._sync_data
+    monkeypatch.setattr(store_module, "_sync_data", lambda fd: (release.wait(5), sync_data(fd)))
+
+    pending = store.begin_instance("1.2", "1.2.3", "1.2.3.4", [b"DICM", b"x" * 1000])
+    [marker] = _partials(tmp_path)
+    assert pending.syncing_in_background
+    assert marker.stat().st_ino == pending.target.stat().st_ino  # the same file, two names
+    release.set()
+    pending.finish()
+    pending.abort()
+    assert _partials(tmp_path) == [] and pending.target.exists()
+
+
+def test_a_failed_sync_removes_the_file_and_its_mark(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = InstanceStore(tmp_path)
+
+    def failing(_fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(store_module, "_sync_data", failing)
+    pending = store.begin_instance("1.2", "1.2.3", "1.2.3.4", b"DICM")
+    with pytest.raises(OSError):
+        pending.finish()
+    pending.abort()
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_a_torn_file_replaced_or_one_already_there_is_not_synced_in_the_background(tmp_path: Path) -> None:
+    """No mark, no row before the sync: the caller syncs first (node.ingest)."""
+    store = InstanceStore(tmp_path)
+    store.write_instance("1.2", "1.2.3", "1.2.3.4", b"DICM" * 10)
+    again = store.begin_instance("1.2", "1.2.3", "1.2.3.4", b"DICM" * 10)  # an identical re-send
+    assert not again.syncing_in_background
+    again.finish()
+    target = again.target
+    target.write_bytes(b"DI")  # what a power loss left: the wrong size
+    replacing = store.begin_instance("1.2", "1.2.3", "1.2.3.4", b"DICM" * 10)
+    assert not replacing.syncing_in_background
+    replacing.finish()
+    assert target.read_bytes() == b"DICM" * 10 and _partials(tmp_path) == []
+
+
+def test_unconfirmed_instances_lists_only_this_hosts_dead_writers_marks(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    series_dir = tmp_path / "instances/1.2/1.2.3"
+    series_dir.mkdir(parents=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = _dead_pid()
+
+    def marked(name: str, writer_host: str, pid: int, *, link: bool = True) -> Path:
+        marker = series_dir / f".{name}~{writer_host}~{pid}~abc{PARTIAL_SUFFIX}"
+        marker.write_bytes(b"bytes")
+        if link:
+            os.link(marker, series_dir / name)
+        return marker
+
+    try:
+        written = marked("1.2.3.4.0123456789abcdef.dcm", store.host, dead)
+        missing = marked("1.2.3.5.0123456789abcdef.dcm", store.host, dead, link=False)
+        other = marked("1.2.3.6.0123456789abcdef.dcm", store.host, dead, link=False)
+        (series_dir / "1.2.3.6.0123456789abcdef.dcm").write_bytes(b"bytes")  # another writer's file
+        marked("1.2.3.7.0123456789abcdef.dcm", store.host, live.pid)  # a running listener's
+        marked("1.2.3.8.0123456789abcdef.dcm", "other-host.example.org", dead)  # another host's
+
+        found = {(u.relative_path, u.marker, u.state) for u in store.unconfirmed_instances()}
+    finally:
+        live.kill()
+        live.wait()
+    base = "instances/1.2/1.2.3/"
+    assert found == {
+        (base + "1.2.3.4.0123456789abcdef.dcm", written, "written"),
+        (base + "1.2.3.5.0123456789abcdef.dcm", missing, "missing"),
+        (base + "1.2.3.6.0123456789abcdef.dcm", other, "another"),
+    }

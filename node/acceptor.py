@@ -24,10 +24,6 @@ pynetdicom set each association up, then:
   for it to send) instead of polling it, and read each PDU with as few
   ``recv_into`` calls as the kernel allows (:class:`AcceptorSocket`).
 
-C-STORE responses are encoded by :class:`QuickStoreResponses` (pynetdicom's own encoding of a
-C-STORE-RSP took about 0.25 ms of each instance's CPU, byte for byte the same command set), and
-C-STORE requests' command sets are turned into primitives by :class:`QuickStoreRequests`.
-
 And the server copies its presentation contexts for each new association without ``deepcopy``
 (:class:`SupportedContexts`, installed by :func:`copy_contexts_quickly`).
 
@@ -36,9 +32,8 @@ core each on the 2-core benchmark machine: a dozen idle peers took most of a cor
 sending).
 
 These use pynetdicom internals (the association's DIMSE message queue, ``_serve_request`` and
-``_reactor_checkpoint``; the DIMSE provider's ``send_msg``, ``receive_primitive`` and the
-message it assembles; the DUL's ``to_user_queue``, ``to_provider_queue`` and ``send_pdu``; the
-socket's class; the attributes of a presentation context).
+``_reactor_checkpoint``; the DUL's ``to_user_queue`` and ``to_provider_queue``; the socket's
+class; the attributes of a presentation context).
 :func:`shortcuts_supported` and :func:`copy_contexts_quickly` check them; if a pynetdicom release
 changes them, the listener logs one warning and runs pynetdicom unchanged (slower, still
 correct), and tests/unit/node/test_acceptor.py fails.
@@ -51,17 +46,12 @@ import queue
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from pydicom.dataelem import RawDataElement
-from pynetdicom import evt
-from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
 
@@ -282,160 +272,6 @@ class ServeStoreOnArrival(SignallingQueue):
         super().put(item, block, timeout)
 
 
-#: Command Field of a C-STORE-RSP (PS3.7 9.3.1.2) and Command Data Set Type "no data set" (PS3.7 E.2)
-C_STORE_RSP_COMMAND_FIELD = 0x8001
-NO_DATA_SET = 0x0101
-#: PDV item header (item length, presentation context ID, message control header, PS3.8 9.3.5.1)
-PDV_HEADER_BYTES = 6
-#: Message control header of a command's last (here: only) fragment (PS3.8 E.2)
-LAST_COMMAND_FRAGMENT = b"\x03"
-
-
-def _command_element(element: int, value: bytes) -> bytes:
-    """One element of group 0000 in Implicit VR Little Endian (every command set's encoding,
-    PS3.7 6.3.1)."""
-    return struct.pack("<HHI", 0x0000, element, len(value)) + value
-
-
-def _ui(uid: str) -> bytes:
-    raw = uid.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw  # UI pads with NUL to an even length (PS3.5 6.2)
-
-
-def encode_store_response(
-    message_id_being_responded_to: int, affected_sop_class_uid: str, affected_sop_instance_uid: str, status: int
-) -> bytes:
-    """The command set of a C-STORE-RSP without Offending Element or Error Comment (PS3.7 9.3.1.2),
-    as pynetdicom encodes it: elements in tag order, the group length first."""
-    body = b"".join((
-        _command_element(0x0002, _ui(affected_sop_class_uid)),
-        _command_element(0x0100, struct.pack("<H", C_STORE_RSP_COMMAND_FIELD)),
-        _command_element(0x0120, struct.pack("<H", message_id_being_responded_to)),
-        _command_element(0x0800, struct.pack("<H", NO_DATA_SET)),
-        _command_element(0x0900, struct.pack("<H", status)),
-        _command_element(0x1000, _ui(affected_sop_instance_uid)),
-    ))
-    return _command_element(0x0000, struct.pack("<I", len(body))) + body
-
-
-class QuickStoreResponses:
-    """An association's ``dimse.send_msg``: C-STORE responses encoded by
-    :func:`encode_store_response`, everything else by pynetdicom.
-
-    pynetdicom turns a response primitive into a message whose command set is a pydicom data set,
-    encodes it twice (once for its group length) and splits it into P-DATA: about 0.3 ms of CPU,
-    a tenth of what the listener spent per instance. A response with an Error Comment or an
-    Offending Element (a refusal), one whose command set would not fit in one of the peer's
-    PDUs, or one sent while a handler is bound to ``EVT_DIMSE_SENT`` goes through pynetdicom.
-    """
-
-    def __init__(self, assoc: Association) -> None:
-        self._assoc = assoc
-        self._pynetdicom_send_msg = assoc.dimse.send_msg
-
-    def __call__(self, primitive: Any, context_id: int) -> None:
-        encoded = self._encoded(primitive)
-        if encoded is None:
-            self._pynetdicom_send_msg(primitive, context_id)
-            return
-        pdata = P_DATA()
-        pdata.presentation_data_value_list.append((context_id, LAST_COMMAND_FRAGMENT + encoded))
-        self._assoc.dul.send_pdu(pdata)
-
-    def _encoded(self, primitive: Any) -> bytes | None:
-        if type(primitive) is not C_STORE or self._assoc.get_handlers(evt.EVT_DIMSE_SENT):
-            return None
-        message_id = primitive.MessageIDBeingRespondedTo
-        status = primitive.Status
-        sop_class = primitive.AffectedSOPClassUID
-        sop_instance = primitive.AffectedSOPInstanceUID
-        if (message_id is None or not isinstance(status, int) or sop_class is None or sop_instance is None
-                or primitive.ErrorComment is not None or primitive.OffendingElement is not None):
-            return None
-        encoded = encode_store_response(message_id, sop_class, sop_instance, status)
-        maximum = self._assoc.dimse.maximum_pdu_size
-        if maximum and len(encoded) > maximum - PDV_HEADER_BYTES:
-            return None  # pynetdicom sends it in fragments
-        return encoded
-
-
-#: The command elements of a C-STORE-RQ (PS3.7 9.3.1.1) that are parameters of pynetdicom's
-#: primitive, by tag: keyword and VR. (Move Originator AE Title, rare, is left to pynetdicom.)
-STORE_REQUEST_PARAMETERS: dict[int, tuple[str, str]] = {
-    0x00000002: ("AffectedSOPClassUID", "UI"),
-    0x00000110: ("MessageID", "US"),
-    0x00000700: ("Priority", "US"),
-    0x00001000: ("AffectedSOPInstanceUID", "UI"),
-    0x00001031: ("MoveOriginatorMessageID", "US"),
-}
-#: Command Group Length, Command Field, Command Data Set Type: no parameters of the primitive
-STORE_REQUEST_NOT_PARAMETERS = frozenset({0x00000000, 0x00000100, 0x00000800})
-
-
-def store_request_primitive(message: DIMSEMessage) -> C_STORE | None:
-    """The C-STORE primitive of a received C-STORE-RQ message, as pynetdicom's
-    ``message_to_primitive`` makes it; None when the command set holds anything else than
-    single values of :data:`STORE_REQUEST_PARAMETERS` (then pynetdicom's applies).
-
-    pynetdicom converts every element of the command set through pydicom (about 70 µs a
-    request); here the raw values are read as pydicom would read them (UI: Latin-1 text without
-    trailing NULs and spaces; US: two bytes, little endian, as every command set is encoded)
-    and set through the primitive's own setters, which check them as they do for pynetdicom.
-    """
-    command_set = message.command_set
-    values: list[tuple[str, object]] = []
-    for tag in command_set.keys():  # noqa: SIM118 (iterating a Dataset converts each element)
-        if tag in STORE_REQUEST_NOT_PARAMETERS:
-            continue
-        parameter = STORE_REQUEST_PARAMETERS.get(tag)
-        element = command_set.get_item(tag)
-        if parameter is None or not isinstance(element, RawDataElement) or element.value is None:
-            return None
-        keyword, vr = parameter
-        raw = bytes(element.value)
-        if vr == "US":
-            if len(raw) != 2:
-                return None
-            values.append((keyword, int.from_bytes(raw, "little")))
-        else:
-            if b"\\" in raw:
-                return None  # several values: pynetdicom warns and takes the first
-            values.append((keyword, raw.decode("latin-1").rstrip("\0 ")))
-    primitive = C_STORE()
-    for keyword, value in values:
-        setattr(primitive, keyword, value)
-    primitive.DataSet = message.data_set
-    primitive._context_id = message.context_id
-    primitive._dataset_path = message._data_set_path
-    primitive._dataset_file = message._data_set_file
-    return primitive
-
-
-class QuickStoreRequests:
-    """An association's ``dimse.receive_primitive``: pynetdicom's, except that each message it
-    assembles turns into its primitive by :func:`store_request_primitive` when it is a C-STORE-RQ
-    that function can read (by pynetdicom's ``message_to_primitive`` otherwise)."""
-
-    def __init__(self, dimse: Any) -> None:
-        self._dimse = dimse
-        self._pynetdicom_receive_primitive = dimse.receive_primitive
-
-    def __call__(self, primitive: P_DATA) -> None:
-        if self._dimse.message is None:  # a new message: as pynetdicom starts one
-            message = DIMSEMessage()
-            message.message_to_primitive = self._to_primitive  # type: ignore[method-assign]
-            self._dimse.message = message
-        self._pynetdicom_receive_primitive(primitive)
-
-    def _to_primitive(self) -> Any:
-        message = self._dimse.message
-        if type(message) is C_STORE_RQ:
-            primitive = store_request_primitive(message)
-            if primitive is not None:
-                return primitive
-        return type(message).message_to_primitive(message)
-
-
 class StoreRequestHandler(RequestHandler):
     """pynetdicom's connection handler, with the association set up as the module describes.
 
@@ -457,8 +293,6 @@ class StoreRequestHandler(RequestHandler):
             sock = cast(AcceptorSocket, assoc.dul.socket)
             sock.__class__ = AcceptorSocket
             sock.doorbell = doorbell
-            assoc.dimse.send_msg = QuickStoreResponses(assoc)  # type: ignore[method-assign]
-            assoc.dimse.receive_primitive = QuickStoreRequests(assoc.dimse)  # type: ignore[method-assign]
         return assoc
 
 
@@ -529,12 +363,6 @@ def shortcuts_supported(assoc: Association) -> bool:
         and type(getattr(dul, "to_provider_queue", None)) is queue.Queue
         and dul.to_provider_queue.empty()
         and type(dul.socket) is AssociationSocket
-        and "send_msg" not in vars(assoc.dimse)
-        and "receive_primitive" not in vars(assoc.dimse)
-        and getattr(assoc.dimse, "message", False) is None
-        and callable(getattr(assoc.dimse, "receive_primitive", None))
-        and callable(getattr(assoc.dimse, "send_msg", None))
-        and callable(getattr(dul, "send_pdu", None))
     )
     if not supported:
         _warn_once()

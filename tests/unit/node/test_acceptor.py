@@ -15,10 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 from pydicom.uid import CTImageStorage
-from pynetdicom import AE, evt
+from pynetdicom import AE
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
-from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.transport import AssociationSocket
 
@@ -27,16 +26,12 @@ from node.acceptor import (
     CONTEXT_ATTRIBUTES,
     AcceptorSocket,
     Doorbell,
-    QuickStoreRequests,
-    QuickStoreResponses,
     ReactorCheckpoint,
     ServeStoreOnArrival,
     SignallingQueue,
     SupportedContexts,
     copy_contexts_quickly,
-    encode_store_response,
     shortcuts_supported,
-    store_request_primitive,
 )
 
 
@@ -151,129 +146,6 @@ def test_store_requests_are_served_on_arrival_everything_else_is_queued() -> Non
     messages.put((3, response))  # not a request: the association thread deals with it
     assert messages.get(block=False) == (3, response)
     assert len(served) == 1
-
-
-def _store_response(message_id: int, sop_instance_uid: str, status: int) -> C_STORE:
-    response = C_STORE()
-    response.MessageID = message_id
-    response.MessageIDBeingRespondedTo = message_id
-    response.AffectedSOPClassUID = CTImageStorage
-    response.AffectedSOPInstanceUID = sop_instance_uid
-    response.Status = status
-    return response
-
-
-def _pynetdicom_pdvs(response: C_STORE, context_id: int, maximum_pdu_size: int = 0) -> list[list[tuple[int, bytes]]]:
-    message = C_STORE_RSP()
-    message.primitive_to_message(response)
-    return [p.presentation_data_value_list for p in message.encode_msg(context_id, maximum_pdu_size)]
-
-
-@pytest.mark.parametrize("message_id", [1, 0x1234, 0xFFFF])
-@pytest.mark.parametrize("sop_instance_uid", ["1.2.3.4", "1.2.3.45", "2.25." + "9" * 59])
-@pytest.mark.parametrize("status", [0x0000, 0xA700, 0xB007])
-def test_a_store_response_is_encoded_byte_for_byte_as_pynetdicom_does(
-    message_id: int, sop_instance_uid: str, status: int
-) -> None:
-    [[(context_id, pdv)]] = _pynetdicom_pdvs(_store_response(message_id, sop_instance_uid, status), 7)
-    assert context_id == 7 and pdv[:1] == b"\x03"
-    assert encode_store_response(message_id, CTImageStorage, sop_instance_uid, status) == pdv[1:]
-
-
-class FakeResponder(SimpleNamespace):
-    """What :class:`QuickStoreResponses` uses of an association."""
-
-    def __init__(self, maximum_pdu_size: int = 0, dimse_sent_handlers: list[object] | None = None) -> None:
-        self.by_pynetdicom: list[tuple[C_STORE, int]] = []
-        self.sent: list[list[tuple[int, bytes]]] = []
-        self.handlers = dimse_sent_handlers or []
-        super().__init__(
-            dimse=SimpleNamespace(send_msg=lambda primitive, cx: self.by_pynetdicom.append((primitive, cx)),
-                                  maximum_pdu_size=maximum_pdu_size),
-            dul=SimpleNamespace(send_pdu=lambda pdata: self.sent.append(pdata.presentation_data_value_list)),
-        )
-
-    def get_handlers(self, event: object) -> list[object]:
-        return self.handlers if event == evt.EVT_DIMSE_SENT else []
-
-
-def test_store_responses_go_out_quickly_unless_pynetdicom_must_encode_them() -> None:
-    assoc = FakeResponder()
-    send = QuickStoreResponses(assoc)  # type: ignore[arg-type]
-    success = _store_response(3, "1.2.3.4.5", 0x0000)
-    send(success, 5)
-    assert assoc.sent == _pynetdicom_pdvs(success, 5) and assoc.by_pynetdicom == []
-
-    refused = _store_response(4, "1.2.3.4.6", 0xA700)
-    refused.ErrorComment = "Out of resources: index unavailable"
-    send(refused, 5)
-    echo = C_ECHO()
-    echo.MessageIDBeingRespondedTo, echo.Status = 5, 0
-    send(echo, 1)
-    assert assoc.by_pynetdicom == [(refused, 5), (echo, 1)] and len(assoc.sent) == 1
-
-    watched = FakeResponder(dimse_sent_handlers=[(print, None)])  # someone inspects the messages
-    QuickStoreResponses(watched)(success, 5)  # type: ignore[arg-type]
-    tiny = FakeResponder(maximum_pdu_size=64)  # the command set would take two PDUs
-    QuickStoreResponses(tiny)(success, 5)  # type: ignore[arg-type]
-    assert watched.by_pynetdicom == tiny.by_pynetdicom == [(success, 5)] and not watched.sent and not tiny.sent
-
-
-def _received(request: C_STORE, context_id: int = 3) -> DIMSEMessage:
-    """``request`` as pynetdicom's DIMSE provider assembles it from the P-DATA a peer sends."""
-    sent = C_STORE_RQ()
-    sent.primitive_to_message(request)
-    message = DIMSEMessage()
-    assert [message.decode_msg(p) for p in sent.encode_msg(context_id, 16384)][-1]
-    return message
-
-
-def _parameters(primitive: C_STORE) -> dict[str, object]:
-    names = ("MessageID", "Priority", "AffectedSOPClassUID", "AffectedSOPInstanceUID",
-             "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID", "_context_id",
-             "_dataset_path", "_dataset_file")
-    values: dict[str, object] = {name: getattr(primitive, name) for name in names}
-    values["DataSet"] = primitive.DataSet.getvalue() if primitive.DataSet is not None else None
-    return values
-
-
-@pytest.mark.parametrize("sop_instance_uid", ["1.2.3.4", "1.2.3.45", "2.25." + "9" * 59])
-@pytest.mark.parametrize(("message_id", "priority", "move_originator_id"), [(1, 0, None), (0xFFFF, 2, 77)])
-def test_a_store_request_becomes_the_primitive_pynetdicom_makes(
-    sop_instance_uid: str, message_id: int, priority: int, move_originator_id: int | None
-) -> None:
-    request = _store_request()
-    request.MessageID, request.Priority = message_id, priority
-    request.AffectedSOPInstanceUID = sop_instance_uid
-    request.MoveOriginatorMessageID = move_originator_id
-    pynetdicoms = _received(request).message_to_primitive()
-    ours = store_request_primitive(_received(request))
-    assert ours is not None and type(ours) is C_STORE
-    assert _parameters(ours) == _parameters(pynetdicoms)
-    assert _parameters(ours)["AffectedSOPInstanceUID"] == sop_instance_uid
-
-
-def test_store_requests_it_cannot_read_are_left_to_pynetdicom() -> None:
-    moved = _store_request()
-    moved.MoveOriginatorApplicationEntityTitle = "PACS"
-    moved.MoveOriginatorMessageID = 5
-    assert store_request_primitive(_received(moved)) is None
-    two_values = _received(_store_request())
-    two_values.command_set.AffectedSOPClassUID = [CTImageStorage, CTImageStorage]  # not a raw element now
-    assert store_request_primitive(two_values) is None
-
-    # through the association's receive_primitive: pynetdicom's conversion for the first
-    queued: list[object] = []
-    dimse = SimpleNamespace(message=None)
-    dimse.receive_primitive = lambda pdata: queued.append(dimse.message.decode_msg(pdata) and dimse.message)
-    receive = QuickStoreRequests(dimse)
-    sent = C_STORE_RQ()
-    sent.primitive_to_message(moved)
-    for pdata in sent.encode_msg(1, 16384):
-        receive(pdata)
-    message = queued[-1]
-    assert isinstance(message, C_STORE_RQ)
-    assert message.message_to_primitive().MoveOriginatorApplicationEntityTitle == "PACS"
 
 
 def test_pynetdicom_associations_have_what_the_shortcuts_replace() -> None:

@@ -208,6 +208,14 @@ def worker(
 
         status = StatusFile(settings.data_dir, name, queues=consumed, concurrency=processes,
                             pool=pool, urgent_slots=slots).start()
+    from celery import signals
+
+    from node.celery_app import freeze_start_up_objects
+
+    # the garbage collector must not walk the start-up heap again in every job (docs/BENCHMARKS.md)
+    freeze_start_up_objects()
+    signals.worker_ready.connect(freeze_start_up_objects, weak=False)
+    signals.worker_process_init.connect(freeze_start_up_objects, weak=False)
     try:
         celery.worker_main(argv)
     finally:

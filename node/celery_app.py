@@ -211,18 +211,27 @@ def broker_server_version(celery: Celery) -> str | None:
     return version.decode() if isinstance(version, bytes) else version
 
 
+#: A worker's third collector threshold (CPython's default 10): a full collection is considered
+#: after this many collections of the middle generation. A 300-slice job runs ~15 of those: with
+#: the default, once the start-up objects were frozen, a full collection of the job's own live
+#: objects (0.08–0.13 s) landed in every job's SEG write. The worker collects after each job
+#: instead (:func:`collect_after_job`), so the cycles a job drops are freed when it ends.
+FULL_COLLECTION_EVERY = 100
+
+
 def freeze_start_up_objects(**_: object) -> int:
     """Collect once, then keep every object alive now out of the cyclic garbage collector's later
     passes (:func:`gc.freeze`); return how many objects were frozen.
 
     An inference worker holds ~0.8 million objects from its imports (torch, transformers, monai,
-    pydicom's dictionaries…). CPython runs a full collection whenever the objects that survived
-    younger collections since the last one exceed a quarter of the long-lived ones, and each
-    traversed the whole heap: 0.2–0.7 s of a 2-core machine, landing in whichever job stage was
-    running (a 300-slice CT's load or write; docs/BENCHMARKS.md, latency run 5). Frozen, the
-    start-up objects are never traversed again and a full collection walks only what the jobs
-    left. They are never freed either, which is what start-up objects are for: the modules and
-    tables a worker holds until it exits.
+    pydicom's dictionaries…). CPython runs a full collection when the objects that survived
+    younger collections since the last one exceed a quarter of the long-lived ones, and each one
+    walked the whole heap: 0.3–1.3 s on the 2-core machine, landing in whichever stage ran (in the
+    load of every third 300-slice CT; docs/BENCHMARKS.md, latency run 5). Frozen, the start-up
+    objects are never walked again, and with :data:`FULL_COLLECTION_EVERY` and
+    :func:`collect_after_job` the full collections run between jobs (2–8 ms each). The frozen
+    objects are never freed either, which is what start-up objects are for: the modules and tables
+    a worker holds until it exits.
 
     Called where a worker process has finished starting: before Celery's worker starts (so a
     prefork pool's children inherit a frozen heap and do not copy its pages by touching every
@@ -234,8 +243,19 @@ def freeze_start_up_objects(**_: object) -> int:
     started = time.perf_counter()
     gc.collect()
     gc.freeze()
+    young, middle, _default = gc.get_threshold()
+    gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
     frozen = gc.get_freeze_count()
-    log.info("start-up objects frozen: %d kept out of the cyclic garbage collector (%.2f s)",
-             frozen, time.perf_counter() - started)
+    log.info("start-up objects frozen: %d kept out of the cyclic garbage collector, a full collection "
+             "considered every %d middle-generation ones (%.2f s)", frozen, FULL_COLLECTION_EVERY,
+             time.perf_counter() - started)
     return frozen
+
+
+def collect_after_job(sender: object = None, **_: object) -> None:
+    """Run a full collection when a ``mednode.run_job`` task has finished (``task_postrun``): its
+    deliveries are already queued, and the job's objects are gone, so the collection walks little
+    (the frozen start-up objects are skipped) and no job stage waits for it."""
+    if getattr(sender, "name", None) == "mednode.run_job":
+        gc.collect()
 

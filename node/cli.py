@@ -210,12 +210,13 @@ def worker(
                             pool=pool, urgent_slots=slots).start()
     from celery import signals
 
-    from node.celery_app import freeze_start_up_objects
+    from node.celery_app import collect_after_job, freeze_start_up_objects
 
     # the garbage collector must not walk the start-up heap again in every job (docs/BENCHMARKS.md)
     freeze_start_up_objects()
     signals.worker_ready.connect(freeze_start_up_objects, weak=False)
     signals.worker_process_init.connect(freeze_start_up_objects, weak=False)
+    signals.task_postrun.connect(collect_after_job, weak=False)
     try:
         celery.worker_main(argv)
     finally:

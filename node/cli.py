@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import socket
@@ -191,12 +190,6 @@ def worker(
         import node.pipeline
 
         node.pipeline.warm_up()
-        # what is loaded by now (torch, transformers, the standard's tables: ~770,000 objects the
-        # collector tracks) lives as long as the worker: keep it out of the collector's full
-        # passes, which otherwise walked it all every few jobs, in the middle of one (0.5 s on
-        # an idle 2-core machine, 0.7 s under load, landing in whichever stage was running)
-        gc.collect()
-        gc.freeze()
     name = f"mednode-{requested.replace(',', '-')}-{os.getpid()}@{socket.gethostname()}"
     argv = [
         "worker",
@@ -215,6 +208,18 @@ def worker(
 
         status = StatusFile(settings.data_dir, name, queues=consumed, concurrency=processes,
                             pool=pool, urgent_slots=slots).start()
+    from celery import signals
+
+    from node.collector import collect_after_job, freeze_start_up_objects
+
+    # what is loaded by now (torch, transformers, the standard's tables: ~770,000 objects the
+    # collector tracks) lives as long as the worker: keep it out of the collector's full passes,
+    # which otherwise walked it all every few jobs, in the middle of one (0.3–0.7 s on 2 cores,
+    # landing in whichever stage was running; docs/BENCHMARKS.md, Latency, runs 5 and 5b)
+    freeze_start_up_objects()
+    signals.worker_ready.connect(freeze_start_up_objects, weak=False)
+    signals.worker_process_init.connect(freeze_start_up_objects, weak=False)
+    signals.task_postrun.connect(collect_after_job, weak=False)
     try:
         celery.worker_main(argv)
     finally:

@@ -43,6 +43,7 @@ def run_listener(settings: Settings) -> None:
 
     multiprocessing.current_process().name = f"listener-{os.getpid()}"  # names this process in logs
     from node import context
+    from node.collector import freeze_start_up_objects
     from node.completion import late_series_check
     from node.ingest import Ingestor
     from node.service import die_with_parent, start_listeners
@@ -54,6 +55,7 @@ def run_listener(settings: Settings) -> None:
     ctx = context.current()
     ingestor = Ingestor(ctx.store, ctx.sessions, late_series_check(settings.effective_rules))
     servers = start_listeners(settings, ingestor, reuse_port=True)
+    freeze_start_up_objects()  # full collections walked them on the associations' threads
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

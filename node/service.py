@@ -19,6 +19,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node import context
 from node.celery_app import DELIVERY_QUEUE, INFERENCE_QUEUE, URGENT_QUEUE
 from node.children import Children
+from node.collector import freeze_start_up_objects
 from node.completion import late_series_check
 from node.config import ConfigError, Settings
 from node.context import NodeContext
@@ -166,6 +167,7 @@ def serve(settings: Settings, config_path: Path | None) -> None:
         signal.signal(signum, lambda *_: stop.set())
     web_thread = threading.Thread(target=web.run, name="web", daemon=True)
     web_thread.start()
+    freeze_start_up_objects()  # full collections walked them on the associations' threads
     try:
         while not stop.wait(1.0):
             if not web_thread.is_alive():

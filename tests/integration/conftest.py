@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -47,6 +48,16 @@ class MednodeNode:
 
     def status(self) -> dict:
         return httpx.get(f"{self.web_url}/api/v1/status", timeout=10).json()
+
+    def state(self, lines: int = 80) -> str:
+        """The node's counts and the last ``lines`` of its processes' logs: what a poll that timed
+        out shows (``e2e.poll(..., on_timeout=node.state)``)."""
+        try:
+            counts = json.dumps(self.status(), sort_keys=True)
+        except (httpx.HTTPError, ValueError) as exc:
+            counts = f"no status ({exc})"
+        tail = "\n".join(self.logs().splitlines()[-lines:])
+        return f"status {counts}\nlast {lines} log lines:\n{tail}"
 
     def cli(self, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, **self.env}

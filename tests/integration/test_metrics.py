@@ -51,13 +51,14 @@ def test_worker_observations_reach_metrics(tmp_path: Path, mednode_factory: Medn
                                config=node_config(tmp_path, tiny_qwen2_vl, ["default"]),
                                extra_env={"MEDNODE_WEB_API_TOKENS": json.dumps([TOKEN])}, **services)
         study_uid = send_phantom(tmp_path, node, SMALL_CT, "ct")
-        poll(lambda: node.status()["jobs"]["delivered"] == 1, 180, what="the CT job delivered")
+        poll(lambda: node.status()["jobs"]["delivered"] == 1, 180, what="the CT job delivered",
+             on_timeout=node.state)
         with httpx.Client(base_url=node.web_url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as api:
             answer = api.post(f"/api/v1/studies/{study_uid}/ask",
                               json={"kind": "vqa", "text": "Is there a pleural effusion?", "send_to_pacs": True})
             assert answer.status_code == 202, answer.text
         counts = poll(lambda: (c := node.status())["jobs"]["delivered"] == 2 and c, 180,
-                      what="the ask delivered")
+                      what="the ask delivered", on_timeout=node.state)
         assert len(pacs.received()) == counts["deliveries"]["delivered"] == 3  # SEG, SR, answer SR
 
         # /workers (API and page) shows the worker that holds the model: its device, batch size

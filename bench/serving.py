@@ -524,7 +524,7 @@ def render(result: dict[str, Any]) -> str:
          f"{result.get('dtype', 'float32')}, built offline "
          f"(`bench/serving_model.py`; its stop tokens never win, so every report is exactly "
          f"**{result['budget']} new tokens**, greedy, on every path). Studies: a chest radiograph "
-         f"(the shared CR, 1841×1955, sent uncompressed, {IMAGE_SIZE}² input, {result['prompt_tokens']['cr']} prompt tokens) "
+         f"(the shared CR, 1841×1955, sent uncompressed, {IMAGE_SIZE}² input, {result['prompt_tokens'].get('cr', '?')} prompt tokens) "
          f"or an 85-slice CT ({result['ct_side']}² phantom, 85 slices in three HU windows, each then "
          f"`SLICE n`: {result['prompt_tokens'].get('ct', '?')} prompt tokens), one `report` each. "
          f"`mednode serve` on the embedded default (SQLite, embedded broker and worker), quiet period "

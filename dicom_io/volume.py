@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
 from typing import BinaryIO
@@ -345,6 +345,45 @@ def _release_pixel_data(ds: Dataset) -> None:
         del ds.PixelData
 
 
+def _along_normal(
+    positions: Sequence[np.ndarray], orientation: np.ndarray, name: Callable[[int], str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The slices' order along the normal of ``orientation`` (row × column cosines), their sorted
+    distances along it and the gaps between them.
+
+    Raises
+    ------
+    InconsistentSeriesError
+        If two slices share one position (``name(i)`` names slice ``i`` in the message).
+    """
+    normal = np.cross(orientation[:3], orientation[3:])
+    distances = np.asarray([float(np.dot(p, normal)) for p in positions])
+    order = np.argsort(distances, kind="stable")
+    sorted_distances = distances[order]
+    gaps = np.diff(sorted_distances)
+    if np.any(gaps < _DUPLICATE_POSITION_TOLERANCE_MM):
+        i = int(np.argmax(gaps < _DUPLICATE_POSITION_TOLERANCE_MM))
+        raise InconsistentSeriesError(
+            f"{name(int(order[i]))} and {name(int(order[i + 1]))} share one slice position "
+            f"({sorted_distances[i]:.3f} mm along the normal): duplicates, or several stacks "
+            "(echoes, phases, temporal positions) in one series; a volume has one slice a position."
+        )
+    return order, sorted_distances, gaps
+
+
+def _slice_spacing(gaps: np.ndarray, thickness: object) -> float:
+    """The median gap between slices; for one slice its thickness (1 mm when it has none)."""
+    if len(gaps) > 0:
+        return float(np.median(gaps))
+    return float(thickness) if thickness else 1.0  # type: ignore[arg-type]
+
+
+def _warn_if_uneven(volume: Volume, gaps: np.ndarray) -> None:
+    if not volume.is_uniformly_spaced:
+        logger.warning("series %s has non-uniform slice gaps %s mm; using the median %.3f mm",
+                       volume.series_instance_uid, np.round(gaps, 3).tolist(), volume.spacing_mm[0])
+
+
 def load_volume(datasets: Sequence[Dataset], *, release_pixel_data: bool = False) -> Volume:
     """Stack the images of one series into a :class:`Volume`.
 
@@ -416,24 +455,9 @@ def load_volume(datasets: Sequence[Dataset], *, release_pixel_data: bool = False
             )
         positions.append(position)
 
-    normal = np.cross(ref_orientation[:3], ref_orientation[3:])
-    distances = np.asarray([float(np.dot(p, normal)) for p in positions])
-    order = np.argsort(distances, kind="stable")
-    sorted_distances = distances[order]
-    gaps = np.diff(sorted_distances)
-    if np.any(gaps < _DUPLICATE_POSITION_TOLERANCE_MM):
-        i = int(np.argmax(gaps < _DUPLICATE_POSITION_TOLERANCE_MM))
-        raise InconsistentSeriesError(
-            f"instances {datasets[order[i]].SOPInstanceUID} and "
-            f"{datasets[order[i + 1]].SOPInstanceUID} share one slice position "
-            f"({sorted_distances[i]:.3f} mm along the normal): duplicates or several "
-            "stacks (echoes, phases) in one series."
-        )
-    if len(gaps) > 0:
-        slice_spacing = float(np.median(gaps))
-    else:
-        thickness = first.get("SliceThickness")
-        slice_spacing = float(thickness) if thickness else 1.0
+    order, sorted_distances, gaps = _along_normal(
+        positions, ref_orientation, lambda i: f"instance {datasets[i].SOPInstanceUID}")
+    slice_spacing = _slice_spacing(gaps, first.get("SliceThickness"))
 
     sorted_datasets = [datasets[i] for i in order]
     # decoded slice by slice into one preallocated volume: no list of slices beside it (that
@@ -458,13 +482,7 @@ def load_volume(datasets: Sequence[Dataset], *, release_pixel_data: bool = False
         origin_mm=tuple(float(v) for v in positions[order[0]]),  # type: ignore[arg-type]
         slice_positions_mm=tuple(float(d) for d in sorted_distances),
     )
-    if not volume.is_uniformly_spaced:
-        logger.warning(
-            "series %s has non-uniform slice gaps %s mm; using the median %.3f mm",
-            volume.series_instance_uid,
-            np.round(gaps, 3).tolist(),
-            slice_spacing,
-        )
+    _warn_if_uneven(volume, gaps)
     return volume
 
 
@@ -568,24 +586,11 @@ def _load_frames(datasets: Sequence[Dataset], *, release_pixel_data: bool) -> Vo
                 f"{frame.name(datasets)} has Pixel Spacing {frame.spacing}, "
                 f"{reference.name(datasets)} {reference.spacing}: mixed pixel spacing."
             )
-    normal = np.cross(reference.orientation[:3], reference.orientation[3:])
-    distances = np.asarray([float(np.dot(f.position, normal)) for f in frames])
-    order = np.argsort(distances, kind="stable")
-    sorted_distances = distances[order]
-    gaps = np.diff(sorted_distances)
-    if np.any(gaps < _DUPLICATE_POSITION_TOLERANCE_MM):
-        i = int(np.argmax(gaps < _DUPLICATE_POSITION_TOLERANCE_MM))
-        raise InconsistentSeriesError(
-            f"{frames[order[i]].name(datasets)} and {frames[order[i + 1]].name(datasets)} share one "
-            f"slice position ({sorted_distances[i]:.3f} mm along the normal): several echoes, "
-            "phases or temporal positions in one series; one volume has one frame a position."
-        )
-    if len(gaps) > 0:
-        slice_spacing = float(np.median(gaps))
-    else:
-        measures = functional_group(first, 0, "PixelMeasuresSequence")
-        thickness = (measures.get("SliceThickness") if measures is not None else None) or first.get("SliceThickness")
-        slice_spacing = float(thickness) if thickness else 1.0
+    order, sorted_distances, gaps = _along_normal(
+        [f.position for f in frames], reference.orientation, lambda i: frames[i].name(datasets))
+    measures = functional_group(first, 0, "PixelMeasuresSequence")
+    slice_spacing = _slice_spacing(
+        gaps, (measures.get("SliceThickness") if measures is not None else None) or first.get("SliceThickness"))
 
     sorted_frames = [frames[i] for i in order]
     # instances in the order of their first slice; each slice's (instance, 1-based frame)
@@ -634,13 +639,7 @@ def _load_frames(datasets: Sequence[Dataset], *, release_pixel_data: bool) -> Vo
         slice_positions_mm=tuple(float(d) for d in sorted_distances),
         source_frames=tuple((new_index[f.instance], f.frame_index + 1) for f in sorted_frames),
     )
-    if not volume.is_uniformly_spaced:
-        logger.warning(
-            "series %s has non-uniform slice gaps %s mm; using the median %.3f mm",
-            volume.series_instance_uid,
-            np.round(gaps, 3).tolist(),
-            slice_spacing,
-        )
+    _warn_if_uneven(volume, gaps)
     logger.info("series %s: %d frame(s) of %d multi-frame instance(s) form a volume",
                 volume.series_instance_uid, decoded, len(datasets))
     return volume

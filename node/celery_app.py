@@ -16,7 +16,6 @@ job never waits on, or fails at, a worker without its model.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 
 from celery import Celery
@@ -39,7 +38,6 @@ URGENT_SUFFIX = ".urgent"
 LONGEST_JOB_S = 6 * 3600
 
 app = Celery("mednode", include=["node.tasks"])
-log = logging.getLogger(__name__)
 
 
 def inference_queue(priority: int, models: Iterable[str] = ()) -> str:
@@ -207,4 +205,3 @@ def broker_server_version(celery: Celery) -> str | None:
         return None
     version = properties.get("version")
     return version.decode() if isinstance(version, bytes) else version
-

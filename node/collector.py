@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 FULL_COLLECTION_EVERY = 100
 
 
-def freeze_start_up_objects(**_: object) -> int:
+def freeze_start_up_objects(full_collection_every: int | None = FULL_COLLECTION_EVERY, **_: object) -> int:
     """Collect once, then keep every object alive now out of the cyclic garbage collector's later
     passes (:func:`gc.freeze`); return how many objects were frozen.
 
@@ -35,9 +35,14 @@ def freeze_start_up_objects(**_: object) -> int:
     walked the whole heap: 0.3–1.3 s on the 2-core machine, landing in whichever stage ran (in the
     load of every third 300-slice CT; docs/BENCHMARKS.md, latency run 5). Frozen, the start-up
     objects are never walked again, and with :data:`FULL_COLLECTION_EVERY` and
-    :func:`collect_after_job` the full collections run between jobs (2–8 ms each). The frozen
-    objects are never freed either, which is what start-up objects are for: the modules and tables
-    a worker holds until it exits.
+    :func:`collect_after_job` the full collections run between jobs (2–8 ms each). Reference
+    cycles among the frozen objects are never collected (reference counting still frees the
+    rest), which is what start-up objects are for: the modules and tables a worker holds until it
+    exits.
+
+    ``full_collection_every``: the third collector threshold to set (None keeps CPython's). A
+    process that does not collect after each job of its own — ``serve`` and ``listen`` — keeps
+    CPython's, so the garbage cycles of its associations are not left ten times longer.
 
     ``mednode serve`` and ``mednode listen`` call it once their listeners and web server are
     started. A worker calls it where it has finished starting: before Celery's worker starts (so a
@@ -50,11 +55,13 @@ def freeze_start_up_objects(**_: object) -> int:
     started = time.perf_counter()
     gc.collect()
     gc.freeze()
-    young, middle, _default = gc.get_threshold()
-    gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
+    young, middle, every = gc.get_threshold()
+    if full_collection_every is not None:
+        every = full_collection_every
+        gc.set_threshold(young, middle, every)
     frozen = gc.get_freeze_count()
     log.info("start-up objects frozen: %d kept out of the cyclic garbage collector, a full collection "
-             "considered every %d middle-generation ones (%.2f s)", frozen, FULL_COLLECTION_EVERY,
+             "considered every %d middle-generation ones (%.2f s)", frozen, every,
              time.perf_counter() - started)
     return frozen
 

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_io.errors import InvalidInstanceError
 from dicom_io.header import InstanceHeader, Part10Prefixes, ReadInstance, read_part10, read_received
 from node import metrics
+from storage.db import make_engine
 from storage.index import (
     IndexOutcome,
     LateSeriesCheck,
@@ -31,6 +33,8 @@ from storage.index import (
 from storage.store import InstanceStore, PendingInstance, StoredFile
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 class RequestMismatchError(ValueError):
@@ -48,7 +52,8 @@ class IngestResult:
 def _unpinged_autocommit(bind: Engine) -> Engine:
     """An engine like ``bind`` whose connections commit each statement and are not pinged when
     taken from its pool (its own pool: ``bind``'s pings at every checkout)."""
-    return create_engine(bind.url, isolation_level="AUTOCOMMIT", pool_pre_ping=False)
+    return make_engine(bind.url.render_as_string(hide_password=False), isolation_level="AUTOCOMMIT",
+                       pool_pre_ping=False)
 
 
 class Ingestor:
@@ -216,28 +221,41 @@ class Ingestor:
         is safe even if the first run committed before the connection was lost: the row is
         there, the statement inserts nothing, and the full path finds the instance unchanged.
         """
+        try:
+            indexed = self._at_once_statement(
+                lambda connection: index_new_instance(connection, header, pending.stored,
+                                                      calling_ae_title=calling_ae_title,
+                                                      called_ae_title=called_ae_title),
+                f"{header.sop_instance_uid} indexed")
+        except DBAPIError as exc:
+            if exc.connection_invalidated:  # the row may have committed: keep the file once synced
+                self._finish_or_unindex(pending, header)  # a re-send or the reconciliation settles it
+            raise
+        if indexed:
+            self._finish_or_unindex(pending, header)
+        return indexed
+
+    def _finish_or_unindex(self, pending: PendingInstance, header: InstanceHeader) -> None:
+        """Wait for the file's sync; if it fails, take out the row that may name the file."""
+        try:
+            pending.finish()
+        except Exception:
+            self._unindex(header, pending.stored)
+            raise
+
+    def _at_once_statement(self, statement: Callable[[Connection], _T], what: str) -> _T:
+        """``statement`` on a connection of the unpinged autocommit pool, run once more on a new
+        connection if the server had dropped the first (:meth:`_index_at_once`)."""
         assert self._at_once is not None
         for attempt in range(2):
             try:
                 with self._at_once.connect() as connection:
-                    indexed = index_new_instance(connection, header, pending.stored, calling_ae_title=calling_ae_title,
-                                                 called_ae_title=called_ae_title)
-                break
+                    return statement(connection)
             except DBAPIError as exc:
-                if not exc.connection_invalidated:
+                if not exc.connection_invalidated or attempt:
                     raise
-                if attempt:
-                    pending.finish()  # a re-send or the start-up reconciliation settles the row
-                    raise
-                log.info("index connection lost (%s); %s indexed on a new one", type(exc.orig).__name__,
-                         header.sop_instance_uid)
-        if indexed:
-            try:
-                pending.finish()
-            except Exception:
-                self._unindex(header, pending.stored)
-                raise
-        return indexed
+                log.info("index connection lost (%s); %s on a new one", type(exc.orig).__name__, what)
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     def _unindex(self, header: InstanceHeader, stored: StoredFile) -> None:
         """Delete the row just committed for a file whose sync then failed, before the failure is
@@ -250,10 +268,10 @@ class Ingestor:
         path: the re-send is unchanged) or the start-up reconciliation removes it
         (:func:`storage.reconcile.remove_lost_instances`).
         """
-        assert self._at_once is not None
         try:
-            with self._at_once.connect() as connection:
-                unindex_instance(connection, header.sop_instance_uid, stored.relative_path)
+            self._at_once_statement(
+                lambda connection: unindex_instance(connection, header.sop_instance_uid, stored.relative_path),
+                f"the row of {header.sop_instance_uid} removed")
         except Exception:
             log.exception("could not remove the index row of %s after its file's sync failed; a re-send or "
                           "the start-up reconciliation removes it", header.sop_instance_uid)

@@ -26,7 +26,7 @@ from dicom_io.errors import DicomIOError
 from dicom_io.measurement_report import StructureMeasurement, build_volume_report
 from dicom_io.rejection_note import build_rejection_note
 from dicom_io.seg import build_segmentation
-from dicom_io.slice_stack import number_of_frames
+from dicom_io.slice_stack import frame_plane, number_of_frames
 from dicom_io.source_header import conform_copied_attributes
 from dicom_io.sr_common import InstanceReference, versioned_description
 from dicom_io.uids import derived_uid
@@ -109,6 +109,24 @@ def warm_up() -> None:
 
 
 # -- stages ---------------------------------------------------------------------------------------
+def _one_frame_a_position(headers: list[Dataset]) -> bool:
+    """Whether the frames of enhanced instances each have a position of their own (to 0.01 mm);
+    True for single-frame instances, whose duplicates :func:`dicom_io.volume.load_volume` reports."""
+    if number_of_frames(headers[0]) == 1 and "PerFrameFunctionalGroupsSequence" not in headers[0]:
+        return True
+    seen: set[tuple[float, ...]] = set()
+    for header in headers:
+        for index in range(number_of_frames(header)):
+            _, position = frame_plane(header, index)
+            if position is None:
+                continue
+            key = tuple(round(v, 2) for v in position)
+            if key in seen:
+                return False
+            seen.add(key)
+    return True
+
+
 def select_series(store: InstanceStore, job: jobs.ClaimedJob, modalities: tuple[str, ...]) -> tuple[str, int]:
     """The largest (most frames) of the job's series of one of ``modalities``, single-frame or
     enhanced (multi-frame) alike, and its pixels' bytes in int16: Rows × Columns × Number of
@@ -132,7 +150,9 @@ def select_series(store: InstanceStore, job: jobs.ClaimedJob, modalities: tuple[
         frames = [number_of_frames(h) for h in headers]
         pixel_bytes = sum(int(h.get("Rows", 0) or 0) * int(h.get("Columns", 0) or 0) * n * 2
                           for h, n in zip(headers, frames, strict=True))
-        candidates.append((sum(frames), series_uid, pixel_bytes))
+        # an enhanced series with several frames at one position (4D: phases, diffusion
+        # directions, echoes) is no volume load_volume can build: any other series goes first
+        candidates.append((_one_frame_a_position(headers), sum(frames), series_uid, pixel_bytes))
     if not candidates:
         raise InvalidInputError(f"the study has no {'/'.join(modalities)} series for this rule")
     *_, series_uid, pixel_bytes = max(candidates)

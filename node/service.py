@@ -167,7 +167,8 @@ def serve(settings: Settings, config_path: Path | None) -> None:
         signal.signal(signum, lambda *_: stop.set())
     web_thread = threading.Thread(target=web.run, name="web", daemon=True)
     web_thread.start()
-    freeze_start_up_objects()  # full collections walked them on the associations' threads
+    # full collections walked them on the associations' threads (0.1–0.5 s each)
+    freeze_start_up_objects(full_collection_every=None)
     try:
         while not stop.wait(1.0):
             if not web_thread.is_alive():

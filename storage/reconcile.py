@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from datetime import timedelta
 
 from sqlalchemy import delete, func, select
@@ -53,7 +54,12 @@ def _delete_rows_naming(sessions: sessionmaker[Session], relative: str, instance
 
 def _settle(store: InstanceStore, sessions: sessionmaker[Session], unconfirmed: UnconfirmedInstance) -> int:
     """Keep an unconfirmed file that is whole; else remove it and the rows naming it. Return the
-    rows removed."""
+    rows removed.
+
+    A file whose name is lost but whose partial name holds its whole bytes gets its name back
+    (the sync may have returned, and Success been answered, with the new name not yet durable):
+    only bytes that are not whole, under either name, cost the row.
+    """
     relative, removed = unconfirmed.relative_path, 0
     if unconfirmed.state == "written":
         if not store.name_matches_content(relative, store.read(relative)):
@@ -62,10 +68,17 @@ def _settle(store: InstanceStore, sessions: sessionmaker[Session], unconfirmed: 
             removed = _delete_rows_naming(sessions, relative)
             store.delete(relative)
     elif unconfirmed.state == "missing":
-        removed = _delete_rows_naming(sessions, relative)
-        if removed:
-            log.warning("removed the index row of %s: a power loss lost the file before its sync returned "
-                        "(never acknowledged)", relative)
+        if store.name_matches_content(relative, unconfirmed.marker.read_bytes()):
+            try:
+                os.link(unconfirmed.marker, store.absolute(relative))
+                log.warning("restored the name of %s from its partial name (a power loss lost the name)", relative)
+            except FileExistsError:
+                pass  # written again meanwhile: that file is whole and its own
+        else:
+            removed = _delete_rows_naming(sessions, relative)
+            if removed:
+                log.warning("removed the index row of %s: a power loss lost the file before its sync "
+                            "returned (never acknowledged)", relative)
     unconfirmed.marker.unlink(missing_ok=True)
     return removed
 
@@ -85,16 +98,23 @@ def remove_lost_instances(store: InstanceStore, sessions: sessionmaker[Session])
     - rows received up to :data:`MARGIN` before the newest whose file does not exist go: a row
       is committed only once its file has its name, on every host sharing the store, and a
       file is removed only after its row, so only a power loss leaves a row without a file (the
-      file's name and partial name both lost, so nothing marks it). Rows of other hosts are
-      safe: the delete names the path it found missing, so a row pointed at new bytes meanwhile
-      stays. A row whose series directory is missing too stays: that is a store not mounted or
-      not the one the index was written against, not a power loss (new directories are synced
-      before their first file is written).
+      file's name and partial name both lost, so nothing marks it). It runs only where the
+      store is on a local file system (:meth:`~storage.store.InstanceStore.on_network_filesystem`):
+      on a network one other hosts' newest files may not be visible here yet, and its server
+      commits a new name before it answers anyway. The delete names the path it found missing,
+      so a row pointed at new bytes meanwhile stays. A row whose series directory is missing
+      too stays: that is a store not mounted or not the one the index was written against, not
+      a power loss (new directories are synced before their first file is written).
 
     Run it before :meth:`~storage.store.InstanceStore.remove_partials`, which would remove the
     marks, and before :func:`reindex_orphans`.
     """
     removed = sum(_settle(store, sessions, unconfirmed) for unconfirmed in store.unconfirmed_instances())
+    if store.on_network_filesystem():
+        # other hosts write there, and this host may not see their newest files yet (a cached
+        # lookup): a missing file is no proof of a power loss here. An NFS server commits a new
+        # name before it answers, so a file cannot lose both names on it anyway.
+        return removed
     with sessions() as session:
         newest = session.scalar(select(func.max(Instance.received_at)))
         if newest is None:

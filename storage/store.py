@@ -163,6 +163,28 @@ class UnconfirmedInstance:
     state: Literal["written", "missing", "another"]
 
 
+#: File systems that other hosts may write through (the store shared over a network)
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "fuse.glusterfs", "fuse.sshfs",
+    "fuse.cephfs", "9p", "lustre", "beegfs", "gpfs", "afs", "ocfs2", "gfs2",
+})
+
+
+def mount_type(path: Path, mounts: str) -> str | None:
+    """The file system type of the mount holding ``path`` (absolute, resolved), from the text of
+    ``/proc/mounts``; None when no mount holds it."""
+    best, kind = -1, None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = path == Path(point) or Path(point) in path.parents
+        if inside and len(point) > best:
+            best, kind = len(point), fields[2]
+    return kind
+
+
 def _process_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -352,6 +374,15 @@ class InstanceStore:
         name = PARTIAL_SEPARATOR.join((target.name, self.host, str(os.getpid()), uuid.uuid4().hex[:12]))
         return target.parent / f".{name}{PARTIAL_SUFFIX}"
 
+    def on_network_filesystem(self) -> bool:
+        """Whether the store is on a file system other hosts may share (NFS, CIFS, CephFS…), as
+        far as ``/proc/mounts`` tells; False where it cannot be read."""
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return False
+        return mount_type(self.root.resolve(), mounts) in NETWORK_FILESYSTEMS
+
     # -- writing ----------------------------------------------------------------------------
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -424,12 +455,15 @@ class InstanceStore:
         host and process (:meth:`partial_path`), which is then hard-linked to the file's name
         — only if no file has that name: the same bytes written at once by another association,
         process or host are taken as they are, never overwritten, never removed. The
-        ``fdatasync`` of the file follows; on journaling filesystems (ext4, XFS) it also
-        commits the new directory entries, so no directory sync is needed. The partial name is
-        unlinked only once that sync returned: until then it marks a file that a power loss may
-        lose or tear although a row names it already (a caller may commit the row while the
-        sync runs, :attr:`PendingInstance.syncing_in_background`; the start-up reconciliation
-        reads the marks, :meth:`unconfirmed_instances`). An identical re-send
+        ``fdatasync`` of the file follows. On ext4 and XFS it commits the journal up to the
+        file's last data change: the partial name, created before the data, is then durable;
+        the file's own name may not be yet (its link can come after writeback allocated the
+        blocks). The partial name is unlinked only once that sync returned, and a journal
+        commits in order, so after a power loss the file's bytes keep at least one of the two
+        names. Until then the partial name marks a file that a power loss may lose or tear
+        although a row names it already (a caller may commit the row while the sync runs,
+        :attr:`PendingInstance.syncing_in_background`); the start-up reconciliation reads the
+        marks (:meth:`unconfirmed_instances`) and gives a whole file its lost name back. An identical re-send
         finds the file and writes nothing. A file under its own name is whole: one of the wrong
         size is what a power loss left, and is replaced; one of the right size whose content a
         power loss tore is removed at start by :func:`storage.reconcile.reindex_orphans` (it was

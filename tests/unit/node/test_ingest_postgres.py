@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -145,15 +146,17 @@ def test_a_connection_lost_during_the_statement_keeps_the_synced_file_for_a_rese
     assert len(_files(store)) == 2
 
 
-def _sync_failing_after_the_commit(ingestor: Ingestor, monkeypatch: pytest.MonkeyPatch, error: int) -> None:
+def _sync_failing_after_the_commit(ingestor: Ingestor, monkeypatch: pytest.MonkeyPatch, error: int,
+                                   then: Callable[[], object] = lambda: None) -> None:
     """The next file's sync fails, once the statement indexing it has committed (autocommit, on
-    the one statement's own pool)."""
+    the one statement's own pool), after ``then()``."""
     committed = threading.Event()
     assert ingestor._at_once is not None
     event.listen(ingestor._at_once, "after_cursor_execute", lambda *_args: committed.set())
 
     def failing(_fd: int) -> None:
         assert committed.wait(timeout=5), "the statement did not run while the file synced"
+        then()
         raise OSError(error, os.strerror(error))
 
     monkeypatch.setattr(store_module, "_sync_data", failing)
@@ -179,6 +182,30 @@ def test_a_sync_that_fails_after_the_row_committed_takes_the_row_back_out(
     assert len(_files(store)) == 1 and not list(store.root.rglob("*.partial"))
     assert _ingest(ingestor, 2) is IndexOutcome.NEW  # the peer's re-send
     assert _rows(pg_sessions) == [1, 2]
+
+
+def _drop_other_connections(engine: Engine) -> None:
+    """What a database restart does to every pooled connection."""
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+
+
+def test_the_row_is_taken_back_out_on_a_new_connection_when_the_server_dropped_the_pooled_one(
+    postgres_engine: Engine, pg_sessions: sessionmaker[Session], store: InstanceStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ingestor = Ingestor(store, pg_sessions)
+    try:
+        _ingest(ingestor, 1)
+        with monkeypatch.context() as patch:
+            _sync_failing_after_the_commit(ingestor, patch, errno.EIO,
+                                           then=lambda: _drop_other_connections(postgres_engine))
+            with pytest.raises(OSError):
+                _ingest(ingestor, 2)
+        assert _rows(pg_sessions) == [1]  # the delete failed once on the dropped connection, then ran
+        assert len(_files(store)) == 1 and not list(store.root.rglob("*.partial"))
+    finally:
+        ingestor.close()
 
 
 def test_a_row_that_cannot_be_taken_back_is_mended_by_the_resend(

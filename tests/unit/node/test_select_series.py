@@ -6,6 +6,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from pydicom import dcmread
+
 from node.jobs import ClaimedJob
 from node.pipeline import select_series
 from storage.store import InstanceStore
@@ -51,3 +53,24 @@ def test_a_classic_series_with_more_frames_wins_over_an_enhanced_one(tmp_path: P
     job = _job(store, shared_dicom, {"enhanced": [LEGACY_ENHANCED_CT], "classic": head})
     # 4 single-frame 16 × 16 slices against one instance of 3 frames: the frames decide, not the bytes
     assert select_series(store, job, ("CT",)) == ("classic", 4 * 16 * 16 * 2)
+
+
+def test_an_enhanced_series_with_frames_at_one_position_goes_after_one_that_forms_a_volume(
+    tmp_path: Path, shared_dicom: Path
+) -> None:
+    """A 4D enhanced series (phases, diffusion directions: several frames a position) is no volume
+    for load_volume: a smaller series that is one goes first, and the 4D one only when alone."""
+    store = InstanceStore(tmp_path / "store")
+    four_d = tmp_path / "4d.dcm"
+    ds = dcmread(shared_dicom / LEGACY_ENHANCED_CT)
+    first = ds.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0].ImagePositionPatient
+    for item in ds.PerFrameFunctionalGroupsSequence:  # every frame at the first frame's position
+        item.PlanePositionSequence[0].ImagePositionPatient = list(first)
+    ds.save_as(four_d)
+    head = sorted(str(p.relative_to(shared_dicom)) for p in (shared_dicom / "ct/pydicom_head_ct2").glob("*.dcm"))[:2]
+    job = _job(store, tmp_path, {"4d": ["4d.dcm"]})
+    assert select_series(store, job, ("CT",)) == ("4d", 38 * 24 * 3 * 2)  # alone: load_volume says why
+    both = _job(store, shared_dicom, {"classic": head})
+    both.instance_paths.update(job.instance_paths)
+    # 2 classic frames against 3 frames at one position: the classic series forms a volume
+    assert select_series(store, both, ("CT",)) == ("classic", 2 * 16 * 16 * 2)

@@ -166,14 +166,20 @@ def test_rows_of_files_a_power_loss_lost_or_tore_are_removed(store: InstanceStor
     store.absolute(torn).write_bytes(data[:-16] + bytes(16))  # the right size, the end never written
     name_lost = _received(store, sessions, _instance(4), indexed=True)
     _unconfirmed(store, name_lost)
-    store.absolute(name_lost).unlink()  # the file's name lost, its partial name kept
+    store.absolute(name_lost).unlink()  # the file's name lost, its partial name kept, whole
+    name_lost_torn = _received(store, sessions, _instance(6), indexed=True)
+    torn_marker = _unconfirmed(store, name_lost_torn)
+    store.absolute(name_lost_torn).unlink()  # the name lost, and the bytes under the partial name torn
+    torn_marker.write_bytes(torn_marker.read_bytes()[:-16] + bytes(16))
     all_lost = _received(store, sessions, _instance(5), indexed=True)
     store.absolute(all_lost).unlink()  # both names lost: nothing marks it
 
     assert remove_lost_instances(store, sessions) == 3
 
-    assert _paths(sessions) == sorted([acknowledged, whole])
+    assert _paths(sessions) == sorted([acknowledged, whole, name_lost])
     assert store.read(whole) and not store.absolute(torn).exists()
+    assert store.name_matches_content(name_lost, store.read(name_lost))  # its name given back
+    assert not store.absolute(name_lost_torn).exists()
     assert not whole_marker.exists() and list(store.root.rglob("*.partial")) == []
     assert remove_lost_instances(store, sessions) == 0  # idempotent
     assert reindex_orphans(store, sessions) == 0

@@ -22,9 +22,11 @@ from storage import store as store_module
 from storage.errors import InvalidUIDError, StorageError, StorageFullError
 from storage.store import (
     LEGACY_PARTIAL_AGE_S,
+    NETWORK_FILESYSTEMS,
     PARTIAL_SUFFIX,
     InstanceStore,
     check_uid,
+    mount_type,
     partial_writer,
 )
 
@@ -544,3 +546,15 @@ def test_unconfirmed_instances_lists_only_this_hosts_dead_writers_marks(tmp_path
         (base + "1.2.3.5.0123456789abcdef.dcm", missing, "missing"),
         (base + "1.2.3.6.0123456789abcdef.dcm", other, "another"),
     }
+
+
+def test_the_mount_holding_a_path_names_its_file_system_type() -> None:
+    mounts = ("/dev/vda1 / ext4 rw,relatime 0 0\n"
+              "server:/export /srv/store nfs4 rw,relatime,vers=4.2 0 0\n"
+              "tmpfs /srv/store/tmp\\040dir tmpfs rw 0 0\n")
+    assert mount_type(Path("/srv/store/1.2.3/4.dcm"), mounts) == "nfs4"
+    assert mount_type(Path("/srv/store"), mounts) == "nfs4"
+    assert mount_type(Path("/srv/storeroom/x"), mounts) == "ext4"  # a prefix of the name is no parent
+    assert mount_type(Path("/srv/store/tmp dir/x"), mounts) == "tmpfs"
+    assert mount_type(Path("/var/lib/mednode"), mounts) == "ext4"
+    assert "nfs4" in NETWORK_FILESYSTEMS and "ext4" not in NETWORK_FILESYSTEMS

@@ -20,6 +20,7 @@ from pathlib import Path
 from node import multiprocess_metrics
 from node.children import PARENT_PID_ENV, Children
 from node.config import Settings
+from node.stacks import dump_stacks_on_sigusr1
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ def run_listener(settings: Settings) -> None:
 
     The index is migrated and the store repaired by ``serve`` before it starts this process.
     """
+    dump_stacks_on_sigusr1()
     multiprocess_metrics.enable(settings.data_dir, clean=False)  # before any metric is created
     import multiprocessing
 

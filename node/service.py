@@ -28,6 +28,7 @@ from node.listener import start_listener
 from node.listener_pool import ListenerPool
 from node.peer_policy import ListenerSecurity
 from node.scheduler import Scheduler
+from node.stacks import dump_stacks_on_sigusr1
 from storage.db import upgrade
 from storage.reconcile import reindex_orphans, remove_lost_instances
 
@@ -125,6 +126,7 @@ def serve(settings: Settings, config_path: Path | None) -> None:
     from node.tls import check_destination_tls
     from node.web.app import create_app
 
+    dump_stacks_on_sigusr1()
     try:
         security = ListenerSecurity.from_settings(settings)
         check_destination_tls(settings)  # outbound DICOM TLS files, before anything starts

@@ -5,7 +5,9 @@ series and patient have one row each."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -65,3 +67,20 @@ def test_parallel_associations_over_several_listener_processes(
     assert counts == [1, 1, ASSOCIATIONS // 2, ASSOCIATIONS * PER_ASSOCIATION]
     accepted_by = set(re.findall(r"INFO +(\S+) node\.listener: association accepted", node.logs()))
     assert len(accepted_by) >= 2, accepted_by  # the kernel spread the associations over processes
+
+    # an admin asks every listener process for its threads' stacks (node.stacks): each writes
+    # them to its log and goes on listening (SIGUSR1's default action would end it)
+    pids = _listening_pids(node.dicom_port)
+    for pid in pids:  # one at a time: dumps written at once interleave in the shared log
+        dumps = node.logs().count("Current thread")
+        os.kill(pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 30
+        while node.logs().count("Current thread") == dumps:
+            assert time.monotonic() < deadline, node.state()
+            time.sleep(0.1)
+        time.sleep(0.3)  # the dump's other threads
+    assert node.logs().count("in serve_forever") >= len(pids), node.state()
+    assert "most recent call first" in node.logs()
+    time.sleep(0.5)
+    assert _listening_pids(node.dicom_port) == pids
+    assert storescu(LOOPBACK, node.dicom_port, [batches[0] / "0.dcm"], aet="MOD0").all_ok

@@ -83,6 +83,15 @@ def _settle(store: InstanceStore, sessions: sessionmaker[Session], unconfirmed: 
     return removed
 
 
+def _being_written(store: InstanceStore, relative: str) -> bool:
+    """Whether a writer still holds the file: linked to its partial name too, or gone (removed by
+    that writer since the store was listed)."""
+    try:
+        return store.absolute(relative).stat().st_nlink > 1
+    except FileNotFoundError:
+        return True
+
+
 def remove_lost_instances(store: InstanceStore, sessions: sessionmaker[Session]) -> int:
     """Delete the index rows whose instance files a power loss lost or tore; return how many.
 
@@ -141,6 +150,13 @@ def reindex_orphans(
 ) -> int:
     """Index every instance file without a row; return how many were indexed.
 
+    A file still linked to a partial name (more than one link) is left alone: run after
+    :func:`remove_lost_instances` and :meth:`~storage.store.InstanceStore.remove_partials`, which
+    settle this host's marks, such a name is another host's (or a live process's) whose sync has
+    not returned — that writer is storing the instance now, may yet refuse it and remove the
+    file, and settles it itself (on a shared store, start-up repair touches only what its own
+    host left).
+
     ``late_series_check`` is the listener's (:func:`storage.index.index_instance`): a late series
     found here reopens its complete study only if a rule would run on it, as it would have had
     it been indexed when it arrived.
@@ -155,7 +171,7 @@ def reindex_orphans(
         known = set(session.scalars(select(Instance.path).where(Instance.path.in_(candidates))))
     repaired = 0
     for relative in candidates:
-        if relative in known:
+        if relative in known or _being_written(store, relative):
             continue
         data = store.read(relative)
         if not store.name_matches_content(relative, data):

@@ -193,7 +193,7 @@ def test_enhanced_ct_gets_the_seg_and_sr_of_its_classic_series(tmp_path, orthanc
         classic, series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(), instance_number=1)
     path = tmp_path / "enhanced.dcm"
     enhanced.save_as(path, enforce_file_format=True)
-    orthanc, node = _orthanc_with_node(orthanc_factory, mednode_factory)
+    orthanc, _node = _orthanc_with_node(orthanc_factory, mednode_factory)
 
     _push_from_orthanc(orthanc, [path])  # dcmtk's storescu proposes no Legacy Converted Enhanced CT
     returned = wait_for_results(orthanc, enhanced.StudyInstanceUID)

@@ -143,6 +143,28 @@ def test_another_hosts_writes_in_progress_are_neither_indexed_nor_removed(store:
     assert _paths(sessions) == [indexed]
 
 
+def test_another_hosts_file_whose_sync_it_has_not_seen_return_is_left_to_it(store: InstanceStore, sessions) -> None:
+    """A whole file under its own name, still linked to another host's partial name: that host
+    is storing it (its sync runs, its row is not in, it may yet refuse the instance and remove
+    the file). This host's start-up leaves it alone; once the writer unlinks its mark, the file is
+    an orphan like any other."""
+    indexed = _received(store, sessions, _instance(1), indexed=True)
+    theirs = _received(store, sessions, _instance(2), indexed=False)
+    other_host = InstanceStore(store.root, host="listener-b.example.org")
+    mark = other_host.partial_path(store.absolute(theirs))
+    os.link(store.absolute(theirs), mark)
+
+    assert remove_lost_instances(store, sessions) == 0
+    assert store.remove_partials() == 0
+    assert reindex_orphans(store, sessions) == 0
+    assert _paths(sessions) == [indexed]
+    assert mark.exists() and store.absolute(theirs).exists()
+
+    mark.unlink()  # its sync returned and the writer went away before its row: an orphan now
+    assert reindex_orphans(store, sessions) == 1
+    assert _paths(sessions) == sorted([indexed, theirs])
+
+
 def _unconfirmed(store: InstanceStore, relative: str) -> Path:
     """What a crash before the file's sync returned leaves: its partial name, still linked to it
     (storage.store.InstanceStore.begin_instance), naming this host and this process id (a

@@ -578,6 +578,10 @@ class Settings(BaseSettings):
     web_trusted_proxies: list[str] = Field(default_factory=list)
     #: largest STOW-RS request body accepted (HTTP 413 beyond); a request is held in memory whole
     stow_max_request_mb: int = Field(default=1024, ge=1)
+    #: the URL clients reach the web server at (``https://node.example.org``), for the URLs the node
+    #: writes into DICOMweb answers (STOW-RS RetrieveURL, WADO-RS BulkDataURI); unset, each answer
+    #: takes its request's Host header, which some clients send without the port
+    web_public_url: str | None = None
 
     #: the YAML file of this settings class (set by :func:`load_settings`)
     yaml_path: ClassVar[Path | None] = None
@@ -639,6 +643,19 @@ class Settings(BaseSettings):
                 "or a server (models.vlm.server and models.vlm.model)"
             )
         return self
+
+    @field_validator("web_public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+            raise ValueError(f"web_public_url: {value!r} is not an http(s) URL of the node's web server "
+                             "(e.g. https://mednode.example.org or http://10.0.0.5:8080)")
+        return value.rstrip("/")
 
     @field_validator("web_trusted_proxies")
     @classmethod

@@ -1,4 +1,5 @@
-"""``/dicom-web``: STOW-RS in (:mod:`node.web.stow`) and QIDO-RS (:mod:`node.web.qido`), PS3.18.
+"""``/dicom-web``: STOW-RS in (:mod:`node.web.stow`), QIDO-RS (:mod:`node.web.qido`) and WADO-RS
+(:mod:`node.web.wado`) out, PS3.18.
 
 Who may call (:mod:`node.web.access`, :mod:`node.web.auth`):
 
@@ -9,27 +10,33 @@ Who may call (:mod:`node.web.access`, :mod:`node.web.auth`):
 - **QIDO-RS** answers carry study dates and descriptions: they need what patient-derived views
   need (401 otherwise); the patient's identity (name, ID, birth date, sex, accession number) is
   returned, and may be matched on, only for a logged-in caller.
+- **WADO-RS** sends whole objects, the patient's identity with them: a login, always (401
+  otherwise), as other DICOM downloads.
 
 Each STOW-RS request leaves one ``stored`` audit row per study, each QIDO-RS answer with rows a
-``viewed`` row (grouped as other views are) — by UIDs and counts, never values.
+``viewed`` row (grouped as other views are), each WADO-RS request a ``downloaded`` row — by UIDs
+and counts, never values.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydicom import Dataset, dcmread
 from starlette.concurrency import run_in_threadpool
 
 from node import audit
 from node.completion import late_series_check
+from node.config import Settings
 from node.ingest import Ingestor
-from node.web import qido, stow
-from node.web.access import Access, AccessDep, PatientDataDep
+from node.web import qido, stow, wado
+from node.web.access import Access, AccessDep, IdentityDep, PatientDataDep
 from node.web.auth import require_admin
 from node.web.deps import ContextDep, SettingsDep
 
@@ -56,6 +63,12 @@ async def require_writer(request: Request, access: AccessDep) -> Access:
 
 
 WriterDep = Annotated[Access, Depends(require_writer)]
+
+
+def _base_url(request: Request, settings: Settings) -> str:
+    """The ``/dicom-web`` URL the node writes into answers: ``web_public_url``'s, else the request's."""
+    root = settings.web_public_url or str(request.base_url).rstrip("/")
+    return f"{root}{router.prefix}"
 
 
 def _ingestor(request: Request, ctx: ContextDep, settings: SettingsDep) -> Ingestor:
@@ -110,7 +123,9 @@ async def _stow(request: Request, ctx: ContextDep, settings: SettingsDep, access
         audit.record(ctx.sessions, access.actor, audit.STORED, study_uid,
                      f"{access.channel}: STOW-RS, {refused} instance(s) refused")
     log.info("STOW-RS: %d instance(s) stored, %d refused", sum(stored.values()), refused)
-    code, response = stow.stow_response(entries)  # no Retrieve URL: mednode serves no WADO-RS
+    # the study's WADO-RS URL, where the request stored into one study
+    retrieve = f"{_base_url(request, settings)}/studies/{next(iter(stored))}" if len(stored) == 1 else None
+    code, response = stow.stow_response(entries, retrieve)
     return _dicom_json(response.to_json_dict(), code)
 
 
@@ -198,3 +213,150 @@ def search_series_instances(request: Request, ctx: ContextDep, access: PatientDa
                             series_uid: str) -> Response:
     """QIDO-RS: the instances of one series."""
     return _qido(request, ctx, access, "instance", study_uid, series_uid)
+
+
+# -- WADO-RS --------------------------------------------------------------------------------------
+def _wado_error(exc: Exception) -> HTTPException:
+    if isinstance(exc, wado.NotAcceptableError):
+        return HTTPException(status.HTTP_406_NOT_ACCEPTABLE, str(exc))
+    if isinstance(exc, wado.WadoRequestError):
+        return HTTPException(status.HTTP_400_BAD_REQUEST, str(exc))
+    return HTTPException(status.HTTP_404_NOT_FOUND, str(exc))
+
+
+def _located(ctx: ContextDep, study_uid: str, series_uid: str | None = None,
+             sop_uid: str | None = None) -> list[tuple[wado.Located, Path]]:
+    """The stored objects a retrieve request names, with their files: 400 for a path that holds
+    no UID, 404 when none is held, 410 when one's file has left the store."""
+    try:
+        for uid in (study_uid, series_uid, sop_uid):
+            if uid is not None:
+                wado.uid_in_path(uid)
+    except wado.WadoRequestError as exc:
+        raise _wado_error(exc) from None
+    with ctx.sessions() as session:
+        found = wado.locate(session, study_uid, series_uid, sop_uid)
+    if not found:
+        what = " ".join(f"{name} {uid}" for name, uid in
+                        (("study", study_uid), ("series", series_uid), ("instance", sop_uid)) if uid)
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no {what} is stored on this node")
+    files = [(located, ctx.store.absolute(located.path)) for located in found]
+    gone = [located.sop_uid for located, path in files if not path.is_file()]
+    if gone:
+        raise HTTPException(status.HTTP_410_GONE, f"the file of instance {gone[0]} is no longer in the store")
+    return files
+
+
+def _retrieve(request: Request, ctx: ContextDep, access: Access, study_uid: str, series_uid: str | None = None,
+              sop_uid: str | None = None) -> Response:
+    """WADO-RS instances: ``multipart/related; type="application/dicom"``, streamed."""
+    try:
+        wanted = wado.negotiate(request.headers.get("accept"), "application/dicom")
+        files = _located(ctx, study_uid, series_uid, sop_uid)
+        for _, path in files:
+            wado.check_acceptable(path, wanted)  # a 406 before the first byte, not in the middle
+    except (wado.NotAcceptableError, wado.WadoRequestError) as exc:
+        raise _wado_error(exc) from None
+    level = "instance" if sop_uid else "series" if series_uid else "study"
+    access.audit_download(ctx, study_uid, f"WADO-RS {level}, {len(files)} instance(s)"
+                          + (f" [{sop_uid or series_uid}]" if level != "study" else ""))
+    log.info("WADO-RS: %d instance(s) of study %s", len(files), study_uid)
+    boundary = wado.new_boundary()
+    parts = (wado.instance_part(path, wanted) for _, path in files)
+    return StreamingResponse(wado.multipart(parts, boundary),
+                             media_type=wado.multipart_type("application/dicom", boundary))
+
+
+def _metadata(request: Request, ctx: ContextDep, settings: Settings, access: Access, study_uid: str,
+              series_uid: str | None = None, sop_uid: str | None = None) -> Response:
+    """WADO-RS metadata: one DICOM JSON object per instance, bulk values by reference."""
+    try:
+        wado.wants_json(request.headers.get("accept"))
+    except wado.NotAcceptableError as exc:
+        raise _wado_error(exc) from None
+    files = _located(ctx, study_uid, series_uid, sop_uid)
+    base = _base_url(request, settings)
+
+    def bulk_uri(located: wado.Located) -> Callable[[str], str]:
+        instance = f"{base}/studies/{located.study_uid}/series/{located.series_uid}/instances/{located.sop_uid}"
+        return lambda tag: f"{instance}/bulkdata/{tag}"
+
+    content = [wado.metadata(path, bulk_uri(located)) for located, path in files]
+    level = "instance" if sop_uid else "series" if series_uid else "study"
+    access.audit_download(ctx, study_uid, f"WADO-RS {level} metadata, {len(files)} instance(s)")
+    return _dicom_json(content)
+
+
+def _octet_parts(request: Request, ctx: ContextDep, access: Access, study_uid: str, series_uid: str, sop_uid: str,
+                 make: Callable[[Path, wado.Wanted], list[wado.Part]], what: str) -> Response:
+    try:
+        wanted = wado.negotiate(request.headers.get("accept"), "application/octet-stream")
+        [(_, path)] = _located(ctx, study_uid, series_uid, sop_uid)
+        parts = make(path, wanted)
+    except (wado.NotAcceptableError, wado.WadoRequestError, LookupError) as exc:
+        raise _wado_error(exc) from None
+    access.audit_download(ctx, study_uid, f"WADO-RS {what} [{sop_uid}]")
+    boundary = wado.new_boundary()
+    return StreamingResponse(wado.multipart(parts, boundary),
+                             media_type=wado.multipart_type("application/octet-stream", boundary))
+
+
+@router.get("/studies/{study_uid}")
+def retrieve_study(request: Request, ctx: ContextDep, access: IdentityDep, study_uid: str) -> Response:
+    """WADO-RS: every instance of a study, received or written by mednode."""
+    return _retrieve(request, ctx, access, study_uid)
+
+
+@router.get("/studies/{study_uid}/series/{series_uid}")
+def retrieve_series(request: Request, ctx: ContextDep, access: IdentityDep, study_uid: str,
+                    series_uid: str) -> Response:
+    """WADO-RS: the instances of one series."""
+    return _retrieve(request, ctx, access, study_uid, series_uid)
+
+
+@router.get("/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}")
+def retrieve_instance(request: Request, ctx: ContextDep, access: IdentityDep, study_uid: str, series_uid: str,
+                      sop_uid: str) -> Response:
+    """WADO-RS: one instance."""
+    return _retrieve(request, ctx, access, study_uid, series_uid, sop_uid)
+
+
+@router.get("/studies/{study_uid}/metadata", response_class=JSONResponse)
+def study_metadata(request: Request, ctx: ContextDep, settings: SettingsDep, access: IdentityDep,
+                   study_uid: str) -> Response:
+    """WADO-RS: the metadata of every instance of a study."""
+    return _metadata(request, ctx, settings, access, study_uid)
+
+
+@router.get("/studies/{study_uid}/series/{series_uid}/metadata", response_class=JSONResponse)
+def series_metadata(request: Request, ctx: ContextDep, settings: SettingsDep, access: IdentityDep, study_uid: str,
+                    series_uid: str) -> Response:
+    """WADO-RS: the metadata of the instances of one series."""
+    return _metadata(request, ctx, settings, access, study_uid, series_uid)
+
+
+@router.get("/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/metadata", response_class=JSONResponse)
+def instance_metadata(request: Request, ctx: ContextDep, settings: SettingsDep, access: IdentityDep, study_uid: str,
+                      series_uid: str, sop_uid: str) -> Response:
+    """WADO-RS: the metadata of one instance."""
+    return _metadata(request, ctx, settings, access, study_uid, series_uid, sop_uid)
+
+
+@router.get("/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/frames/{frames}")
+def retrieve_frames(request: Request, ctx: ContextDep, access: IdentityDep, study_uid: str, series_uid: str,
+                    sop_uid: str, frames: str) -> Response:
+    """WADO-RS: frames of an image (``1``, ``1,3``), as stored or decoded (see :mod:`node.web.wado`)."""
+    try:
+        numbers = wado.parse_frames(frames)
+    except wado.WadoRequestError as exc:
+        raise _wado_error(exc) from None
+    return _octet_parts(request, ctx, access, study_uid, series_uid, sop_uid,
+                        lambda path, wanted: wado.frame_parts(path, numbers, wanted), f"frames {frames}")
+
+
+@router.get("/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/bulkdata/{tag}")
+def retrieve_bulkdata(request: Request, ctx: ContextDep, access: IdentityDep, study_uid: str, series_uid: str,
+                      sop_uid: str, tag: str) -> Response:
+    """WADO-RS: a binary value named by a BulkDataURI of the instance's metadata."""
+    return _octet_parts(request, ctx, access, study_uid, series_uid, sop_uid,
+                        lambda path, wanted: wado.bulk_parts(path, tag, wanted), f"bulk data {tag}")

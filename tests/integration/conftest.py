@@ -133,9 +133,10 @@ def mednode_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mednod
         separate_worker: bool = False,
         extra_env: dict[str, str] | None = None,
         config: Path | None = None,
+        web_port: int | None = None,
     ) -> MednodeNode:
         data_dir = tmp_path_factory.mktemp("mednode")
-        node = MednodeNode(dicom_port=free_port(), web_port=free_port(), data_dir=data_dir, env={})
+        node = MednodeNode(dicom_port=free_port(), web_port=web_port or free_port(), data_dir=data_dir, env={})
         env = node_env(
             dicom_port=node.dicom_port, web_port=node.web_port, data_dir=data_dir / "var",
             quiet_period_s=quiet_period_s, destination=destination, database_url=database_url,

@@ -1,11 +1,14 @@
-"""STOW-RS into and QIDO-RS out of a real ``mednode serve``, with ``dicomweb-client`` as the client.
+"""STOW-RS into, QIDO-RS and WADO-RS out of a real ``mednode serve``, with ``dicomweb-client`` as
+the client.
 
 A CT study stored by STOW-RS is processed as a C-STORE study would be (completion, routing, the CT
 analyzer's SEG and SR); a malformed part gets its own failure entry while the good parts are
 stored; an instance of another study than the URL names is refused (409, 0xA900); callers without
 the API token get 401 for both services; QIDO-RS finds the study, its series and the results
-mednode wrote by the mandatory matching keys, with limit and offset. mednode's own STOW-RS client
-(:mod:`node.dicomweb_delivery`) reads mednode's per-instance refusal as a permanent one.
+mednode wrote by the mandatory matching keys, with limit and offset; WADO-RS gives the study back
+with its results, the pixels unchanged, metadata whose BulkDataURIs the client follows, frames,
+and a JPEG 2000 instance decoded for a client that names no transfer syntax. mednode's own STOW-RS
+client (:mod:`node.dicomweb_delivery`) reads mednode's per-instance refusal as a permanent one.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from node.delivery import Outcome
 from node.dicomweb_delivery import send_files
 from tests.integration.conftest import MednodeFactory, MednodeNode
 from tests.integration.e2e import poll
+from tests.peers import free_port
 from tests.phantom import PhantomGeometry, make_ct_phantom, write_series
 from tests.shared_data import SHARED_DICOM
 
@@ -61,7 +65,9 @@ def _study_jobs(node: MednodeNode, study_uid: str) -> list[dict]:
 
 
 def test_stow_rs_in_and_qido_rs_out(mednode_factory: MednodeFactory, ct_series: list[Path]) -> None:
-    node = mednode_factory(quiet_period_s=1.0, extra_env={"MEDNODE_WEB_API_TOKENS": f'["{TOKEN}"]'})
+    web_port = free_port()  # the URL the node writes into its answers names it (web_public_url)
+    node = mednode_factory(quiet_period_s=1.0, web_port=web_port, extra_env={
+        "MEDNODE_WEB_API_TOKENS": f'["{TOKEN}"]', "MEDNODE_WEB_PUBLIC_URL": f"http://127.0.0.1:{web_port}/"})
     datasets = [pydicom.dcmread(p) for p in ct_series]
     study_uid = str(datasets[0].StudyInstanceUID)
 
@@ -79,6 +85,8 @@ def test_stow_rs_in_and_qido_rs_out(mednode_factory: MednodeFactory, ct_series: 
     client = _client(node)
     # the study, less one slice, by dicomweb-client
     answer = client.store_instances(datasets[:-1])
+    # its WADO-RS resource, at web_public_url: dicomweb-client's Host header names no port
+    assert answer.RetrieveURL == f"{node.web_url}/dicom-web/studies/{study_uid}"
     stored = {str(item.ReferencedSOPInstanceUID) for item in answer.ReferencedSOPSequence}
     assert stored == {str(ds.SOPInstanceUID) for ds in datasets[:-1]}
     assert "FailedSOPSequence" not in answer
@@ -163,6 +171,38 @@ def test_stow_rs_in_and_qido_rs_out(mednode_factory: MednodeFactory, ct_series: 
                                                          "Modality": "CT"})
     assert len(ct_one) == 1
 
+    # WADO-RS: the study back, results included, the pixels as sent
+    with pytest.raises(requests.HTTPError) as anonymous:
+        _client(node, None).retrieve_study(study_uid)
+    assert anonymous.value.response.status_code == 401
+    retrieved = client.retrieve_study(study_uid)
+    assert sorted(str(ds.Modality) for ds in retrieved) == ["CT"] * len(datasets) + ["SEG", "SR"]
+    sent = {str(ds.SOPInstanceUID): ds for ds in datasets}
+    for ds in retrieved:
+        if ds.Modality == "CT":
+            assert ds.PixelData == sent[str(ds.SOPInstanceUID)].PixelData, ds.SOPInstanceUID
+            assert str(ds.PatientName) == CANARY
+    ct_series_uid = str(datasets[0].SeriesInstanceUID)
+    metadata = client.retrieve_series_metadata(study_uid, ct_series_uid)
+    assert len(metadata) == len(datasets)
+    first = pydicom.Dataset.from_json(metadata[0], bulk_data_uri_handler=lambda tag, vr, uri: client.retrieve_bulkdata(uri)[0])
+    pixels = bytes(first.PixelData)  # pydicom keeps what the handler gave as a list of byte values
+    assert pixels == sent[str(first.SOPInstanceUID)].PixelData, "the BulkDataURI, followed"
+    [frame] = client.retrieve_instance_frames(study_uid, ct_series_uid, str(first.SOPInstanceUID), frame_numbers=[1])
+    assert frame == pixels, "frame 1"
+
+    # a JPEG 2000 instance: as stored (dicomweb-client asks transfer-syntax=* by default), or decoded
+    # for a client that takes Explicit VR Little Endian only
+    j2k = pydicom.dcmread(SHARED_DICOM / "compressed" / "CT1_J2KR.dcm")
+    client.store_instances([j2k])
+    uids = str(j2k.StudyInstanceUID), str(j2k.SeriesInstanceUID), str(j2k.SOPInstanceUID)
+    decoded = client.retrieve_instance(*uids, media_types=(("application/dicom", str(pydicom.uid.ExplicitVRLittleEndian)),))
+    assert decoded.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert (decoded.pixel_array == j2k.pixel_array).all(), "decoded pixels"
+    as_stored = client.retrieve_instance(*uids)
+    assert as_stored.file_meta.TransferSyntaxUID == j2k.file_meta.TransferSyntaxUID
+    assert as_stored.PixelData == j2k.PixelData, "the JPEG 2000 codestream as sent"
+
     # the audit trail has the STOW-RS stores and the QIDO-RS views, by UID, never by value
     audit = httpx.get(f"{node.web_url}/api/v1/audit", params={"limit": 200}, timeout=10,
                       headers={"Authorization": f"Bearer {TOKEN}"}).json()
@@ -170,6 +210,7 @@ def test_stow_rs_in_and_qido_rs_out(mednode_factory: MednodeFactory, ct_series: 
     stored_rows = [e for e in events if e["action"] == "stored" and e.get("study_instance_uid") == study_uid]
     assert stored_rows and all("STOW-RS" in (e.get("detail") or "") for e in stored_rows), events[:5]
     assert any(e["action"] == "viewed" and "QIDO-RS" in (e.get("detail") or "") for e in events), events[:5]
+    assert any(e["action"] == "downloaded" and "WADO-RS study" in (e.get("detail") or "") for e in events), events[:5]
     assert all(CANARY not in (e.get("detail") or "") for e in events)
     # patient data never in logs
     logs = node.logs()

@@ -270,3 +270,14 @@ def test_vlm_server_from_the_environment_and_empty_values_as_unset(tmp_path: Pat
     assert vlm is not None and vlm.path is None
     assert (vlm.server, vlm.model, vlm.family, vlm.server_timeout_s) == ("http://vllm:8000", "medgemma",
                                                                          "medgemma", 60)
+
+
+def test_the_public_url_of_the_web_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_settings().web_public_url is None
+    monkeypatch.setenv("MEDNODE_WEB_PUBLIC_URL", "https://mednode.example.org:8443/")
+    assert load_settings().web_public_url == "https://mednode.example.org:8443"
+    for wrong in ("mednode.example.org", "ftp://mednode.example.org", "https://mednode.example.org/?a=1"):
+        monkeypatch.setenv("MEDNODE_WEB_PUBLIC_URL", wrong)
+        with pytest.raises(ConfigError, match="web_public_url"):
+            load_settings()

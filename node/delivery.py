@@ -311,6 +311,7 @@ def send_files(
         ae.add_requested_context(sop_class, [syntax])
     assoc = _associate(destination, ae)
     statuses: list[SendStatus] = []
+    unanswered = False
     try:
         accepted = {
             (cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
@@ -326,11 +327,19 @@ def send_files(
             statuses.append(result)
             if progress is not None:
                 progress(result)
-            if not assoc.is_established:
+            # no answer: the peer aborted or closed the connection (or the DIMSE timeout passed).
+            # pynetdicom's reactor may not have marked the association ended yet, and a C-STORE
+            # sent into it would wait out the whole DIMSE timeout: the files left are sent again
+            # over a new association (the caller's retry)
+            unanswered = result.status is None and pair in accepted
+            if unanswered or not assoc.is_established:
                 break
     finally:
         if assoc.is_established:
-            assoc.release()
+            if unanswered:
+                assoc.abort()
+            else:
+                assoc.release()
     return statuses
 
 

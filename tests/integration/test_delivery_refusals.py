@@ -11,6 +11,7 @@ destination with its own calling AE title is delivered.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pydicom
@@ -27,6 +28,7 @@ from node.delivery import (
     echo,
     send_files,
 )
+from node.dispatch import attempt_all
 from storage.db import make_engine, make_session_factory
 from storage.models import Delivery, DeliveryState, Job, JobState
 from tests.integration.conftest import MednodeFactory
@@ -129,6 +131,24 @@ def test_an_abort_during_the_store_is_transient(tmp_path: Path, sr_file: Path, d
     finally:
         scp.stop()
     assert (status.ok, status.status, status.outcome) == (False, None, Outcome.TRANSIENT)
+
+
+@pytest.mark.parametrize("abort", ["--abort-after", "--abort-during"])
+def test_after_an_abort_the_rest_of_a_job_waits_for_a_new_association(
+        tmp_path: Path, sr_file: Path, ct_files: list[Path], abort: str, dcmtk) -> None:  # type: ignore[no-untyped-def]
+    """A peer that aborts (or drops) the association mid-store ends the batch there: the files
+    left are not sent into the dead association, where each would wait out the DIMSE timeout
+    (pynetdicom may not have marked the association ended when the C-STORE comes back empty)."""
+    scp = _scp(tmp_path, abort)
+    destination = Destination(ae_title="STORESCP", host=LOOPBACK, port=scp.port)
+    started = time.monotonic()
+    try:
+        outcomes = attempt_all(destination, [sr_file, *ct_files[:3]], "MEDNODE", Timeouts(10, 60, 60))
+    finally:
+        scp.stop()
+    assert time.monotonic() - started < 30, "a C-STORE went into the aborted association"
+    assert [(ok, permanent) for ok, permanent, _, _ in outcomes] == [(False, False)] * 4  # all retried later
+    assert all("association lost" in (error or "") for _, _, error, _ in outcomes[1:])
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ from pynetdicom.dsutils import encode
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session
 
-from storage.models import Instance, Job, JobState, Result, Study
+from storage.models import Delivery, Instance, Job, JobState, Result, Study
 from tests.integration.e2e import poll
 from tests.peers import Orthanc, in_ci
 from tests.peers.netns import POSTGRES_BIN, Host, NetnsLab, netns_available, start_postgres
@@ -211,7 +211,10 @@ class Cluster:
     def state(self) -> str:
         """The jobs and the tail of every host's log, for a wait that timed out."""
         logs = "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in sorted(self.logs.glob("*.log")))
-        return f"jobs {[(j.id, j.state.value, j.worker, j.attempts) for j in self.jobs()]}\n{logs}"
+        with Session(self.engine) as session:
+            deliveries = [(d.id, d.result.job_pk, d.state.value, d.attempts, d.next_attempt_at and f"{d.next_attempt_at:%H:%M:%S}")
+                          for d in session.scalars(select(Delivery).order_by(Delivery.id))]
+        return f"jobs {[(j.id, j.state.value, j.worker, j.attempts) for j in self.jobs()]}\ndeliveries {deliveries}\n{logs}"
 
 
 @pytest.fixture

@@ -41,8 +41,9 @@ def prepare(settings: Settings) -> NodeContext:
     context.configure(settings)
     ctx = context.current()
     upgrade(ctx.engine)
-    remove_lost_instances(ctx.store, ctx.sessions)  # before remove_partials: it reads their marks
-    ctx.store.remove_partials()
+    partials = ctx.store.partial_files()  # one walk of the store for both
+    remove_lost_instances(ctx.store, ctx.sessions, partials)  # before remove_partials: it reads their marks
+    ctx.store.remove_partials(partials)
     reindex_orphans(ctx.store, ctx.sessions, late_series_check(settings.effective_rules))
     return ctx
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterable
 from datetime import timedelta
+from pathlib import Path
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -92,7 +94,8 @@ def _being_written(store: InstanceStore, relative: str) -> bool:
         return True
 
 
-def remove_lost_instances(store: InstanceStore, sessions: sessionmaker[Session]) -> int:
+def remove_lost_instances(store: InstanceStore, sessions: sessionmaker[Session],
+                          partials: Iterable[Path] | None = None) -> int:
     """Delete the index rows whose instance files a power loss lost or tore; return how many.
 
     Such a row was committed while its file's sync ran and the listener never answered Success
@@ -116,9 +119,10 @@ def remove_lost_instances(store: InstanceStore, sessions: sessionmaker[Session])
       a power loss (new directories are synced before their first file is written).
 
     Run it before :meth:`~storage.store.InstanceStore.remove_partials`, which would remove the
-    marks, and before :func:`reindex_orphans`.
+    marks, and before :func:`reindex_orphans`. ``partials``: the store's partial files, as
+    :meth:`~storage.store.InstanceStore.partial_files` listed them for both (listed here when None).
     """
-    removed = sum(_settle(store, sessions, unconfirmed) for unconfirmed in store.unconfirmed_instances())
+    removed = sum(_settle(store, sessions, unconfirmed) for unconfirmed in store.unconfirmed_instances(partials))
     if store.on_network_filesystem():
         # other hosts write there, and this host may not see their newest files yet (a cached
         # lookup): a missing file is no proof of a power loss here. An NFS server commits a new

@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -598,10 +598,17 @@ class InstanceStore:
     def delete(self, relative_path: str) -> None:
         self.absolute(relative_path).unlink(missing_ok=True)
 
-    def remove_partials(self) -> int:
+    def partial_files(self) -> list[Path]:
+        """Every partial file in the store, any writer's: one walk of the whole tree, which start-up
+        repair hands to both :meth:`unconfirmed_instances` and :meth:`remove_partials` (on a large
+        or network store, each walk takes minutes)."""
+        return list(self.root.rglob(f"*{PARTIAL_SUFFIX}"))
+
+    def remove_partials(self, partials: Iterable[Path] | None = None) -> int:
         """Delete the partial files a crashed writer of this host left; return how many.
 
-        Call it at start, before this process writes. A partial file is removed when it names
+        ``partials``: the store's partial files as :meth:`partial_files` listed them (listed here
+        when None). Call it at start, before this process writes. A partial file is removed when it names
         this host and a process that no longer runs (or this very process: a predecessor with
         the same process id, as in a restarted container); another host's, or one of a live
         process of this host (another listener), is in progress or that host's to clean up, and
@@ -610,7 +617,7 @@ class InstanceStore:
         """
         count = kept = 0
         now = time.time()
-        for path in self.root.rglob(f"*{PARTIAL_SUFFIX}"):
+        for path in self.partial_files() if partials is None else partials:
             writer = partial_writer(path.name)
             if writer is None:
                 try:
@@ -622,7 +629,10 @@ class InstanceStore:
             if not stale:
                 kept += 1
                 continue
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink()
+            except FileNotFoundError:  # settled since it was listed (remove_lost_instances)
+                continue
             count += 1
         if count:
             log.warning("removed %d partial files left by an interrupted write", count)
@@ -635,7 +645,7 @@ class InstanceStore:
         very process: a predecessor with the same process id, as in a restarted container)."""
         return writer.host == self.host and (writer.pid == os.getpid() or not _process_exists(writer.pid))
 
-    def unconfirmed_instances(self) -> list[UnconfirmedInstance]:
+    def unconfirmed_instances(self, partials: Iterable[Path] | None = None) -> list[UnconfirmedInstance]:
         """Instance files whose sync a process of this host that no longer runs never saw return.
 
         :meth:`begin_instance` keeps a new file's partial name linked to it until its
@@ -646,13 +656,16 @@ class InstanceStore:
         is linked, and is removed only after the sync returned, and a journaling filesystem
         (ext4, XFS) commits metadata in order — a file's name that survived a power loss
         without its sync brings the partial name with it. Other hosts' and live processes'
-        partial files are not listed.
+        partial files are not listed. ``partials``: the store's partial files as
+        :meth:`partial_files` listed them (those under ``instances/`` are listed here when None).
         """
         found: list[UnconfirmedInstance] = []
         instances = self.root / "instances"
-        if not instances.is_dir():
-            return found
-        for path in instances.rglob(f"*{PARTIAL_SUFFIX}"):
+        if partials is None:
+            partials = instances.rglob(f"*{PARTIAL_SUFFIX}") if instances.is_dir() else []
+        for path in partials:
+            if not path.is_relative_to(instances):
+                continue
             writer = partial_writer(path.name)
             if writer is None or not self._left_by_dead_process(writer):
                 continue

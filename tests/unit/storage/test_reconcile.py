@@ -175,10 +175,12 @@ def _unconfirmed(store: InstanceStore, relative: str) -> Path:
     return marker
 
 
-def test_rows_of_files_a_power_loss_lost_or_tore_are_removed(store: InstanceStore, sessions) -> None:
+@pytest.mark.parametrize("listed_once", [False, True])
+def test_rows_of_files_a_power_loss_lost_or_tore_are_removed(store: InstanceStore, sessions, listed_once: bool) -> None:
     """On PostgreSQL a new instance's row commits while its file syncs; a power loss before the
     sync returned may leave the row with a torn or missing file. Never acknowledged: the row goes,
-    and every other row and file stays."""
+    and every other row and file stays. ``listed_once``: as ``mednode serve`` starts, the store's
+    partial files listed in one walk for this and for remove_partials."""
     acknowledged = _received(store, sessions, _instance(1), indexed=True)
     whole = _received(store, sessions, _instance(2), indexed=True)
     whole_marker = _unconfirmed(store, whole)  # a crash of the process alone: the file is whole
@@ -196,7 +198,9 @@ def test_rows_of_files_a_power_loss_lost_or_tore_are_removed(store: InstanceStor
     all_lost = _received(store, sessions, _instance(5), indexed=True)
     store.absolute(all_lost).unlink()  # both names lost: nothing marks it
 
-    assert remove_lost_instances(store, sessions) == 3
+    partials = store.partial_files() if listed_once else None
+    assert remove_lost_instances(store, sessions, partials) == 3
+    assert store.remove_partials(partials) == 0  # every mark settled: none left to remove, none counted
 
     assert _paths(sessions) == sorted([acknowledged, whole, name_lost])
     assert store.read(whole) and not store.absolute(torn).exists()

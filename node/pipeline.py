@@ -172,10 +172,11 @@ def load_series_volume(ctx: NodeContext, job: jobs.ClaimedJob, modalities: tuple
     if series_uid is None:
         series_uid, _ = select_series(ctx.store, job, modalities)
     started = time.perf_counter()
+    paths = job.instance_paths[series_uid]
+    ctx.store.prefetch(paths)  # the disk reads the series while the headers are parsed
     # headers now, each slice's pixels read while it is decoded into the volume and then dropped:
     # the series' encoded pixels and the volume are never in memory side by side
-    datasets = [read_dataset(ctx.store.absolute(p), defer_size=_DEFER_PIXELS_BYTES)
-                for p in job.instance_paths[series_uid]]
+    datasets = [read_dataset(ctx.store.absolute(p), defer_size=_DEFER_PIXELS_BYTES) for p in paths]
     # once per job, so one warning names what is left empty in all its results
     datasets = conform_copied_attributes(datasets, purpose=f"job {job.id}")
     volume = load_volume(datasets, release_pixel_data=True)

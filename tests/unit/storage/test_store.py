@@ -558,3 +558,32 @@ def test_the_mount_holding_a_path_names_its_file_system_type() -> None:
     assert mount_type(Path("/srv/store/tmp dir/x"), mounts) == "tmpfs"
     assert mount_type(Path("/var/lib/mednode"), mounts) == "ext4"
     assert "nfs4" in NETWORK_FILESYSTEMS and "ext4" not in NETWORK_FILESYSTEMS
+
+
+def _resident_bytes(path: Path) -> int:
+    """Bytes of ``path`` in the page cache (util-linux ``fincore``)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="util-linux fincore is not installed")
+def test_prefetch_brings_a_series_back_into_the_page_cache(tmp_path: Path) -> None:
+    """Received instances leave the page cache once synced; a job's prefetch reads them back in
+    the background before it parses them."""
+    store = InstanceStore(tmp_path)
+    stored = [store.write_instance("1.2.3", "1.2.3.4", f"1.2.3.4.{n}", os.urandom(1 << 20)) for n in range(1, 4)]
+    paths = [store.absolute(s.relative_path) for s in stored]
+    for path in paths:  # as begin_instance leaves them
+        fd = os.open(path, os.O_RDONLY)
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    assert sum(_resident_bytes(p) for p in paths) < 1 << 20
+
+    store.prefetch([s.relative_path for s in stored] + ["instances/1.2.3/1.2.3.4/gone.dcm"])
+
+    deadline = time.monotonic() + 10
+    while sum(_resident_bytes(p) for p in paths) < 3 << 20:
+        assert time.monotonic() < deadline, [_resident_bytes(p) for p in paths]
+        time.sleep(0.05)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -262,8 +262,16 @@ def _retrieve(request: Request, ctx: ContextDep, access: Access, study_uid: str,
                           + (f" [{sop_uid or series_uid}]" if level != "study" else ""))
     log.info("WADO-RS: %d instance(s) of study %s", len(files), study_uid)
     boundary = wado.new_boundary()
-    parts = (wado.instance_part(path, wanted) for _, path in files)
-    return StreamingResponse(wado.multipart(parts, boundary),
+
+    def parts() -> Iterator[wado.Part]:
+        for located, path in files:
+            try:
+                yield wado.instance_part(path, wanted)
+            except Exception:  # re-raised: the answer ends without its closing boundary
+                log.exception("WADO-RS: instance %s could not be sent; the answer ends before it", located.sop_uid)
+                raise
+
+    return StreamingResponse(wado.multipart(parts(), boundary),
                              media_type=wado.multipart_type("application/dicom", boundary))
 
 

@@ -360,8 +360,8 @@ def frame_parts(path: Path, frames: list[int] | None, wanted: Wanted) -> list[Pa
                      get_frame(ds.PixelData, n - 1, number_of_frames=count)) for n in numbers]
     if not wanted.takes_default and not wanted.takes(stored):
         raise NotAcceptableError(
-            f"frames are stored as {stored}; they can be sent as stored or decoded "
-            f"({DEFAULT_TRANSFER_SYNTAX}), and the request takes neither")
+            f'frames are stored as {stored}: ask for multipart/related; type="{OCTET_STREAM}" to take them '
+            f"decoded ({DEFAULT_TRANSFER_SYNTAX}), or add transfer-syntax={stored} (or *) to take them as stored")
     content_type = f"application/octet-stream; transfer-syntax={DEFAULT_TRANSFER_SYNTAX}"
     if not stored.is_compressed and ds.BitsAllocated % 8 == 0:
         size = ds.Rows * ds.Columns * ds.SamplesPerPixel * (ds.BitsAllocated // 8)

@@ -51,6 +51,10 @@ def test_accept_headers_name_the_transfer_syntaxes_a_client_takes() -> None:
     with pytest.raises(NotAcceptableError, match="transfer-syntax"):
         negotiate('multipart/related; type="image/jpeg", application/dicom+json', dicom)
     assert negotiate('multipart/related; type="application/octet-stream"', "application/octet-stream").takes_default
+    # frames in an image media type: the transfer syntaxes it stands for (PS3.18 Table 8.7.3-2)
+    jp2 = negotiate('multipart/related; type="image/jp2"', "application/octet-stream")
+    assert jp2.takes(JPEG2000Lossless) and not jp2.takes_default
+    assert negotiate('multipart/related; type="*/*"', "application/octet-stream").takes_default  # dicomweb-client
 
 
 def test_metadata_is_json_only() -> None:
@@ -216,6 +220,9 @@ def test_compressed_objects_as_stored_or_decoded(web_node_factory: Callable[...,
     stored_frames = _parts(node.client.get(url(us_ds, "/frames/2,5"), headers=FRAMES_AS_STORED))
     assert [data for _, data in stored_frames] == [get_frame(us_ds.PixelData, i, number_of_frames=8) for i in (1, 4)]
     assert all(t == "application/octet-stream" for t, _ in stored_frames)
+    jpeg = {**AUTH, "Accept": 'multipart/related; type="image/jpeg"'}
+    assert _parts(node.client.get(url(us_ds, "/frames/2"), headers=jpeg))[0][1] == stored_frames[0][1]
+    assert node.client.get(url(j2k_ds, "/frames/1"), headers=jpeg).status_code == 406  # JPEG 2000, not JPEG
     [(_, raw)] = _parts(node.client.get(url(us_ds, "/frames/3"), headers=AUTH))
     assert raw == pixel_array(us_ds, index=2).tobytes()
     assert node.client.get(url(us_ds, "/frames/9"), headers=AUTH).status_code == 404

@@ -602,8 +602,9 @@ class InstanceStore:
         Received instances leave the page cache once synced (:meth:`begin_instance`), so a job
         reads its series back from the disk. Read one file after the other, each read waits for
         its own; prefetched, the disk reads the whole series while the job parses the headers,
-        and the decode finds the pixels in memory (a cold 300-slice CT's load about halved in a
-        side-by-side run: docs/BENCHMARKS.md). A file that is gone is skipped: its reader reports it.
+        and the decode finds the pixels in memory (a 300-slice CT's load stage 0.54 → 0.42 s in
+        the node: docs/BENCHMARKS.md, latency run 7). A file that is gone is skipped: its reader
+        reports it.
         """
         if not hasattr(os, "posix_fadvise"):
             return

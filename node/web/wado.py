@@ -53,8 +53,6 @@ PIXEL_DATA = Tag(0x7FE0, 0x0010)
 _UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")  # leading zeros too: the index holds what peers sent
 #: bytes per read when a stored file is streamed into a response
 CHUNK_BYTES = 1 << 20
-
-
 OCTET_STREAM = "application/octet-stream"
 #: the transfer syntaxes whose frames a ``multipart/related; type="image/…"`` range asks for (PS3.18
 #: Table 8.7.3-2); such frames are sent as stored, in ``application/octet-stream`` parts naming it

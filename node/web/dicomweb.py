@@ -150,7 +150,17 @@ async def stow_study(request: Request, ctx: ContextDep, settings: SettingsDep, a
 
 
 # -- QIDO-RS --------------------------------------------------------------------------------------
-def _qido(request: Request, ctx: ContextDep, access: Access, level: qido.Level,
+def _retrieve_url(base: str, answer: Dataset, level: qido.Level) -> str:
+    """The WADO-RS URL of a QIDO-RS answer's study, series or instance (PS3.18 10.6.3.3)."""
+    url = f"{base}/studies/{answer.get('StudyInstanceUID', '')}"
+    if level != "study":
+        url += f"/series/{answer.get('SeriesInstanceUID', '')}"
+    if level == "instance":
+        url += f"/instances/{answer.get('SOPInstanceUID', '')}"
+    return url
+
+
+def _qido(request: Request, ctx: ContextDep, settings: Settings, access: Access, level: qido.Level,
           study_uid: str | None = None, series_uid: str | None = None) -> Response:
     try:
         query = qido.parse_query(level, list(request.query_params.multi_items()), identity=access.identity,
@@ -166,7 +176,10 @@ def _qido(request: Request, ctx: ContextDep, access: Access, level: qido.Level,
 
     with ctx.sessions() as session:
         answers = qido.search(session, query, read_header, identity=access.identity)
-        content = qido.to_json(answers)
+    base = _base_url(request, settings)
+    for answer in answers:
+        answer.RetrieveURL = _retrieve_url(base, answer, level)
+    content = qido.to_json(answers)
     headers = {}
     if query.ignored:
         headers["Warning"] = (f'299 mednode "not supported for matching, ignored: {", ".join(query.ignored)}"')
@@ -179,40 +192,42 @@ def _qido(request: Request, ctx: ContextDep, access: Access, level: qido.Level,
 
 
 @router.get("/studies", response_class=JSONResponse)
-def search_studies(request: Request, ctx: ContextDep, access: PatientDataDep) -> Response:
+def search_studies(request: Request, ctx: ContextDep, settings: SettingsDep, access: PatientDataDep) -> Response:
     """QIDO-RS: studies the node holds (200 with DICOM JSON, 204 when none match)."""
-    return _qido(request, ctx, access, "study")
+    return _qido(request, ctx, settings, access, "study")
 
 
 @router.get("/series", response_class=JSONResponse)
-def search_series(request: Request, ctx: ContextDep, access: PatientDataDep) -> Response:
+def search_series(request: Request, ctx: ContextDep, settings: SettingsDep, access: PatientDataDep) -> Response:
     """QIDO-RS: series the node holds or wrote."""
-    return _qido(request, ctx, access, "series")
+    return _qido(request, ctx, settings, access, "series")
 
 
 @router.get("/instances", response_class=JSONResponse)
-def search_instances(request: Request, ctx: ContextDep, access: PatientDataDep) -> Response:
+def search_instances(request: Request, ctx: ContextDep, settings: SettingsDep, access: PatientDataDep) -> Response:
     """QIDO-RS: instances the node holds or wrote."""
-    return _qido(request, ctx, access, "instance")
+    return _qido(request, ctx, settings, access, "instance")
 
 
 @router.get("/studies/{study_uid}/series", response_class=JSONResponse)
-def search_study_series(request: Request, ctx: ContextDep, access: PatientDataDep, study_uid: str) -> Response:
+def search_study_series(request: Request, ctx: ContextDep, settings: SettingsDep, access: PatientDataDep,
+                        study_uid: str) -> Response:
     """QIDO-RS: the series of one study."""
-    return _qido(request, ctx, access, "series", study_uid)
+    return _qido(request, ctx, settings, access, "series", study_uid)
 
 
 @router.get("/studies/{study_uid}/instances", response_class=JSONResponse)
-def search_study_instances(request: Request, ctx: ContextDep, access: PatientDataDep, study_uid: str) -> Response:
+def search_study_instances(request: Request, ctx: ContextDep, settings: SettingsDep, access: PatientDataDep,
+                           study_uid: str) -> Response:
     """QIDO-RS: the instances of one study."""
-    return _qido(request, ctx, access, "instance", study_uid)
+    return _qido(request, ctx, settings, access, "instance", study_uid)
 
 
 @router.get("/studies/{study_uid}/series/{series_uid}/instances", response_class=JSONResponse)
-def search_series_instances(request: Request, ctx: ContextDep, access: PatientDataDep, study_uid: str,
-                            series_uid: str) -> Response:
+def search_series_instances(request: Request, ctx: ContextDep, settings: SettingsDep, access: PatientDataDep,
+                            study_uid: str, series_uid: str) -> Response:
     """QIDO-RS: the instances of one series."""
-    return _qido(request, ctx, access, "instance", study_uid, series_uid)
+    return _qido(request, ctx, settings, access, "instance", study_uid, series_uid)
 
 
 # -- WADO-RS --------------------------------------------------------------------------------------

@@ -149,6 +149,7 @@ def test_stow_rs_in_and_qido_rs_out(mednode_factory: MednodeFactory, ct_series: 
     assert list(study.ModalitiesInStudy) == ["CT", "SEG", "SR"]
     assert study.NumberOfStudyRelatedInstances == len(datasets) + 2
     assert str(study.PatientName) == CANARY  # identity for a logged-in caller
+    assert study.RetrieveURL == f"{node.web_url}/dicom-web/studies/{study_uid}"
 
     series = [pydicom.Dataset.from_json(s) for s in client.search_for_series(study_instance_uid=study_uid)]
     assert sorted(s.Modality for s in series) == ["CT", "SEG", "SR"]

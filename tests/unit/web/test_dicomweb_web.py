@@ -43,11 +43,16 @@ def test_a_gated_node_wants_a_token_and_a_browser_session_its_csrf_header(
     [study] = node.client.get("/dicom-web/studies", params={"PatientName": "canary*"}, headers=auth).json()
     assert study[PATIENT_NAME]["Value"][0]["Alphabetic"] == CANARY_NAME and study[PATIENT_ID]["Value"] == [CANARY_ID]
     assert study["00080061"]["Value"] == ["CT", "SEG", "SR"]  # ModalitiesInStudy, results included
+    retrieve = study["00081190"]["Value"][0]  # Retrieve URL: the study's WADO-RS resource
+    assert retrieve == f"http://testserver/dicom-web/studies/{study_uid}"
+    assert node.client.get(retrieve.removeprefix("http://testserver") + "/metadata", headers=auth).status_code == 200
     series = node.client.get(f"/dicom-web/studies/{study_uid}/series", headers=auth).json()
     assert sorted(s[MODALITY]["Value"][0] for s in series) == ["CT", "SEG", "SR"]
     seg = node.client.get("/dicom-web/instances", params={"Modality": "SEG", "StudyInstanceUID": study_uid},
                           headers=auth).json()
     assert [i["00080016"]["Value"][0] for i in seg] == ["1.2.840.10008.5.1.4.1.1.66.4"]
+    assert seg[0]["00081190"]["Value"][0].endswith(
+        f"/studies/{study_uid}/series/{seg[0]['0020000E']['Value'][0]}/instances/{seg[0]['00080018']['Value'][0]}")
     ignored = node.client.get("/dicom-web/studies", params={"StudyTime": "1200"}, headers=auth)
     assert ignored.status_code == 200 and "StudyTime" in ignored.headers["warning"]
     assert node.client.get("/dicom-web/studies", params={"Nonsense": "1"}, headers=auth).status_code == 400

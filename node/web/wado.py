@@ -377,8 +377,11 @@ def frame_parts(path: Path, frames: list[int] | None, wanted: Wanted) -> list[Pa
 
 
 def bulk_parts(path: Path, tag_hex: str, wanted: Wanted) -> list[Part]:
-    """The value of one top-level attribute given as a BulkDataURI by :func:`metadata`: pixel
-    data as its frames (:func:`frame_parts`), another binary value as one part.
+    """The value of one top-level attribute given as a BulkDataURI by :func:`metadata`, in one
+    part: native pixel data as stored (a 1-bit SEG's frames packed end to end, as a viewer loading
+    the SEG by its BulkDataURI reads them), compressed pixel data one part per frame as stored
+    where the request takes its transfer syntax, else decoded frames end to end; another binary
+    value as stored.
 
     Raises
     ------
@@ -393,13 +396,23 @@ def bulk_parts(path: Path, tag_hex: str, wanted: Wanted) -> list[Part]:
         tag = None
     if tag is None:
         raise WadoRequestError(f"bulkdata/{tag_hex}: name the attribute by its tag, eight hex digits (7FE00010)")
-    if tag == PIXEL_DATA:
-        return frame_parts(path, None, wanted)
     ds = dcmread(path)
+    stored = ds.file_meta.TransferSyntaxUID
+    if tag == PIXEL_DATA and PIXEL_DATA in ds and stored.is_compressed:
+        if wanted.takes(stored):
+            return frame_parts(path, None, wanted)  # compressed frames as stored, one part each
+        if not wanted.takes_default or not _decodable(stored):
+            raise NotAcceptableError(
+                f"pixel data stored as {stored} can be sent as stored (transfer-syntax={stored} or *)"
+                + (f" or decoded ({DEFAULT_TRANSFER_SYNTAX})" if _decodable(stored) else ""))
+        pixels = pixel_array(ds)  # every frame, decoded
+        data = pack_bits(pixels.reshape(-1)) if ds.BitsAllocated == 1 else (
+            pixels.astype(pixels.dtype.newbyteorder("<"), copy=False).tobytes())
+        return [Part(f"{OCTET_STREAM}; transfer-syntax={DEFAULT_TRANSFER_SYNTAX}", data)]
     element = ds.get(tag)
-    if element is None or element.VR not in BULK_VRS:
+    if element is None or (element.VR not in BULK_VRS and " or " not in str(element.VR)):
         raise LookupError(f"this object has no binary attribute {tag_hex}")
-    return [Part("application/octet-stream", bytes(element.value or b""))]
+    return [Part(OCTET_STREAM, bytes(element.value or b""))]
 
 
 def uid_in_path(value: str) -> str:

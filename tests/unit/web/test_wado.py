@@ -146,6 +146,10 @@ def test_metadata_gives_pixel_data_by_reference_and_the_reference_gives_it(
     assert content_type == "application/octet-stream" and pixels == stored.PixelData
     seg = next(m for m in metadata if m["00080016"]["Value"] == [SEG])
     assert seg["00620002"]["Value"][0]["00620005"]["vr"] == "LO"  # sequences nested in full
+    # a viewer loads a SEG by its pixel data's BulkDataURI: one part, the frames' bits end to end
+    seg_uri = seg["7FE00010"]["BulkDataURI"].removeprefix("http://testserver")
+    [(_, seg_pixels)] = _parts(node.client.get(seg_uri, headers=AUTH))
+    assert seg_pixels == _stored(node, study_uid, seg["00080018"]["Value"][0]).PixelData
     series_level = node.client.get(f"/dicom-web/studies/{study_uid}/series/{ct['0020000E']['Value'][0]}/metadata",
                                    headers=AUTH).json()
     assert len(series_level) == 3
@@ -226,6 +230,13 @@ def test_compressed_objects_as_stored_or_decoded(web_node_factory: Callable[...,
     [(_, raw)] = _parts(node.client.get(url(us_ds, "/frames/3"), headers=AUTH))
     assert raw == pixel_array(us_ds, index=2).tobytes()
     assert node.client.get(url(us_ds, "/frames/9"), headers=AUTH).status_code == 404
+
+    # its pixel data by BulkDataURI: the frames as stored, or every frame decoded in one part
+    bulk = url(us_ds, "/bulkdata/7FE00010")
+    assert [d for _, d in _parts(node.client.get(bulk, headers=FRAMES_AS_STORED))] == [
+        get_frame(us_ds.PixelData, i, number_of_frames=8) for i in range(8)]
+    [(_, all_frames)] = _parts(node.client.get(bulk, headers=AUTH))
+    assert all_frames == pixel_array(us_ds).tobytes()
 
 
 def test_requests_for_what_is_not_there(processed: tuple[WebNode, str, int]) -> None:

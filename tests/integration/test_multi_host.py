@@ -9,8 +9,8 @@ on one bridge, each process tree under its own host name.
 
 The store is one directory every host uses under the same path, as an NFS volume would be.
 Modalities send to both listeners at once; one listener host is killed mid-association (every
-process of its namespace, SIGKILL), one worker host mid-job, and then the worker host that first
-runs a job of the last studies is cut off from everything (link down) for 30 s mid-job. A
+process of its namespace, SIGKILL), one worker host mid-job, and then, as the last studies are
+sent, the first worker host seen running a job is cut off from everything (link down) for 30 s. A
 modality whose C-STORE goes unanswered for a while has the listeners' stacks dumped into their
 logs (SIGUSR1, :mod:`node.stacks`), counted in the figures. Checked at the end, with the figures printed:
 every instance a modality got Success for is in the index and byte-equal on disk; Orthanc holds
@@ -301,9 +301,9 @@ def test_hosts_killed_and_cut_off_lose_nothing_and_do_each_study_once(cluster: C
     figures["w1_job_recovered_s"] = round(time.monotonic() - killed_at, 2)
     cluster.worker("w1")
 
-    # 3. a worker host cut off from the broker and the database for 30 s mid-job: the one that
-    # first runs a job of these studies (a job takes about a second: waiting for one on a given
-    # host after the last study is in may find every job done)
+    # 3. a worker host cut off from the broker and the database for 30 s mid-job: the first seen
+    # running a job once these studies are being sent (a job takes about a second: waiting for one
+    # on a given host after the last study is in may find every job done)
     phase3 = [Sent((ds := _study(n, "C"))[0].StudyInstanceUID, ds) for n in range(4)]
     sent += phase3
     threads = send_all(phase3, pause_s=0.0)

@@ -554,15 +554,13 @@ def finish_delivery(sessions: sessionmaker[Session], delivery_id: int, *, ok: bo
     """
     now = utcnow()
     with sessions() as session, session.begin():
-        job_pk = session.scalar(select(Result.job_pk).join(Delivery, Delivery.result_pk == Result.id)
-                                .where(Delivery.id == delivery_id))
-        if job_pk is None:
-            raise LookupError(f"delivery {delivery_id} does not exist")
-        # one finisher of a job's deliveries at a time (PostgreSQL: the job's row lock; SQLite has
-        # one writer): each then rolls the job up from what the others committed. Two workers
-        # finishing its last two deliveries at once each saw the other's still pending, and the
-        # job stayed delivering with every delivery done.
-        session.execute(select(Job.id).where(Job.id == job_pk).with_for_update())
+        # one finisher of a job's deliveries at a time (PostgreSQL: the job's row lock, taken before
+        # anything is read; SQLite has one writer): each then rolls the job up from what the others
+        # committed. Two workers finishing its last two deliveries at once each saw the other's
+        # still pending, and the job stayed delivering with every delivery done.
+        session.execute(
+            select(Job.id).join(Result, Result.job_pk == Job.id).join(Delivery, Delivery.result_pk == Result.id)
+            .where(Delivery.id == delivery_id).with_for_update(of=Job))
         delivery = session.get(Delivery, delivery_id)
         if delivery is None:
             raise LookupError(f"delivery {delivery_id} does not exist")

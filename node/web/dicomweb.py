@@ -239,6 +239,10 @@ def _wado_error(exc: Exception) -> HTTPException:
     return HTTPException(status.HTTP_404_NOT_FOUND, str(exc))
 
 
+def _level(series_uid: str | None, sop_uid: str | None) -> str:
+    return "instance" if sop_uid else "series" if series_uid else "study"
+
+
 def _located(ctx: ContextDep, study_uid: str, series_uid: str | None = None,
              sop_uid: str | None = None) -> list[tuple[wado.Located, Path]]:
     """The stored objects a retrieve request names, with their files: 400 for a path that holds
@@ -268,20 +272,20 @@ def _retrieve(request: Request, ctx: ContextDep, access: Access, study_uid: str,
     try:
         wanted = wado.negotiate(request.headers.get("accept"), "application/dicom")
         files = _located(ctx, study_uid, series_uid, sop_uid)
-        for _, path in files:
-            wado.check_acceptable(path, wanted)  # a 406 before the first byte, not in the middle
+        # a 406 before the first byte, not in the middle
+        stored = [wado.check_acceptable(path, wanted) for _, path in files]
     except (wado.NotAcceptableError, wado.WadoRequestError) as exc:
         raise _wado_error(exc) from None
-    level = "instance" if sop_uid else "series" if series_uid else "study"
+    level = _level(series_uid, sop_uid)
     access.audit_download(ctx, study_uid, f"WADO-RS {level}, {len(files)} instance(s)"
                           + (f" [{sop_uid or series_uid}]" if level != "study" else ""))
     log.info("WADO-RS: %d instance(s) of study %s", len(files), study_uid)
     boundary = wado.new_boundary()
 
     def parts() -> Iterator[wado.Part]:
-        for located, path in files:
+        for (located, path), syntax in zip(files, stored, strict=True):
             try:
-                yield wado.instance_part(path, wanted)
+                yield wado.instance_part(path, wanted, syntax)
             except Exception:  # re-raised: the answer ends without its closing boundary
                 log.exception("WADO-RS: instance %s could not be sent; the answer ends before it", located.sop_uid)
                 raise
@@ -305,7 +309,7 @@ def _metadata(request: Request, ctx: ContextDep, settings: Settings, access: Acc
         return lambda tag: f"{instance}/bulkdata/{tag}"
 
     content = [wado.metadata(path, bulk_uri(located)) for located, path in files]
-    level = "instance" if sop_uid else "series" if series_uid else "study"
+    level = _level(series_uid, sop_uid)
     access.audit_download(ctx, study_uid, f"WADO-RS {level} metadata, {len(files)} instance(s)")
     return _dicom_json(content)
 

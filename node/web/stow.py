@@ -47,7 +47,8 @@ class Part:
     data: bytes
 
 
-def _header_params(value: str) -> tuple[str, dict[str, str]]:
+def media_type_params(value: str) -> tuple[str, dict[str, str]]:
+    """The media type of a Content-Type (or one ``Accept`` range) and its parameters, names lowercased."""
     message = Message()
     message["content-type"] = value
     params = {k.lower(): str(v) for k, v in message.get_params(failobj=[])[1:]}
@@ -68,7 +69,7 @@ def parse_multipart_related(content_type: str | None, body: bytes) -> list[Part]
     StowRequestError
         If the boundary is missing, or the body is not delimited by it.
     """
-    media, params = _header_params(content_type or "")
+    media, params = media_type_params(content_type or "")
     if media != "multipart/related":
         raise UnsupportedMediaTypeError(
             f'expected Content-Type: multipart/related; type="{DICOM}", got {media or "none"}')
@@ -110,7 +111,7 @@ def _part_type(headers: bytes) -> str | None:
     for line in headers.decode("latin-1").split("\r\n"):
         name, _, value = line.partition(":")
         if name.strip().lower() == "content-type":
-            return _header_params(value.strip())[0]
+            return media_type_params(value.strip())[0]
     return None
 
 

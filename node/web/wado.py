@@ -41,6 +41,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from node.web.stow import media_type_params
 from storage.models import Instance, Job, Result, Series, Study
 
 #: the transfer syntax of a request that names none (PS3.18 8.7.3.5)
@@ -131,15 +132,11 @@ class Wanted:
 def _media_ranges(accept: str) -> Iterator[tuple[str, dict[str, str]]]:
     """(media type, parameters) of each range of an ``Accept`` header, q=0 ones left out."""
     for item in accept.split(","):
-        fields = [f.strip() for f in item.split(";")]
-        params: dict[str, str] = {}
-        for field in fields[1:]:
-            name, _, value = field.partition("=")
-            params[name.strip().lower()] = value.strip().strip('"')
-        if params.get("q", "1").strip() in ("0", "0.0", "0.00", "0.000"):
+        if not item.strip():
             continue
-        if fields[0]:
-            yield fields[0].lower(), params
+        media_type, params = media_type_params(item.strip())
+        if params.get("q", "1").strip() not in ("0", "0.0", "0.00", "0.000"):
+            yield media_type, params
 
 
 def negotiate(accept: str | None, payload: str) -> Wanted:
@@ -239,11 +236,10 @@ def _decodable(transfer_syntax: UID) -> bool:
         return False
 
 
-def instance_part(path: Path, wanted: Wanted) -> Part:
-    """An object as the request takes it (checked by :func:`check_acceptable`): as stored, or
-    re-encoded in Explicit VR Little Endian, decompressed when it was compressed (the same SOP
-    Instance UID: the pixels are the stored ones, decoded)."""
-    stored = check_acceptable(path, wanted)
+def instance_part(path: Path, wanted: Wanted, stored: UID) -> Part:
+    """An object as the request takes it: as stored, or re-encoded in Explicit VR Little Endian,
+    decompressed when it was compressed (the same SOP Instance UID: the pixels are the stored
+    ones, decoded). ``stored``: its transfer syntax, as :func:`check_acceptable` returned it."""
     if wanted.takes(stored):
         return Part(f"application/dicom; transfer-syntax={stored}", path)
     ds = dcmread(path)
@@ -287,7 +283,7 @@ def metadata(path: Path, bulk_uri: Callable[[str], str]) -> dict[str, Any]:
     tags = ds.keys()  # not the data set itself: iterating it would read every deferred value
     for tag in tags:
         raw = ds.get_item(tag, keep_deferred=True)
-        if raw is None:
+        if not isinstance(raw, DataElement | RawDataElement):  # a tag gives an element (a slice, a data set)
             continue
         key = f"{int(tag):08X}"
         vr, length = _vr_and_length(raw, ds)
@@ -298,7 +294,7 @@ def metadata(path: Path, bulk_uri: Callable[[str], str]) -> dict[str, Any]:
     return out
 
 
-def _vr_and_length(element: DataElement | RawDataElement | Dataset, ds: Dataset) -> tuple[str, int]:
+def _vr_and_length(element: DataElement | RawDataElement, ds: Dataset) -> tuple[str, int]:
     """VR and value length of an element as read, without reading a deferred value; an implicit
     VR file's element gets its VR from the dictionary (pixel data OW beyond 8 bits, as PS3.5 A.1)."""
     if isinstance(element, RawDataElement):
@@ -308,10 +304,8 @@ def _vr_and_length(element: DataElement | RawDataElement | Dataset, ds: Dataset)
             if " or " in vr:
                 vr = "OW" if element.tag == PIXEL_DATA and int(ds.get("BitsAllocated", 8)) > 8 else vr.split(" or ")[0]
         return str(vr), element.length
-    if isinstance(element, DataElement):
-        value = element.value
-        return str(element.VR), len(value) if isinstance(value, bytes | bytearray) else 0
-    return "", 0
+    value = element.value
+    return str(element.VR), len(value) if isinstance(value, bytes | bytearray) else 0
 
 
 # -- frames and bulk data -------------------------------------------------------------------------

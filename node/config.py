@@ -536,6 +536,10 @@ class Settings(BaseSettings):
     #: order, while the others hold too much; one job larger than the budget runs alone.
     #: None: no bound
     volume_memory_budget_mb: int | None = Field(default=4096, ge=1)
+    #: true: a study whose rule loads a volume (CT analyzer, bundle) is read into one by an idle
+    #: worker once it has been quiet for half its quiet period, and its job takes that volume
+    #: instead of reading the series again, if no instance changed since (:mod:`node.preloaded`)
+    volume_preload: bool = True
     #: job slots an inference worker keeps for urgent jobs (asks, priority 8-9) beside
     #: ``worker_concurrency``, when it consumes urgent and routine queues (the embedded default
     #: does): an urgent job starts at once while the other slots run long jobs, in the same

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -55,7 +56,7 @@ def worker_name() -> str:
 
 
 # -- enqueueing (always after the commit that created the row) -----------------------------------
-def _priority_kwargs(priority: int) -> dict[str, Any]:
+def priority_kwargs(priority: int) -> dict[str, Any]:
     broker = str(app.conf.broker_url or "")
     if broker.startswith(("amqp", "pyamqp")):
         return {"priority": priority}
@@ -82,7 +83,7 @@ def enqueue_job(sessions: sessionmaker[Session], job_id: int, priority: int = 5)
         with sessions() as session:
             tasks = session.scalar(select(Job.tasks).where(Job.id == job_id)) or []
         queue = inference_queue(priority, job_models(tasks))
-        app.send_task("mednode.run_job", args=[job_id], queue=queue, **_priority_kwargs(priority))
+        app.send_task("mednode.run_job", args=[job_id], queue=queue, **priority_kwargs(priority))
     except Exception as exc:  # noqa: BLE001 (broker down, any transport error: the job stays queued, the sweep enqueues it again)
         log.warning("could not enqueue job %d (%s); the sweep will retry", job_id, type(exc).__name__)
         with sessions() as session, session.begin():
@@ -251,14 +252,7 @@ def claim(sessions: sessionmaker[Session], job_id: int, *, lease_s: float = LEAS
         session.refresh(job)
         if job.attempts == 1 and not job.on_demand:
             clock.observe(clock.QUEUED_TO_STARTED, clock.span_s(job.enqueued_at, now))
-        paths: dict[str, list[str]] = {}
-        for series in study.series:
-            # mednode's own results returned by a PACS are never a job's input
-            if series.series_instance_uid in job.series_uids and series.origin != SeriesOrigin.MEDNODE_RESULT:
-                rows = session.scalars(
-                    select(Instance.path).where(Instance.series_pk == series.id).order_by(Instance.id)
-                )
-                paths[series.series_instance_uid] = list(rows)
+        paths = series_paths(session, study, job.series_uids)
         return ClaimedJob(
             previous_results=previous_results(session, job),
             id=job.id,
@@ -272,6 +266,30 @@ def claim(sessions: sessionmaker[Session], job_id: int, *, lease_s: float = LEAS
             instance_paths=paths,
             priority=job.priority,
         )
+
+
+def series_paths(session: Session, study: Study, series_uids: Iterable[str]) -> dict[str, list[str]]:
+    """Series UID → the stored paths of its instances, in the order they were indexed, for those
+    of ``series_uids`` in ``study``: a job's input (mednode's own results returned by a PACS are
+    never one)."""
+    wanted = set(series_uids)
+    paths: dict[str, list[str]] = {}
+    for series in study.series:
+        if series.series_instance_uid in wanted and series.origin != SeriesOrigin.MEDNODE_RESULT:
+            rows = session.scalars(
+                select(Instance.path).where(Instance.series_pk == series.id).order_by(Instance.id)
+            )
+            paths[series.series_instance_uid] = list(rows)
+    return paths
+
+
+def receiving_study_paths(session: Session, study_uid: str, series_uids: Iterable[str]) -> dict[str, list[str]]:
+    """:func:`series_paths` of a study still receiving (what its job would read if it completed
+    now); empty when the study is complete or unknown."""
+    study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+    if study is None or study.state != StudyState.RECEIVING:
+        return {}
+    return series_paths(session, study, series_uids)
 
 
 def _published(job: Job) -> bool:

@@ -32,6 +32,13 @@ STAGE_DURATION = Histogram(
     ["stage"],
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300),
 )
+VOLUME_PRELOADS = Counter(
+    "mednode_volume_preloads_total",
+    "Series read ahead by an idle worker while their study was quiet (node.preloaded), by outcome: "
+    "read, skipped (worker busy, study complete, too large), stopped (another job started), "
+    "failed; then used (a job took it), discarded (another job started) or expired (never taken)",
+    ["outcome"],
+)
 DELIVERY_FAILURES = Counter(
     "mednode_delivery_failures_total", "Failed C-STORE and STOW-RS attempts to destinations"
 )

@@ -12,6 +12,8 @@ import math
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -44,6 +46,7 @@ from node import audit, clock, jobs, metrics
 from node.config import plan_tasks
 from node.context import NodeContext
 from node.failures import failure_reason
+from node.preloaded import key_of, process_preloaded
 from node.prior_stage import job_priors, rule_priors
 from node.vlm_stage import read_series, run_vlm_tasks
 from node.volume_budget import VolumeBudget, process_budget
@@ -108,6 +111,27 @@ def warm_up() -> None:
     copied_attributes(CTImageStorage)
 
 
+class _RunningJobs:
+    """How many jobs this process runs now: a read-ahead is made only by an idle worker."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    @contextmanager
+    def one(self) -> Iterator[None]:
+        with self._lock:
+            self.count += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.count -= 1
+
+
+RUNNING_JOBS = _RunningJobs()
+
+
 # -- stages ---------------------------------------------------------------------------------------
 def _one_frame_a_position(headers: list[Dataset]) -> bool:
     """Whether the frames of enhanced instances each have a position of their own (to 0.01 mm);
@@ -127,10 +151,11 @@ def _one_frame_a_position(headers: list[Dataset]) -> bool:
     return True
 
 
-def select_series(store: InstanceStore, job: jobs.ClaimedJob, modalities: tuple[str, ...]) -> tuple[str, int]:
-    """The largest (most frames) of the job's series of one of ``modalities``, single-frame or
-    enhanced (multi-frame) alike, and its pixels' bytes in int16: Rows × Columns × Number of
-    Frames × 2 summed over its instances.
+def select_series(store: InstanceStore, instance_paths: Mapping[str, Sequence[str]],
+                  modalities: tuple[str, ...]) -> tuple[str, int]:
+    """The largest (most frames) of a job's series (``instance_paths``: series UID → stored
+    paths) of one of ``modalities``, single-frame or enhanced (multi-frame) alike, and its pixels'
+    bytes in int16: Rows × Columns × Number of Frames × 2 summed over its instances.
 
     A classic series has one frame of one size per instance, so its first header tells them all; an
     enhanced (multi-frame) CT or MR instance may hold a whole volume, so each one's header is read.
@@ -141,7 +166,7 @@ def select_series(store: InstanceStore, job: jobs.ClaimedJob, modalities: tuple[
         If the job's series hold no series of that modality.
     """
     candidates = []
-    for series_uid, paths in job.instance_paths.items():
+    for series_uid, paths in instance_paths.items():
         first = read_dataset(store.absolute(paths[0]), stop_before_pixels=True) if paths else None
         if first is None or str(first.get("Modality", "")).upper() not in modalities:
             continue
@@ -159,10 +184,31 @@ def select_series(store: InstanceStore, job: jobs.ClaimedJob, modalities: tuple[
     return series_uid, pixel_bytes
 
 
+class _NotWanted(Exception):
+    """A read-ahead given up: a job of another series started meanwhile."""
+
+
+def read_volume(store: InstanceStore, paths: Sequence[str], purpose: str,
+                keep_going: Callable[[], bool] | None = None) -> Volume:
+    """Read the instances at ``paths`` into a volume whose headers are fit to be copied into
+    results (``purpose`` names the warning about what is left empty); ``keep_going``, asked
+    before each file, stops a read-ahead that is no longer wanted (:class:`_NotWanted`)."""
+    store.prefetch(paths)  # the disk reads the series while the headers are parsed
+    # headers now, each slice's pixels read while it is decoded into the volume and then dropped:
+    # the series' encoded pixels and the volume are never in memory side by side
+    datasets = []
+    for path in paths:
+        if keep_going is not None and not keep_going():
+            raise _NotWanted
+        datasets.append(read_dataset(store.absolute(path), defer_size=_DEFER_PIXELS_BYTES))
+    datasets = conform_copied_attributes(datasets, purpose=purpose)
+    return load_volume(datasets, release_pixel_data=True)
+
+
 def load_series_volume(ctx: NodeContext, job: jobs.ClaimedJob, modalities: tuple[str, ...],
                        series_uid: str | None = None) -> Volume:
     """Read ``series_uid`` (by default the largest matched series of one of ``modalities``) into a
-    volume.
+    volume, or take it from this worker's read-ahead of exactly its files (:mod:`node.preloaded`).
 
     Raises
     ------
@@ -170,18 +216,72 @@ def load_series_volume(ctx: NodeContext, job: jobs.ClaimedJob, modalities: tuple
         If the job's series hold no series of that modality.
     """
     if series_uid is None:
-        series_uid, _ = select_series(ctx.store, job, modalities)
+        series_uid, _ = select_series(ctx.store, job.instance_paths, modalities)
     started = time.perf_counter()
     paths = job.instance_paths[series_uid]
-    ctx.store.prefetch(paths)  # the disk reads the series while the headers are parsed
-    # headers now, each slice's pixels read while it is decoded into the volume and then dropped:
-    # the series' encoded pixels and the volume are never in memory side by side
-    datasets = [read_dataset(ctx.store.absolute(p), defer_size=_DEFER_PIXELS_BYTES) for p in paths]
-    # once per job, so one warning names what is left empty in all its results
-    datasets = conform_copied_attributes(datasets, purpose=f"job {job.id}")
-    volume = load_volume(datasets, release_pixel_data=True)
+    volume = process_preloaded().take(key_of(series_uid, paths), job.key)
+    if volume is not None:
+        log.info("%s: series %s was read ahead (%d instances)", job.key, series_uid, len(paths))
+    else:
+        # once per job, so one warning names what is left empty in all its results
+        volume = read_volume(ctx.store, paths, purpose=f"job {job.id}")
     _timed("load_volume", started, job.key)
     return volume
+
+
+def preload_series(ctx: NodeContext, study_uid: str, series_uids: Sequence[str],
+                   modalities: tuple[str, ...]) -> str:
+    """See :func:`_preload_series`; counts its outcome in ``mednode_volume_preloads_total``."""
+    outcome = _preload_series(ctx, study_uid, series_uids, modalities)
+    metrics.VOLUME_PRELOADS.labels(outcome=outcome.split(":")[0]).inc()
+    return outcome
+
+
+def _preload_series(ctx: NodeContext, study_uid: str, series_uids: Sequence[str],
+                    modalities: tuple[str, ...]) -> str:
+    """Read ahead, into this worker's slot (:mod:`node.preloaded`), the series a volume job of
+    ``study_uid`` over ``series_uids`` would load, while the study is still quiet; return what
+    happened, for the log and ``mednode_volume_preloads_total``.
+
+    Only an idle worker reads ahead (no job running in this process, no read-ahead held), and
+    only a study still receiving (a complete one's job is already queued, and reads its series
+    itself); a series larger than the volume memory budget is left to its job.
+    """
+    if RUNNING_JOBS.count:
+        return "skipped: the worker is busy"
+    with ctx.sessions() as session:
+        instance_paths = jobs.receiving_study_paths(session, study_uid, series_uids)
+    if not instance_paths:
+        return "skipped: the study is no longer receiving"
+    try:
+        series_uid, pixel_bytes = select_series(ctx.store, instance_paths, modalities)
+    except InvalidInputError:
+        return "skipped: no such series"
+    limit_mb = ctx.settings.volume_memory_budget_mb
+    if limit_mb is not None and pixel_bytes > limit_mb * 1024 * 1024:
+        return "skipped: larger than the volume memory budget"
+    budget = volume_budget(ctx)
+    if budget.held_bytes or budget.waiting:
+        return "skipped: the worker is busy"
+    paths = instance_paths[series_uid]
+    reading = process_preloaded().begin(key_of(series_uid, paths), f"series {series_uid}")
+    if reading is None:
+        return "skipped: a read-ahead is held"
+    volume = None
+    started = time.perf_counter()
+    try:
+        # the volume's own bytes while it is read; held afterwards, it is dropped before any other
+        # volume job of this worker loads its series
+        with budget.reserve(pixel_bytes, f"read-ahead of series {series_uid}"):
+            volume = read_volume(ctx.store, paths, purpose=f"series {series_uid} (read ahead)",
+                                 keep_going=lambda: reading.wanted)
+    except _NotWanted:
+        return "stopped: a job of another series started"
+    finally:
+        reading.done(volume)
+    log.info("read ahead series %s of study %s: %d instances in %.2f s", series_uid, study_uid,
+             len(paths), time.perf_counter() - started)
+    return "read"
 
 
 def volume_budget(ctx: NodeContext) -> VolumeBudget:
@@ -247,7 +347,7 @@ def run_tasks(ctx: NodeContext, job: jobs.ClaimedJob) -> list[Output]:
     specs = list(plan.model_tasks)
     outputs: list[Output] = []
     if plan.ct_analysis:
-        series_uid, pixel_bytes = select_series(ctx.store, job, ("CT",))
+        series_uid, pixel_bytes = select_series(ctx.store, job.instance_paths, ("CT",))
         with volume_budget(ctx).reserve(int(CT_ANALYSIS_PEAK_FACTOR * pixel_bytes), job.key):
             volume = load_series_volume(ctx, job, ("CT",), series_uid)
             outputs.extend(ct_analysis(volume, job.key, job.amendment))
@@ -256,7 +356,7 @@ def run_tasks(ctx: NodeContext, job: jobs.ClaimedJob) -> list[Output]:
         path = ctx.settings.models.bundles.get(name)
         if path is None:
             raise ModelNotConfiguredError(f"segmentation bundle {name!r} is not in models.bundles")
-        series_uid, pixel_bytes = select_series(ctx.store, job, ("CT", "MR"))
+        series_uid, pixel_bytes = select_series(ctx.store, job.instance_paths, ("CT", "MR"))
         with volume_budget(ctx).reserve(int(BUNDLE_PEAK_FACTOR * pixel_bytes), job.key):
             volume = load_series_volume(ctx, job, ("CT", "MR"), series_uid)
             bundle = load_bundle(path, ctx.settings.models.bundle_device)
@@ -495,7 +595,7 @@ def run_job(ctx: NodeContext, job_id: int) -> list[int]:
              job.study_instance_uid)
     started = time.perf_counter()
     try:
-        with _Lease(ctx, job.id, ctx.settings.job_lease_s), clock.measuring() as stages:
+        with RUNNING_JOBS.one(), _Lease(ctx, job.id, ctx.settings.job_lease_s), clock.measuring() as stages:
             outputs = run_tasks(ctx, job)
             results = store_outputs(ctx, job.id, outputs)
     except (ModelServerUnavailableError, ModelOutOfMemoryError) as exc:  # before InferenceError:

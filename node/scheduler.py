@@ -11,6 +11,7 @@ from node import jobs, retention
 from node.completion import complete_due_studies, next_due_at
 from node.context import NodeContext
 from node.leadership import Leadership
+from node.preload import Preloads, next_preload_at
 from storage.models import utcnow
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ WAKE_LATE_S = 0.005
 
 class Scheduler:
     """Runs :func:`complete_due_studies` every ``completion_poll_s`` (sooner when a study's quiet
-    period ends first: :meth:`wait_s`) and :func:`jobs.sweep`
+    period ends first: :meth:`wait_s`), sends read-ahead hints (:mod:`node.preload`), and :func:`jobs.sweep`
     every :data:`SWEEP_EVERY_S` (and once at start, to pick up what a crash left), and the
     retention cleaner every ``retention.check_every_s`` (studies when ``retention.max_age_days`` is set;
     prior-study copies jobs left always).
@@ -37,6 +38,7 @@ class Scheduler:
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._last_sweep = 0.0
         self._last_retention = float("-inf")
+        self._preloads = Preloads(ctx.sessions, ctx.settings)
 
     def start(self) -> None:
         self._thread.start()
@@ -54,6 +56,8 @@ class Scheduler:
         created = complete_due_studies(self.ctx.sessions, self.ctx.settings)
         for job_id, priority in created:
             jobs.enqueue_job(self.ctx.sessions, job_id, priority)
+        if self.ctx.settings.volume_preload:
+            self._preloads.send()
         if time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
             self._last_sweep = time.monotonic()
             lost_jobs, due_deliveries = jobs.sweep(self.ctx.sessions)
@@ -79,13 +83,17 @@ class Scheduler:
 
     def wait_s(self) -> float:
         """Seconds to the next round: ``completion_poll_s``, or less when a study's quiet period
-        ends sooner (:func:`~node.completion.next_due_at`), so it completes on time."""
+        ends sooner (:func:`~node.completion.next_due_at`), so it completes on time, or its
+        read-ahead is due sooner (:func:`~node.preload.next_preload_at`)."""
         poll_s = self.ctx.settings.completion_poll_s
         try:
-            due = next_due_at(self.ctx.sessions, self.ctx.settings)
+            moments = [next_due_at(self.ctx.sessions, self.ctx.settings)]
+            if self.ctx.settings.volume_preload:
+                moments.append(next_preload_at(self.ctx.sessions, self.ctx.settings))
         except Exception:  # boundary: a database hiccup leaves the regular poll
             log.exception("could not read when the next study is due; polling")
             return poll_s
+        due = min((m for m in moments if m is not None), default=None)
         if due is None:
             return poll_s
         # a few milliseconds past the moment: the round's own clock must see it as due

@@ -11,7 +11,7 @@ from typing import Any
 
 from celery.worker.control import inspect_command
 
-from node import context, dispatch, jobs
+from node import context, dispatch, jobs, metrics
 from node.celery_app import app, is_urgent_queue
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,23 @@ def run_job(self, job_id: int) -> None:  # type: ignore[no-untyped-def]
         raise self.retry(exc=exc, countdown=countdown)
     for delivery_id in delivery_ids:
         jobs.enqueue_delivery(ctx.sessions, delivery_id, attempts=0)
+
+
+@app.task(name="mednode.preload_volume")
+def preload_volume(study_uid: str, series_uids: list[str], modalities: list[str]) -> None:
+    """Read a quiet study's series ahead of its job (:mod:`node.preloaded`), if this worker is idle."""
+    from node import pipeline  # the model runtime: imported where jobs run, not in delivery workers
+
+    ctx = context.current()
+    try:
+        outcome = pipeline.preload_series(ctx, study_uid, series_uids, tuple(modalities))
+    except Exception as exc:  # noqa: BLE001 (boundary: only a guess; the job reads the series itself)
+        metrics.VOLUME_PRELOADS.labels(outcome="failed").inc()
+        log.warning("read-ahead of study %s failed (%s); its job reads the series", study_uid,
+                    type(exc).__name__)
+        return
+    if outcome != "read":
+        log.info("read-ahead of study %s: %s", study_uid, outcome)
 
 
 @app.task(name="mednode.deliver")

@@ -38,13 +38,13 @@ def test_multi_frame_instances_count_every_frame(tmp_path: Path, shared_dicom: P
                                      "ct": [LEGACY_ENHANCED_CT]})
     # the series with most frames wins, enhanced or classic (load_volume reads both): 20 frames
     # of two enhanced instances before 4 single-frame instances ...
-    assert select_series(store, job, ("MR",)) == ("enhanced", 2 * 64 * 64 * 10 * 2)
+    assert select_series(store, job.instance_paths, ("MR",)) == ("enhanced", 2 * 64 * 64 * 10 * 2)
     # ... and an enhanced one counts every frame of every instance
-    assert select_series(store, job, ("CT",)) == ("ct", 38 * 24 * 3 * 2)
+    assert select_series(store, job.instance_paths, ("CT",)) == ("ct", 38 * 24 * 3 * 2)
     enhanced_only = _job(store, shared_dicom, {"enhanced": [ENHANCED_MR, ENHANCED_MR]})
-    assert select_series(store, enhanced_only, ("MR",)) == ("enhanced", 2 * 64 * 64 * 10 * 2)
+    assert select_series(store, enhanced_only.instance_paths, ("MR",)) == ("enhanced", 2 * 64 * 64 * 10 * 2)
     classic_only = _job(store, shared_dicom, {"classic": classic})
-    assert select_series(store, classic_only, ("MR",)) == ("classic", 4 * 256 * 256 * 2)
+    assert select_series(store, classic_only.instance_paths, ("MR",)) == ("classic", 4 * 256 * 256 * 2)
 
 
 def test_a_classic_series_with_more_frames_wins_over_an_enhanced_one(tmp_path: Path, shared_dicom: Path) -> None:
@@ -52,7 +52,7 @@ def test_a_classic_series_with_more_frames_wins_over_an_enhanced_one(tmp_path: P
     head = sorted(str(p.relative_to(shared_dicom)) for p in (shared_dicom / "ct/pydicom_head_ct2").glob("*.dcm"))
     job = _job(store, shared_dicom, {"enhanced": [LEGACY_ENHANCED_CT], "classic": head})
     # 4 single-frame 16 × 16 slices against one instance of 3 frames: the frames decide, not the bytes
-    assert select_series(store, job, ("CT",)) == ("classic", 4 * 16 * 16 * 2)
+    assert select_series(store, job.instance_paths, ("CT",)) == ("classic", 4 * 16 * 16 * 2)
 
 
 def test_an_enhanced_series_with_frames_at_one_position_goes_after_one_that_forms_a_volume(
@@ -69,8 +69,8 @@ def test_an_enhanced_series_with_frames_at_one_position_goes_after_one_that_form
     ds.save_as(four_d)
     head = sorted(str(p.relative_to(shared_dicom)) for p in (shared_dicom / "ct/pydicom_head_ct2").glob("*.dcm"))[:2]
     job = _job(store, tmp_path, {"4d": ["4d.dcm"]})
-    assert select_series(store, job, ("CT",)) == ("4d", 38 * 24 * 3 * 2)  # alone: load_volume says why
+    assert select_series(store, job.instance_paths, ("CT",)) == ("4d", 38 * 24 * 3 * 2)  # alone: load_volume says why
     both = _job(store, shared_dicom, {"classic": head})
     both.instance_paths.update(job.instance_paths)
     # 2 classic frames against 3 frames at one position: the classic series forms a volume
-    assert select_series(store, both, ("CT",)) == ("classic", 2 * 16 * 16 * 2)
+    assert select_series(store, both.instance_paths, ("CT",)) == ("classic", 2 * 16 * 16 * 2)

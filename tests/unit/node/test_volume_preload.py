@@ -1,0 +1,268 @@
+"""A quiet study's series read ahead by an idle worker (node.preload, node.preloaded): hinted once
+per quiet spell, used only by a job over exactly the files it was read from, never holding memory
+another job needs, and giving the same results as a job that reads the series itself."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from prometheus_client import REGISTRY
+from sqlalchemy import select
+
+from dicom_io.header import parse_header
+from node import pipeline
+from node.completion import complete_due_studies
+from node.config import Settings, load_settings
+from node.context import NodeContext
+from node.preload import PRELOAD_AT, Preloads, volume_hint
+from node.preloaded import PreloadedVolume, key_of, process_preloaded
+from node.routing import SeriesFacts, StudyFacts
+from node.scheduler import Scheduler
+from storage.db import upgrade
+from storage.index import index_instance
+from storage.models import Job, JobState, Result, utcnow
+from tests.phantom import PhantomGeometry, make_ct_phantom
+from tests.unit.node.conftest import IndexFn, drain
+
+GEOMETRY = PhantomGeometry(rows=80, columns=80, pixel_spacing_mm=(4.0, 4.0), slice_spacing_mm=10.0, num_slices=18)
+CT_RULE = {"name": "ct", "match": {"modality": "CT"}, "tasks": ["ct_analysis"], "destinations": []}
+
+
+def _count(outcome: str) -> float:
+    return REGISTRY.get_sample_value("mednode_volume_preloads_total", {"outcome": outcome}) or 0.0
+
+
+# -- the worker's slot ---------------------------------------------------------------------------
+def test_a_read_ahead_is_taken_once_by_a_job_over_exactly_its_files() -> None:
+    slot = PreloadedVolume()
+    volume: Any = object()
+    reading = slot.begin(key_of("1.2", ["a", "b"]), "series 1.2")
+    assert reading is not None and slot.begin(key_of("1.3", ["c"]), "series 1.3") is None  # one at a time
+    reading.done(volume)
+    assert slot.held == key_of("1.2", ["a", "b"])
+    used = _count("used")
+    assert slot.take(key_of("1.2", ["a", "b"]), "job") is volume
+    assert _count("used") == used + 1
+    assert slot.take(key_of("1.2", ["a", "b"]), "job") is None and slot.held is None
+
+
+def test_a_job_over_other_files_drops_the_read_ahead_before_it_loads() -> None:
+    slot = PreloadedVolume()
+    reading = slot.begin(key_of("1.2", ["a", "b"]), "series 1.2")
+    assert reading is not None
+    reading.done(object())  # type: ignore[arg-type]
+    discarded = _count("discarded")
+    # one more instance arrived after the read: the job's files differ, and it reads them itself
+    assert slot.take(key_of("1.2", ["a", "b", "c"]), "job") is None
+    assert slot.held is None and _count("discarded") == discarded + 1
+    assert slot.take(key_of("1.2", ["a", "b"]), "job") is None
+
+
+def test_a_job_waits_for_a_read_of_its_own_files_that_is_still_running() -> None:
+    slot = PreloadedVolume()
+    volume: Any = object()
+    reading = slot.begin(key_of("1.2", ["a"]), "series 1.2")
+    assert reading is not None
+    taken: list[object] = []
+    job = threading.Thread(target=lambda: taken.append(slot.take(key_of("1.2", ["a"]), "job")))
+    job.start()
+    time.sleep(0.1)
+    assert job.is_alive() and not taken  # waiting, not reading the files a second time
+    reading.done(volume)
+    job.join(5)
+    assert taken == [volume]
+
+
+def test_a_read_dropped_while_it_runs_stops_and_is_not_kept() -> None:
+    slot = PreloadedVolume()
+    reading = slot.begin(key_of("1.2", ["a"]), "series 1.2")
+    assert reading is not None and reading.wanted
+    assert slot.take(key_of("9.9", ["z"]), "job of another series") is None
+    assert not reading.wanted  # the reader stops between files
+    reading.done(object())  # type: ignore[arg-type]  # a reader that finished anyway
+    assert slot.held is None
+    assert slot.begin(key_of("1.3", ["b"]), "series 1.3") is not None  # the slot is free again
+
+
+def test_a_read_ahead_nobody_takes_is_let_go() -> None:
+    slot = PreloadedVolume(hold_s=0.05)
+    reading = slot.begin(key_of("1.2", ["a"]), "series 1.2")
+    assert reading is not None
+    expired = _count("expired")
+    reading.done(object())  # type: ignore[arg-type]
+    deadline = time.monotonic() + 5
+    while _count("expired") == expired:  # by its timer: nothing else touches the slot
+        assert time.monotonic() < deadline, "the held volume was never let go"
+        time.sleep(0.01)
+    assert slot.held is None
+
+
+# -- which studies are read ahead --------------------------------------------------------------
+def test_only_a_rule_that_loads_a_volume_asks_for_a_read_ahead(
+        settings_for: Callable[..., Settings], tmp_path: Path) -> None:
+    settings = settings_for(models={"bundles": {"spleen": str(tmp_path)}}, rules=[
+        {"name": "report", "match": {"modality": "CT"}, "tasks": [{"report": {}}], "destinations": []},
+        {"name": "seg", "match": {"modality": "MR"}, "tasks": [{"segment": {"bundle": "spleen"}}],
+         "destinations": [], "priority": 9},
+    ])
+    ct = StudyFacts("1.2", series=(SeriesFacts("1.2.1", modality="CT", instance_count=3),))
+    mr = StudyFacts("1.3", series=(SeriesFacts("1.3.1", modality="MR", instance_count=3),))
+    queue_for: Callable[[Any], str] = lambda rule: f"queue of {rule.name}"
+    assert volume_hint(ct, settings.effective_rules, queue_for, 1.0) is None
+    hint = volume_hint(mr, settings.effective_rules, queue_for, 1.0)
+    assert hint is not None
+    assert (hint.series_uids, hint.modalities, hint.queue) == (("1.3.1",), ("CT", "MR"), "queue of seg")
+
+
+def test_a_study_is_hinted_once_per_quiet_spell_from_half_its_quiet_period(
+        sessions: Any, settings_for: Callable[..., Settings], index: IndexFn) -> None:
+    settings = settings_for(quiet_period_s=10, rules=[CT_RULE, {**CT_RULE, "name": "slow", "quiet_period_s": 40,
+                                                                "match": {"modality": "MR"}}])
+    preloads = Preloads(sessions, settings)
+    start = utcnow()
+    index("1.2", "1.2.1", 1, now=start)
+    index("1.2", "1.2.1", 2, now=start)
+    assert preloads.due(start + timedelta(seconds=PRELOAD_AT * 10 - 0.5)) == []
+    [hint] = preloads.due(start + timedelta(seconds=PRELOAD_AT * 10 + 0.5))
+    assert (hint.study_instance_uid, hint.series_uids, hint.modalities) == ("1.2", ("1.2.1",), ("CT",))
+    assert hint.expires_s == pytest.approx(10 - (PRELOAD_AT * 10 + 0.5))
+    assert preloads.due(start + timedelta(seconds=7)) == []  # once
+    # a new instance: a new quiet spell, a new read-ahead
+    later = start + timedelta(seconds=8)
+    index("1.2", "1.2.1", 3, now=later)
+    assert preloads.due(later + timedelta(seconds=1)) == []
+    assert len(preloads.due(later + timedelta(seconds=6))) == 1
+    # due (quiet for all its quiet period): completion's, no read-ahead any more
+    index("1.4", "1.4.1", 1, now=start)
+    assert preloads.due(start + timedelta(seconds=11)) == []
+    # a rule with a longer quiet period: half of its own
+    index("1.5", "1.5.1", 1, now=start, modality="MR")
+    assert preloads.due(start + timedelta(seconds=12)) == []
+    [hint] = preloads.due(start + timedelta(seconds=21))
+    assert hint.study_instance_uid == "1.5"
+
+
+def test_the_scheduler_sends_the_hint_to_the_queue_of_the_job(
+        tmp_path: Path, memory_celery: Any, index: IndexFn) -> None:
+    settings = load_settings(data_dir=tmp_path / "var", broker_url="memory://", quiet_period_s=30,
+                             rules=[CT_RULE])
+    ctx = NodeContext.create(settings)
+    try:
+        upgrade(ctx.engine)
+        index("1.2", "1.2.1", 1, now=utcnow() - timedelta(seconds=20))
+        scheduler = Scheduler(ctx)
+        scheduler.tick()
+        assert drain(memory_celery, "inference") == [("mednode.preload_volume", ["1.2", ["1.2.1"], ["CT"]])]
+        scheduler.tick()
+        assert drain(memory_celery, "inference") == []  # once
+        assert 0 < scheduler.wait_s() <= settings.completion_poll_s
+    finally:
+        ctx.close()
+
+
+# -- through the pipeline ------------------------------------------------------------------------
+@pytest.fixture
+def ctx(tmp_path: Path) -> Iterator[NodeContext]:
+    settings = load_settings(data_dir=tmp_path / "var", quiet_period_s=1, rules=[CT_RULE])
+    context = NodeContext.create(settings)
+    upgrade(context.engine)
+    process_preloaded().drop()
+    yield context
+    process_preloaded().drop()
+    context.close()
+
+
+def _receive(ctx: NodeContext, datasets: list[pydicom.Dataset], now: datetime) -> None:
+    for ds in datasets:
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        data = buffer.getvalue()
+        header, _ = parse_header(data)
+        stored = ctx.store.write_instance(header.study_instance_uid, header.series_instance_uid,
+                                          header.sop_instance_uid, data)
+        with ctx.sessions() as session, session.begin():
+            index_instance(session, header, stored, calling_ae_title="MODALITY", called_ae_title="MEDNODE", now=now)
+
+
+def _run(ctx: NodeContext, now: datetime) -> dict[str, pydicom.Dataset]:
+    [(job_id, _)] = complete_due_studies(ctx.sessions, ctx.settings, now=now + timedelta(seconds=5))
+    pipeline.run_job(ctx, job_id)
+    with ctx.sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.state == JobState.SUCCEEDED, job.reason if job else None
+        return {r.kind: pydicom.dcmread(ctx.store.absolute(r.path))
+                for r in session.scalars(select(Result).where(Result.job_pk == job_id))}
+
+
+def _same_results(a: dict[str, pydicom.Dataset], b: dict[str, pydicom.Dataset]) -> None:
+    assert a["seg"].PixelData == b["seg"].PixelData
+    assert a["seg"].NumberOfFrames == b["seg"].NumberOfFrames
+    assert a["sr"].ContentSequence == b["sr"].ContentSequence  # measurements and references
+
+
+def test_a_job_takes_the_read_ahead_and_writes_what_it_would_have_written(
+        ctx: NodeContext, tmp_path: Path) -> None:
+    slices = make_ct_phantom(geometry=GEOMETRY, noise_hu_sd=10.0, seed=3)
+    now = utcnow() - timedelta(hours=1)
+    _receive(ctx, slices, now)
+    read, used = _count("read"), _count("used")
+    assert pipeline.preload_series(ctx, slices[0].StudyInstanceUID, [slices[0].SeriesInstanceUID], ("CT",)) == "read"
+    assert process_preloaded().held is not None
+    loads: list[object] = []
+    original = pipeline.read_volume
+    try:
+        pipeline.read_volume = lambda *a, **k: loads.append(a) or original(*a, **k)  # type: ignore[assignment]
+        preloaded = _run(ctx, now)
+    finally:
+        pipeline.read_volume = original  # type: ignore[assignment]
+    assert loads == [] and process_preloaded().held is None  # the job read no file of the series
+    assert _count("used") == used + 1
+
+    # the same study on a node without the read-ahead
+    other = NodeContext.create(load_settings(data_dir=tmp_path / "other", quiet_period_s=1, rules=[CT_RULE],
+                                             volume_preload=False))
+    try:
+        upgrade(other.engine)
+        _receive(other, slices, now)
+        _same_results(preloaded, _run(other, now))
+    finally:
+        other.close()
+    assert _count("read") == read + 1
+
+
+def test_an_instance_received_after_the_read_ahead_is_in_the_job(ctx: NodeContext) -> None:
+    slices = make_ct_phantom(geometry=GEOMETRY, noise_hu_sd=10.0, seed=4)
+    now = utcnow() - timedelta(hours=1)
+    _receive(ctx, slices[:-1], now)
+    study, series = slices[0].StudyInstanceUID, slices[0].SeriesInstanceUID
+    assert pipeline.preload_series(ctx, study, [series], ("CT",)) == "read"
+    _receive(ctx, slices[-1:], now)  # the last slice arrives during the quiet period
+    used, discarded = _count("used"), _count("discarded")
+    results = _run(ctx, now)
+    assert _count("used") == used and _count("discarded") == discarded + 1
+    referenced = {item.ReferencedSOPInstanceUID
+                  for item in results["seg"].ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == {ds.SOPInstanceUID for ds in slices}  # every slice, the late one included
+
+
+def test_a_busy_worker_or_a_complete_study_is_not_read_ahead(ctx: NodeContext) -> None:
+    slices = make_ct_phantom(geometry=GEOMETRY, noise_hu_sd=10.0, seed=5)
+    now = utcnow() - timedelta(hours=1)
+    _receive(ctx, slices, now)
+    study, series = slices[0].StudyInstanceUID, slices[0].SeriesInstanceUID
+    with pipeline.RUNNING_JOBS.one():
+        assert pipeline.preload_series(ctx, study, [series], ("CT",)) == "skipped: the worker is busy"
+    with pipeline.volume_budget(ctx).reserve(1, "another job"):
+        assert pipeline.preload_series(ctx, study, [series], ("CT",)) == "skipped: the worker is busy"
+    assert pipeline.preload_series(ctx, study, [series], ("MR",)) == "skipped: no such series"
+    complete_due_studies(ctx.sessions, ctx.settings, now=now + timedelta(seconds=5))
+    assert pipeline.preload_series(ctx, study, [series], ("CT",)) == "skipped: the study is no longer receiving"
+    assert process_preloaded().held is None

@@ -77,8 +77,19 @@ def test_every_stage_is_clocked_and_the_overhead_is_small(tmp_path: Path, mednod
     # one association per job and destination (not one per object)
     assert associations == STUDIES, pacs.log_text()[-3000:]
 
+    # studies 2 and 3, sent to a free worker, were read ahead half-way through their quiet
+    # period, and their jobs took the volume instead of reading the series again
+    scraped = scrape(node.web_url)
+    preloads = {dict(labels)["outcome"]: value
+                for labels, value in scraped.get("mednode_volume_preloads_total", {}).items()}
+    assert preloads.get("used", 0) >= STUDIES - 1, preloads
+    assert preloads.get("used", 0) <= preloads.get("read", 0), preloads
+    for study in studies[1:]:
+        seconds = {s["stage"]: s["seconds"] for s in study["clock"]}
+        assert seconds["load"] < 0.1, study["clock"]
+
     # /metrics counts each stage of each study
-    metrics = scrape(node.web_url)["mednode_study_clock_seconds_count"]
+    metrics = scraped["mednode_study_clock_seconds_count"]
     counts = {dict(labels)["stage"]: value for labels, value in metrics.items()}
     assert counts == {"last_instance_to_complete": STUDIES, "complete_to_queued": STUDIES,
                       "queued_to_started": STUDIES, **dict.fromkeys(WORKER_STAGES, STUDIES),

@@ -46,7 +46,7 @@ from node import audit, clock, jobs, metrics
 from node.config import plan_tasks
 from node.context import NodeContext
 from node.failures import failure_reason
-from node.preloaded import key_of, process_preloaded
+from node.preloaded import HOLD_AFTER_DUE_S, key_of, process_preloaded
 from node.prior_stage import job_priors, rule_priors
 from node.vlm_stage import read_series, run_vlm_tasks
 from node.volume_budget import VolumeBudget, process_budget
@@ -230,18 +230,18 @@ def load_series_volume(ctx: NodeContext, job: jobs.ClaimedJob, modalities: tuple
 
 
 def preload_series(ctx: NodeContext, study_uid: str, series_uids: Sequence[str],
-                   modalities: tuple[str, ...]) -> str:
+                   modalities: tuple[str, ...], due_in_s: float = 0.0) -> str:
     """See :func:`_preload_series`; counts its outcome in ``mednode_volume_preloads_total``."""
-    outcome = _preload_series(ctx, study_uid, series_uids, modalities)
+    outcome = _preload_series(ctx, study_uid, series_uids, modalities, due_in_s)
     metrics.VOLUME_PRELOADS.labels(outcome=outcome.split(":")[0]).inc()
     return outcome
 
 
 def _preload_series(ctx: NodeContext, study_uid: str, series_uids: Sequence[str],
-                    modalities: tuple[str, ...]) -> str:
+                    modalities: tuple[str, ...], due_in_s: float) -> str:
     """Read ahead, into this worker's slot (:mod:`node.preloaded`), the series a volume job of
-    ``study_uid`` over ``series_uids`` would load, while the study is still quiet; return what
-    happened, for the log and ``mednode_volume_preloads_total``.
+    ``study_uid`` over ``series_uids`` would load, while the study is still quiet (for another
+    ``due_in_s``); return what happened, for the log and ``mednode_volume_preloads_total``.
 
     Only an idle worker reads ahead (no job running in this process, no read-ahead held), and
     only a study still receiving (a complete one's job is already queued, and reads its series
@@ -264,7 +264,8 @@ def _preload_series(ctx: NodeContext, study_uid: str, series_uids: Sequence[str]
     if budget.held_bytes or budget.waiting:
         return "skipped: the worker is busy"
     paths = instance_paths[series_uid]
-    reading = process_preloaded().begin(key_of(series_uid, paths), f"series {series_uid}")
+    reading = process_preloaded().begin(key_of(series_uid, paths), f"series {series_uid}",
+                                        hold_s=max(due_in_s, 0.0) + HOLD_AFTER_DUE_S)
     if reading is None:
         return "skipped: a read-ahead is held"
     volume = None

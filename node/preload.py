@@ -138,7 +138,8 @@ class Preloads:
         for hint in self.due(now):
             try:
                 app.send_task("mednode.preload_volume",
-                              args=[hint.study_instance_uid, list(hint.series_uids), list(hint.modalities)],
+                              args=[hint.study_instance_uid, list(hint.series_uids), list(hint.modalities),
+                                    round(hint.expires_s, 3)],
                               queue=hint.queue, expires=max(hint.expires_s, 0.001), **priority_kwargs(0))
             except Exception as exc:  # noqa: BLE001 (broker down, any transport error: only a hint)
                 log.warning("could not ask for a read-ahead of study %s (%s)", hint.study_instance_uid,

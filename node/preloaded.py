@@ -12,7 +12,8 @@ A read-ahead is a guess and must never change a result or delay real work:
 - it is used only by a job whose series holds **exactly** the files it was read from (the store
   names each file by its content's digest, so the same names are the same bytes); an instance that
   arrived after it, or one replaced, makes the job read the series itself;
-- a worker holds at most one, for at most :data:`HOLD_S`, and drops it as soon as any other
+- a worker holds at most one, until :data:`HOLD_AFTER_DUE_S` after its study's quiet period was
+  to end, and drops it as soon as any other
   volume job starts (before that job loads its own series), so the memory it holds is never
   more than one volume that a job of that worker was about to need;
 - a job that finds the read still running waits for it rather than reading the same files twice.
@@ -31,9 +32,9 @@ from node import metrics
 
 log = logging.getLogger(__name__)
 
-#: a read-ahead nobody took is dropped after this long (its study's job ran elsewhere, or the study
-#: is still receiving)
-HOLD_S = 120.0
+#: a read-ahead nobody took is dropped this long after its study was due to complete (its job ran
+#: on another worker, or the study received more and is still receiving)
+HOLD_AFTER_DUE_S = 60.0
 #: the longest a job waits for a read-ahead of its own series that is still running
 WAIT_FOR_READ_S = 600.0
 
@@ -49,6 +50,7 @@ def key_of(series_uid: str, paths: Sequence[str]) -> Key:
 class _Entry:
     key: Key
     label: str
+    hold_s: float
     held_until: float
     volume: Volume | None = None
     reading: bool = True
@@ -56,28 +58,21 @@ class _Entry:
 
 
 class PreloadedVolume:
-    """At most one volume read ahead in this worker process (see the module docstring).
+    """At most one volume read ahead in this worker process (see the module docstring)."""
 
-    Parameters
-    ----------
-    hold_s
-        How long a finished read-ahead is kept for its job.
-    """
-
-    def __init__(self, hold_s: float = HOLD_S) -> None:
-        self.hold_s = hold_s
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entry: _Entry | None = None
 
-    def begin(self, key: Key, label: str) -> Reading | None:
-        """Claim the slot to read ``key`` (``label`` names it in logs, by UID); None when a
-        read-ahead is already held or running (the first one stays: a worker reads ahead one
-        series at a time)."""
+    def begin(self, key: Key, label: str, hold_s: float) -> Reading | None:
+        """Claim the slot to read ``key`` (``label`` names it in logs, by UID), to be held
+        ``hold_s`` once read; None when a read-ahead is already held or running (the first one
+        stays: a worker reads ahead one series at a time)."""
         with self._lock:
             self._expire()
             if self._entry is not None:
                 return None
-            self._entry = _Entry(key, label, held_until=time.monotonic() + self.hold_s)
+            self._entry = _Entry(key, label, hold_s, held_until=time.monotonic() + hold_s)
             return Reading(self, self._entry)
 
     def _finish(self, entry: _Entry, volume: Volume | None) -> None:
@@ -93,8 +88,8 @@ class PreloadedVolume:
                     log.info("read-ahead of %s dropped as it was read", entry.label)
             else:
                 entry.volume = volume
-                entry.held_until = time.monotonic() + self.hold_s
-                timer = threading.Timer(self.hold_s + 0.05, self._on_timer)
+                entry.held_until = time.monotonic() + entry.hold_s
+                timer = threading.Timer(entry.hold_s + 0.05, self._on_timer)
                 timer.daemon = True
                 timer.start()
             entry.read.set()
@@ -157,7 +152,7 @@ class PreloadedVolume:
         if entry is not None and not entry.reading and time.monotonic() > entry.held_until:
             self._entry = None
             _count("expired")
-            log.info("read-ahead of %s dropped after %.0f s unused", entry.label, self.hold_s)
+            log.info("read-ahead of %s dropped after %.0f s unused", entry.label, entry.hold_s)
 
 
 class Reading:

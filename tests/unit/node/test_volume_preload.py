@@ -44,8 +44,8 @@ def _count(outcome: str) -> float:
 def test_a_read_ahead_is_taken_once_by_a_job_over_exactly_its_files() -> None:
     slot = PreloadedVolume()
     volume: Any = object()
-    reading = slot.begin(key_of("1.2", ["a", "b"]), "series 1.2")
-    assert reading is not None and slot.begin(key_of("1.3", ["c"]), "series 1.3") is None  # one at a time
+    reading = slot.begin(key_of("1.2", ["a", "b"]), "series 1.2", hold_s=60)
+    assert reading is not None and slot.begin(key_of("1.3", ["c"]), "series 1.3", hold_s=60) is None  # one at a time
     reading.done(volume)
     assert slot.held == key_of("1.2", ["a", "b"])
     used = _count("used")
@@ -56,7 +56,7 @@ def test_a_read_ahead_is_taken_once_by_a_job_over_exactly_its_files() -> None:
 
 def test_a_job_over_other_files_drops_the_read_ahead_before_it_loads() -> None:
     slot = PreloadedVolume()
-    reading = slot.begin(key_of("1.2", ["a", "b"]), "series 1.2")
+    reading = slot.begin(key_of("1.2", ["a", "b"]), "series 1.2", hold_s=60)
     assert reading is not None
     reading.done(object())  # type: ignore[arg-type]
     discarded = _count("discarded")
@@ -69,7 +69,7 @@ def test_a_job_over_other_files_drops_the_read_ahead_before_it_loads() -> None:
 def test_a_job_waits_for_a_read_of_its_own_files_that_is_still_running() -> None:
     slot = PreloadedVolume()
     volume: Any = object()
-    reading = slot.begin(key_of("1.2", ["a"]), "series 1.2")
+    reading = slot.begin(key_of("1.2", ["a"]), "series 1.2", hold_s=60)
     assert reading is not None
     taken: list[object] = []
     job = threading.Thread(target=lambda: taken.append(slot.take(key_of("1.2", ["a"]), "job")))
@@ -83,18 +83,18 @@ def test_a_job_waits_for_a_read_of_its_own_files_that_is_still_running() -> None
 
 def test_a_read_dropped_while_it_runs_stops_and_is_not_kept() -> None:
     slot = PreloadedVolume()
-    reading = slot.begin(key_of("1.2", ["a"]), "series 1.2")
+    reading = slot.begin(key_of("1.2", ["a"]), "series 1.2", hold_s=60)
     assert reading is not None and reading.wanted
     assert slot.take(key_of("9.9", ["z"]), "job of another series") is None
     assert not reading.wanted  # the reader stops between files
     reading.done(object())  # type: ignore[arg-type]  # a reader that finished anyway
     assert slot.held is None
-    assert slot.begin(key_of("1.3", ["b"]), "series 1.3") is not None  # the slot is free again
+    assert slot.begin(key_of("1.3", ["b"]), "series 1.3", hold_s=60) is not None  # the slot is free again
 
 
 def test_a_read_ahead_nobody_takes_is_let_go() -> None:
-    slot = PreloadedVolume(hold_s=0.05)
-    reading = slot.begin(key_of("1.2", ["a"]), "series 1.2")
+    slot = PreloadedVolume()
+    reading = slot.begin(key_of("1.2", ["a"]), "series 1.2", hold_s=0.05)
     assert reading is not None
     expired = _count("expired")
     reading.done(object())  # type: ignore[arg-type]
@@ -160,7 +160,9 @@ def test_the_scheduler_sends_the_hint_to_the_queue_of_the_job(
         index("1.2", "1.2.1", 1, now=utcnow() - timedelta(seconds=20))
         scheduler = Scheduler(ctx)
         scheduler.tick()
-        assert drain(memory_celery, "inference") == [("mednode.preload_volume", ["1.2", ["1.2.1"], ["CT"]])]
+        [(task, args)] = drain(memory_celery, "inference")
+        assert (task, args[:3]) == ("mednode.preload_volume", ["1.2", ["1.2.1"], ["CT"]])
+        assert 5 < args[3] <= 10  # seconds until the study is due: the read-ahead is held that long and more
         scheduler.tick()
         assert drain(memory_celery, "inference") == []  # once
         assert 0 < scheduler.wait_s() <= settings.completion_poll_s

@@ -143,7 +143,7 @@ def _complete(session: Session, settings: Settings, study: Study, facts: StudyFa
     return created
 
 
-def _completion_spans_s(settings: Settings) -> tuple[float, float | None]:
+def completion_spans_s(settings: Settings) -> tuple[float, float | None]:
     """The shortest quiet period of any rule (or the default) and the shortest ``max_wait_s``."""
     rules = settings.effective_rules
     shortest = min([settings.quiet_period_s] + [r.quiet_period_s for r in rules if r.quiet_period_s])
@@ -160,24 +160,25 @@ def next_due_at(sessions: sessionmaker[Session], settings: Settings, now: dateti
     period, its required series) are left to the regular poll.
     """
     now = now or utcnow()
-    shortest, wait = _completion_spans_s(settings)
+    shortest, wait = completion_spans_s(settings)
     quiet = timedelta(seconds=shortest)
     with sessions() as session:
         last = session.scalar(select(func.min(Study.last_received_at)).where(
             Study.state == StudyState.RECEIVING, Study.last_received_at > now - quiet))
-        moments = [_aware(last) + quiet] if last is not None else []
+        moments = [aware_utc(last) + quiet] if last is not None else []
         if wait is not None:
             max_wait = timedelta(seconds=wait)
             since = func.coalesce(Study.receiving_since, Study.first_received_at)
             first = session.scalar(select(func.min(since)).where(
                 Study.state == StudyState.RECEIVING, since > now - max_wait))
             if first is not None:
-                moments.append(_aware(first) + max_wait)
+                moments.append(aware_utc(first) + max_wait)
     return min(moments) if moments else None
 
 
-def _aware(moment: datetime) -> datetime:
-    """``func.min`` bypasses the column type on SQLite: its result comes back naive (UTC)."""
+def aware_utc(moment: datetime) -> datetime:
+    """``moment`` with its time zone: ``func.min`` bypasses the column type on SQLite, whose result
+    comes back naive (UTC)."""
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
@@ -188,7 +189,7 @@ def complete_due_studies(
     series, or receiving for their ``max_wait_s``); return (job id, priority) to enqueue."""
     now = now or utcnow()
     rules = settings.effective_rules
-    shortest, wait = _completion_spans_s(settings)
+    shortest, wait = completion_spans_s(settings)
     due = Study.last_received_at <= now - timedelta(seconds=shortest)
     if wait is not None:
         since = func.coalesce(Study.receiving_since, Study.first_received_at)

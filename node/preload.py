@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.celery_app import app, inference_queue, job_models
-from node.completion import study_facts
+from node.completion import aware_utc, completion_spans_s, study_facts
 from node.config import Rule, Settings, plan_tasks
 from node.jobs import priority_kwargs
 from node.routing import StudyFacts, quiet_period_for, route
@@ -55,14 +55,6 @@ def volume_modalities(tasks: list[object]) -> tuple[str, ...] | None:
     return None
 
 
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
-def _shortest_quiet_s(settings: Settings) -> float:
-    return min([settings.quiet_period_s] + [r.quiet_period_s for r in settings.effective_rules if r.quiet_period_s])
-
-
 def volume_hint(facts: StudyFacts, rules: list[Rule], queue_for: Callable[[Rule], str],
                 expires_s: float) -> PreloadHint | None:
     """The read-ahead a study with ``facts`` should get, if a rule that would run on it now loads
@@ -84,11 +76,11 @@ def next_preload_at(sessions: sessionmaker[Session], settings: Settings, now: da
     """The earliest moment after ``now`` at which a receiving study has been quiet for
     :data:`PRELOAD_AT` of the shortest quiet period, or None: the scheduler wakes up then."""
     now = now or utcnow()
-    at = timedelta(seconds=PRELOAD_AT * _shortest_quiet_s(settings))
+    at = timedelta(seconds=PRELOAD_AT * completion_spans_s(settings)[0])
     with sessions() as session:
         last = session.scalar(select(func.min(Study.last_received_at)).where(
             Study.state == StudyState.RECEIVING, Study.last_received_at > now - at))
-    return _aware(last) + at if last is not None else None
+    return aware_utc(last) + at if last is not None else None
 
 
 class Preloads:
@@ -107,14 +99,14 @@ class Preloads:
         yet all of it."""
         now = now or utcnow()
         rules = self.settings.effective_rules
-        at = timedelta(seconds=PRELOAD_AT * _shortest_quiet_s(self.settings))
+        at = timedelta(seconds=PRELOAD_AT * completion_spans_s(self.settings)[0])
         hints: list[PreloadHint] = []
         considered: dict[int, datetime] = {}
         with self.sessions() as session:
             studies = session.scalars(select(Study).where(
                 Study.state == StudyState.RECEIVING, Study.last_received_at <= now - at)).all()
             for study in studies:
-                last = _aware(study.last_received_at)
+                last = aware_utc(study.last_received_at)
                 if self._considered.get(study.id) == last:
                     considered[study.id] = last
                     continue

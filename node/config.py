@@ -812,6 +812,19 @@ class TaskPlan:
     bundles: tuple[str, ...]  #: MONAI bundles by name (``segment: {bundle: NAME}``)
     model_tasks: tuple[TaskSpec, ...]  #: vision-language model tasks
 
+    @property
+    def volume_modalities(self) -> tuple[str, ...] | None:
+        """The modalities of the series its first volume task loads (the CT analyzer's, else a
+        bundle's), or None when it loads none."""
+        if self.ct_analysis:
+            return CT_ANALYSIS_MODALITIES
+        return BUNDLE_MODALITIES if self.bundles else None
+
+
+#: the series a volume task loads: the largest of these modalities in the job's series
+CT_ANALYSIS_MODALITIES = ("CT",)
+BUNDLE_MODALITIES = ("CT", "MR")
+
 
 def plan_tasks(tasks: list[Any]) -> TaskPlan:
     """Sort a rule's tasks: ``ct_analysis``, ``segment: {bundle: NAME}``, and model tasks.

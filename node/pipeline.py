@@ -43,7 +43,7 @@ from inference.errors import (
 )
 from inference.monai_bundle import MonaiBundle
 from node import audit, clock, jobs, metrics
-from node.config import plan_tasks
+from node.config import BUNDLE_MODALITIES, CT_ANALYSIS_MODALITIES, plan_tasks
 from node.context import NodeContext
 from node.failures import failure_reason
 from node.preloaded import HOLD_AFTER_DUE_S, key_of, process_preloaded
@@ -348,18 +348,18 @@ def run_tasks(ctx: NodeContext, job: jobs.ClaimedJob) -> list[Output]:
     specs = list(plan.model_tasks)
     outputs: list[Output] = []
     if plan.ct_analysis:
-        series_uid, pixel_bytes = select_series(ctx.store, job.instance_paths, ("CT",))
+        series_uid, pixel_bytes = select_series(ctx.store, job.instance_paths, CT_ANALYSIS_MODALITIES)
         with volume_budget(ctx).reserve(int(CT_ANALYSIS_PEAK_FACTOR * pixel_bytes), job.key):
-            volume = load_series_volume(ctx, job, ("CT",), series_uid)
+            volume = load_series_volume(ctx, job, CT_ANALYSIS_MODALITIES, series_uid)
             outputs.extend(ct_analysis(volume, job.key, job.amendment))
             del volume
     for index, name in enumerate(plan.bundles):
         path = ctx.settings.models.bundles.get(name)
         if path is None:
             raise ModelNotConfiguredError(f"segmentation bundle {name!r} is not in models.bundles")
-        series_uid, pixel_bytes = select_series(ctx.store, job.instance_paths, ("CT", "MR"))
+        series_uid, pixel_bytes = select_series(ctx.store, job.instance_paths, BUNDLE_MODALITIES)
         with volume_budget(ctx).reserve(int(BUNDLE_PEAK_FACTOR * pixel_bytes), job.key):
-            volume = load_series_volume(ctx, job, ("CT", "MR"), series_uid)
+            volume = load_series_volume(ctx, job, BUNDLE_MODALITIES, series_uid)
             bundle = load_bundle(path, ctx.settings.models.bundle_device)
             outputs.extend(bundle_segmentation(bundle, volume, job.key, series_offset=2 * index,
                                                amendment=job.amendment))

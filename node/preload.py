@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.celery_app import app, inference_queue, job_models
-from node.completion import aware_utc, completion_spans_s, study_facts
+from node.completion import aware_utc, completion_spans_s, first_quiet_for, study_facts
 from node.config import Rule, Settings, plan_tasks
 from node.jobs import priority_kwargs
 from node.routing import StudyFacts, quiet_period_for, route
@@ -44,23 +44,12 @@ class PreloadHint:
     expires_s: float
 
 
-def volume_modalities(tasks: list[object]) -> tuple[str, ...] | None:
-    """The modalities whose series a rule's tasks load into a volume (the CT analyzer: CT; a
-    bundle: CT or MR), or None when they load none."""
-    plan = plan_tasks(list(tasks))
-    if plan.ct_analysis:
-        return ("CT",)
-    if plan.bundles:
-        return ("CT", "MR")
-    return None
-
-
 def volume_hint(facts: StudyFacts, rules: list[Rule], queue_for: Callable[[Rule], str],
                 expires_s: float) -> PreloadHint | None:
     """The read-ahead a study with ``facts`` should get, if a rule that would run on it now loads
     a volume (the first such rule: a worker holds one volume); ``queue_for`` names a rule's queue."""
     for check in route(facts, rules):
-        modalities = volume_modalities(list(check.rule.tasks))
+        modalities = plan_tasks(list(check.rule.tasks)).volume_modalities
         if modalities is not None:
             return PreloadHint(study_instance_uid=facts.study_instance_uid, series_uids=tuple(check.series_uids),
                                modalities=modalities, queue=queue_for(check.rule), expires_s=expires_s)
@@ -76,11 +65,8 @@ def next_preload_at(sessions: sessionmaker[Session], settings: Settings, now: da
     """The earliest moment after ``now`` at which a receiving study has been quiet for
     :data:`PRELOAD_AT` of the shortest quiet period, or None: the scheduler wakes up then."""
     now = now or utcnow()
-    at = timedelta(seconds=PRELOAD_AT * completion_spans_s(settings)[0])
     with sessions() as session:
-        last = session.scalar(select(func.min(Study.last_received_at)).where(
-            Study.state == StudyState.RECEIVING, Study.last_received_at > now - at))
-    return aware_utc(last) + at if last is not None else None
+        return first_quiet_for(session, timedelta(seconds=PRELOAD_AT * completion_spans_s(settings)[0]), now)
 
 
 class Preloads:

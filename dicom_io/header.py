@@ -9,6 +9,7 @@ the image attributes say (native) or is a well-formed fragment sequence (encapsu
 from __future__ import annotations
 
 import re
+import struct
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -455,12 +456,16 @@ def _pixel_data_value(ds: Dataset, buffer: bytes) -> bytes | memoryview | None:
     if PIXEL_DATA not in ds:
         return None
     element = ds.get_item(PIXEL_DATA, keep_deferred=True)
+    if isinstance(element, RawDataElement) and element.length == UNDEFINED_LENGTH:
+        value = element.value
+        if value is None:
+            stream = BytesIO(buffer)
+            stream.seek(element.value_tell)
+            value = read_undefined_length_value(stream, element.is_little_endian, SequenceDelimiterTag)
+        _check_sequence_delimiter(buffer, element.value_tell + len(value or b""), element.is_little_endian)
+        return value or b""
     if not (isinstance(element, RawDataElement) and element.value is None):
         return ds[PIXEL_DATA].value or b""
-    if element.length == UNDEFINED_LENGTH:
-        stream = BytesIO(buffer)
-        stream.seek(element.value_tell)
-        return read_undefined_length_value(stream, element.is_little_endian, SequenceDelimiterTag) or b""
     end = element.value_tell + element.length
     if end > len(buffer):
         raise InvalidInstanceError(
@@ -468,6 +473,17 @@ def _pixel_data_value(ds: Dataset, buffer: bytes) -> bytes | memoryview | None:
             f"{end - len(buffer)} bytes short: the instance is truncated"
         )
     return memoryview(buffer)[element.value_tell:end]
+
+
+def _check_sequence_delimiter(buffer: bytes, end: int, little_endian: bool) -> None:
+    """An undefined length Pixel Data value ending at ``end`` must be followed by a whole Sequence
+    Delimitation Item (its tag and 4-byte length): pydicom parses a stream cut inside it."""
+    delimiter = buffer[end:end + 8]
+    tag = struct.pack("<HH" if little_endian else ">HH", SequenceDelimiterTag.group, SequenceDelimiterTag.elem)
+    if len(delimiter) < 8 or delimiter[:4] != tag:
+        raise InvalidInstanceError(
+            f"encapsulated Pixel Data ends without a whole Sequence Delimitation Item "
+            f"({len(delimiter)} of its 8 bytes): the instance is truncated")
 
 
 def _checked_header(ds: Dataset, buffer: bytes, transfer_syntax: str | None) -> InstanceHeader:

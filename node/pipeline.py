@@ -13,7 +13,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -49,7 +49,7 @@ from node.failures import failure_reason
 from node.preloaded import HOLD_AFTER_DUE_S, key_of, process_preloaded
 from node.prior_stage import job_priors, rule_priors
 from node.vlm_stage import read_series, run_vlm_tasks
-from node.volume_budget import VolumeBudget, process_budget
+from node.volume_budget import MB, VolumeBudget, memory_limit_bytes, process_budget, resident_bytes
 from storage.errors import StorageError
 from storage.store import InstanceStore
 
@@ -291,6 +291,33 @@ def volume_budget(ctx: NodeContext) -> VolumeBudget:
     return process_budget(None if limit_mb is None else limit_mb * 1024 * 1024)
 
 
+def reserve_volume(ctx: NodeContext, series_uid: str, pixel_bytes: int, factor: float,
+                   job_key: str) -> AbstractContextManager[float]:
+    """Reserve a volume job's estimated peak (``factor`` × the series' int16 pixel bytes) from the
+    worker's volume memory budget, after checking that it can fit in this worker at all.
+
+    Raises
+    ------
+    InvalidInputError
+        When the peak beside the worker's own memory exceeds what the worker can hold
+        (:func:`memory_limit_bytes`): loading it would get the worker killed for memory, with
+        every job running in it.
+    """
+    peak = int(factor * pixel_bytes)
+    budget = volume_budget(ctx)
+    limit = memory_limit_bytes()
+    if limit is not None:
+        baseline = max(0, resident_bytes() - budget.held_bytes)  # the worker without its volumes
+        if baseline + peak > limit:
+            raise InvalidInputError(
+                f"series {series_uid} needs about {peak // MB:,} MB to process ({factor:g}× its "
+                f"{pixel_bytes // MB:,} MB of int16 pixels) beside the worker's own {baseline // MB:,} MB, "
+                f"more than the {limit // MB:,} MB this worker can hold (its machine's memory or its "
+                "container's limit); run this rule on a worker with more memory (a model queue of "
+                "its own), or split the series")
+    return budget.reserve(peak, job_key)
+
+
 def ct_analysis(volume: Volume, job_key: str, amendment: jobs.Amendment | None = None) -> list[Output]:
     """Run the built-in CT analyzer and write its SEG and TID 1500 SR (naming, when ``amendment``
     is given, the SR they replace and their version)."""
@@ -349,7 +376,7 @@ def run_tasks(ctx: NodeContext, job: jobs.ClaimedJob) -> list[Output]:
     outputs: list[Output] = []
     if plan.ct_analysis:
         series_uid, pixel_bytes = select_series(ctx.store, job.instance_paths, CT_ANALYSIS_MODALITIES)
-        with volume_budget(ctx).reserve(int(CT_ANALYSIS_PEAK_FACTOR * pixel_bytes), job.key):
+        with reserve_volume(ctx, series_uid, pixel_bytes, CT_ANALYSIS_PEAK_FACTOR, job.key):
             volume = load_series_volume(ctx, job, CT_ANALYSIS_MODALITIES, series_uid)
             outputs.extend(ct_analysis(volume, job.key, job.amendment))
             del volume
@@ -358,7 +385,7 @@ def run_tasks(ctx: NodeContext, job: jobs.ClaimedJob) -> list[Output]:
         if path is None:
             raise ModelNotConfiguredError(f"segmentation bundle {name!r} is not in models.bundles")
         series_uid, pixel_bytes = select_series(ctx.store, job.instance_paths, BUNDLE_MODALITIES)
-        with volume_budget(ctx).reserve(int(BUNDLE_PEAK_FACTOR * pixel_bytes), job.key):
+        with reserve_volume(ctx, series_uid, pixel_bytes, BUNDLE_PEAK_FACTOR, job.key):
             volume = load_series_volume(ctx, job, BUNDLE_MODALITIES, series_uid)
             bundle = load_bundle(path, ctx.settings.models.bundle_device)
             outputs.extend(bundle_segmentation(bundle, volume, job.key, series_offset=2 * index,

@@ -6,16 +6,24 @@ loads a CT or MR series into a volume holds memory in proportion to the series' 
 take four times that. A :class:`VolumeBudget` makes each volume job reserve its estimated peak
 before it loads the series, and a job whose reservation does not fit waits, in arrival order,
 until running jobs give theirs back (``volume_memory_budget_mb`` in the config).
+
+The budget is a setting, and a job larger than all of it still runs (alone). What no setting can
+give is memory the worker does not have: :func:`memory_limit_bytes` is the most this process can
+hold (its machine's memory or its container's limit), so a series that could never fit fails its
+job with the reason instead of the kernel killing the worker, and every job running in it, part
+way through.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -98,3 +106,64 @@ def process_budget(limit_bytes: int | None) -> VolumeBudget:
         if _BUDGET is None or _BUDGET.limit_bytes != limit_bytes:
             _BUDGET = VolumeBudget(limit_bytes)
         return _BUDGET
+
+
+def memory_limit_bytes(root: Path = Path("/")) -> int | None:
+    """The most memory this process can hold: its machine's (``MemTotal``) or the tightest
+    memory limit of its control group and their parents (cgroup v2 ``memory.max``, v1
+    ``memory.limit_in_bytes``), whichever is lower; None when none can be read.
+
+    ``root`` is where ``/proc`` and ``/sys`` are found (a test's copy of them).
+    """
+    limits = [limit for limit in (_mem_total(root), _cgroup_limit(root)) if limit is not None]
+    return min(limits) if limits else None
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now."""
+    with open("/proc/self/statm", encoding="ascii") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _mem_total(root: Path) -> int | None:
+    try:
+        for line in (root / "proc/meminfo").read_text(encoding="ascii").splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_limit(root: Path) -> int | None:
+    try:
+        lines = (root / "proc/self/cgroup").read_text(encoding="ascii").splitlines()
+    except OSError:
+        return None
+    limits: list[int] = []
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":  # v2: one unified hierarchy
+            base, name = root / "sys/fs/cgroup", "memory.max"
+        elif "memory" in controllers.split(","):  # v1: the memory controller's hierarchy
+            base, name = root / "sys/fs/cgroup/memory", "memory.limit_in_bytes"
+        else:
+            continue
+        group = Path(path.strip("/"))
+        for directory in (group, *group.parents):  # a parent's limit binds its children too
+            limit = _limit_file(base / directory / name)
+            if limit is not None:
+                limits.append(limit)
+    return min(limits) if limits else None
+
+
+def _limit_file(path: Path) -> int | None:
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except OSError:
+        return None
+    if not text.isdigit():  # "max": no limit
+        return None
+    value = int(text)
+    return value if value < 1 << 60 else None  # v1 writes "no limit" as a page-rounded 2**63 - 1

@@ -5,10 +5,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from node.volume_budget import VolumeBudget, process_budget
+from node.volume_budget import VolumeBudget, memory_limit_bytes, process_budget, resident_bytes
 
 
 def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
@@ -75,10 +76,45 @@ def test_the_process_budget_follows_the_configured_limit() -> None:
     assert process_budget(200).limit_bytes == 200
 
 
-def test_a_ct_job_waits_for_the_budget_before_loading_its_volume(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def _system(root: Path, cgroup: str, files: dict[str, str], mem_total_kb: int = 24_000_000) -> Path:
+    """A ``/proc`` and ``/sys`` tree as a machine shows them (only what the limit reads)."""
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/meminfo").write_text(f"MemTotal:       {mem_total_kb} kB\nMemFree:        1000 kB\n")
+    (root / "proc/self/cgroup").write_text(cgroup)
+    for name, text in files.items():
+        (root / "sys/fs/cgroup" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "sys/fs/cgroup" / name).write_text(text + "\n")
+    return root
+
+
+def test_the_memory_limit_is_the_machine_or_the_tightest_control_group(tmp_path: Path) -> None:
+    gib = 1024**3
+    # cgroup v2: a container's group under a parent with a tighter limit; "max" is no limit
+    v2 = _system(tmp_path / "v2", "0::/kubepods/pod1/box\n", {
+        "memory.max": "max", "kubepods/memory.max": "max", "kubepods/pod1/memory.max": str(6 * gib),
+        "kubepods/pod1/box/memory.max": str(8 * gib)})
+    assert memory_limit_bytes(v2) == 6 * gib
+    # cgroup v1 (and a hybrid machine's empty unified line): "no limit" is written as ~2**63
+    v1 = _system(tmp_path / "v1", "4:memory:/process_api/abc\n0::/\n", {
+        "memory/memory.limit_in_bytes": "9223372036854771712",
+        "memory/process_api/abc/memory.limit_in_bytes": str(3 * gib)})
+    assert memory_limit_bytes(v1) == 3 * gib
+    unlimited = _system(tmp_path / "none", "4:memory:/\n", {"memory/memory.limit_in_bytes": "9223372036854771712"},
+                        mem_total_kb=16 * 1024 * 1024)
+    assert memory_limit_bytes(unlimited) == 16 * gib
+    assert memory_limit_bytes(tmp_path / "nothing") is None
+
+
+def test_this_machine_has_a_memory_limit_above_what_this_process_holds() -> None:
+    limit = memory_limit_bytes()
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        total = int(next(line for line in meminfo if line.startswith("MemTotal:")).split()[1]) * 1024
+    assert limit is not None and resident_bytes() < limit <= total
+
+
+def _received_ct_job(tmp_path: Path, **settings_kwargs: object):  # type: ignore[no-untyped-def]
     from datetime import timedelta
 
-    from node import pipeline
     from node.config import load_settings
     from node.context import NodeContext
     from storage.db import upgrade
@@ -89,15 +125,43 @@ def test_a_ct_job_waits_for_the_budget_before_loading_its_volume(tmp_path, monke
     series = SHARED_DICOM / "ct" / "dcmqi_ct3slice"
     if not series.is_dir():
         pytest.skip(f"sample series {series} is missing")
-    settings = load_settings(data_dir=tmp_path / "var", quiet_period_s=1, volume_memory_budget_mb=1,
+    settings = load_settings(data_dir=tmp_path / "var", quiet_period_s=1,
                              destinations={"pacs": "PACS@127.0.0.1:104"},
                              rules=[{"name": "ct", "match": {"modality": "CT"}, "tasks": ["ct_analysis"],
-                                     "destinations": ["pacs"]}])
+                                     "destinations": ["pacs"]}], **settings_kwargs)
     ctx = NodeContext.create(settings)
+    upgrade(ctx.engine)
+    now = utcnow() - timedelta(hours=1)
+    return ctx, receive_and_complete(ctx, (p.read_bytes() for p in sorted(series.glob("*.dcm"))), now)
+
+
+def test_a_series_the_worker_cannot_hold_fails_its_job_before_loading(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A worker whose memory (machine or container) is a little above what it holds already:
+    the 3-slice CT's job (2 × 1.5 MB estimated) fails with the reason, nothing loaded, nothing
+    delivered, and the budget is free."""
+    from node import pipeline
+    from storage.models import Job, JobState
+
+    ctx, job_id = _received_ct_job(tmp_path)
     try:
-        upgrade(ctx.engine)
-        now = utcnow() - timedelta(hours=1)
-        job_id = receive_and_complete(ctx, (p.read_bytes() for p in sorted(series.glob("*.dcm"))), now)
+        monkeypatch.setattr(pipeline, "memory_limit_bytes", lambda: resident_bytes() + 1024 * 1024)
+        monkeypatch.setattr(pipeline, "load_volume", lambda *a, **k: pytest.fail("the volume was loaded"))
+        assert pipeline.run_job(ctx, job_id) == []
+        with ctx.sessions() as session:
+            job = session.get(Job, job_id)
+            assert job is not None and job.state == JobState.FAILED
+            assert "needs about 3 MB to process (2× its 1 MB of int16 pixels)" in (job.reason or "")
+            assert "worker with more memory" in (job.reason or "")
+        assert pipeline.volume_budget(ctx).held_bytes == 0
+    finally:
+        ctx.close()
+
+
+def test_a_ct_job_waits_for_the_budget_before_loading_its_volume(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from node import pipeline
+
+    ctx, job_id = _received_ct_job(tmp_path, volume_memory_budget_mb=1)
+    try:
         loaded = threading.Event()
         load_volume = pipeline.load_volume
 

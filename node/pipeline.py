@@ -263,6 +263,9 @@ def _preload_series(ctx: NodeContext, study_uid: str, series_uids: Sequence[str]
     budget = volume_budget(ctx)
     if budget.held_bytes or budget.waiting:
         return "skipped: the worker is busy"
+    room = _worker_memory(budget)
+    if room is not None and room[0] + pixel_bytes > room[1]:
+        return "skipped: larger than this worker can hold"
     paths = instance_paths[series_uid]
     reading = process_preloaded().begin(key_of(series_uid, paths), f"series {series_uid}",
                                         hold_s=max(due_in_s, 0.0) + HOLD_AFTER_DUE_S)
@@ -305,17 +308,24 @@ def reserve_volume(ctx: NodeContext, series_uid: str, pixel_bytes: int, factor: 
     """
     peak = int(factor * pixel_bytes)
     budget = volume_budget(ctx)
-    limit = memory_limit_bytes()
-    if limit is not None:
-        baseline = max(0, resident_bytes() - budget.held_bytes)  # the worker without its volumes
-        if baseline + peak > limit:
-            raise InvalidInputError(
-                f"series {series_uid} needs about {peak // MB:,} MB to process ({factor:g}× its "
-                f"{pixel_bytes // MB:,} MB of int16 pixels) beside the worker's own {baseline // MB:,} MB, "
-                f"more than the {limit // MB:,} MB this worker can hold (its machine's memory or its "
-                "container's limit); run this rule on a worker with more memory (a model queue of "
-                "its own), or split the series")
+    room = _worker_memory(budget)
+    if room is not None and room[0] + peak > room[1]:
+        raise InvalidInputError(
+            f"series {series_uid} needs about {peak // MB:,} MB to process ({factor:g}× its "
+            f"{pixel_bytes // MB:,} MB of int16 pixels) beside the worker's own {room[0] // MB:,} MB, "
+            f"more than the {room[1] // MB:,} MB this worker can hold (its machine's memory or its "
+            "container's limit); run this rule on a worker with more memory (a model queue of "
+            "its own), or split the series")
     return budget.reserve(peak, job_key)
+
+
+def _worker_memory(budget: VolumeBudget) -> tuple[int, int] | None:
+    """This worker's own memory (without the volumes its budget holds) and the most it can hold;
+    None when the limit cannot be read."""
+    limit = memory_limit_bytes()
+    if limit is None:
+        return None
+    return max(0, resident_bytes() - budget.held_bytes), limit
 
 
 def ct_analysis(volume: Volume, job_key: str, amendment: jobs.Amendment | None = None) -> list[Output]:

@@ -26,6 +26,7 @@ from node.preload import PRELOAD_AT, Preloads, volume_hint
 from node.preloaded import PreloadedVolume, key_of, process_preloaded
 from node.routing import SeriesFacts, StudyFacts
 from node.scheduler import Scheduler
+from node.volume_budget import resident_bytes
 from storage.db import upgrade
 from storage.index import index_instance
 from storage.models import Job, JobState, Result, utcnow
@@ -253,6 +254,15 @@ def test_an_instance_received_after_the_read_ahead_is_in_the_job(ctx: NodeContex
     referenced = {item.ReferencedSOPInstanceUID
                   for item in results["seg"].ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert referenced == {ds.SOPInstanceUID for ds in slices}  # every slice, the late one included
+
+
+def test_a_series_the_worker_cannot_hold_is_not_read_ahead(ctx: NodeContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    slices = make_ct_phantom(geometry=GEOMETRY, noise_hu_sd=10.0, seed=6)
+    _receive(ctx, slices, utcnow() - timedelta(hours=1))
+    monkeypatch.setattr(pipeline, "memory_limit_bytes", lambda: resident_bytes() + 1024)  # 1 KB of room
+    outcome = pipeline.preload_series(ctx, slices[0].StudyInstanceUID, [slices[0].SeriesInstanceUID], ("CT",))
+    assert outcome == "skipped: larger than this worker can hold"
+    assert process_preloaded().held is None
 
 
 def test_a_busy_worker_or_a_complete_study_is_not_read_ahead(ctx: NodeContext) -> None:

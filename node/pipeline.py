@@ -320,8 +320,9 @@ def reserve_volume(ctx: NodeContext, series_uid: str, pixel_bytes: int, factor: 
 
 
 def _worker_memory(budget: VolumeBudget) -> tuple[int, int] | None:
-    """This worker's own memory (without the volumes its budget holds) and the most it can hold;
-    None when the limit cannot be read."""
+    """This worker's own memory (without the volumes its budget holds; a read-ahead it holds
+    counts as its own, which errs on the safe side) and the most it can hold; None when the
+    limit cannot be read."""
     limit = memory_limit_bytes()
     if limit is None:
         return None

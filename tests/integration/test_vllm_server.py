@@ -165,7 +165,7 @@ def test_a_vllm_timeout_is_a_retryable_error(vllm_process: tuple[str, ManagedPro
     """A server that accepts the request and does not answer in time (vLLM's API process paused:
     the kernel still accepts the connection) is a retryable error, and the server serves again
     once it goes on. A 1 ms timeout against a running server was not enough: on two busy cores
-    the client's wake-up came after the answer (seen once in CI)."""
+    the client's wake-up came after the answer (seen once in a full run of the suite)."""
     url, process = vllm_process
     assert process.pid is not None
     client = _client(url, str(served_model_dir), max_new_tokens=8, timeout_s=1.0)

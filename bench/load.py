@@ -533,6 +533,9 @@ def run_memory(work: Path, count: int, args: argparse.Namespace) -> Memory:
     except (PeerError, OSError) as exc:
         result.error = str(exc).splitlines()[0][:300]
         print(f"rss {count}: {exc}", file=sys.stderr)
+        for log in sorted(out.glob("*.log")):  # the node's own account, before its directory goes
+            print(f"--- {log.name} (last 3,000 characters):\n{log.read_text(errors='replace')[-3000:]}",
+                  file=sys.stderr)
     finally:
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(study, ignore_errors=True)

@@ -326,6 +326,15 @@ def render(runs: list[Run], args: argparse.Namespace, study_bytes: dict[int, int
                 if values:
                     lines.append(f"| {count} | {code} | {', '.join(f'{v:.2f}' for v in values)} | "
                                  f"{values[len(values) // 2]:.2f} |")
+        # receiving is the node's too: a read-ahead while instances arrive takes a core from it
+        lines += ["", "Sending the study (storescu start → done, seconds):", "",
+                  "| slices | code | runs | median |", "|---|---|---|---|"]
+        for count in args.counts:
+            for code in (args.baseline, "this branch"):
+                sends = sorted(r.send_s for r in outside if r.count == count and r.code == code)
+                if sends:
+                    lines.append(f"| {count} | {code} | {', '.join(f'{v:.2f}' for v in sends)} | "
+                                 f"{sends[len(sends) // 2]:.2f} |")
     failed = [r for r in runs if r.error]
     for r in failed:
         lines.append(f"\nRun failed: {r.code}, {r.count} slices: {r.error}")

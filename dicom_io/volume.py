@@ -435,21 +435,218 @@ def load_volume(datasets: Sequence[Dataset], *, release_pixel_data: bool = False
     """
     if not datasets:
         raise InconsistentSeriesError("load_volume needs at least one dataset.")
+    _one_series(datasets)
+    enhanced = [ds for ds in datasets if _is_multi_frame(ds)]
+    if len(enhanced) == len(datasets):
+        return _load_frames(datasets, release_pixel_data=release_pixel_data)
+    if enhanced:
+        raise InconsistentSeriesError(
+            f"series {datasets[0].get('SeriesInstanceUID', '')} mixes {len(enhanced)} multi-frame instance(s) "
+            f"(e.g. {enhanced[0].SOPInstanceUID}) with {len(datasets) - len(enhanced)} single-frame "
+            "one(s); a volume is made of either. Route the series' images to separate series."
+        )
+    layout = _single_frame_layout(datasets)
+    sorted_datasets = [datasets[i] for i in layout.order]
+    # decoded slice by slice into one preallocated volume: no list of slices beside it (that
+    # doubled the peak); int16 when every rescale is integral (exact, half the bytes of float32),
+    # float32 otherwise or from the first slice whose values leave int16 (the slices decoded so
+    # far are converted then)
+    integral = all(_integer_rescale(ds) is not None for ds in sorted_datasets)
+    pixels = np.empty((len(sorted_datasets), *layout.shape), dtype=np.int16 if integral else np.float32)
+    for index, ds in enumerate(sorted_datasets):
+        if not _decode_into(ds, pixels[index]):
+            converted = np.empty(pixels.shape, dtype=np.float32)
+            converted[:index] = pixels[:index]
+            pixels = converted
+            _decode_into(ds, pixels[index])
+        if release_pixel_data:
+            _release_pixel_data(ds)
+    return layout.volume(pixels, sorted_datasets)
+
+
+class SeriesAccumulator:
+    """The single-frame images of one series, decoded into one buffer as they are read (in any
+    order, a few at a time), and stacked **in place** into the :class:`Volume` that
+    :func:`load_volume` makes of the same datasets (:meth:`volume`).
+
+    A read-ahead of a series still being received adds each file as it arrives; its job then
+    adds the last few and takes the volume without a second copy of the pixels: the slices are
+    put in order within the buffer, each moved at most once (none when they arrived in order),
+    and the volume is a view of the buffer's first slices. The buffer is reserved for
+    ``capacity`` slices (twice as many when they run out, the slices then copied once); the
+    pages of slices never written are never touched, so they take address space, not memory.
+    Pixels are ``int16`` when every rescale is integral and its values fit, ``float32``
+    otherwise (the buffer is converted on the first slice that needs it), as in
+    :func:`load_volume`.
+    """
+
+    def __init__(self, *, capacity: int = 1024) -> None:
+        self._capacity = max(1, capacity)
+        self._pixels: np.ndarray | None = None
+        self._datasets: list[Dataset] = []
+        self._index: dict[str, int] = {}
+        self._ready: tuple[tuple[str, ...], Volume] | None = None
+
+    def __len__(self) -> int:
+        return len(self._datasets)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the slices held (the buffer's written part)."""
+        return 0 if self._pixels is None else len(self) * self._pixels[0].nbytes
+
+    def add(self, key: str, ds: Dataset, *, release_pixel_data: bool = False) -> None:
+        """Decode the single-frame image ``ds`` (named ``key``: its stored path) into the buffer.
+
+        Raises
+        ------
+        InvalidInstanceError
+            If ``ds`` is multi-frame, or its pixel data cannot be decoded.
+        InconsistentSeriesError
+            If its matrix size differs from the slices held, or ``key`` is held already.
+        """
+        if key in self._index:
+            raise InconsistentSeriesError(f"{key} is held already")
+        if _is_multi_frame(ds):
+            raise InvalidInstanceError(
+                f"instance {ds.SOPInstanceUID} is a multi-frame image: read its series with load_volume.")
+        shape = (int(ds.Rows), int(ds.Columns))
+        if self._pixels is None:
+            dtype = np.int16 if _integer_rescale(ds) is not None else np.float32
+            self._pixels = np.empty((self._capacity, *shape), dtype=dtype)
+        elif shape != self._pixels.shape[1:]:
+            first = self._datasets[0]
+            raise InconsistentSeriesError(
+                f"instance {ds.SOPInstanceUID} is {shape[0]}x{shape[1]}, instance "
+                f"{first.SOPInstanceUID} is {first.Rows}x{first.Columns}: mixed matrix sizes.")
+        count = len(self._datasets)
+        if count == len(self._pixels):
+            self._reserve(2 * count, self._pixels.dtype)
+        assert self._pixels is not None
+        if self._pixels.dtype == np.int16 and _integer_rescale(ds) is None:
+            self._reserve(len(self._pixels), np.dtype(np.float32))
+        assert self._pixels is not None
+        if not _decode_into(ds, self._pixels[count]):  # its values leave int16
+            self._reserve(len(self._pixels), np.dtype(np.float32))
+            _decode_into(ds, self._pixels[count])
+        if release_pixel_data:
+            _release_pixel_data(ds)
+        self._datasets.append(ds)
+        self._index[key] = count
+        self._ready = None
+
+    def _reserve(self, capacity: int, dtype: np.dtype) -> None:
+        """A new buffer of ``capacity`` slices of ``dtype``, the slices held copied into it."""
+        assert self._pixels is not None
+        count = len(self._datasets)
+        pixels = np.empty((capacity, *self._pixels.shape[1:]), dtype=dtype)
+        pixels[:count] = self._pixels[:count]
+        self._pixels = pixels
+
+    def volume(self, keys: Sequence[str],
+               prepare: Callable[[list[Dataset]], list[Dataset]] | None = None) -> Volume:
+        """The volume of the images ``keys`` (each held), checked and ordered as
+        :func:`load_volume` does; ``prepare`` may replace their datasets first (with datasets
+        of the same images). Images held but not in ``keys`` are left out (moved behind them).
+
+        The volume's pixels are a view of this buffer: add nothing after taking one. Asked again
+        for the same keys with nothing added, it returns the same volume.
+
+        Raises
+        ------
+        KeyError
+            If a key is not held.
+        InconsistentSeriesError
+            As :func:`load_volume`.
+        """
+        keys = tuple(keys)
+        if self._ready is not None and self._ready[0] == keys:
+            return self._ready[1]
+        if not keys:
+            raise InconsistentSeriesError("a volume needs at least one image.")
+        wanted = [self._index[key] for key in keys]
+        datasets = [self._datasets[i] for i in wanted]
+        if prepare is not None:
+            datasets = prepare(datasets)
+        _one_series(datasets)
+        layout = _single_frame_layout(datasets)
+        assert self._pixels is not None
+        # slot i of the buffer gets the slice now in slot source[i]: the wanted ones in their
+        # order along the normal, then the others
+        taken = set(wanted)
+        source = [wanted[i] for i in layout.order] + [i for i in range(len(self._datasets)) if i not in taken]
+        _permute_in_place(self._pixels, source)
+        by_slot = [self._datasets[i] for i in source]
+        for slot, i in enumerate(layout.order):
+            by_slot[slot] = datasets[i]  # the prepared datasets of the wanted images
+        self._datasets = by_slot
+        key_of_slot = {index: key for key, index in self._index.items()}
+        self._index = {key_of_slot[i]: slot for slot, i in enumerate(source)}
+        volume = layout.volume(self._pixels[: len(keys)], by_slot[: len(keys)])
+        self._ready = (keys, volume)
+        return volume
+
+
+def _permute_in_place(pixels: np.ndarray, source: list[int]) -> None:
+    """``pixels[i] = pixels[source[i]]`` for every ``i`` of the permutation ``source``, with one
+    slice of extra memory: each cycle of the permutation is followed once."""
+    done = [False] * len(source)
+    for start in range(len(source)):
+        if done[start] or source[start] == start:
+            continue
+        first = pixels[start].copy()
+        slot = start
+        while True:
+            done[slot] = True
+            nxt = source[slot]
+            if nxt == start:
+                pixels[slot] = first
+                break
+            pixels[slot] = pixels[nxt]
+            slot = nxt
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A single-frame series' checked geometry: its slices' order along the normal and spacing."""
+
+    shape: tuple[int, int]
+    order: np.ndarray
+    orientation: np.ndarray
+    pixel_spacing: tuple[float, float]
+    slice_spacing: float
+    origin: np.ndarray
+    sorted_distances: np.ndarray
+    gaps: np.ndarray
+
+    def volume(self, pixels: np.ndarray, sorted_datasets: list[Dataset]) -> Volume:
+        volume = Volume(
+            pixels=pixels,
+            spacing_mm=(self.slice_spacing, self.pixel_spacing[0], self.pixel_spacing[1]),
+            datasets=sorted_datasets,
+            image_orientation=tuple(float(v) for v in self.orientation),  # type: ignore[arg-type]
+            origin_mm=tuple(float(v) for v in self.origin),  # type: ignore[arg-type]
+            slice_positions_mm=tuple(float(d) for d in self.sorted_distances),
+        )
+        _warn_if_uneven(volume, self.gaps)
+        return volume
+
+
+def _one_series(datasets: Sequence[Dataset]) -> None:
     series_uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
     if len(series_uids) != 1:
         raise InconsistentSeriesError(
             f"datasets belong to {len(series_uids)} series ({sorted(series_uids)}); "
             "split them with group_by_series first."
         )
-    enhanced = [ds for ds in datasets if _is_multi_frame(ds)]
-    if len(enhanced) == len(datasets):
-        return _load_frames(datasets, release_pixel_data=release_pixel_data)
-    if enhanced:
-        raise InconsistentSeriesError(
-            f"series {next(iter(series_uids))} mixes {len(enhanced)} multi-frame instance(s) "
-            f"(e.g. {enhanced[0].SOPInstanceUID}) with {len(datasets) - len(enhanced)} single-frame "
-            "one(s); a volume is made of either. Route the series' images to separate series."
-        )
+
+
+def _single_frame_layout(datasets: Sequence[Dataset]) -> _Layout:
+    """Check that single-frame ``datasets`` form one volume (matrix size, orientation, pixel
+    spacing, one slice a position) and order them along the slice normal."""
     first = datasets[0]
     ref_orientation, _, ref_spacing = _geometry(first)
     shape = (int(first.Rows), int(first.Columns))
@@ -472,36 +669,11 @@ def load_volume(datasets: Sequence[Dataset], *, release_pixel_data: bool = False
                 f"instance {first.SOPInstanceUID} {ref_spacing}: mixed pixel spacing."
             )
         positions.append(position)
-
     order, sorted_distances, gaps = _along_normal(
         positions, ref_orientation, lambda i: f"instance {datasets[i].SOPInstanceUID}")
-    slice_spacing = _slice_spacing(gaps, first.get("SliceThickness"))
-
-    sorted_datasets = [datasets[i] for i in order]
-    # decoded slice by slice into one preallocated volume: no list of slices beside it (that
-    # doubled the peak); int16 when every rescale is integral (exact, half the bytes of float32),
-    # float32 otherwise or from the first slice whose values leave int16 (the slices decoded so
-    # far are converted then)
-    integral = all(_integer_rescale(ds) is not None for ds in sorted_datasets)
-    pixels = np.empty((len(sorted_datasets), *shape), dtype=np.int16 if integral else np.float32)
-    for index, ds in enumerate(sorted_datasets):
-        if not _decode_into(ds, pixels[index]):
-            converted = np.empty(pixels.shape, dtype=np.float32)
-            converted[:index] = pixels[:index]
-            pixels = converted
-            _decode_into(ds, pixels[index])
-        if release_pixel_data:
-            _release_pixel_data(ds)
-    volume = Volume(
-        pixels=pixels,
-        spacing_mm=(slice_spacing, ref_spacing[0], ref_spacing[1]),
-        datasets=sorted_datasets,
-        image_orientation=tuple(float(v) for v in ref_orientation),  # type: ignore[arg-type]
-        origin_mm=tuple(float(v) for v in positions[order[0]]),  # type: ignore[arg-type]
-        slice_positions_mm=tuple(float(d) for d in sorted_distances),
-    )
-    _warn_if_uneven(volume, gaps)
-    return volume
+    return _Layout(shape=shape, order=order, orientation=ref_orientation, pixel_spacing=ref_spacing,
+                   slice_spacing=_slice_spacing(gaps, first.get("SliceThickness")),
+                   origin=positions[order[0]], sorted_distances=sorted_distances, gaps=gaps)
 
 
 @dataclass(frozen=True)

@@ -540,6 +540,10 @@ class Settings(BaseSettings):
     #: worker once it has been quiet for half its quiet period, and its job takes that volume
     #: instead of reading the series again, if no instance changed since (:mod:`node.preloaded`)
     volume_preload: bool = True
+    #: true (with ``volume_preload``): a series of single-frame images is also read while it is
+    #: being received, the files that arrived since the last read every second, so that its job
+    #: finds it read however long it is; it takes a core from receiving while it reads
+    volume_preload_while_receiving: bool = True
     #: job slots an inference worker keeps for urgent jobs (asks, priority 8-9) beside
     #: ``worker_concurrency``, when it consumes urgent and routine queues (the embedded default
     #: does): an urgent job starts at once while the other slots run long jobs, in the same

@@ -32,7 +32,7 @@ from dicom_io.slice_stack import frame_plane, number_of_frames
 from dicom_io.source_header import conform_copied_attributes
 from dicom_io.sr_common import InstanceReference, versioned_description
 from dicom_io.uids import derived_uid
-from dicom_io.volume import Volume, load_volume, read_dataset
+from dicom_io.volume import SeriesAccumulator, Volume, load_volume, read_dataset
 from inference.builtin.ct_analyzer import ANALYZER_NAME, ANALYZER_VERSION, analyze_ct
 from inference.errors import (
     InferenceError,
@@ -133,10 +133,15 @@ RUNNING_JOBS = _RunningJobs()
 
 
 # -- stages ---------------------------------------------------------------------------------------
+def _is_single_frame(header: Dataset) -> bool:
+    """Whether ``header`` is a classic single-frame image (not an enhanced one, even of one frame)."""
+    return number_of_frames(header) == 1 and "PerFrameFunctionalGroupsSequence" not in header
+
+
 def _one_frame_a_position(headers: list[Dataset]) -> bool:
     """Whether the frames of enhanced instances each have a position of their own (to 0.01 mm);
     True for single-frame instances, whose duplicates :func:`dicom_io.volume.load_volume` reports."""
-    if number_of_frames(headers[0]) == 1 and "PerFrameFunctionalGroupsSequence" not in headers[0]:
+    if _is_single_frame(headers[0]):
         return True
     seen: set[tuple[float, ...]] = set()
     for header in headers:
@@ -189,10 +194,16 @@ class _NotWanted(Exception):
 
 
 def read_volume(store: InstanceStore, paths: Sequence[str], purpose: str,
-                keep_going: Callable[[], bool] | None = None) -> Volume:
+                keep_going: Callable[[], bool] | None = None, held: SeriesAccumulator | None = None) -> Volume:
     """Read the instances at ``paths`` into a volume whose headers are fit to be copied into
     results (``purpose`` names the warning about what is left empty); ``keep_going``, asked
-    before each file, stops a read-ahead that is no longer wanted (:class:`_NotWanted`)."""
+    before each file, stops a read-ahead that is no longer wanted (:class:`_NotWanted`). With
+    ``held`` (single-frame images read ahead), only the files it lacks are read, and the volume
+    is stacked in its buffer (:meth:`dicom_io.volume.SeriesAccumulator.volume`: the volume
+    :func:`dicom_io.volume.load_volume` makes of the same files)."""
+    if held is not None:
+        read_slices(store, paths, held, keep_going)
+        return held.volume(paths, lambda datasets: conform_copied_attributes(datasets, purpose=purpose))
     store.prefetch(paths)  # the disk reads the series while the headers are parsed
     # headers now, each slice's pixels read while it is decoded into the volume and then dropped:
     # the series' encoded pixels and the volume are never in memory side by side
@@ -203,6 +214,19 @@ def read_volume(store: InstanceStore, paths: Sequence[str], purpose: str,
         datasets.append(read_dataset(store.absolute(path), defer_size=_DEFER_PIXELS_BYTES))
     datasets = conform_copied_attributes(datasets, purpose=purpose)
     return load_volume(datasets, release_pixel_data=True)
+
+
+def read_slices(store: InstanceStore, paths: Sequence[str], held: SeriesAccumulator,
+                keep_going: Callable[[], bool] | None = None) -> int:
+    """Decode into ``held`` the single-frame images of ``paths`` it lacks, each file's Pixel Data
+    let go once decoded; return how many were read."""
+    missing = [path for path in paths if path not in held]
+    store.prefetch(missing)
+    for path in missing:
+        if keep_going is not None and not keep_going():
+            raise _NotWanted
+        held.add(path, read_dataset(store.absolute(path), defer_size=_DEFER_PIXELS_BYTES), release_pixel_data=True)
+    return len(missing)
 
 
 def load_series_volume(ctx: NodeContext, job: jobs.ClaimedJob, modalities: tuple[str, ...],
@@ -219,33 +243,40 @@ def load_series_volume(ctx: NodeContext, job: jobs.ClaimedJob, modalities: tuple
         series_uid, _ = select_series(ctx.store, job.instance_paths, modalities)
     started = time.perf_counter()
     paths = job.instance_paths[series_uid]
-    volume = process_preloaded().take(key_of(series_uid, paths), job.key)
-    if volume is not None:
+    ahead = process_preloaded().take(key_of(series_uid, paths), job.key)
+    if isinstance(ahead, Volume):
+        volume = ahead
         log.info("%s: series %s was read ahead (%d instances)", job.key, series_uid, len(paths))
     else:
+        if ahead is not None:
+            log.info("%s: %d of the %d instances of series %s were read ahead", job.key,
+                     sum(path in ahead for path in paths), len(paths), series_uid)
         # once per job, so one warning names what is left empty in all its results
-        volume = read_volume(ctx.store, paths, purpose=f"job {job.id}")
+        volume = read_volume(ctx.store, paths, purpose=f"job {job.id}", held=ahead)
     _timed("load_volume", started, job.key)
     return volume
 
 
 def preload_series(ctx: NodeContext, study_uid: str, series_uids: Sequence[str],
-                   modalities: tuple[str, ...], due_in_s: float = 0.0) -> str:
+                   modalities: tuple[str, ...], due_in_s: float = 0.0, *, while_receiving: bool = False) -> str:
     """See :func:`_preload_series`; counts its outcome in ``mednode_volume_preloads_total``."""
-    outcome = _preload_series(ctx, study_uid, series_uids, modalities, due_in_s)
+    outcome = _preload_series(ctx, study_uid, series_uids, modalities, due_in_s, while_receiving)
     metrics.VOLUME_PRELOADS.labels(outcome=outcome.split(":")[0]).inc()
     return outcome
 
 
 def _preload_series(ctx: NodeContext, study_uid: str, series_uids: Sequence[str],
-                    modalities: tuple[str, ...], due_in_s: float) -> str:
+                    modalities: tuple[str, ...], due_in_s: float, while_receiving: bool) -> str:
     """Read ahead, into this worker's slot (:mod:`node.preloaded`), the series a volume job of
     ``study_uid`` over ``series_uids`` would load, while the study is still quiet (for another
-    ``due_in_s``); return what happened, for the log and ``mednode_volume_preloads_total``.
+    ``due_in_s``) or, ``while_receiving``, still arriving; return what happened, for the log and
+    ``mednode_volume_preloads_total``.
 
-    Only an idle worker reads ahead (no job running in this process, no read-ahead held), and
-    only a study still receiving (a complete one's job is already queued, and reads its series
-    itself); a series larger than the volume memory budget is left to its job.
+    Only an idle worker reads ahead (no job running in this process, no read-ahead of another
+    series held), and only a study still receiving (a complete one's job is already queued, and
+    reads its series itself); a series larger than the volume memory budget is left to its job.
+    A series of single-frame images is held as slices, and a later hint reads only the files
+    that arrived since; an enhanced (multi-frame) series is read as one volume, once quiet.
     """
     if RUNNING_JOBS.count:
         return "skipped: the worker is busy"
@@ -267,24 +298,40 @@ def _preload_series(ctx: NodeContext, study_uid: str, series_uids: Sequence[str]
     if room is not None and room[0] + pixel_bytes > room[1]:
         return "skipped: larger than this worker can hold"
     paths = instance_paths[series_uid]
+    slices = _is_single_frame(read_dataset(ctx.store.absolute(paths[0]), stop_before_pixels=True))
+    if while_receiving and not slices:
+        return "skipped: a multi-frame series is read once its study is quiet"
     reading = process_preloaded().begin(key_of(series_uid, paths), f"series {series_uid}",
-                                        hold_s=max(due_in_s, 0.0) + HOLD_AFTER_DUE_S)
+                                        hold_s=max(due_in_s, 0.0) + HOLD_AFTER_DUE_S, slices=slices)
     if reading is None:
-        return "skipped: a read-ahead is held"
-    volume = None
+        return "skipped: a read-ahead is held or running"
+    result: Volume | SeriesAccumulator | None = None
     started = time.perf_counter()
     try:
-        # the volume's own bytes while it is read; held afterwards, it is dropped before any other
-        # volume job of this worker loads its series
-        with budget.reserve(pixel_bytes, f"read-ahead of series {series_uid}"):
-            volume = read_volume(ctx.store, paths, purpose=f"series {series_uid} (read ahead)",
-                                 keep_going=lambda: reading.wanted)
+        # the bytes being read, while they are read; held afterwards, they are dropped before any
+        # other volume job of this worker loads its series
+        if slices:
+            # reserved for the series' slices so far and twice as many: their pages are touched
+            # only as slices are written (a series still arriving grows into it)
+            held = reading.held or SeriesAccumulator(capacity=max(2 * len(paths), 1024))
+            new_bytes = pixel_bytes * sum(path not in held for path in paths) // len(paths)
+            with budget.reserve(new_bytes, f"read-ahead of series {series_uid}"):
+                count = read_slices(ctx.store, paths, held, keep_going=lambda: reading.wanted)
+                if not while_receiving:  # quiet: stacked now, so that its job finds the volume made
+                    held.volume(paths, lambda datasets: conform_copied_attributes(
+                        datasets, purpose=f"series {series_uid} (read ahead)"))
+            result = held
+        else:
+            with budget.reserve(pixel_bytes, f"read-ahead of series {series_uid}"):
+                result = read_volume(ctx.store, paths, purpose=f"series {series_uid} (read ahead)",
+                                     keep_going=lambda: reading.wanted)
+            count = len(paths)
     except _NotWanted:
         return "stopped: a job of another series started"
     finally:
-        reading.done(volume)
-    log.info("read ahead series %s of study %s: %d instances in %.2f s", series_uid, study_uid,
-             len(paths), time.perf_counter() - started)
+        reading.done(result)
+    log.info("read ahead series %s of study %s: %d instances in %.2f s (%d of the series so far)",
+             series_uid, study_uid, count, time.perf_counter() - started, len(paths))
     return "read"
 
 

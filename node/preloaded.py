@@ -7,11 +7,20 @@ read them half-way through the study's quiet period (:mod:`node.preload`); the j
 takes the volume instead of reading the files again (issue 16: last instance → results in the
 PACS).
 
+A series of single-frame images (a classic CT or MR) is held as its slices, by stored file, in a
+:class:`~dicom_io.volume.SeriesAccumulator`, so that it can be read while it is still being
+received: the scheduler hints a receiving study again every :data:`~node.preload.PRELOAD_EVERY_S`,
+each hint reads only the files that arrived since, and the job reads only those that arrived after
+the last one, then takes the volume :func:`dicom_io.volume.load_volume` would have made, stacked in
+place (the store names each file by its SOP Instance UID and content digest, so the same name is
+the same bytes; a held file the job's series no longer has, an instance replaced, is left out). An
+enhanced (multi-frame) series is held as one volume, read once its study is quiet.
+
 A read-ahead is a guess and must never change a result or delay real work:
 
-- it is used only by a job whose series holds **exactly** the files it was read from (the store
-  names each file by its SOP Instance UID and content digest, so the same names are the same
-  bytes); an instance that arrived after it, or one replaced, makes the job read the series itself;
+- a volume is used only by a job whose series holds **exactly** the files it was read from; an
+  instance that arrived after it, or one replaced, makes the job read the series itself; held
+  slices are used only for the files the job's series holds;
 - a worker holds at most one, until :data:`HOLD_AFTER_DUE_S` after its study's quiet period was to
   end, and drops it as soon as any other volume job starts (before that job loads its own series),
   so the memory it holds is never more than one volume that a job of that worker was about to need;
@@ -28,7 +37,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from dicom_io.volume import Volume
+from dicom_io.volume import SeriesAccumulator, Volume
 from node import metrics
 
 log = logging.getLogger(__name__)
@@ -53,7 +62,9 @@ class _Entry:
     label: str
     hold_s: float
     held_until: float
-    volume: Volume | None = None
+    #: whether the read holds slices (a :class:`SeriesAccumulator`), which a job of more files can use
+    slices: bool = False
+    volume: Volume | SeriesAccumulator | None = None
     reading: bool = True
     read: threading.Event = field(default_factory=threading.Event)
 
@@ -65,18 +76,24 @@ class PreloadedVolume:
         self._lock = threading.Lock()
         self._entry: _Entry | None = None
 
-    def begin(self, key: Key, label: str, hold_s: float) -> Reading | None:
+    def begin(self, key: Key, label: str, hold_s: float, *, slices: bool = False) -> Reading | None:
         """Claim the slot to read ``key`` (``label`` names it in logs, by UID), to be held
-        ``hold_s`` once read; None when a read-ahead is already held or running (the first one
-        stays: a worker reads ahead one series at a time)."""
+        ``hold_s`` once read, as a volume or, with ``slices``, as a :class:`SeriesAccumulator`; None when a
+        read-ahead is running, or one of another series (or a volume) is held (the first one
+        stays: a worker reads ahead one series at a time). Slices held of the same series go on
+        with the new read (:attr:`Reading.held`)."""
         with self._lock:
             self._expire()
-            if self._entry is not None:
-                return None
-            self._entry = _Entry(key, label, hold_s, held_until=time.monotonic() + hold_s)
-            return Reading(self, self._entry)
+            entry = self._entry
+            held = None
+            if entry is not None:
+                if entry.reading or entry.key[0] != key[0] or not (slices and isinstance(entry.volume, SeriesAccumulator)):
+                    return None
+                held = entry.volume
+            self._entry = _Entry(key, label, hold_s, held_until=time.monotonic() + hold_s, slices=slices)
+            return Reading(self, self._entry, held)
 
-    def _finish(self, entry: _Entry, volume: Volume | None) -> None:
+    def _finish(self, entry: _Entry, volume: Volume | SeriesAccumulator | None) -> None:
         """A read ended (``volume`` None: it failed or stopped): hold its volume, unless it was
         dropped meanwhile."""
         with self._lock:
@@ -99,17 +116,21 @@ class PreloadedVolume:
         with self._lock:
             self._expire()
 
-    def take(self, key: Key, job_key: str) -> Volume | None:
-        """The volume read ahead for ``key``, waiting for its read if it is running; None when
-        there is none. A read-ahead of anything else is dropped (a volume job is starting, and it
-        needs the memory), or, still running, dropped when it ends."""
+    def take(self, key: Key, job_key: str) -> Volume | SeriesAccumulator | None:
+        """What was read ahead for ``key``, waiting for its read if it is running: the volume of
+        exactly its files, or the slices of its series held so far (the caller reads the rest);
+        None when there is none. A read-ahead of anything else is dropped (a volume job is
+        starting, and it needs the memory), or, still running, dropped when it ends."""
         with self._lock:
             self._expire()
             entry = self._entry
             if entry is None:
                 return None
-            if entry.key != key:
+            if entry.key[0] != key[0]:
                 self._drop(entry, "a job of another series started")
+                return None
+            if not entry.slices and entry.key != key:
+                self._drop(entry, "its series changed since")
                 return None
         if entry.reading:
             log.info("%s: waits for the read-ahead of its series", job_key)
@@ -157,18 +178,20 @@ class PreloadedVolume:
 
 
 class Reading:
-    """A read-ahead being made: :meth:`done` hands its volume over (or None when it failed)."""
+    """A read-ahead being made: :meth:`done` hands its volume or slices over (or None when it
+    failed); :attr:`held` is what an earlier read of the series left, for this one to add to."""
 
-    def __init__(self, owner: PreloadedVolume, entry: _Entry) -> None:
+    def __init__(self, owner: PreloadedVolume, entry: _Entry, held: SeriesAccumulator | None = None) -> None:
         self._owner = owner
         self._entry = entry
+        self.held = held
 
     @property
     def wanted(self) -> bool:
         """False once a job of another series dropped it: reading on is wasted."""
         return self._owner.is_current(self._entry)
 
-    def done(self, volume: Volume | None) -> None:
+    def done(self, volume: Volume | SeriesAccumulator | None) -> None:
         self._owner._finish(self._entry, volume)
 
 

@@ -37,13 +37,16 @@ def run_job(self, job_id: int) -> None:  # type: ignore[no-untyped-def]
 
 
 @app.task(name="mednode.preload_volume")
-def preload_volume(study_uid: str, series_uids: list[str], modalities: list[str], due_in_s: float = 0.0) -> None:
-    """Read a quiet study's series ahead of its job (:mod:`node.preloaded`), if this worker is idle."""
+def preload_volume(study_uid: str, series_uids: list[str], modalities: list[str], due_in_s: float = 0.0,
+                   while_receiving: bool = False) -> None:
+    """Read a quiet (or, ``while_receiving``, a still arriving) study's series ahead of its job
+    (:mod:`node.preloaded`), if this worker is idle."""
     from node import pipeline  # the model runtime: imported where jobs run, not in delivery workers
 
     ctx = context.current()
     try:
-        outcome = pipeline.preload_series(ctx, study_uid, series_uids, tuple(modalities), due_in_s)
+        outcome = pipeline.preload_series(ctx, study_uid, series_uids, tuple(modalities), due_in_s,
+                                          while_receiving=while_receiving)
     except Exception as exc:  # noqa: BLE001 (boundary: only a guess; the job reads the series itself)
         metrics.VOLUME_PRELOADS.labels(outcome="failed").inc()
         log.warning("read-ahead of study %s failed (%s); its job reads the series", study_uid,

@@ -4,20 +4,24 @@ another job needs, and giving the same results as a job that reads the series it
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd
 import pydicom
 import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import select
 
 from dicom_io.header import parse_header
+from dicom_io.volume import SeriesAccumulator
 from node import pipeline
 from node.completion import complete_due_studies
 from node.config import Settings, load_settings
@@ -82,6 +86,29 @@ def test_a_job_waits_for_a_read_of_its_own_files_that_is_still_running() -> None
     assert taken == [volume]
 
 
+def test_held_slices_go_on_with_the_next_read_of_their_series_and_serve_a_job_of_more_files() -> None:
+    slot = PreloadedVolume()
+    reading = slot.begin(key_of("1.2", ["a"]), "series 1.2", hold_s=60, slices=True)
+    assert reading is not None and reading.held is None
+    held = SeriesAccumulator()
+    reading.done(held)
+    assert slot.begin(key_of("1.3", ["c"]), "series 1.3", hold_s=60, slices=True) is None  # another series
+    again = slot.begin(key_of("1.2", ["a", "b"]), "series 1.2", hold_s=60, slices=True)
+    assert again is not None and again.held is held  # the next read adds to what is held
+    assert slot.begin(key_of("1.2", ["a", "b", "c"]), "series 1.2", hold_s=60, slices=True) is None  # one at a time
+    again.done(held)
+    assert slot.take(key_of("1.2", ["a", "b", "c"]), "job") is held  # the job reads "c" itself
+    assert slot.held is None
+
+
+def test_a_held_volume_is_not_added_to() -> None:
+    slot = PreloadedVolume()
+    reading = slot.begin(key_of("1.2", ["a"]), "series 1.2", hold_s=60)
+    assert reading is not None
+    reading.done(object())  # type: ignore[arg-type]
+    assert slot.begin(key_of("1.2", ["a", "b"]), "series 1.2", hold_s=60, slices=True) is None
+
+
 def test_a_read_dropped_while_it_runs_stops_and_is_not_kept() -> None:
     slot = PreloadedVolume()
     reading = slot.begin(key_of("1.2", ["a"]), "series 1.2", hold_s=60)
@@ -125,8 +152,8 @@ def test_only_a_rule_that_loads_a_volume_asks_for_a_read_ahead(
 
 def test_a_study_is_hinted_once_per_quiet_spell_from_half_its_quiet_period(
         sessions: Any, settings_for: Callable[..., Settings], index: IndexFn) -> None:
-    settings = settings_for(quiet_period_s=10, rules=[CT_RULE, {**CT_RULE, "name": "slow", "quiet_period_s": 40,
-                                                                "match": {"modality": "MR"}}])
+    settings = settings_for(quiet_period_s=10, volume_preload_while_receiving=False,
+                            rules=[CT_RULE, {**CT_RULE, "name": "slow", "quiet_period_s": 40, "match": {"modality": "MR"}}])
     preloads = Preloads(sessions, settings)
     start = utcnow()
     index("1.2", "1.2.1", 1, now=start)
@@ -151,6 +178,23 @@ def test_a_study_is_hinted_once_per_quiet_spell_from_half_its_quiet_period(
     assert hint.study_instance_uid == "1.5"
 
 
+def test_a_study_still_receiving_is_hinted_each_second_in_which_more_arrived(
+        sessions: Any, settings_for: Callable[..., Settings], index: IndexFn) -> None:
+    preloads = Preloads(sessions, settings_for(quiet_period_s=10, rules=[CT_RULE]))
+    start = utcnow()
+    index("1.2", "1.2.1", 1, now=start)
+    [hint] = preloads.due(start + timedelta(seconds=0.1))
+    assert (hint.study_instance_uid, hint.while_receiving) == ("1.2", True)
+    assert hint.expires_s == pytest.approx(9.9)
+    index("1.2", "1.2.1", 2, now=start + timedelta(seconds=0.5))
+    assert preloads.due(start + timedelta(seconds=0.6)) == []  # not a second since the last
+    assert len(preloads.due(start + timedelta(seconds=1.2))) == 1  # a second later, more arrived
+    assert preloads.due(start + timedelta(seconds=2.5)) == []  # nothing more arrived
+    # quiet for half its quiet period: the quiet spell's own hint, as without this setting
+    [quiet] = preloads.due(start + timedelta(seconds=0.5 + PRELOAD_AT * 10 + 0.1))
+    assert not quiet.while_receiving
+
+
 def test_the_scheduler_sends_the_hint_to_the_queue_of_the_job(
         tmp_path: Path, memory_celery: Any, index: IndexFn) -> None:
     settings = load_settings(data_dir=tmp_path / "var", broker_url="memory://", quiet_period_s=30,
@@ -167,6 +211,28 @@ def test_the_scheduler_sends_the_hint_to_the_queue_of_the_job(
         scheduler.tick()
         assert drain(memory_celery, "inference") == []  # once
         assert 0 < scheduler.wait_s() <= settings.completion_poll_s
+    finally:
+        ctx.close()
+
+
+def test_the_scheduler_tells_the_worker_that_the_study_is_still_receiving(
+        tmp_path: Path, memory_celery: Any, index: IndexFn) -> None:
+    settings = load_settings(data_dir=tmp_path / "var", broker_url="memory://", quiet_period_s=30, rules=[CT_RULE])
+    ctx = NodeContext.create(settings)
+    try:
+        upgrade(ctx.engine)
+        index("1.2", "1.2.1", 1, now=utcnow())
+        Scheduler(ctx).tick()
+        with memory_celery.connection_for_read() as conn:
+            queue = conn.SimpleQueue("inference")
+            try:
+                message = queue.get(block=False)
+                message.ack()
+            finally:
+                queue.close()
+        assert message.headers["task"] == "mednode.preload_volume"
+        args, kwargs, _ = message.payload
+        assert args[:3] == ["1.2", ["1.2.1"], ["CT"]] and kwargs == {"while_receiving": True}
     finally:
         ctx.close()
 
@@ -211,6 +277,26 @@ def _same_results(a: dict[str, pydicom.Dataset], b: dict[str, pydicom.Dataset]) 
     assert a["sr"].ContentSequence == b["sr"].ContentSequence  # measurements and references
 
 
+@contextmanager
+def _decoded() -> Iterator[list[str]]:
+    """The SOP Instance UIDs whose pixels are decoded (a slice or a whole volume) meanwhile."""
+    decoded: list[str] = []
+    add, load_volume = SeriesAccumulator.add, pipeline.load_volume
+
+    def counting_add(self: SeriesAccumulator, key: str, ds: pydicom.Dataset, **kwargs: Any) -> None:
+        decoded.append(ds.SOPInstanceUID)
+        add(self, key, ds, **kwargs)
+
+    def counting_load(datasets: list[pydicom.Dataset], **kwargs: Any) -> Any:
+        decoded.extend(ds.SOPInstanceUID for ds in datasets)
+        return load_volume(datasets, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SeriesAccumulator, "add", counting_add)
+        patch.setattr(pipeline, "load_volume", counting_load)
+        yield decoded
+
+
 def test_a_job_takes_the_read_ahead_and_writes_what_it_would_have_written(
         ctx: NodeContext, tmp_path: Path) -> None:
     slices = make_ct_phantom(geometry=GEOMETRY, noise_hu_sd=10.0, seed=3)
@@ -219,14 +305,9 @@ def test_a_job_takes_the_read_ahead_and_writes_what_it_would_have_written(
     read, used = _count("read"), _count("used")
     assert pipeline.preload_series(ctx, slices[0].StudyInstanceUID, [slices[0].SeriesInstanceUID], ("CT",)) == "read"
     assert process_preloaded().held is not None
-    loads: list[object] = []
-    original = pipeline.read_volume
-    try:
-        pipeline.read_volume = lambda *a, **k: loads.append(a) or original(*a, **k)  # type: ignore[assignment]
+    with _decoded() as decoded:
         preloaded = _run(ctx, now)
-    finally:
-        pipeline.read_volume = original  # type: ignore[assignment]
-    assert loads == [] and process_preloaded().held is None  # the job read no file of the series
+    assert decoded == [] and process_preloaded().held is None  # the job decoded no file of the series
     assert _count("used") == used + 1
 
     # the same study on a node without the read-ahead
@@ -241,7 +322,7 @@ def test_a_job_takes_the_read_ahead_and_writes_what_it_would_have_written(
     assert _count("read") == read + 1
 
 
-def test_an_instance_received_after_the_read_ahead_is_in_the_job(ctx: NodeContext) -> None:
+def test_an_instance_received_after_the_read_ahead_is_read_by_the_job_alone(ctx: NodeContext) -> None:
     slices = make_ct_phantom(geometry=GEOMETRY, noise_hu_sd=10.0, seed=4)
     now = utcnow() - timedelta(hours=1)
     _receive(ctx, slices[:-1], now)
@@ -249,11 +330,74 @@ def test_an_instance_received_after_the_read_ahead_is_in_the_job(ctx: NodeContex
     assert pipeline.preload_series(ctx, study, [series], ("CT",)) == "read"
     _receive(ctx, slices[-1:], now)  # the last slice arrives during the quiet period
     used, discarded = _count("used"), _count("discarded")
-    results = _run(ctx, now)
-    assert _count("used") == used and _count("discarded") == discarded + 1
+    with _decoded() as decoded:
+        results = _run(ctx, now)
+    assert decoded == [slices[-1].SOPInstanceUID]  # the held slices are used, the late one read
+    assert _count("used") == used + 1 and _count("discarded") == discarded
     referenced = {item.ReferencedSOPInstanceUID
                   for item in results["seg"].ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert referenced == {ds.SOPInstanceUID for ds in slices}  # every slice, the late one included
+
+
+def test_a_series_read_as_it_arrives_gives_the_results_of_a_job_that_reads_it_all(
+        ctx: NodeContext, tmp_path: Path) -> None:
+    slices = make_ct_phantom(geometry=GEOMETRY, noise_hu_sd=10.0, seed=8)
+    now = utcnow() - timedelta(hours=1)
+    study, series = slices[0].StudyInstanceUID, slices[0].SeriesInstanceUID
+    read_by_hints: list[str] = []
+    for part in (slices[:5], slices[5:12], slices[12:16]):  # three hints while it arrives
+        _receive(ctx, part, now)
+        with _decoded() as decoded:
+            assert pipeline.preload_series(ctx, study, [series], ("CT",), while_receiving=True) == "read"
+        assert sorted(decoded) == sorted(ds.SOPInstanceUID for ds in part)  # only what arrived since
+        read_by_hints += decoded
+    _receive(ctx, slices[16:], now)
+    with _decoded() as decoded:
+        results = _run(ctx, now)
+    assert sorted(decoded) == sorted(ds.SOPInstanceUID for ds in slices[16:])
+
+    other = NodeContext.create(load_settings(data_dir=tmp_path / "other", quiet_period_s=1, rules=[CT_RULE],
+                                             volume_preload=False))
+    try:
+        upgrade(other.engine)
+        _receive(other, slices, now)
+        _same_results(results, _run(other, now))
+    finally:
+        other.close()
+
+
+def test_a_held_slice_of_a_replaced_instance_is_left_out(ctx: NodeContext, tmp_path: Path) -> None:
+    slices = make_ct_phantom(geometry=GEOMETRY, noise_hu_sd=10.0, seed=9)
+    now = utcnow() - timedelta(hours=1)
+    _receive(ctx, slices, now)
+    study, series = slices[0].StudyInstanceUID, slices[0].SeriesInstanceUID
+    assert pipeline.preload_series(ctx, study, [series], ("CT",)) == "read"
+    replaced = copy.deepcopy(slices[7])  # sent again with other pixels: a new file in the store
+    replaced.PixelData = bytes(len(replaced.PixelData))
+    _receive(ctx, [replaced], now)
+    with _decoded() as decoded:
+        results = _run(ctx, now)
+    assert decoded == [replaced.SOPInstanceUID]  # its held slice was not used
+
+    other = NodeContext.create(load_settings(data_dir=tmp_path / "other", quiet_period_s=1, rules=[CT_RULE],
+                                             volume_preload=False))
+    try:
+        upgrade(other.engine)
+        _receive(other, [*slices[:7], replaced, *slices[8:]], now)
+        _same_results(results, _run(other, now))
+    finally:
+        other.close()
+
+
+def test_a_multi_frame_series_is_not_read_while_it_arrives(ctx: NodeContext) -> None:
+    slices = make_ct_phantom(geometry=GEOMETRY, noise_hu_sd=10.0, seed=10)
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        slices, series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(), instance_number=1)
+    _receive(ctx, [enhanced], utcnow() - timedelta(hours=1))
+    outcome = pipeline.preload_series(ctx, enhanced.StudyInstanceUID, [enhanced.SeriesInstanceUID], ("CT",),
+                                      while_receiving=True)
+    assert outcome == "skipped: a multi-frame series is read once its study is quiet"
+    assert process_preloaded().held is None
 
 
 def test_a_series_the_worker_cannot_hold_is_not_read_ahead(ctx: NodeContext, monkeypatch: pytest.MonkeyPatch) -> None:

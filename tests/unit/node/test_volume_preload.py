@@ -1,6 +1,8 @@
-"""A quiet study's series read ahead by an idle worker (node.preload, node.preloaded): hinted once
-per quiet spell, used only by a job over exactly the files it was read from, never holding memory
-another job needs, and giving the same results as a job that reads the series itself."""
+"""A study's series read ahead by an idle worker (node.preload, node.preloaded): hinted once per
+quiet spell and, while instances arrive, every second in which more did; a volume used only by a
+job over exactly the files it was read from, held slices only for the files the job's series has;
+never holding memory another job needs, and giving the same results as a job that reads the
+series itself."""
 
 from __future__ import annotations
 

@@ -279,6 +279,18 @@ def _same_results(a: dict[str, pydicom.Dataset], b: dict[str, pydicom.Dataset]) 
     assert a["sr"].ContentSequence == b["sr"].ContentSequence  # measurements and references
 
 
+def _without_read_ahead(tmp_path: Path, slices: list[pydicom.Dataset], now: datetime) -> dict[str, pydicom.Dataset]:
+    """The results of the same study on a node that reads its series only in the job."""
+    other = NodeContext.create(load_settings(data_dir=tmp_path / "other", quiet_period_s=1, rules=[CT_RULE],
+                                             volume_preload=False))
+    try:
+        upgrade(other.engine)
+        _receive(other, slices, now)
+        return _run(other, now)
+    finally:
+        other.close()
+
+
 @contextmanager
 def _decoded() -> Iterator[list[str]]:
     """The SOP Instance UIDs whose pixels are decoded (a slice or a whole volume) meanwhile."""
@@ -312,15 +324,7 @@ def test_a_job_takes_the_read_ahead_and_writes_what_it_would_have_written(
     assert decoded == [] and process_preloaded().held is None  # the job decoded no file of the series
     assert _count("used") == used + 1
 
-    # the same study on a node without the read-ahead
-    other = NodeContext.create(load_settings(data_dir=tmp_path / "other", quiet_period_s=1, rules=[CT_RULE],
-                                             volume_preload=False))
-    try:
-        upgrade(other.engine)
-        _receive(other, slices, now)
-        _same_results(preloaded, _run(other, now))
-    finally:
-        other.close()
+    _same_results(preloaded, _without_read_ahead(tmp_path, slices, now))
     assert _count("read") == read + 1
 
 
@@ -346,26 +350,16 @@ def test_a_series_read_as_it_arrives_gives_the_results_of_a_job_that_reads_it_al
     slices = make_ct_phantom(geometry=GEOMETRY, noise_hu_sd=10.0, seed=8)
     now = utcnow() - timedelta(hours=1)
     study, series = slices[0].StudyInstanceUID, slices[0].SeriesInstanceUID
-    read_by_hints: list[str] = []
     for part in (slices[:5], slices[5:12], slices[12:16]):  # three hints while it arrives
         _receive(ctx, part, now)
         with _decoded() as decoded:
             assert pipeline.preload_series(ctx, study, [series], ("CT",), while_receiving=True) == "read"
         assert sorted(decoded) == sorted(ds.SOPInstanceUID for ds in part)  # only what arrived since
-        read_by_hints += decoded
     _receive(ctx, slices[16:], now)
     with _decoded() as decoded:
         results = _run(ctx, now)
     assert sorted(decoded) == sorted(ds.SOPInstanceUID for ds in slices[16:])
-
-    other = NodeContext.create(load_settings(data_dir=tmp_path / "other", quiet_period_s=1, rules=[CT_RULE],
-                                             volume_preload=False))
-    try:
-        upgrade(other.engine)
-        _receive(other, slices, now)
-        _same_results(results, _run(other, now))
-    finally:
-        other.close()
+    _same_results(results, _without_read_ahead(tmp_path, slices, now))
 
 
 def test_a_held_slice_of_a_replaced_instance_is_left_out(ctx: NodeContext, tmp_path: Path) -> None:
@@ -380,15 +374,7 @@ def test_a_held_slice_of_a_replaced_instance_is_left_out(ctx: NodeContext, tmp_p
     with _decoded() as decoded:
         results = _run(ctx, now)
     assert decoded == [replaced.SOPInstanceUID]  # its held slice was not used
-
-    other = NodeContext.create(load_settings(data_dir=tmp_path / "other", quiet_period_s=1, rules=[CT_RULE],
-                                             volume_preload=False))
-    try:
-        upgrade(other.engine)
-        _receive(other, [*slices[:7], replaced, *slices[8:]], now)
-        _same_results(results, _run(other, now))
-    finally:
-        other.close()
+    _same_results(results, _without_read_ahead(tmp_path, [*slices[:7], replaced, *slices[8:]], now))
 
 
 def test_a_multi_frame_series_is_not_read_while_it_arrives(ctx: NodeContext) -> None:

@@ -542,7 +542,7 @@ class Settings(BaseSettings):
     volume_preload: bool = True
     #: true (with ``volume_preload``): a series of single-frame images is also read while it is
     #: being received, the files that arrived since the last read every second, so that its job
-    #: finds it read however long it is; it takes a core from receiving while it reads
+    #: finds it read however long it is; on a small machine it slows receiving while it reads
     volume_preload_while_receiving: bool = True
     #: job slots an inference worker keeps for urgent jobs (asks, priority 8-9) beside
     #: ``worker_concurrency``, when it consumes urgent and routine queues (the embedded default

@@ -302,7 +302,8 @@ def _preload_series(ctx: NodeContext, study_uid: str, series_uids: Sequence[str]
     if while_receiving and not slices:
         return "skipped: a multi-frame series is read once its study is quiet"
     reading = process_preloaded().begin(key_of(series_uid, paths), f"series {series_uid}",
-                                        hold_s=max(due_in_s, 0.0) + HOLD_AFTER_DUE_S, slices=slices)
+                                        hold_s=max(due_in_s, 0.0) + HOLD_AFTER_DUE_S, slices=slices,
+                                        study=study_uid)
     if reading is None:
         return "skipped: a read-ahead is held or running"
     result: Volume | SeriesAccumulator | None = None

@@ -24,6 +24,7 @@ A read-ahead is a guess and must never change a result or delay real work:
 - a worker holds at most one, until :data:`HOLD_AFTER_DUE_S` after its study's quiet period was to
   end, and drops it as soon as any other volume job starts (before that job loads its own series),
   so the memory it holds is never more than one volume that a job of that worker was about to need;
+  a read of another series of the same study replaces it (a scout received first, then the CT);
 - only an idle worker reads ahead (no job running, nothing reserved of its volume memory budget),
   reserving the volume's bytes of that budget while it reads;
 - a job that finds the read still running waits for it rather than reading the same files twice.
@@ -64,6 +65,8 @@ class _Entry:
     held_until: float
     #: whether the read holds slices (a :class:`SeriesAccumulator`), which a job of more files can use
     slices: bool = False
+    #: the Study Instance UID of the series
+    study: str = ""
     volume: Volume | SeriesAccumulator | None = None
     reading: bool = True
     read: threading.Event = field(default_factory=threading.Event)
@@ -76,21 +79,29 @@ class PreloadedVolume:
         self._lock = threading.Lock()
         self._entry: _Entry | None = None
 
-    def begin(self, key: Key, label: str, hold_s: float, *, slices: bool = False) -> Reading | None:
-        """Claim the slot to read ``key`` (``label`` names it in logs, by UID), to be held
-        ``hold_s`` once read, as a volume or, with ``slices``, as a :class:`SeriesAccumulator`; None when a
-        read-ahead is running, or one of another series (or a volume) is held (the first one
-        stays: a worker reads ahead one series at a time). Slices held of the same series go on
-        with the new read (:attr:`Reading.held`)."""
+    def begin(self, key: Key, label: str, hold_s: float, *, slices: bool = False, study: str = "") -> Reading | None:
+        """Claim the slot to read ``key`` of ``study`` (``label`` names it in logs, by UID), to be
+        held ``hold_s`` once read, as a volume or, with ``slices``, as a
+        :class:`SeriesAccumulator`. Slices held of the same series go on with the new read
+        (:attr:`Reading.held`); anything else held of the same study is dropped for it (the study
+        has changed since: another series is now the one its job reads, or more files arrived
+        than a volume holds). None when a read-ahead is running, or one of another study is held
+        (the first one stays: a worker reads ahead one series at a time)."""
         with self._lock:
             self._expire()
             entry = self._entry
             held = None
             if entry is not None:
-                if entry.reading or entry.key[0] != key[0] or not (slices and isinstance(entry.volume, SeriesAccumulator)):
+                if entry.reading:
                     return None
-                held = entry.volume
-            self._entry = _Entry(key, label, hold_s, held_until=time.monotonic() + hold_s, slices=slices)
+                if entry.key[0] == key[0] and slices and isinstance(entry.volume, SeriesAccumulator):
+                    held = entry.volume
+                elif study and entry.study == study:
+                    self._drop(entry, "its study changed since")
+                else:
+                    return None
+            self._entry = _Entry(key, label, hold_s, held_until=time.monotonic() + hold_s, slices=slices,
+                                 study=study)
             return Reading(self, self._entry, held)
 
     def _finish(self, entry: _Entry, volume: Volume | SeriesAccumulator | None) -> None:

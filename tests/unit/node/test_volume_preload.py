@@ -103,6 +103,21 @@ def test_held_slices_go_on_with_the_next_read_of_their_series_and_serve_a_job_of
     assert slot.held is None
 
 
+def test_a_read_ahead_of_another_series_of_the_same_study_replaces_the_held_one() -> None:
+    slot = PreloadedVolume()
+    reading = slot.begin(key_of("1.2.1", ["scout"]), "series 1.2.1", hold_s=60, slices=True, study="1.2")
+    assert reading is not None
+    reading.done(SeriesAccumulator())
+    discarded = _count("discarded")
+    # another study's read waits for this one to be taken or let go
+    assert slot.begin(key_of("1.3.1", ["x"]), "series 1.3.1", hold_s=60, slices=True, study="1.3") is None
+    # the same study's CT is now the largest series: its job will read that one
+    ct = slot.begin(key_of("1.2.2", ["a", "b"]), "series 1.2.2", hold_s=60, slices=True, study="1.2")
+    assert ct is not None and ct.held is None and _count("discarded") == discarded + 1
+    ct.done(SeriesAccumulator())
+    assert slot.held == key_of("1.2.2", ["a", "b"])
+
+
 def test_a_held_volume_is_not_added_to() -> None:
     slot = PreloadedVolume()
     reading = slot.begin(key_of("1.2", ["a"]), "series 1.2", hold_s=60)
@@ -360,6 +375,27 @@ def test_a_series_read_as_it_arrives_gives_the_results_of_a_job_that_reads_it_al
         results = _run(ctx, now)
     assert sorted(decoded) == sorted(ds.SOPInstanceUID for ds in slices[16:])
     _same_results(results, _without_read_ahead(tmp_path, slices, now))
+
+
+def test_a_scout_received_first_gives_way_to_the_series_the_job_reads(ctx: NodeContext) -> None:
+    slices = make_ct_phantom(geometry=GEOMETRY, noise_hu_sd=10.0, seed=12)
+    study, series = slices[0].StudyInstanceUID, slices[0].SeriesInstanceUID
+    scout = make_ct_phantom(geometry=GEOMETRY, study_instance_uid=study, series_instance_uid="2.25.77",
+                            frame_of_reference_uid=slices[0].FrameOfReferenceUID, series_number=9, seed=13)[:3]
+    now = utcnow() - timedelta(hours=1)
+    _receive(ctx, scout, now)
+    with _decoded() as decoded:
+        assert pipeline.preload_series(ctx, study, [series, "2.25.77"], ("CT",), while_receiving=True) == "read"
+    assert sorted(decoded) == sorted(ds.SOPInstanceUID for ds in scout)  # the largest series so far
+    _receive(ctx, slices, now)
+    with _decoded() as decoded:
+        assert pipeline.preload_series(ctx, study, [series, "2.25.77"], ("CT",), while_receiving=True) == "read"
+    assert len(decoded) == len(slices)
+    held = process_preloaded().held
+    assert held is not None and held[0] == series  # the scout's slices let go
+    with _decoded() as decoded:
+        _run(ctx, now)
+    assert decoded == []  # the job found its series read
 
 
 def test_a_held_slice_of_a_replaced_instance_is_left_out(ctx: NodeContext, tmp_path: Path) -> None:

@@ -326,7 +326,7 @@ def render(runs: list[Run], args: argparse.Namespace, study_bytes: dict[int, int
                 if values:
                     lines.append(f"| {count} | {code} | {', '.join(f'{v:.2f}' for v in values)} | "
                                  f"{values[len(values) // 2]:.2f} |")
-        # receiving is the node's too: a read-ahead while instances arrive takes a core from it
+        # receiving is the node's too: a read-ahead while instances arrive competes with it
         lines += ["", "Sending the study (storescu start → done, seconds):", "",
                   "| slices | code | runs | median |", "|---|---|---|---|"]
         for count in args.counts:

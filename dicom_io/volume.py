@@ -493,11 +493,6 @@ class SeriesAccumulator:
     def __contains__(self, key: object) -> bool:
         return key in self._index
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the slices held (the buffer's written part)."""
-        return 0 if self._pixels is None else len(self) * self._pixels[0].nbytes
-
     def add(self, key: str, ds: Dataset, *, release_pixel_data: bool = False) -> None:
         """Decode the single-frame image ``ds`` (named ``key``: its stored path) into the buffer.
 
